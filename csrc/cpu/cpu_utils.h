@@ -1,0 +1,174 @@
+// Argument checks and small helpers shared by the CPU kernels. Every check names the op and
+// the argument and raises ValueError in Python (TORCH_CHECK_VALUE), so direct
+// torch.ops.knnfast.* calls fail as clearly as the Python wrappers do.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+#include <vector>
+
+#include "common/knn_math.h"
+
+namespace knnfast::cpu {
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ",
+                    t.sizes());
+}
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", s);
+}
+
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name,
+                    " must be on the same device as the other inputs (cpu), got ", t.device());
+}
+
+inline void check_integer(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ",
+                    name, " must be int64 or int32, got ", t.scalar_type());
+}
+
+inline Metric parse_metric(const std::string& metric, const char* op) {
+  if (metric == "l2") return Metric::L2;
+  if (metric == "ip") return Metric::IP;
+  if (metric == "cos") return Metric::COS;
+  TORCH_CHECK_VALUE(false, op, ": metric must be 'l2', 'ip' or 'cos', got '", metric, "'");
+  return Metric::L2;
+}
+
+inline at::Tensor as_float32(const at::Tensor& t) {
+  return t.to(at::kFloat).contiguous();
+}
+
+inline at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
+// Neighbour tokens [B, k]: int64 contiguous, every id in [-1, vocab) (vocab < 0: no bound).
+inline at::Tensor checked_tokens(const at::Tensor& tokens, int64_t rows, int64_t vocab,
+                                 const char* op, const char* name = "tokens") {
+  check_cpu(tokens, op, name);
+  check_dim(tokens, 2, op, name);
+  check_integer(tokens, op, name);
+  TORCH_CHECK_VALUE(tokens.size(0) == rows, op, ": ", name, " must have ", rows,
+                    " rows (one per logits/scores row), got shape ", tokens.sizes());
+  at::Tensor t = as_int64(tokens);
+  const int64_t* p = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = p[i] >= -1 && (vocab < 0 || p[i] < vocab);
+    if (!ok) {
+      TORCH_CHECK_VALUE(false, op, ": ", name, " must hold ids in [-1, ",
+                        vocab < 0 ? std::string("inf") : std::to_string(vocab),
+                        "), got ", p[i], " at flat position ", i);
+    }
+  }
+  return t;
+}
+
+// Per-row scalar (temperature, lambda): a float32 tensor of numel 1 (all rows) or B.
+struct RowParam {
+  at::Tensor storage;
+  const float* data = nullptr;
+  int64_t stride = 0;
+  float operator[](int64_t row) const { return data[row * stride]; }
+};
+
+enum class ParamRange { Positive, UnitInterval };
+
+inline RowParam row_param(const at::Tensor& t, int64_t rows, ParamRange range, const char* op,
+                          const char* name) {
+  check_cpu(t, op, name);
+  TORCH_CHECK_VALUE(t.numel() == 1 || (t.dim() == 1 && t.size(0) == rows), op, ": ", name,
+                    " must be a float or a tensor of shape [", rows, "], got shape ", t.sizes());
+  RowParam p;
+  p.storage = as_float32(t).reshape({-1});
+  p.data = p.storage.data_ptr<float>();
+  p.stride = p.storage.numel() == 1 ? 0 : 1;
+  for (int64_t i = 0; i < p.storage.numel(); ++i) {
+    const float v = p.data[i];
+    if (range == ParamRange::Positive) {
+      TORCH_CHECK_VALUE(v > 0.0f && v < INFINITY, op, ": ", name,
+                        " must be > 0 and finite, got ", v, " (row ", i, ")");
+    } else {
+      TORCH_CHECK_VALUE(v >= 0.0f && v <= 1.0f, op, ": ", name, " must be in [0, 1], got ",
+                        v, " (row ", i, ")");
+    }
+  }
+  return p;
+}
+
+// Neighbour scores [B, k]: float32, finite or -inf (an invalid slot). NaN / +inf make the
+// kNN softmax undefined, so they are rejected instead of silently turning rows into NaN.
+inline at::Tensor checked_scores(const at::Tensor& scores, const at::Tensor& tokens,
+                                 const char* op, const char* name = "scores") {
+  check_cpu(scores, op, name);
+  check_dim(scores, 2, op, name);
+  check_floating(scores, op, name);
+  TORCH_CHECK_VALUE(scores.sizes() == tokens.sizes(), op, ": ", name,
+                    " must have the shape of tokens ", tokens.sizes(), ", got ",
+                    scores.sizes());
+  at::Tensor s = as_float32(scores);
+  const float* p = s.data_ptr<float>();
+  for (int64_t i = 0; i < s.numel(); ++i) {
+    TORCH_CHECK_VALUE(!(p[i] != p[i]) && p[i] != INFINITY, op, ": ", name,
+                      " must be finite or -inf, got ", p[i], " at flat position ", i);
+  }
+  return s;
+}
+
+// Per-thread scratch that survives across rows of one call (allocated once per chunk).
+template <typename T>
+struct Scratch {
+  std::vector<T> data;
+  T* get(size_t n, T fill) {
+    if (data.size() < n) data.assign(n, fill);
+    return data.data();
+  }
+};
+
+}  // namespace knnfast::cpu
+
+#include "cpu/neighbour_weights.h"
+
+namespace knnfast::cpu {
+
+// Validated neighbour inputs of one call: tokens int64, exactly one of scores / weights as
+// float32, and the per-row temperature. Tensors are kept alive here; src points into them.
+struct NeighbourInputs {
+  at::Tensor tokens, scores, weights;
+  NeighbourSource src;
+  RowParam temperature;
+};
+
+inline NeighbourInputs neighbour_inputs(const at::Tensor& tokens,
+                                        const c10::optional<at::Tensor>& scores,
+                                        const c10::optional<at::Tensor>& weights,
+                                        const at::Tensor& temperature, int64_t rows,
+                                        int64_t vocab, const char* op) {
+  TORCH_CHECK_VALUE(scores.has_value() != weights.has_value(), op,
+                    ": pass exactly one of scores or weights");
+  NeighbourInputs in;
+  in.tokens = checked_tokens(tokens, rows, vocab, op);
+  in.src.k = in.tokens.size(1);
+  if (scores.has_value()) {
+    in.scores = checked_scores(*scores, in.tokens, op, "scores");
+    in.src.scores = in.scores.data_ptr<float>();
+  } else {
+    in.weights = checked_scores(*weights, in.tokens, op, "weights");
+    const float* w = in.weights.data_ptr<float>();
+    for (int64_t i = 0; i < in.weights.numel(); ++i) {
+      TORCH_CHECK_VALUE(w[i] >= 0.0f && w[i] < INFINITY, op,
+                        ": weights must be finite and >= 0, got ", w[i], " at flat position ", i);
+    }
+    in.src.weights = w;
+  }
+  in.temperature = row_param(temperature, rows, ParamRange::Positive, op, "temperature");
+  return in;
+}
+
+}  // namespace knnfast::cpu

@@ -1,0 +1,89 @@
+// knn_gold_logprob on CPU: log((1 - lam) softmax(logits)[y] + lam P_kNN[y]) per row.
+// Reads each logits row once (vectorized log-sum-exp) and writes one number; the kNN side
+// only needs the neighbours whose token is y, so duplicates never have to be merged.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+namespace {
+
+constexpr const char* kOp = "knn_gold_logprob";
+
+// log sum of the neighbour weights whose token equals `target` (-inf if none).
+float knn_log_mass_of(int64_t target, const int64_t* tokens, const float* log_w, int64_t k) {
+  float acc = -INFINITY;
+  for (int64_t j = 0; j < k; ++j)
+    if (tokens[j] == target) acc = logaddexp(acc, log_w[j]);
+  return acc;
+}
+
+}  // namespace
+
+at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                                const at::Tensor& tokens,
+                                const c10::optional<at::Tensor>& scores,
+                                const c10::optional<at::Tensor>& weights,
+                                const at::Tensor& temperature, const at::Tensor& lam,
+                                int64_t ignore_index) {
+  check_cpu(logits_in, kOp, "logits");
+  check_dim(logits_in, 2, kOp, "logits");
+  check_floating(logits_in, kOp, "logits");
+  check_cpu(targets_in, kOp, "targets");
+  check_dim(targets_in, 1, kOp, "targets");
+  check_integer(targets_in, kOp, "targets");
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK_VALUE(targets_in.size(0) == B, kOp, ": targets must have shape [", B,
+                    "], got ", targets_in.sizes());
+  const at::Tensor targets = as_int64(targets_in);
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < B; ++r) {
+    TORCH_CHECK_VALUE(tgt[r] == ignore_index || (tgt[r] >= 0 && tgt[r] < V), kOp,
+                      ": targets must be in [0, ", V, ") or ignore_index (", ignore_index,
+                      "), got ", tgt[r], " at row ", r);
+  }
+  NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, B, V, kOp);
+  const RowParam lam_rows = row_param(lam, B, ParamRange::UnitInterval, kOp, "lam");
+  at::Tensor out = at::zeros({B}, logits.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t k = in.src.k;
+  const bool f32 = logits.scalar_type() == at::kFloat;
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Scratch<float> log_w_buf, row_buf;
+    float* log_w = log_w_buf.get(k, 0.0f);
+    for (int64_t r = begin; r < end; ++r) {
+      if (tgt[r] == ignore_index) continue;  // masked: stays 0
+      const float* x = logits.data_ptr<float>() + r * V;
+      if (!f32) {
+        float* row = row_buf.get(V, 0.0f);
+        at::from_blob(row, {V}, at::kFloat).copy_(logits[r]);
+        x = row;
+      }
+      const RowLogSumExp lse = row_logsumexp(x, V);
+      if (lse.bad) {
+        bad_row = r;
+        continue;
+      }
+      const int64_t* toks = in.tokens.data_ptr<int64_t>() + r * k;
+      const bool has_knn = neighbour_log_weights(in.src, r, toks, in.temperature[r], log_w);
+      const float l = has_knn ? lam_rows[r] : 0.0f;
+      const float model = std::log1p(-l) + (x[tgt[r]] - lse.lse);
+      const float knn = has_knn ? std::log(l) + knn_log_mass_of(tgt[r], toks, log_w, k)
+                                : -INFINITY;
+      o[r] = interpolate_log(model, knn);
+    }
+  });
+  TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),
+                    " contains NaN or +inf (log_softmax is undefined)");
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CPU, m) { m.impl("knn_gold_logprob", &knn_gold_logprob_cpu); }
+
+}  // namespace knnfast::cpu

@@ -1,0 +1,122 @@
+// knn_interpolate on CPU: log((1 - lam) softmax(logits) + lam P_kNN), one row per task.
+// Per row: one read of the logits for the log-sum-exp (vectorized, online), one write pass
+// of logits + log(1 - lam) - lse (the row is still in L2), then the <= k neighbour tokens
+// are combined with a stable logaddexp. No dense P_kNN, no atomics.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+namespace {
+
+constexpr const char* kOp = "knn_interpolate";
+
+// Per-thread state: the row's neighbour log-weights and a vocab-sized accumulator of log
+// P_kNN per token (kept at -inf between rows; only touched tokens are reset).
+struct RowWorkspace {
+  Scratch<float> log_w, token_acc, row_f32;
+};
+
+// Adds the kNN part of one row into out_row, which already holds log(1-lam) + log p_model.
+void add_knn_part(const int64_t* tokens, const float* log_w, int64_t k, float log_lam,
+                  float* token_acc, float* out_row) {
+  for (int64_t j = 0; j < k; ++j)
+    if (log_w[j] != -INFINITY) token_acc[tokens[j]] = logaddexp(token_acc[tokens[j]], log_w[j]);
+  for (int64_t j = 0; j < k; ++j) {
+    if (log_w[j] == -INFINITY) continue;
+    const int64_t t = tokens[j];
+    if (token_acc[t] == -INFINITY) continue;  // this token was already written
+    out_row[t] = interpolate_log(out_row[t], log_lam + token_acc[t]);
+    token_acc[t] = -INFINITY;
+  }
+}
+
+void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const RowParam& lam,
+                      at::Tensor& out) {
+  const int64_t B = logits.size(0), V = logits.size(1), k = in.src.k;
+  const bool f32 = logits.scalar_type() == at::kFloat;
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    RowWorkspace ws;
+    float* log_w = ws.log_w.get(k, 0.0f);
+    float* token_acc = ws.token_acc.get(V, -INFINITY);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = f32 ? logits.data_ptr<float>() + r * V : ws.row_f32.get(V, 0.0f);
+      if (!f32) {
+        float* row = ws.row_f32.get(V, 0.0f);
+        at::Tensor row_view = at::from_blob(row, {V}, at::kFloat);
+        row_view.copy_(logits[r]);
+      }
+      const RowLogSumExp lse = row_logsumexp(x, V);
+      if (lse.bad) {
+        bad_row = r;
+        continue;
+      }
+      const int64_t* toks = in.tokens.data_ptr<int64_t>() + r * k;
+      const bool has_knn = neighbour_log_weights(in.src, r, toks, in.temperature[r], log_w);
+      // A row without a valid neighbour has no P_kNN: it is log_softmax (lam treated as 0).
+      const float l = has_knn ? lam[r] : 0.0f;
+      float* out_row = out.data_ptr<float>() + r * V;
+      row_add_scalar(x, std::log1p(-l) - lse.lse, out_row, V);
+      if (has_knn) add_knn_part(toks, log_w, k, std::log(l), token_acc, out_row);
+    }
+  });
+  TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),
+                    " contains NaN or +inf (log_softmax is undefined)");
+}
+
+void check_inputs(const at::Tensor& logits) {
+  check_cpu(logits, kOp, "logits");
+  check_dim(logits, 2, kOp, "logits");
+  check_floating(logits, kOp, "logits");
+  TORCH_CHECK_VALUE(logits.size(1) > 0, kOp, ": logits must have a vocabulary dimension > 0");
+}
+
+void knn_interpolate_impl(const at::Tensor& logits_in, const at::Tensor& tokens,
+                          const c10::optional<at::Tensor>& scores,
+                          const c10::optional<at::Tensor>& weights,
+                          const at::Tensor& temperature, const at::Tensor& lam, at::Tensor& out) {
+  check_inputs(logits_in);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, B, V, kOp);
+  RowParam lam_rows = row_param(lam, B, ParamRange::UnitInterval, kOp, "lam");
+  interpolate_rows(logits, in, lam_rows, out);
+}
+
+}  // namespace
+
+at::Tensor knn_interpolate_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                               const c10::optional<at::Tensor>& scores,
+                               const c10::optional<at::Tensor>& weights,
+                               const at::Tensor& temperature, const at::Tensor& lam) {
+  check_inputs(logits);
+  at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+  knn_interpolate_impl(logits, tokens, scores, weights, temperature, lam, out);
+  return out;
+}
+
+void knn_interpolate_out_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                             const c10::optional<at::Tensor>& scores,
+                             const c10::optional<at::Tensor>& weights,
+                             const at::Tensor& temperature, const at::Tensor& lam,
+                             at::Tensor& out) {
+  check_inputs(logits);
+  check_cpu(out, kOp, "out");
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                        out.sizes() == logits.sizes(),
+                    kOp, ": out must be a contiguous float32 tensor of shape ", logits.sizes(),
+                    ", got ", out.scalar_type(), " ", out.sizes());
+  knn_interpolate_impl(logits, tokens, scores, weights, temperature, lam, out);
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CPU, m) {
+  m.impl("knn_interpolate", &knn_interpolate_cpu);
+  m.impl("knn_interpolate.out", &knn_interpolate_out_cpu);
+}
+
+}  // namespace knnfast::cpu

@@ -1,0 +1,63 @@
+// knn_rescore on CPU: exact fp32 scores of given candidate ids (the "real score" of an
+// approximate search). Rows of the keys are gathered by index; the datastore is not copied.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+
+at::Tensor knn_rescore_cpu(const at::Tensor& queries_in, const at::Tensor& keys_in,
+                           const at::Tensor& indices_in, const std::string& metric_name) {
+  constexpr const char* kOp = "knn_rescore";
+  const Metric metric = parse_metric(metric_name, kOp);
+  check_cpu(queries_in, kOp, "queries");
+  check_cpu(keys_in, kOp, "keys");
+  check_cpu(indices_in, kOp, "indices");
+  check_dim(queries_in, 2, kOp, "queries");
+  check_dim(keys_in, 2, kOp, "keys");
+  check_dim(indices_in, 2, kOp, "indices");
+  check_floating(queries_in, kOp, "queries");
+  check_floating(keys_in, kOp, "keys");
+  check_integer(indices_in, kOp, "indices");
+  TORCH_CHECK_VALUE(queries_in.size(1) == keys_in.size(1), kOp,
+                    ": queries and keys must have the same dimension D, got queries ",
+                    queries_in.sizes(), " and keys ", keys_in.sizes());
+  TORCH_CHECK_VALUE(indices_in.size(0) == queries_in.size(0), kOp, ": indices must have ",
+                    queries_in.size(0), " rows (one per query), got ", indices_in.sizes());
+  const at::Tensor queries = as_float32(queries_in);
+  TORCH_CHECK_VALUE(at::isfinite(queries).all().item<bool>(), kOp,
+                    ": queries contain NaN or inf");
+  const at::Tensor keys = keys_in.contiguous();
+  const at::Tensor indices = checked_tokens(indices_in, queries.size(0), keys.size(0), kOp,
+                                            "indices");
+  const int64_t B = indices.size(0), k = indices.size(1), D = queries.size(1);
+  at::Tensor out = at::empty({B, k}, queries.options());
+  const float* q = queries.data_ptr<float>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const char* key_base = static_cast<const char*>(keys.data_ptr());
+  const int64_t row_bytes = D * keys.element_size();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* qb = q + b * D;
+      float qq = 0.0f;
+      for (int64_t d = 0; d < D; ++d) qq += qb[d] * qb[d];
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t id = idx[b * k + j];
+        if (id < 0) {
+          o[b * k + j] = -INFINITY;
+          continue;
+        }
+        const PairSums p = pair_sums(qb, key_base + id * row_bytes, keys.scalar_type(), D);
+        o[b * k + j] = exact_score(metric, p.diff_sq, p.dot, qq, p.key_sq);
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CPU, m) { m.impl("knn_rescore", &knn_rescore_cpu); }
+
+}  // namespace knnfast::cpu

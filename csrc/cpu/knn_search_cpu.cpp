@@ -1,0 +1,307 @@
+// knn_search on CPU: exact distance + mask-to-k without materializing B x N.
+//
+// The keys are split into one contiguous range per thread; each thread walks its range in
+// tiles, scores a [B, tile] block, and pushes it into per-row running top-k heaps (early
+// rejection against the current k-th key, so almost every score costs one compare). The
+// per-thread heaps are merged at the end. How a tile is scored depends on the batch:
+//
+//   stream    B < 32: one pass over the keys with our AVX-512 dot kernel, fp16/bf16 keys
+//             converted in registers, |k|^2 from the same load: memory bound.
+//   gemm_f32  B >= 32: BLAS sgemm per tile (fp16/bf16 tiles converted to fp32 first).
+//   gemm_bf16 B >= 32 with fp16/bf16 keys on CPUs with AVX512-BF16: oneDNN bf16 GEMM (2x the
+//             fp32 FLOP rate) selects k + max(k, 32) candidates, which are then rescored
+//             exactly in fp32 from the stored keys; returned scores are exact.
+//
+// KNNFAST_SEARCH_PATH=stream|gemm_f32|gemm_bf16 forces a path (tests, benchmarks).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+namespace {
+
+constexpr const char* kOp = "knn_search";
+constexpr int64_t kMaxK = 2048;
+constexpr int64_t kSmallBatch = 32;
+
+enum class Path { Stream, GemmF32, GemmBf16 };
+
+struct Plan {
+  Path path;
+  int64_t tile;  // keys scored per block
+  int64_t keep;  // candidates kept per row (k, or oversampled for gemm_bf16)
+};
+
+Plan make_plan(int64_t B, int64_t k, at::ScalarType key_type) {
+  const bool half_keys = key_type != at::kFloat;
+  Path path = B < kSmallBatch ? Path::Stream
+              : (half_keys && cpu_has_avx512_bf16()) ? Path::GemmBf16
+                                                     : Path::GemmF32;
+  if (const char* force = std::getenv("KNNFAST_SEARCH_PATH")) {
+    if (!std::strcmp(force, "stream")) path = Path::Stream;
+    if (!std::strcmp(force, "gemm_f32")) path = Path::GemmF32;
+    if (!std::strcmp(force, "gemm_bf16")) path = Path::GemmBf16;
+  }
+  switch (path) {
+    case Path::Stream: return {path, 256, k};
+    case Path::GemmF32: return {path, B >= 256 ? 1024 : 2048, k};
+    default: return {path, 2048, k + std::max<int64_t>(k, 32)};
+  }
+}
+
+// Running top-`keep` of every query row, as min-heaps (worst candidate at the root).
+struct RowHeaps {
+  int64_t keep;
+  std::vector<float> scores;
+  std::vector<int64_t> indices;
+  RowHeaps(int64_t rows, int64_t keep_)
+      : keep(keep_), scores(rows * keep_, -INFINITY), indices(rows * keep_, -1) {}
+
+  // Keys are visited in increasing index order, so a tie never displaces the current entry
+  // (ties go to the smaller index) and the strict `>` is the whole test. NaN never passes.
+  template <Metric M>
+  void push(int64_t row, const float* dots, const float* key_sq, int64_t n, int64_t first,
+            int64_t exclude) {
+    float* hs = scores.data() + row * keep;
+    int64_t* hi = indices.data() + row * keep;
+    float threshold = hs[0];
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = ranking_key(M, dots[j], key_sq ? key_sq[j] : 0.0f);
+      if (v > threshold && first + j != exclude) {
+        heap_replace_root(hs, hi, keep, v, first + j);
+        threshold = hs[0];
+      }
+    }
+  }
+};
+
+struct SearchInputs {
+  at::Tensor queries;       // float32 [B, D]
+  at::Tensor queries_bf16;  // for gemm_bf16
+  at::Tensor keys;          // [N, D] contiguous, any float type
+  at::Tensor key_sq_norms;  // float32 [N] or undefined
+  at::Tensor exclude;       // int64 [B] or undefined
+  Metric metric;
+  int64_t k;
+};
+
+// Scores one tile of keys [first, first + n) against all queries:
+// dots[b * n + j] = q_b . k_j and, when key_sq is non-null, key_sq[j] = |k_j|^2.
+struct TileScorer {
+  const SearchInputs& in;
+  Plan plan;
+  at::Tensor convert_buf;  // tile of keys converted for the GEMM
+  std::vector<c10::BFloat16> dots_bf16;
+
+  void score(int64_t first, int64_t n, float* dots, float* key_sq) {
+    const int64_t B = in.queries.size(0), D = in.queries.size(1);
+    const auto key_type = in.keys.scalar_type();
+    const char* key_ptr = static_cast<const char*>(in.keys.data_ptr()) +
+                          first * D * in.keys.element_size();
+    if (plan.path == Path::Stream) {
+      dot_tile(in.queries.data_ptr<float>(), B, key_ptr, key_type, n, D, dots, n, key_sq);
+      return;
+    }
+    const at::Tensor tile = in.keys.narrow(0, first, n);
+    at::Tensor dots_view = at::from_blob(dots, {B, n}, at::kFloat);
+    if (plan.path == Path::GemmF32) {
+      at::Tensor keys_f32 = tile;
+      if (key_type != at::kFloat) keys_f32 = convert_buf.narrow(0, 0, n).copy_(tile);
+      at::mm_out(dots_view, in.queries, keys_f32.t());
+    } else {
+      at::Tensor keys_bf16 = tile;
+      if (key_type != at::kBFloat16) keys_bf16 = convert_buf.narrow(0, 0, n).copy_(tile);
+      dots_bf16.resize(B * n);
+      at::Tensor out = at::from_blob(dots_bf16.data(), {B, n}, at::kBFloat16);
+      at::mm_out(out, in.queries_bf16, keys_bf16.t());
+      dots_view.copy_(out);
+    }
+    if (key_sq) key_sq_norms(key_ptr, key_type, n, D, key_sq);
+  }
+};
+
+template <Metric M>
+RowHeaps scan_range(const SearchInputs& in, const Plan& plan, int64_t begin, int64_t end) {
+  const int64_t B = in.queries.size(0), D = in.queries.size(1);
+  RowHeaps heaps(B, plan.keep);
+  TileScorer scorer{in, plan, {}, {}};
+  if (plan.path != Path::Stream && in.keys.scalar_type() != at::kFloat)
+    scorer.convert_buf = at::empty({plan.tile, D}, in.keys.options().dtype(
+                                                       plan.path == Path::GemmF32 ? at::kFloat
+                                                                                  : at::kBFloat16));
+  std::vector<float> dots(B * plan.tile), computed_sq(plan.tile);
+  const bool need_sq = M != Metric::IP;
+  const float* cached_sq = in.key_sq_norms.defined() ? in.key_sq_norms.data_ptr<float>() : nullptr;
+  const int64_t* exclude = in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
+  for (int64_t first = begin; first < end; first += plan.tile) {
+    const int64_t n = std::min(plan.tile, end - first);
+    float* sq_out = (need_sq && !cached_sq) ? computed_sq.data() : nullptr;
+    scorer.score(first, n, dots.data(), sq_out);
+    const float* sq = !need_sq ? nullptr : cached_sq ? cached_sq + first : computed_sq.data();
+    for (int64_t b = 0; b < B; ++b)
+      heaps.template push<M>(b, dots.data() + b * n, sq, n, first, exclude ? exclude[b] : -1);
+  }
+  return heaps;
+}
+
+// Best `count` of row `row` over all per-thread heaps, sorted by better().
+void merge_row(const std::vector<RowHeaps>& parts, int64_t row, int64_t count,
+               std::vector<float>& s, std::vector<int64_t>& idx) {
+  s.clear();
+  idx.clear();
+  for (const RowHeaps& h : parts) {
+    s.insert(s.end(), h.scores.begin() + row * h.keep, h.scores.begin() + (row + 1) * h.keep);
+    idx.insert(idx.end(), h.indices.begin() + row * h.keep,
+               h.indices.begin() + (row + 1) * h.keep);
+  }
+  std::vector<int64_t> order(s.size());
+  std::iota(order.begin(), order.end(), 0);
+  const int64_t top = std::min<int64_t>(count, order.size());
+  std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int64_t a, int64_t b) {
+    return better(s[a], idx[a], s[b], idx[b]);
+  });
+  std::vector<float> s2(count, -INFINITY);
+  std::vector<int64_t> i2(count, -1);
+  for (int64_t j = 0; j < top; ++j) {
+    s2[j] = s[order[j]];
+    i2[j] = s2[j] == -INFINITY ? -1 : idx[order[j]];
+  }
+  s.swap(s2);
+  idx.swap(i2);
+}
+
+// Writes the k results of every row: ranking keys turned into scores, or (gemm_bf16) the
+// candidates rescored exactly and re-ranked.
+void finalize(const SearchInputs& in, const Plan& plan, const std::vector<RowHeaps>& parts,
+              at::Tensor& out_scores, at::Tensor& out_indices) {
+  const int64_t B = in.queries.size(0), D = in.queries.size(1), k = in.k;
+  const float* q = in.queries.data_ptr<float>();
+  float* os = out_scores.data_ptr<float>();
+  int64_t* oi = out_indices.data_ptr<int64_t>();
+  const char* keys = static_cast<const char*>(in.keys.data_ptr());
+  const int64_t row_bytes = D * in.keys.element_size();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s;
+    std::vector<int64_t> idx;
+    for (int64_t b = begin; b < end; ++b) {
+      const float* qb = q + b * D;
+      float qq = 0.0f;
+      for (int64_t d = 0; d < D; ++d) qq += qb[d] * qb[d];
+      merge_row(parts, b, plan.keep, s, idx);
+      if (plan.path == Path::GemmBf16) {
+        for (size_t j = 0; j < s.size(); ++j) {
+          if (idx[j] < 0) continue;
+          const PairSums p = pair_sums(qb, keys + idx[j] * row_bytes, in.keys.scalar_type(), D);
+          s[j] = exact_score(in.metric, p.diff_sq, p.dot, qq, p.key_sq);
+        }
+        std::vector<int64_t> order(s.size());
+        std::iota(order.begin(), order.end(), 0);
+        std::sort(order.begin(), order.end(),
+                  [&](int64_t x, int64_t y) { return better(s[x], idx[x], s[y], idx[y]); });
+        for (int64_t j = 0; j < k; ++j) {
+          os[b * k + j] = s[order[j]];
+          oi[b * k + j] = idx[order[j]];
+        }
+      } else {
+        for (int64_t j = 0; j < k; ++j) {
+          oi[b * k + j] = idx[j];
+          os[b * k + j] = idx[j] < 0 ? -INFINITY : final_score(in.metric, s[j], qq);
+        }
+      }
+    }
+  });
+}
+
+template <Metric M>
+std::vector<RowHeaps> scan_all(const SearchInputs& in, const Plan& plan) {
+  const int64_t N = in.keys.size(0);
+  const int64_t tiles = (N + plan.tile - 1) / plan.tile;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  std::vector<RowHeaps> out(parts, RowHeaps(0, plan.keep));
+  // One contiguous, tile-aligned key range per part; BLAS calls inside run single-threaded.
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t0 = tiles * p / parts, t1 = tiles * (p + 1) / parts;
+      out[p] = scan_range<M>(in, plan, t0 * plan.tile, std::min(N, t1 * plan.tile));
+    }
+  });
+  return out;
+}
+
+SearchInputs check_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                          const std::string& metric, const c10::optional<at::Tensor>& key_sq_norms,
+                          const c10::optional<at::Tensor>& exclude) {
+  SearchInputs in;
+  in.metric = parse_metric(metric, kOp);
+  check_cpu(queries, kOp, "queries");
+  check_cpu(keys, kOp, "keys");
+  check_dim(queries, 2, kOp, "queries");
+  check_dim(keys, 2, kOp, "keys");
+  check_floating(queries, kOp, "queries");
+  check_floating(keys, kOp, "keys");
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK, kOp, ": k must be in [1, ", kMaxK, "], got ", k);
+  TORCH_CHECK_VALUE(keys.size(0) > 0, kOp, ": keys must have at least one row (N = 0)");
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, kOp,
+                    ": queries and keys must have the same dimension D > 0, got queries ",
+                    queries.sizes(), " and keys ", keys.sizes());
+  const int64_t B = queries.size(0), N = keys.size(0);
+  in.queries = as_float32(queries);
+  TORCH_CHECK_VALUE(at::isfinite(in.queries).all().item<bool>(), kOp,
+                    ": queries contain NaN or inf");
+  in.keys = keys.contiguous();
+  in.k = k;
+  if (key_sq_norms.has_value()) {
+    check_cpu(*key_sq_norms, kOp, "key_sq_norms");
+    TORCH_CHECK_VALUE(key_sq_norms->dim() == 1 && key_sq_norms->size(0) == N, kOp,
+                      ": key_sq_norms must have shape [", N, "], got ", key_sq_norms->sizes());
+    in.key_sq_norms = as_float32(*key_sq_norms);
+  }
+  if (exclude.has_value()) {
+    check_cpu(*exclude, kOp, "exclude");
+    check_integer(*exclude, kOp, "exclude");
+    TORCH_CHECK_VALUE(exclude->dim() == 1 && exclude->size(0) == B, kOp,
+                      ": exclude must have shape [", B, "], got ", exclude->sizes());
+    in.exclude = as_int64(*exclude);
+    const int64_t* e = in.exclude.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(e[b] >= -1 && e[b] < N, kOp, ": exclude must hold ids in [-1, ", N,
+                        "), got ", e[b], " at row ", b);
+  }
+  return in;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries,
+                                                  const at::Tensor& keys, int64_t k,
+                                                  const std::string& metric,
+                                                  const c10::optional<at::Tensor>& key_sq_norms,
+                                                  const c10::optional<at::Tensor>& exclude) {
+  SearchInputs in = check_inputs(queries, keys, k, metric, key_sq_norms, exclude);
+  const int64_t B = in.queries.size(0);
+  at::Tensor out_scores = at::empty({B, k}, in.queries.options());
+  at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));
+  if (B == 0) return {out_scores, out_indices};
+  const Plan plan = make_plan(B, k, in.keys.scalar_type());
+  if (plan.path == Path::GemmBf16) in.queries_bf16 = in.queries.to(at::kBFloat16);
+  std::vector<RowHeaps> parts;
+  switch (in.metric) {
+    case Metric::L2: parts = scan_all<Metric::L2>(in, plan); break;
+    case Metric::IP: parts = scan_all<Metric::IP>(in, plan); break;
+    default: parts = scan_all<Metric::COS>(in, plan); break;
+  }
+  finalize(in, plan, parts, out_scores, out_indices);
+  return {out_scores, out_indices};
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CPU, m) { m.impl("knn_search", &knn_search_cpu); }
+
+}  // namespace knnfast::cpu

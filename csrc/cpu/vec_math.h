@@ -1,0 +1,44 @@
+// Vectorized row primitives of the CPU backend. Each has an AVX-512 body (compiled with a
+// target attribute, chosen at run time) and a portable body, so one binary runs anywhere and
+// KNNFAST_SIMD=generic forces the portable path (tests compare both).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <cstdint>
+
+namespace knnfast::cpu {
+
+// log(sum(exp(x))) over n floats in one read of x (blocks of it are revisited from L1).
+// `bad` is set when x holds a NaN or +inf (the log-softmax would be NaN).
+struct RowLogSumExp {
+  float lse;
+  bool bad;
+};
+RowLogSumExp row_logsumexp(const float* x, int64_t n);
+
+// out[i] = x[i] + c
+void row_add_scalar(const float* x, float c, float* out, int64_t n);
+
+// Small-batch distance tile, one pass over the keys (memory bound for B <= ~32):
+//   dots[b * ld + j] = sum_d queries[b, d] * keys[j, d]   for b < B, j < n_keys
+//   key_sq[j] = |keys[j]|^2                              (when key_sq != nullptr)
+// queries: float32 [B, D]; keys: [n_keys, D] of key_type (float32, float16 or bfloat16).
+void dot_tile(const float* queries, int64_t B, const void* keys, c10::ScalarType key_type,
+              int64_t n_keys, int64_t D, float* dots, int64_t ld, float* key_sq);
+
+// key_sq[j] = |keys[j]|^2 in fp32 for j < n_keys.
+void key_sq_norms(const void* keys, c10::ScalarType key_type, int64_t n_keys, int64_t D,
+                  float* key_sq);
+
+// Exact sums of one (query, key) pair for rescoring: sum (q-k)^2, q.k, |k|^2.
+struct PairSums {
+  float diff_sq, dot, key_sq;
+};
+PairSums pair_sums(const float* query, const void* key, c10::ScalarType key_type, int64_t D);
+
+// "avx512" or "generic": the body the dispatch above uses in this process.
+const char* simd_level();
+// The CPU has AVX512-BF16 dot products (used through oneDNN's bf16 GEMM).
+bool cpu_has_avx512_bf16();
+
+}  // namespace knnfast::cpu

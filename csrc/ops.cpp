@@ -1,0 +1,33 @@
+// Every knnfast schema, nothing else. Kernels register per backend in csrc/cpu/<op>_cpu.cpp
+// and csrc/cuda/<op>_cuda.cpp; fake (meta) kernels and argument conversion live in
+// knnfast/ops.py. Shapes: B rows (queries / decoding positions), N datastore entries,
+// D key dimension, k neighbours per row, V vocabulary size.
+//
+// temperature and lam are float32 tensors with 1 element (all rows) or B (per row); the
+// Python wrappers turn Python floats into them.
+#include <torch/library.h>
+
+#include "build_info.h"
+
+TORCH_LIBRARY(knnfast, m) {
+  // queries [B, D], keys [N, D] -> scores [B, k] float32 (descending), indices [B, k] int64
+  m.def("knn_search(Tensor queries, Tensor keys, int k, str metric, Tensor? key_sq_norms, "
+        "Tensor? exclude) -> (Tensor, Tensor)");
+  // queries [B, D], keys [N, D], indices [B, k] -> exact scores [B, k]
+  m.def("knn_rescore(Tensor queries, Tensor keys, Tensor indices, str metric) -> Tensor");
+  // scores [B, k], tokens [B, k] -> probs [B, V]
+  m.def("knn_probs(Tensor scores, Tensor tokens, int vocab_size, Tensor temperature) -> Tensor");
+  // scores [B, k], tokens [B, k] -> (tokens_u [B, k], probs [B, k])
+  m.def("knn_probs_sparse(Tensor scores, Tensor tokens, Tensor temperature) -> (Tensor, Tensor)");
+  // logits [B, V], tokens [B, k], scores|weights [B, k] -> logp [B, V]
+  m.def("knn_interpolate(Tensor logits, Tensor tokens, Tensor? scores, Tensor? weights, "
+        "Tensor temperature, Tensor lam) -> Tensor");
+  m.def("knn_interpolate.out(Tensor logits, Tensor tokens, Tensor? scores, Tensor? weights, "
+        "Tensor temperature, Tensor lam, *, Tensor(a!) out) -> ()");
+  // logits [B, V], targets [B], tokens [B, k], scores|weights [B, k] -> logp [B]
+  m.def("knn_gold_logprob(Tensor logits, Tensor targets, Tensor tokens, Tensor? scores, "
+        "Tensor? weights, Tensor temperature, Tensor lam, int ignore_index) -> Tensor");
+  // tokens [B, k] -> counts [B, k] int64
+  m.def("label_counts(Tensor tokens) -> Tensor");
+  m.def("build_info() -> str", &knnfast::build_info);
+}

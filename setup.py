@@ -1,0 +1,54 @@
+"""pip entry point: builds csrc/ with CMake into knnfast/_C*.so.
+
+CMake is the single build description (CMakeLists.txt); this file only drives it.
+Environment:
+  KNNFAST_CUDA=auto|on|off   build the CUDA kernels (auto: when torch has CUDA and nvcc exists)
+  KNNFAST_BUILD_TYPE=Release|Debug|RelWithDebInfo
+  MAX_JOBS=N                 parallel compile jobs (default: number of cores)
+"""
+import os
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import torch
+
+        out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
+        out_dir = os.path.dirname(out_path)
+        root = os.path.dirname(os.path.abspath(__file__))
+        build_dir = os.path.join(root, "build", "cmake")
+        os.makedirs(build_dir, exist_ok=True)
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        cfg = [
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('KNNFAST_BUILD_TYPE', 'Release')}",
+            f"-DKNNFAST_CUDA={os.environ.get('KNNFAST_CUDA', 'auto')}",
+            f"-DKNNFAST_OUTPUT_DIR={out_dir}",
+            f"-DKNNFAST_OUTPUT_NAME=_C{os.path.splitext(suffix)[0]}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DTORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}",
+        ]
+        if self._have("ninja"):
+            cfg.append("-GNinja")
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(["cmake", root, *cfg], cwd=build_dir)
+        subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir)
+
+    @staticmethod
+    def _have(tool):
+        from shutil import which
+
+        return which(tool) is not None
+
+
+setup(ext_modules=[CMakeExtension("knnfast._C")], cmdclass={"build_ext": CMakeBuild})

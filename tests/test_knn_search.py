@@ -1,0 +1,335 @@
+"""knn_search: parity with knnfast.reference, exact top-k properties, bad inputs."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import knnfast
+import knnfast.reference as ref
+from conftest import DEVICES, HAS_CUDA
+from helpers import (
+    KEY_DTYPES,
+    METRICS,
+    NEG_INF,
+    assert_topk_parity,
+    assert_topk_valid,
+    exact_scores,
+)
+
+
+def _grid():
+    for B, N, D, k in itertools.product((1, 3, 17), (1, 5, 300, 4099), (1, 7, 64), (1, 4, 64)):
+        if k <= N:
+            yield B, N, D, k
+
+
+GRID = list(_grid())
+
+
+def _data(B, N, D, key_dtype=torch.float32, q_dtype=torch.float32, device="cpu"):
+    q = torch.randn(B, D).to(q_dtype)
+    keys = torch.randn(N, D).to(key_dtype)
+    return q.to(device), keys.to(device)
+
+
+# --------------------------------------------------------------------------- #
+# parity                                                                      #
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,D,k", GRID, ids=lambda v: str(v))
+def test_parity_grid(device, B, N, D, k, key_dtype, metric):
+    q, keys = _data(B, N, D, key_dtype, device=device)
+    s, i = knnfast.knn_search(q, keys, k, metric)
+    # the kernel upconverts half keys: the reference runs on keys.float()
+    rs, ri = ref.knn_search(q, keys.float(), k, metric)
+    assert s.device == q.device and i.device == q.device
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
+    assert_topk_valid(s, i, q, keys, k, metric)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("q_dtype", KEY_DTYPES, ids=str)
+def test_parity_query_dtypes(device, q_dtype, key_dtype, metric):
+    q, keys = _data(6, 300, 16, key_dtype, q_dtype, device=device)
+    s, i = knnfast.knn_search(q, keys, 8, metric)
+    rs, ri = ref.knn_search(q.float(), keys.float(), 8, metric)
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
+    assert_topk_valid(s, i, q, keys, 8, metric)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("N,k", [(5, 64), (1, 4), (3, 2048)])
+def test_k_greater_than_n_pads(device, N, k, key_dtype, metric):
+    q, keys = _data(3, N, 7, key_dtype, device=device)
+    s, i = knnfast.knn_search(q, keys, k, metric)
+    rs, ri = ref.knn_search(q, keys.float(), k, metric)
+    assert s.shape == (3, k) and i.shape == (3, k)
+    assert (i[:, N:] == -1).all() and torch.isneginf(s[:, N:]).all()
+    assert (i[:, :N] >= 0).all() and torch.isfinite(s[:, :N]).all()
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
+    assert_topk_valid(s, i, q, keys, k, metric)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("q_dtype", ["float32", "same"])
+@pytest.mark.parametrize("key_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_keys_large_batch_exact_topk(device, key_dtype, q_dtype, metric):
+    """B >= 32 with half keys takes the bf16-GEMM + exact-rescore path: recall 1.0."""
+    qd = torch.float32 if q_dtype == "float32" else key_dtype
+    B, N, D, k = 40, 5000, 64, 8
+    q, keys = _data(B, N, D, key_dtype, qd, device=device)
+    s, i = knnfast.knn_search(q, keys, k, metric)
+    assert_topk_valid(s, i, q, keys, k, metric)
+    rs, ri = ref.knn_search(q.float(), keys.float(), k, metric)
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("key_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_keys_large_batch_large_k(device, key_dtype):
+    B, N, D, k = 33, 3000, 32, 300
+    q, keys = _data(B, N, D, key_dtype, device=device)
+    s, i = knnfast.knn_search(q, keys, k, "l2")
+    assert_topk_valid(s, i, q, keys, k, "l2")
+
+
+# --------------------------------------------------------------------------- #
+# ties, exclude, key_sq_norms, NaN keys                                       #
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("B", [3, 40])
+def test_ties_go_to_smaller_index(device, B, key_dtype, metric):
+    """Small integer data: every score is exact in fp32/bf16, so ties are exact
+    and the order (score desc, index asc) is fully determined."""
+    N, D, k = 700, 4, 50
+    q = torch.randint(-2, 3, (B, D)).float().to(device)
+    keys = torch.randint(-1, 2, (N, D)).to(key_dtype).to(device)
+    s, i = knnfast.knn_search(q, keys, k, metric)
+    full = exact_scores(q, keys, metric)
+    exp_s, exp_i = torch.sort(full, dim=1, descending=True, stable=True)
+    assert torch.equal(i.cpu(), exp_i[:, :k]), f"tie order differs:\n{i.cpu()[:2]}\n{exp_i[:2, :k]}"
+    assert torch.equal(s.cpu().double(), exp_s[:, :k])
+    rs, ri = ref.knn_search(q, keys.float(), k, metric)
+    assert torch.equal(ri.cpu(), exp_i[:, :k])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("B", [5, 40])
+def test_exclude_self_match(device, B, key_dtype, metric):
+    N, D, k = 400, 16, 10
+    keys = torch.randn(N, D).to(key_dtype)
+    ids = torch.randperm(N)[:B]
+    q = keys[ids].float()
+    exclude = ids.clone()
+    exclude[::3] = -1  # some rows keep their self-match
+    q, keys, exclude = q.to(device), keys.to(device), exclude.to(device)
+    s, i = knnfast.knn_search(q, keys, k, metric, exclude=exclude)
+    assert_topk_valid(s, i, q, keys, k, metric, exclude=exclude)
+    rs, ri = ref.knn_search(q, keys.float(), k, metric, exclude=exclude)
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
+    kept = exclude.cpu() == -1
+    if metric != "ip":  # the self-match is the top-1 for l2/cos
+        assert torch.equal(i.cpu()[kept, 0], ids[kept])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exclude_all_minus_one_is_noop(device):
+    q, keys = _data(7, 300, 8, device=device)
+    ex = torch.full((7,), -1, dtype=torch.int64, device=device)
+    a = knnfast.knn_search(q, keys, 5, "l2", exclude=ex)
+    b = knnfast.knn_search(q, keys, 5, "l2")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exclude_with_k_equal_n_pads(device):
+    q, keys = _data(4, 5, 3, device=device)
+    ex = torch.tensor([0, 4, -1, 2], device=device)
+    s, i = knnfast.knn_search(q, keys, 5, "l2", exclude=ex)
+    assert_topk_valid(s, i, q, keys, 5, "l2", exclude=ex)
+    assert (i[[0, 1, 3], -1] == -1).all() and (i[2] >= 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("B", [4, 40])
+def test_key_sq_norms_cache(device, B, key_dtype, metric):
+    q, keys = _data(B, 1000, 32, key_dtype, device=device)
+    norms = keys.float().pow(2).sum(1)
+    s, i = knnfast.knn_search(q, keys, 16, metric, key_sq_norms=norms)
+    s0, i0 = knnfast.knn_search(q, keys, 16, metric)
+    assert_topk_parity(s, i, s0, i0, q, keys, metric)
+    rs, ri = ref.knn_search(q, keys.float(), 16, metric, key_sq_norms=norms)
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
+    assert_topk_valid(s, i, q, keys, 16, metric)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("B", [3, 40])
+def test_nan_keys_never_returned(device, B, key_dtype, metric):
+    N = 50
+    q, keys = _data(B, N, 8, key_dtype)
+    keys[7] = float("nan")
+    keys[20, 3] = float("nan")
+    q, keys = q.to(device), keys.to(device)
+    s, i = knnfast.knn_search(q, keys, N, metric)
+    assert not ((i == 7) | (i == 20)).any()
+    assert (i[:, -2:] == -1).all() and torch.isneginf(s[:, -2:]).all()
+    assert_topk_valid(s, i, q, keys, N, metric)
+
+
+# --------------------------------------------------------------------------- #
+# properties                                                                  #
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    B=st.integers(1, 6),
+    N=st.integers(1, 120),
+    D=st.integers(1, 9),
+    k=st.integers(1, 130),
+    metric=st.sampled_from(METRICS),
+    key_dtype=st.sampled_from(KEY_DTYPES),
+    integer_data=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_topk_equals_full_sort(device, B, N, D, k, metric, key_dtype, integer_data, seed):
+    g = torch.Generator().manual_seed(seed)
+    if integer_data:
+        q = torch.randint(-3, 4, (B, D), generator=g).float()
+        keys = torch.randint(-2, 3, (N, D), generator=g).to(key_dtype)
+    else:
+        q = torch.randn(B, D, generator=g)
+        keys = torch.randn(N, D, generator=g).to(key_dtype)
+    q, keys = q.to(device), keys.to(device)
+    s, i = knnfast.knn_search(q, keys, k, metric)
+    assert_topk_valid(s, i, q, keys, k, metric)
+    if integer_data and metric != "cos":
+        full = exact_scores(q, keys, metric)
+        exp_s, exp_i = torch.sort(full, dim=1, descending=True, stable=True)
+        m = min(k, N)
+        assert torch.equal(i.cpu()[:, :m], exp_i[:, :m])
+        assert torch.equal(s.cpu()[:, :m].double(), exp_s[:, :m])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    B=st.integers(1, 6),
+    N=st.integers(1, 60),
+    k=st.integers(1, 70),
+    metric=st.sampled_from(METRICS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_exclude_never_returned(device, B, N, k, metric, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(N, 5, generator=g)
+    exclude = torch.randint(-1, N, (B,), generator=g)
+    q = torch.where((exclude >= 0)[:, None], keys[exclude.clamp(min=0)], torch.randn(B, 5, generator=g))
+    q, keys, exclude = q.to(device), keys.to(device), exclude.to(device)
+    s, i = knnfast.knn_search(q, keys, k, metric, exclude=exclude)
+    assert not (i == exclude[:, None]).masked_fill((exclude < 0)[:, None], False).any()
+    assert_topk_valid(s, i, q, keys, k, metric, exclude=exclude)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,key_dtype", [(5, torch.float32), (40, torch.float16), (40, torch.bfloat16)])
+@pytest.mark.parametrize("metric", METRICS)
+def test_deterministic(device, B, key_dtype, metric):
+    q, keys = _data(B, 3000, 24, key_dtype, device=device)
+    a = knnfast.knn_search(q, keys, 32, metric)
+    b = knnfast.knn_search(q, keys, 32, metric)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_non_contiguous_inputs(device, key_dtype, metric):
+    B, N, D, k = 6, 200, 12, 9
+    qt = torch.randn(D, B).to(device)
+    kt = torch.randn(D, N).to(key_dtype).to(device)
+    q, keys = qt.t(), kt.t()  # transposed views
+    assert not q.is_contiguous() and not keys.is_contiguous()
+    wide = torch.randn(N, 2 * D).to(key_dtype).to(device)
+    ex = torch.arange(0, 2 * B, 2, device=device)[:B]
+    s, i = knnfast.knn_search(q, keys, k, metric, exclude=ex)
+    s2, i2 = knnfast.knn_search(q.contiguous(), keys.contiguous(), k, metric, exclude=ex)
+    assert torch.equal(i, i2)
+    torch.testing.assert_close(s, s2)
+    s, i = knnfast.knn_search(q.contiguous(), wide[:, ::2], k, metric)  # strided columns
+    s2, i2 = knnfast.knn_search(q.contiguous(), wide[:, ::2].contiguous(), k, metric)
+    assert torch.equal(i, i2)
+    torch.testing.assert_close(s, s2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_types(device):
+    q, keys = _data(3, 10, 4, torch.float16, torch.bfloat16, device=device)
+    s, i = knnfast.knn_search(q, keys, 4)
+    assert s.dtype == torch.float32 and i.dtype == torch.int64
+    assert s.is_contiguous() and i.is_contiguous()
+    assert s.device == q.device and i.device == q.device
+
+
+# --------------------------------------------------------------------------- #
+# bad inputs                                                                  #
+# --------------------------------------------------------------------------- #
+def _ok(device="cpu"):
+    return torch.randn(3, 4, device=device), torch.randn(10, 4, device=device)
+
+
+BAD_CASES = {
+    "queries_1d": (lambda q, k: knnfast.knn_search(q[0], k, 2), "queries"),
+    "queries_3d": (lambda q, k: knnfast.knn_search(q[None], k, 2), "queries"),
+    "keys_1d": (lambda q, k: knnfast.knn_search(q, k[0], 2), "keys"),
+    "keys_3d": (lambda q, k: knnfast.knn_search(q, k[None], 2), "keys"),
+    "d_mismatch": (lambda q, k: knnfast.knn_search(q, k[:, :3], 2), "keys|queries"),
+    "k_zero": (lambda q, k: knnfast.knn_search(q, k, 0), r"\bk\b"),
+    "k_negative": (lambda q, k: knnfast.knn_search(q, k, -1), r"\bk\b"),
+    "k_too_big": (lambda q, k: knnfast.knn_search(q, k, 2049), r"\bk\b"),
+    "n_zero": (lambda q, k: knnfast.knn_search(q, k[:0], 2), "keys"),
+    "metric": (lambda q, k: knnfast.knn_search(q, k, 2, "hamming"), "metric"),
+    "nan_query": (lambda q, k: knnfast.knn_search(q.index_fill(0, torch.tensor([1], device=q.device), float("nan")), k, 2), "queries"),
+    "inf_query": (lambda q, k: knnfast.knn_search(q.index_fill(0, torch.tensor([0], device=q.device), float("inf")), k, 2), "queries"),
+    "exclude_shape": (lambda q, k: knnfast.knn_search(q, k, 2, exclude=torch.zeros(4, dtype=torch.int64, device=q.device)), "exclude"),
+    "exclude_2d": (lambda q, k: knnfast.knn_search(q, k, 2, exclude=torch.zeros(3, 1, dtype=torch.int64, device=q.device)), "exclude"),
+    "exclude_range": (lambda q, k: knnfast.knn_search(q, k, 2, exclude=torch.tensor([0, 10, -1], device=q.device)), "exclude"),
+    "exclude_below": (lambda q, k: knnfast.knn_search(q, k, 2, exclude=torch.tensor([0, -2, -1], device=q.device)), "exclude"),
+    "norms_shape": (lambda q, k: knnfast.knn_search(q, k, 2, key_sq_norms=torch.ones(9, device=q.device)), "key_sq_norms"),
+    "queries_int": (lambda q, k: knnfast.knn_search(q.long(), k, 2), "queries"),
+    "keys_float64": (lambda q, k: knnfast.knn_search(q, k.double(), 2), "keys"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_inputs(device, case):
+    fn, match = BAD_CASES[case]
+    q, k = _ok(device)
+    with pytest.raises(ValueError, match=match):
+        fn(q, k)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_device_mismatch():
+    q, k = _ok("cpu")
+    with pytest.raises(ValueError, match="keys|queries"):
+        knnfast.knn_search(q, k.cuda(), 2)
+    with pytest.raises(ValueError, match="exclude"):
+        knnfast.knn_search(q.cuda(), k.cuda(), 2, exclude=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="key_sq_norms"):
+        knnfast.knn_search(q.cuda(), k.cuda(), 2, key_sq_norms=torch.ones(10))

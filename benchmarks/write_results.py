@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""Turn a pytest-benchmark JSON file from the knnfast suites into benchmarks/RESULTS.md.
+
+    python benchmarks/write_results.py benchmarks/results.json [--out benchmarks/RESULTS.md]
+
+Rows are paired through the extra_info each suite records (op, impl, shape,
+dtype, metric, variant). Ratios are ratios of medians:
+  speed-up over the reference = reference median / fused median
+  fused vs copy                = fused_out median / copy median, fused median / clone median
+  FAISS ratio (knn_search)     = FAISS float32 median / fused median (per key dtype)
+Targets are the "Numbers to reach" of issue #2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------- targets
+INTERP_MIN_SPEEDUP = 20.0
+INTERP_MAX_COPY_RATIO = 3.0
+GOLD_MAX_COPY_RATIO = 2.0
+SEARCH_FP32_MIN_FAISS = 1.0
+SEARCH_HALF_MIN_FAISS = 1.5
+SEARCH_HALF_DTYPES = ("float16", "bfloat16")
+# "No op allocates memory proportional to B x N": judged on search cells whose
+# B*N float32 matrix is at least this big; pass when the high-water mark of one
+# call grows by less than a quarter of it.
+BXN_MIN_MIB = 256.0
+BXN_MAX_FRACTION = 0.25
+
+DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "int64"}
+
+
+# ---------------------------------------------------------------------------------- formatting
+def fmt_ms(seconds):
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    if ms >= 1000:
+        return f"{ms:,.0f}"
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    if ms >= 0.01:
+        return f"{ms:.3f}"
+    return f"{ms:.2g}"
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "—"
+    if r >= 100:
+        return f"{r:.0f}×"
+    if r >= 10:
+        return f"{r:.1f}×"
+    if r >= 0.01:
+        return f"{r:.2f}×"
+    return f"{r:.2g}×"
+
+
+def fmt_int(n):
+    return f"{n:,}"
+
+
+def ratio(num, den):
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def mark(ok):
+    if ok is None:
+        return "—"
+    return "pass" if ok else "**FAIL**"
+
+
+def _numeric(cell):
+    txt = str(cell).strip()
+    return all(ch in "0123456789.,×—-–/ ✗e+" for ch in txt)
+
+
+def table(header, rows, align=None):
+    if align is None:  # right-align columns of numbers, left-align the rest
+        align = ["r" if all(_numeric(r[i]) for r in rows) else "l" for i in range(len(header))]
+    sep = ["---:" if a == "r" else ":---" if a == "l" else ":---:" for a in align]
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------- loading
+class Row:
+    __slots__ = ("op", "impl", "dtype", "shape", "metric", "variant", "median", "rounds", "iterations", "info")
+
+    def __init__(self, bench):
+        info = bench.get("extra_info") or {}
+        st = bench["stats"]
+        self.op = info["op"]
+        self.impl = info["impl"]
+        self.dtype = info.get("dtype", "")
+        self.shape = dict(info.get("shape") or {})
+        self.metric = info.get("metric")
+        self.variant = info.get("variant")
+        self.median = float(st["median"])
+        self.rounds = int(st.get("rounds", 0))
+        self.iterations = int(st.get("iterations", 1))
+        self.info = info
+
+
+def load(paths):
+    """Rows of one or more JSON files; a benchmark (same test id) present in several
+    files is taken from the last one. Run metadata comes from the last file."""
+    data = {}
+    by_name = {}
+    skipped = 0
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data.get("benchmarks", []):
+            info = b.get("extra_info") or {}
+            if "op" not in info or "impl" not in info or not b.get("stats"):
+                skipped += 1
+                continue
+            by_name[b.get("fullname") or b.get("name")] = Row(b)
+    return data, list(by_name.values()), skipped
+
+
+def by_cell(rows, op, key_fn, col_fn):
+    cells = defaultdict(dict)
+    for r in rows:
+        if r.op == op:
+            cells[key_fn(r)][col_fn(r)] = r
+    return cells
+
+
+def shape_key(r, names):
+    return tuple(r.shape.get(n) for n in names)
+
+
+def med(cell, col):
+    r = cell.get(col)
+    return None if r is None else r.median
+
+
+# ---------------------------------------------------------------------------------- machine
+def _live_machine():
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            txt = f.read()
+        for line in txt.splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        for line in txt.splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                info["cpu_flags"] = [w for w in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                                                 "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if w in have]
+                break
+    except OSError:
+        info["cpu_model"] = platform.processor() or platform.machine()
+    info["cpu_count"] = os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch_version"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:
+        pass
+    try:
+        import faiss
+
+        info["faiss_version"] = faiss.__version__
+        info["faiss_threads"] = faiss.omp_get_max_threads()
+    except Exception:
+        pass
+    try:
+        import knnfast
+
+        info["knnfast_build_info"] = dict(knnfast.build_info())
+    except Exception as e:
+        info["knnfast_build_info"] = f"knnfast not importable ({type(e).__name__})"
+    return info
+
+
+def machine_section(data, rows):
+    mi = (data.get("machine_info") or {}).get("knnfast")
+    source = "recorded by the benchmark run"
+    if not mi:
+        mi = _live_machine()
+        source = "read by write_results.py (the JSON has no knnfast machine info)"
+    ci = data.get("commit_info") or {}
+    lines = ["## Machine", "", f"_({source})_", ""]
+    items = [
+        ("CPU", mi.get("cpu_model", "?")),
+        ("cores (os.cpu_count)", mi.get("cpu_count", "?")),
+        ("SIMD flags", ", ".join(mi.get("cpu_flags") or []) or "?"),
+        ("RAM", f"{mi['mem_total_gib']} GiB" if mi.get("mem_total_gib") is not None else "?"),
+        ("Python", mi.get("python", platform.python_version())),
+        ("torch", f"{mi.get('torch_version', '?')} ({mi.get('torch_threads', '?')} threads)"),
+        ("faiss", f"{mi.get('faiss_version', '?')} ({mi.get('faiss_threads', '?')} OpenMP threads)"),
+    ]
+    bi = mi.get("knnfast_build_info")
+    if isinstance(bi, dict):
+        items.append(("knnfast.build_info()", ", ".join(f"{k}={v}" for k, v in bi.items())))
+    elif bi:
+        items.append(("knnfast.build_info()", str(bi)))
+    if ci.get("id"):
+        items.append(("commit", f"{ci.get('id', '')[:12]} ({ci.get('branch', '?')}{', dirty' if ci.get('dirty') else ''})"))
+    lines.append(table(["item", "value"], items, ["l", "l"]))
+    return "\n".join(lines), bool(mi.get("quick"))
+
+
+# ---------------------------------------------------------------------------------- sections
+class Targets:
+    def __init__(self):
+        self.items = []  # (name, n_pass, n_total)
+
+    def add(self, name, results):
+        res = [r for r in results if r is not None]
+        self.items.append((name, sum(1 for r in res if r), len(res)))
+
+    def section(self):
+        rows = []
+        for name, n_ok, n in self.items:
+            if n == 0:
+                verdict = "not measured"
+            elif n_ok == n:
+                verdict = f"pass ({n}/{n} cells)"
+            else:
+                verdict = f"**FAIL** ({n - n_ok} of {n} cells)"
+            rows.append((name, verdict))
+        return "## Targets (issue #2, \"Numbers to reach\")\n\n" + table(["target", "result"], rows, ["l", "l"])
+
+
+def section_interpolate(rows, targets):
+    cells = by_cell(rows, "knn_interpolate", lambda r: shape_key(r, ("B", "V", "k")), lambda r: r.impl)
+    if not cells:
+        return None
+    b_max = max(k[0] for k in cells)
+    out = []
+    t_speed, t_copy = [], []
+    for (b, v, k), c in sorted(cells.items(), key=lambda kv: (-kv[0][0], kv[0][2])):
+        fused, fused_out, ref = med(c, "fused"), med(c, "fused_out"), med(c, "reference")
+        copy, clone = med(c, "copy"), med(c, "clone")
+        sp = ratio(ref, fused)
+        r_copy = ratio(fused_out, copy)
+        r_clone = ratio(fused, clone)
+        targeted = b == b_max and k in (8, 64)
+        ok_sp = (sp >= INTERP_MIN_SPEEDUP) if (targeted and sp is not None) else None
+        ok_copy = (r_copy <= INTERP_MAX_COPY_RATIO) if (targeted and r_copy is not None) else None
+        ok_clone = (r_clone <= INTERP_MAX_COPY_RATIO) if (targeted and r_clone is not None) else None
+        if targeted:
+            t_speed.append(ok_sp)
+            t_copy.extend([ok_copy, ok_clone])
+            parts = [ok_sp, ok_copy, ok_clone]
+            overall = None if any(p is None for p in parts) else all(parts)
+            verdict = mark(overall) if overall is not None else ("**FAIL**" if False in parts else "incomplete")
+        else:
+            verdict = "— (no target)"
+        out.append((
+            fmt_int(b), fmt_int(v), k,
+            fmt_ms(fused), fmt_ms(fused_out), fmt_ms(ref), fmt_ms(copy), fmt_ms(clone),
+            fmt_ratio(sp), fmt_ratio(r_copy), fmt_ratio(r_clone), verdict,
+        ))
+    targets.add(f"knn_interpolate B={b_max}: ≥ {INTERP_MIN_SPEEDUP:g}× faster than the reference", t_speed)
+    targets.add(f"knn_interpolate B={b_max}: ≤ {INTERP_MAX_COPY_RATIO:g}× one copy of the logits "
+                "(fused_out/copy and fused/clone)", t_copy)
+    hdr = ["B", "V", "k", "fused ms", "fused_out ms", "reference ms", "copy ms", "clone ms",
+           f"ref/fused (≥{INTERP_MIN_SPEEDUP:g}×)", f"fused_out/copy (≤{INTERP_MAX_COPY_RATIO:g}×)",
+           f"fused/clone (≤{INTERP_MAX_COPY_RATIO:g}×)", "target"]
+    return ("## knn_interpolate\n\n"
+            "log((1−λ)·softmax(logits) + λ·P_kNN) over [B, V], float32 logits. `fused_out` writes into a "
+            "preallocated buffer (`out=`), `copy` is `out.copy_(logits)` into a preallocated buffer, `clone` is "
+            "`logits.clone()`. Targets apply to the largest B.\n\n" + table(hdr, out))
+
+
+def section_gold(rows, targets):
+    cells = by_cell(rows, "knn_gold_logprob", lambda r: shape_key(r, ("B", "V", "k")), lambda r: r.impl)
+    if not cells:
+        return None
+    out, t = [], []
+    for (b, v, k), c in sorted(cells.items()):
+        fused, ref, copy = med(c, "fused"), med(c, "reference"), med(c, "copy")
+        sp = ratio(ref, fused)
+        rc = ratio(fused, copy)
+        ok = None if rc is None else rc <= GOLD_MAX_COPY_RATIO
+        t.append(ok)
+        out.append((fmt_int(b), fmt_int(v), fmt_int(k), fmt_ms(fused), fmt_ms(ref), fmt_ms(copy),
+                    fmt_ratio(sp), fmt_ratio(rc), mark(ok)))
+    targets.add(f"knn_gold_logprob: ≤ {GOLD_MAX_COPY_RATIO:g}× one copy of the logits", t)
+    hdr = ["B", "V", "k", "fused ms", "reference ms", "copy ms", "ref/fused",
+           f"fused/copy (≤{GOLD_MAX_COPY_RATIO:g}×)", "target"]
+    return ("## knn_gold_logprob\n\n"
+            "Interpolated log-probability at the target token only; `copy` is `out.copy_(logits)`.\n\n"
+            + table(hdr, out))
+
+
+def section_search(rows, targets):
+    cells = by_cell(rows, "knn_search", lambda r: (r.metric or "l2",) + shape_key(r, ("B", "k", "N", "D")),
+                    lambda r: (r.impl, r.dtype))
+    if not cells:
+        return None
+    order = sorted(cells, key=lambda key: (key[0] != "l2", key[0], key[3] or 0, key[4] or 0, key[1], key[2]))
+    nd = sorted({(key[3], key[4]) for key in order})
+    cols = [("faiss", "float32"), ("reference", "float32"), ("fused", "float32"), ("fused", "float16"),
+            ("fused", "bfloat16")]
+
+    med_rows, ratio_rows, mem_rows = [], [], []
+    t_fp32, t_half, t_recall, t_mem = [], [], [], []
+    for key in order:
+        metric, b, k, n, d = key
+        c = cells[key]
+        targeted = metric == "l2"
+        faiss_name = "IndexFlatL2" if metric == "l2" else "IndexFlatIP"
+        lead = [metric, fmt_int(b), k] + ([f"{fmt_int(n)}×{d}"] if len(nd) > 1 else [])
+        med_rows.append(lead + [fmt_ms(med(c, col)) for col in cols])
+
+        faiss_m = med(c, ("faiss", "float32"))
+        cell_ok = []
+        rcells = []
+        for dt in ("float32",) + SEARCH_HALF_DTYPES:
+            r = ratio(faiss_m, med(c, ("fused", dt)))
+            need = SEARCH_FP32_MIN_FAISS if dt == "float32" else SEARCH_HALF_MIN_FAISS
+            ok = None if (r is None or not targeted) else r >= need
+            (t_fp32 if dt == "float32" else t_half).append(ok)
+            cell_ok.append(ok)
+            rcells.append(fmt_ratio(r) + ("" if ok is None or ok else " ✗"))
+        sp = ratio(med(c, ("reference", "float32")), med(c, ("fused", "float32")))
+        recs = []
+        for dt in ("float32",) + SEARCH_HALF_DTYPES:
+            fr = c.get(("fused", dt))
+            if fr is None or "recall" not in fr.info:
+                recs.append("—")
+                if dt in SEARCH_HALF_DTYPES and targeted:
+                    t_recall.append(None)
+                continue
+            rs, rt = fr.info["recall"], fr.info.get("recall_tol")
+            ok = None if rt is None else rt >= 1.0
+            if dt in SEARCH_HALF_DTYPES and targeted:
+                t_recall.append(ok)
+                cell_ok.append(ok)
+            recs.append(f"{rs:.4f} / {rt:.4f}" if rt is not None else f"{rs:.4f}")
+        fa = c.get(("faiss", "float32"))
+        faiss_rec = f"{fa.info['recall']:.4f}" if fa is not None and "recall" in fa.info else "—"
+        if targeted:
+            present = [o for o in cell_ok if o is not None]
+            verdict = ("**FAIL**" if False in present else
+                       "pass" if len(present) == len(cell_ok) and present else "incomplete")
+        else:
+            verdict = f"— (info, vs {faiss_name})"
+        ratio_rows.append(lead + rcells + [fmt_ratio(sp)] + recs + [faiss_rec, verdict])
+
+        bxn_mib = b * n * 4 / 2**20
+        peaks = []
+        worst = None
+        for col in (("fused", "float32"), ("fused", "float16"), ("fused", "bfloat16"), ("faiss", "float32"),
+                    ("reference", "float32")):
+            r = c.get(col)
+            p = None if r is None else r.info.get("peak_extra_mib")
+            peaks.append("—" if p is None else f"{p:,.0f}")
+            if col[0] == "fused" and p is not None:
+                worst = p if worst is None else max(worst, p)
+        judged = bxn_mib >= BXN_MIN_MIB and worst is not None
+        ok_mem = (worst < BXN_MAX_FRACTION * bxn_mib) if judged else None
+        t_mem.append(ok_mem)
+        mem_rows.append(lead + [f"{bxn_mib:,.0f}" if bxn_mib >= 10 else f"{bxn_mib:.2g}"] + peaks + [mark(ok_mem) if judged else "—"])
+
+    targets.add(f"knn_search fp32 keys: ≥ {SEARCH_FP32_MIN_FAISS:g}× FAISS IndexFlatL2 speed in every cell", t_fp32)
+    targets.add(f"knn_search fp16/bf16 keys: ≥ {SEARCH_HALF_MIN_FAISS:g}× FAISS fp32 speed in every cell", t_half)
+    targets.add("knn_search fp16/bf16 keys: recall 1.0 vs exact fp32 within rounding (recall_tol)", t_recall)
+    targets.add("knn_search: no allocation proportional to B × N (fused, peak RSS growth "
+                f"< {BXN_MAX_FRACTION:g}·B·N·4 bytes where that is ≥ {BXN_MIN_MIB:g} MiB)", t_mem)
+
+    lead_h = ["metric", "B", "k"] + (["N×D"] if len(nd) > 1 else [])
+    shape_txt = ", ".join(f"N = {fmt_int(n)}, D = {fmt_int(d)}" for n, d in nd)
+    h1 = lead_h + ["FAISS fp32 ms", "reference fp32 ms", "fused fp32 ms", "fused fp16 ms", "fused bf16 ms"]
+    h2 = lead_h + [f"FAISS/fused fp32 (≥{SEARCH_FP32_MIN_FAISS:g}×)", f"FAISS/fused fp16 (≥{SEARCH_HALF_MIN_FAISS:g}×)",
+                   f"FAISS/fused bf16 (≥{SEARCH_HALF_MIN_FAISS:g}×)", "ref/fused fp32",
+                   "recall fp32", "recall fp16", "recall bf16", "recall FAISS", "target"]
+    h3 = lead_h + ["B·N·4 MiB", "fused fp32", "fused fp16", "fused bf16", "FAISS", "reference", "target"]
+    return ("## knn_search\n\n"
+            f"Exact top-k, {shape_txt}, float32 queries. FAISS = IndexFlatL2 (l2) / IndexFlatIP (ip) on float32 keys; "
+            "reference = chunked matmul + topk on float32 keys. FAISS ratios are FAISS fp32 median / fused median "
+            "(need ≥ 1.0 for fp32 keys, ≥ 1.5 for fp16/bf16 keys; ✗ marks a miss); ip is informational.\n\n"
+            "### Medians\n\n" + table(h1, med_rows) + "\n\n"
+            "### Ratios and recall\n\n"
+            "Recall is shown as `strict / within rounding`: strict = |returned ∩ exact fp32 top-k| / k; within "
+            "rounding also accepts an id whose fp32 score is within twice the fp16/bf16 key-rounding error (plus "
+            "1e-5 relative) of the exact k-th score (an exact search over the rounded keys always gets 1.0). "
+            "Target: within-rounding recall 1.0 for fp16/bf16.\n\n" + table(h2, ratio_rows) + "\n\n"
+            "### Memory\n\n"
+            "Growth of the process's peak RSS during one call (MiB; Linux VmHWM after clear_refs), against the "
+            f"size of a B×N float32 score matrix. Judged where B·N·4 ≥ {BXN_MIN_MIB:g} MiB: pass when every "
+            f"fused dtype stays under {BXN_MAX_FRACTION:g} of it.\n\n" + table(h3, mem_rows))
+
+
+def section_simple(rows, op, title, desc, dims, impls=("fused", "reference")):
+    cells = by_cell(rows, op, lambda r: (shape_key(r, dims), r.dtype, r.metric or "", r.variant or ""),
+                    lambda r: r.impl)
+    if not cells:
+        return None
+    out = []
+    for (shp, dtype, metric, variant), c in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        meds = [med(c, i) for i in impls]
+        sp = ratio(med(c, "reference"), med(c, "fused"))
+        out.append([fmt_int(x) if isinstance(x, int) else str(x) for x in shp]
+                   + [DTYPE_SHORT.get(dtype, dtype)] + ([metric] if metric else [])
+                   + [fmt_ms(m) for m in meds] + [fmt_ratio(sp)])
+    any_metric = any(key[2] for key in cells)
+    hdr = list(dims) + ["dtype"] + (["metric"] if any_metric else []) + [f"{i} ms" for i in impls] + ["ref/fused"]
+    return f"## {title}\n\n{desc} No numeric target in issue #2 (speed-up is informational).\n\n" + table(hdr, out)
+
+
+# ---------------------------------------------------------------------------------- main
+def render(json_paths):
+    if isinstance(json_paths, (str, Path)):
+        json_paths = [json_paths]
+    data, rows, skipped = load(json_paths)
+    machine, quick = machine_section(data, rows)
+    quick = quick or any(r.info.get("quick") for r in rows)
+    run_dt = data.get("datetime", "?")
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    targets = Targets()
+
+    sections = [
+        section_interpolate(rows, targets),
+        section_gold(rows, targets),
+        section_search(rows, targets),
+        section_simple(rows, "knn_rescore", "knn_rescore",
+                       "Exact scores of given candidate ids (B×k gathers from N keys).", ("B", "k", "N", "D")),
+        section_simple(rows, "knn_probs", "knn_probs (dense)",
+                       "Dense M·softmax(scores/τ) → [B, V].", ("B", "V", "k")),
+        section_simple(rows, "knn_probs_sparse", "knn_probs_sparse",
+                       "Duplicates merged → (tokens [B, k], probs [B, k]).", ("B", "V", "k")),
+        section_simple(rows, "label_counts", "label_counts",
+                       "Distinct valid tokens among the first j+1 neighbours.", ("B", "k")),
+    ]
+    sections = [s for s in sections if s]
+
+    head = ["# knnfast benchmark results", ""]
+    if quick:
+        head += ["> **QUICK smoke run** (`KNNFAST_BENCH_QUICK=1`): every shape is shrunk, so the numbers and the "
+                 "pass/fail marks below say nothing about the issue's targets; they only check that the suites "
+                 "and this report work.", ""]
+    rounds = [r.rounds for r in rows]
+    head += [
+        f"- benchmark run: {run_dt}",
+        f"- report written: {now} by `benchmarks/write_results.py {' '.join(Path(p).name for p in json_paths)}`",
+        f"- {len(rows)} benchmark rows"
+        + (f" ({min(rounds)}–{max(rounds)} timed rounds each)" if rounds else "")
+        + (f"; {skipped} rows without knnfast extra_info ignored" if skipped else ""),
+        "- all times are medians in milliseconds (pytest-benchmark pedantic rounds after an untimed first call); "
+        + ("ratios are ratios of medians measured in the same run" if len(json_paths) == 1 else
+           f"ratios are ratios of medians; rows merged from {len(json_paths)} runs (later files win)"),
+        "- reproduce: `make bench` (or `python -m pytest benchmarks --benchmark-json benchmarks/results.json && "
+        "python benchmarks/write_results.py benchmarks/results.json`)",
+        "",
+    ]
+    missing = [name for name, _, n in targets.items if n == 0]
+    body = [machine, targets.section()] + sections
+    if missing:
+        body.insert(2, "Targets marked *not measured* had no benchmark rows (implementation skipped or not run).")
+    return "\n".join(head) + "\n" + "\n\n".join(body) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json", nargs="+",
+                   help="pytest-benchmark JSON file(s) (--benchmark-json output); later files override "
+                        "earlier ones for the same benchmark")
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to write (default: %(default)s)")
+    args = p.parse_args(argv)
+    md = render(args.json)
+    Path(args.out).write_text(md)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

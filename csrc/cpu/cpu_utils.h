@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -119,6 +122,21 @@ inline at::Tensor checked_scores(const at::Tensor& scores, const at::Tensor& tok
                       " must be finite or -inf, got ", p[i], " at flat position ", i);
   }
   return s;
+}
+
+// A fresh float32 output of `sizes`, with transparent huge pages requested for large ones
+// before first touch: on kernels in THP "madvise" mode this removes most of the page-fault
+// cost of a new [B, V] buffer (which otherwise exceeds the cost of the kernel itself).
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + out.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+#ifdef MADV_HUGEPAGE
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
 }
 
 // Per-thread scratch that survives across rows of one call (allocated once per chunk).

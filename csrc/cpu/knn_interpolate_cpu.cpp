@@ -95,7 +95,7 @@ at::Tensor knn_interpolate_cpu(const at::Tensor& logits, const at::Tensor& token
                                const c10::optional<at::Tensor>& weights,
                                const at::Tensor& temperature, const at::Tensor& lam) {
   check_inputs(logits);
-  at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+  at::Tensor out = empty_output({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
   knn_interpolate_impl(logits, tokens, scores, weights, temperature, lam, out);
   return out;
 }

@@ -19,7 +19,8 @@ at::Tensor knn_probs_cpu(const at::Tensor& scores, const at::Tensor& tokens, int
                                         vocab_size, kOp);
   const int64_t k = in.src.k;
   // Rows with no valid neighbour stay all zeros (P_kNN undefined; never NaN).
-  at::Tensor out = at::zeros({B, vocab_size}, scores.options().dtype(at::kFloat));
+  at::Tensor out = empty_output({B, vocab_size}, scores.options().dtype(at::kFloat));
+  out.zero_();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     Scratch<float> log_w_buf;

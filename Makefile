@@ -1,0 +1,51 @@
+# knnfast developer entry points. `make test` is what CI runs (.ci/run): it creates the venv,
+# installs pinned dependencies, builds the extension, compile-checks the CUDA sources and
+# runs pytest.
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# torch is pinned everywhere: an unpinned torch pulls several GB of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+DEPS := numpy pytest hypothesis pytest-benchmark faiss-cpu setuptools wheel cmake ninja tqdm
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu) $(wildcard tests/cuda/*.cu)
+
+.PHONY: venv build test cuda-check bench clean
+
+venv: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed: Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(VPY) -m pip install --quiet --disable-pip-version-check $(DEPS)
+	touch $@
+
+build: venv
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e .
+	$(VPY) -c "import knnfast, json; print(json.dumps(knnfast.build_info()))"
+
+# Compile every CUDA source for sm_80 and sm_90 without a GPU; ptxas register/spill report
+# goes to build/cuda-check.log. Warnings are errors.
+cuda-check:
+	@if ! command -v $(NVCC) >/dev/null 2>&1; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
+	mkdir -p build; : > build/cuda-check.log; \
+	for f in $(CUDA_SOURCES); do \
+	  for a in $(CUDA_ARCHS); do \
+	    echo "nvcc sm_$$a $$f"; \
+	    $(NVCC) -std=c++17 -O3 -c $$f -o /dev/null -Icsrc -gencode arch=compute_$$a,code=sm_$$a \
+	      -Xptxas -v -Werror all-warnings >> build/cuda-check.log 2>&1 || { cat build/cuda-check.log; exit 1; }; \
+	  done; \
+	done; \
+	echo "cuda-check: $(words $(CUDA_SOURCES)) file(s) x sm_{$(CUDA_ARCHS)} compiled; report in build/cuda-check.log"
+
+test: build cuda-check
+	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+# Full benchmark suite (several minutes; needs ~10 GiB RAM for the 1M x 1024 datastores).
+bench: build
+	$(VPY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-json benchmarks/results.json
+	$(VPY) benchmarks/write_results.py benchmarks/results.json --out benchmarks/RESULTS.md
+
+clean:
+	rm -rf build knnfast/_C*.so *.egg-info

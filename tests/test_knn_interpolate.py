@@ -106,6 +106,18 @@ def test_extreme_logits_stable(device):
     torch.testing.assert_close(got[0, 1].cpu(), torch.tensor(math.log(0.1)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 100.0, 2000.0])
+def test_lam0_is_log_softmax_with_offset_logits(device, offset):
+    """lam = 0 gives exactly log_softmax (DESIGN section 3), which is shift invariant:
+    a common offset on the logits must not cost precision (torch.log_softmax keeps it)."""
+    logits = torch.randn(16, 1000) * 3 - offset
+    tok = torch.randint(0, 1000, (16, 8))
+    sc = torch.randn(16, 8)
+    got = knnfast.knn_interpolate(logits.to(device), tok.to(device), scores=sc.to(device), lam=0.0)
+    torch.testing.assert_close(got.cpu(), torch.log_softmax(logits, -1), atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- #
 # properties                                                                  #
 # --------------------------------------------------------------------------- #

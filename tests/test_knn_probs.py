@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
@@ -78,6 +78,23 @@ def test_token_zero_and_extremes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 100.0, 2000.0])
+def test_large_score_offset(device, offset):
+    """kNN-LM style: raw negative squared L2 distances (hundreds to thousands) with
+    temperature 1. softmax is shift invariant, so the result must not lose precision
+    with the offset (torch.softmax does not)."""
+    sc = -offset + torch.randn(16, 64) * 5
+    tok = torch.randint(0, 100, (16, 64))
+    exp = ref.knn_probs(sc - sc.amax(1, keepdim=True), tok, 100, 1.0)  # the shifted problem
+    got = knnfast.knn_probs(sc.to(device), tok.to(device), 100, 1.0)
+    torch.testing.assert_close(got.cpu(), exp, rtol=1e-5, atol=1e-6)
+    tu, pu = knnfast.knn_probs_sparse(sc.to(device), tok.to(device), 1.0)
+    etu, epu = ref.knn_probs_sparse(sc - sc.amax(1, keepdim=True), tok, 1.0)
+    assert torch.equal(tu.cpu(), etu)
+    torch.testing.assert_close(pu.cpu(), epu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_rows_are_zero(device):
     sc = torch.tensor([[NEG_INF, NEG_INF], [1.0, 2.0], [0.5, NEG_INF]], device=device)
     tok = torch.tensor([[-1, -1], [-1, -1], [3, -1]], device=device)
@@ -119,6 +136,7 @@ def _prop_inputs(B, k, V, invalid, per_row_tau, tau, ties, seed, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(**_props)
+@example(B=5, k=27, V=1, invalid=0.0, per_row_tau=False, tau=0.03125, ties=False, seed=0)
 def test_property_rows_sum_to_one(device, B, k, V, invalid, per_row_tau, tau, ties, seed):
     sc, tok, t = _prop_inputs(B, k, V, invalid, per_row_tau, tau, ties, seed, device)
     p = knnfast.knn_probs(sc, tok, V, t)
@@ -136,6 +154,7 @@ def test_property_rows_sum_to_one(device, B, k, V, invalid, per_row_tau, tau, ti
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(**_props)
+@example(B=3, k=28, V=1, invalid=0.25, per_row_tau=False, tau=0.01171875, ties=False, seed=148)
 def test_property_sparse_matches_dense(device, B, k, V, invalid, per_row_tau, tau, ties, seed):
     sc, tok, t = _prop_inputs(B, k, V, invalid, per_row_tau, tau, ties, seed, device)
     dense = knnfast.knn_probs(sc, tok, V, t)

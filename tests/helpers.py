@@ -1,5 +1,4 @@
 """Helpers shared by the knnfast tests (exact float64 scores, tie-aware top-k checks)."""
-import math
 
 import torch
 

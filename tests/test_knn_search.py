@@ -11,7 +11,6 @@ from conftest import DEVICES, HAS_CUDA
 from helpers import (
     KEY_DTYPES,
     METRICS,
-    NEG_INF,
     assert_topk_parity,
     assert_topk_valid,
     exact_scores,

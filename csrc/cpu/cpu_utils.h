@@ -8,6 +8,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -25,6 +26,21 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
   const auto s = t.scalar_type();
   TORCH_CHECK_VALUE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
                     " must be float32, float16 or bfloat16, got ", s);
+}
+
+// Logits may be any floating dtype (float64 included); kernels read them as float32 rows.
+inline void check_logits(const at::Tensor& t, const char* op) {
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op,
+                    ": logits must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// Row r of a [B, V] logits tensor as float32: a pointer into it when it is float32, else
+// converted into `buffer` (V floats).
+inline const float* logits_row_f32(const at::Tensor& logits, int64_t r, float* buffer) {
+  const int64_t V = logits.size(1);
+  if (logits.scalar_type() == at::kFloat) return logits.data_ptr<float>() + r * V;
+  at::from_blob(buffer, {V}, at::kFloat).copy_(logits[r]);
+  return buffer;
 }
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -137,6 +153,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return out;
+}
+
+// Rows per parallel_for chunk so that each chunk does at least ~64K element-operations:
+// small inputs then run on the calling thread instead of paying an OpenMP wake-up.
+inline int64_t row_grain(int64_t work_per_row) {
+  constexpr int64_t kMinWork = 1 << 16;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
 }
 
 // Per-thread scratch that survives across rows of one call (allocated once per chunk).

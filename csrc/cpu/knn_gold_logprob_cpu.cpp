@@ -32,7 +32,7 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
                                 int64_t ignore_index) {
   check_cpu(logits_in, kOp, "logits");
   check_dim(logits_in, 2, kOp, "logits");
-  check_floating(logits_in, kOp, "logits");
+  check_logits(logits_in, kOp);
   check_cpu(targets_in, kOp, "targets");
   check_dim(targets_in, 1, kOp, "targets");
   check_integer(targets_in, kOp, "targets");
@@ -52,19 +52,14 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
   at::Tensor out = at::zeros({B}, logits.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t k = in.src.k;
-  const bool f32 = logits.scalar_type() == at::kFloat;
   std::atomic<int64_t> bad_row{-1};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(V + k), [&](int64_t begin, int64_t end) {
     Scratch<float> log_w_buf, row_buf;
     float* log_w = log_w_buf.get(k, 0.0f);
+    float* row = logits.scalar_type() == at::kFloat ? nullptr : row_buf.get(V, 0.0f);
     for (int64_t r = begin; r < end; ++r) {
       if (tgt[r] == ignore_index) continue;  // masked: stays 0
-      const float* x = logits.data_ptr<float>() + r * V;
-      if (!f32) {
-        float* row = row_buf.get(V, 0.0f);
-        at::from_blob(row, {V}, at::kFloat).copy_(logits[r]);
-        x = row;
-      }
+      const float* x = logits_row_f32(logits, r, row);
       const RowLogSumExp lse = row_logsumexp(x, V);
       if (lse.bad) {
         bad_row = r;
@@ -73,7 +68,9 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
       const int64_t* toks = in.tokens.data_ptr<int64_t>() + r * k;
       const bool has_knn = neighbour_log_weights(in.src, r, toks, in.temperature[r], log_w);
       const float l = has_knn ? lam_rows[r] : 0.0f;
-      const float model = std::log1p(-l) + (x[tgt[r]] - lse.lse);
+      const float model = lse.max == -INFINITY
+                              ? -INFINITY
+                              : std::log1p(-l) + ((x[tgt[r]] - lse.max) - lse.log_sum);
       const float knn = has_knn ? std::log(l) + knn_log_mass_of(tgt[r], toks, log_w, k)
                                 : -INFINITY;
       o[r] = interpolate_log(model, knn);

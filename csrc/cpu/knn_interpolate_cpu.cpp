@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "cpu/cpu_utils.h"
@@ -38,19 +39,14 @@ void add_knn_part(const int64_t* tokens, const float* log_w, int64_t k, float lo
 void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const RowParam& lam,
                       at::Tensor& out) {
   const int64_t B = logits.size(0), V = logits.size(1), k = in.src.k;
-  const bool f32 = logits.scalar_type() == at::kFloat;
   std::atomic<int64_t> bad_row{-1};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(2 * V + k), [&](int64_t begin, int64_t end) {
     RowWorkspace ws;
     float* log_w = ws.log_w.get(k, 0.0f);
     float* token_acc = ws.token_acc.get(V, -INFINITY);
+    float* row_buf = logits.scalar_type() == at::kFloat ? nullptr : ws.row_f32.get(V, 0.0f);
     for (int64_t r = begin; r < end; ++r) {
-      const float* x = f32 ? logits.data_ptr<float>() + r * V : ws.row_f32.get(V, 0.0f);
-      if (!f32) {
-        float* row = ws.row_f32.get(V, 0.0f);
-        at::Tensor row_view = at::from_blob(row, {V}, at::kFloat);
-        row_view.copy_(logits[r]);
-      }
+      const float* x = logits_row_f32(logits, r, row_buf);
       const RowLogSumExp lse = row_logsumexp(x, V);
       if (lse.bad) {
         bad_row = r;
@@ -61,7 +57,13 @@ void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const
       // A row without a valid neighbour has no P_kNN: it is log_softmax (lam treated as 0).
       const float l = has_knn ? lam[r] : 0.0f;
       float* out_row = out.data_ptr<float>() + r * V;
-      row_add_scalar(x, std::log1p(-l) - lse.lse, out_row, V);
+      if (lse.max == -INFINITY) {
+        // every logit is -inf: the model puts no mass anywhere (log_softmax would be NaN)
+        std::fill(out_row, out_row + V, -INFINITY);
+      } else {
+        // (x - max) - log(sum) + log(1 - lam), the same rounding as torch.log_softmax
+        row_shift(x, lse.max, std::log1p(-l) - lse.log_sum, out_row, V);
+      }
       if (has_knn) add_knn_part(toks, log_w, k, std::log(l), token_acc, out_row);
     }
   });
@@ -72,7 +74,7 @@ void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const
 void check_inputs(const at::Tensor& logits) {
   check_cpu(logits, kOp, "logits");
   check_dim(logits, 2, kOp, "logits");
-  check_floating(logits, kOp, "logits");
+  check_logits(logits, kOp);
   TORCH_CHECK_VALUE(logits.size(1) > 0, kOp, ": logits must have a vocabulary dimension > 0");
 }
 

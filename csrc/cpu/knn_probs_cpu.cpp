@@ -22,7 +22,7 @@ at::Tensor knn_probs_cpu(const at::Tensor& scores, const at::Tensor& tokens, int
   at::Tensor out = empty_output({B, vocab_size}, scores.options().dtype(at::kFloat));
   out.zero_();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(vocab_size + k), [&](int64_t begin, int64_t end) {
     Scratch<float> log_w_buf;
     float* log_w = log_w_buf.get(k, 0.0f);
     for (int64_t r = begin; r < end; ++r) {
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> knn_probs_sparse_cpu(const at::Tensor& scores
   at::Tensor out_probs = at::zeros({B, k}, scores.options().dtype(at::kFloat));
   int64_t* ot = out_tokens.data_ptr<int64_t>();
   float* op = out_probs.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(k * k / 2), [&](int64_t begin, int64_t end) {
     Scratch<float> log_w_buf;
     float* log_w = log_w_buf.get(k, 0.0f);
     for (int64_t r = begin; r < end; ++r) {

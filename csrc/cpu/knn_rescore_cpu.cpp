@@ -39,7 +39,7 @@ at::Tensor knn_rescore_cpu(const at::Tensor& queries_in, const at::Tensor& keys_
   float* o = out.data_ptr<float>();
   const char* key_base = static_cast<const char*>(keys.data_ptr());
   const int64_t row_bytes = D * keys.element_size();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(k * D), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const float* qb = q + b * D;
       float qq = 0.0f;

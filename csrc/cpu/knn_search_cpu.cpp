@@ -188,7 +188,8 @@ void finalize(const SearchInputs& in, const Plan& plan, const std::vector<RowHea
   int64_t* oi = out_indices.data_ptr<int64_t>();
   const char* keys = static_cast<const char*>(in.keys.data_ptr());
   const int64_t row_bytes = D * in.keys.element_size();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(plan.keep * (plan.path == Path::GemmBf16 ? D : 8)),
+                   [&](int64_t begin, int64_t end) {
     std::vector<float> s;
     std::vector<int64_t> idx;
     for (int64_t b = begin; b < end; ++b) {
@@ -224,7 +225,11 @@ template <Metric M>
 std::vector<RowHeaps> scan_all(const SearchInputs& in, const Plan& plan) {
   const int64_t N = in.keys.size(0);
   const int64_t tiles = (N + plan.tile - 1) / plan.tile;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  // Small searches stay on one thread: an OpenMP wake-up costs more than they do.
+  const int64_t work = N * in.queries.size(1) * std::max<int64_t>(1, in.queries.size(0));
+  const int64_t parts = work < (int64_t(1) << 20)
+                            ? 1
+                            : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
   std::vector<RowHeaps> out(parts, RowHeaps(0, plan.keep));
   // One contiguous, tile-aligned key range per part; BLAS calls inside run single-threaded.
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {

@@ -16,7 +16,7 @@ at::Tensor label_counts_cpu(const at::Tensor& tokens_in) {
   at::Tensor out = at::empty({B, k}, tokens.options());
   const int64_t* t = tokens.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(k * k / 2), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t* row = t + r * k;
       int64_t distinct = 0;

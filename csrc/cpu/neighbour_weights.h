@@ -30,9 +30,10 @@ inline bool neighbour_log_weights(const NeighbourSource& src, int64_t row, const
       log_w[j] = tokens[j] >= 0 ? s[j] / temperature : -INFINITY;
       state = softmax_state_add(state, log_w[j]);
     }
-    const float lse = softmax_state_logsumexp(state);
-    if (lse == -INFINITY) return false;
-    for (int64_t j = 0; j < k; ++j) log_w[j] -= lse;  // -inf stays -inf
+    if (state.max == -INFINITY) return false;
+    // (x - max) - log(sum) rather than x - lse: exact for large |scores / tau|
+    const float log_sum = std::log(state.sum);
+    for (int64_t j = 0; j < k; ++j) log_w[j] = (log_w[j] - state.max) - log_sum;  // -inf stays
     return true;
   }
   const float* w = src.weights + row * k;

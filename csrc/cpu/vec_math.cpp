@@ -25,11 +25,11 @@ RowLogSumExp row_logsumexp_generic(const float* x, int64_t n) {
     bad |= std::isnan(x[i]) || x[i] == INFINITY;
     m = x[i] > m ? x[i] : m;
   }
-  if (bad) return {NAN, true};
-  if (m == -INFINITY) return {-INFINITY, false};
+  if (bad) return {NAN, NAN, true};
+  if (m == -INFINITY) return {-INFINITY, -INFINITY, false};
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
-  return {m + std::log(s), false};
+  return {m, std::log(s), false};
 }
 
 template <typename T>
@@ -137,20 +137,23 @@ KNNFAST_AVX512 RowLogSumExp row_logsumexp_avx512(const float* x, int64_t n) {
     run_max = new_max;
   }
   const float m = _mm512_reduce_max_ps(run_max);
-  if (bad || m == INFINITY) return {NAN, true};
-  if (m == -INFINITY) return {-INFINITY, false};
+  if (bad || m == INFINITY) return {NAN, NAN, true};
+  if (m == -INFINITY) return {-INFINITY, -INFINITY, false};
   const __m512 scaled = _mm512_mul_ps(run_sum, exp_nonpositive(_mm512_sub_ps(run_max,
                                                                              _mm512_set1_ps(m))));
-  return {m + std::log(_mm512_reduce_add_ps(scaled)), false};
+  return {m, std::log(_mm512_reduce_add_ps(scaled)), false};
 }
 
-KNNFAST_AVX512 void row_add_scalar_avx512(const float* x, float c, float* out, int64_t n) {
-  const __m512 cv = _mm512_set1_ps(c);
+KNNFAST_AVX512 void row_shift_avx512(const float* x, float shift, float add, float* out,
+                                     int64_t n) {
+  const __m512 sv = _mm512_set1_ps(shift), av = _mm512_set1_ps(add);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(x + i), cv));
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), sv), av));
   if (i < n) {
     const __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), cv));
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_sub_ps(v, sv), av));
   }
 }
 
@@ -250,9 +253,9 @@ RowLogSumExp row_logsumexp(const float* x, int64_t n) {
   return use_avx512() ? row_logsumexp_avx512(x, n) : row_logsumexp_generic(x, n);
 }
 
-void row_add_scalar(const float* x, float c, float* out, int64_t n) {
-  if (use_avx512()) return row_add_scalar_avx512(x, c, out, n);
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] + c;
+void row_shift(const float* x, float shift, float add, float* out, int64_t n) {
+  if (use_avx512()) return row_shift_avx512(x, shift, add, out, n);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - shift) + add;
 }
 
 void dot_tile(const float* queries, int64_t B, const void* keys, c10::ScalarType key_type,

@@ -8,16 +8,20 @@
 
 namespace knnfast::cpu {
 
-// log(sum(exp(x))) over n floats in one read of x (blocks of it are revisited from L1).
-// `bad` is set when x holds a NaN or +inf (the log-softmax would be NaN).
+// log(sum(exp(x))) = max + log_sum over n floats, in one read of x (blocks of it are
+// revisited from L1). Kept as two parts so callers can form (x - max) - log_sum, which stays
+// accurate when |x| is large (x - lse would round at the magnitude of x).
+// `bad` is set when x holds a NaN or +inf (the log-softmax would be NaN); max is -inf when
+// every element is -inf.
 struct RowLogSumExp {
-  float lse;
+  float max;
+  float log_sum;
   bool bad;
 };
 RowLogSumExp row_logsumexp(const float* x, int64_t n);
 
-// out[i] = x[i] + c
-void row_add_scalar(const float* x, float c, float* out, int64_t n);
+// out[i] = (x[i] - shift) + add
+void row_shift(const float* x, float shift, float add, float* out, int64_t n);
 
 // Small-batch distance tile, one pass over the keys (memory bound for B <= ~32):
 //   dots[b * ld + j] = sum_d queries[b, d] * keys[j, d]   for b < B, j < n_keys

@@ -9,15 +9,15 @@
 //             converted in registers, |k|^2 from the same load: memory bound.
 //   gemm_f32  B >= 32 on CPUs without AVX512-BF16: BLAS sgemm per tile.
 //   bf16      B >= 32 on CPUs with AVX512-BF16 (any key dtype): keys and queries are
-//             centered by the keys' mean and rounded to bf16, our vdpbf16ps kernel (fp32
-//             accumulation, 2x the fp32 FLOP rate) ranks the keys, and the best
-//             k + max(2k, 64) candidates are rescored exactly in fp32. A worst-case bound on
-//             the bf16 error then proves each row exact: if the k-th exact score beats every
-//             key left out by more than the bound, nothing was missed. Rows without that proof
-//             are searched again on the exact stream path. Results are exact either way.
+//             centered by the keys' mean and rounded to bf16, and our vdpbf16ps kernel (fp32
+//             accumulation, 2x the fp32 FLOP rate) ranks the keys. Every approximate rank r
+//             comes with a rigorous error bound E (bf16 rounding of both factors, fp32
+//             accumulation): the k best lower bounds r - E give T, a lower bound on the
+//             exact k-th rank, and every key whose upper bound r + E reaches T is kept. The
+//             survivors are rescored exactly in fp32, so the result is exact by construction.
 //
 // KNNFAST_SEARCH_PATH=stream|gemm_f32|bf16 forces a path (tests, benchmarks);
-// KNNFAST_DEBUG=1 reports how many rows the bf16 path had to re-search.
+// KNNFAST_DEBUG=1 reports how many candidates the bf16 path rescored.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu/bf16_dot.h"
+#include "cpu/knn_search_bf16.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/vec_math.h"
 
@@ -45,7 +46,7 @@ enum class Path { Stream, GemmF32, Bf16 };
 struct Plan {
   Path path;
   int64_t tile;  // keys scored per block
-  int64_t keep;  // candidates kept per row (k, or oversampled for bf16)
+  int64_t keep;  // candidates kept per row
 };
 
 Plan make_plan(int64_t B, int64_t k) {
@@ -58,7 +59,7 @@ Plan make_plan(int64_t B, int64_t k) {
   switch (path) {
     case Path::Stream: return {path, 256, k};
     case Path::GemmF32: return {path, B >= 256 ? 1024 : 2048, k};
-    default: return {path, 21 * kBf16KeyBlock, k + std::max<int64_t>(2 * k, 64)};
+    default: return {path, 0, k};  // knn_search_bf16 tiles on its own
   }
 }
 
@@ -67,7 +68,6 @@ struct RowHeaps {
   int64_t keep;
   std::vector<float> scores;
   std::vector<int64_t> indices;
-  float error_scale = 0.0f;  // bf16 path: max over scanned keys of the per-key error factor
   RowHeaps(int64_t rows, int64_t keep_)
       : keep(keep_), scores(rows * keep_, -INFINITY), indices(rows * keep_, -1) {}
 
@@ -96,23 +96,14 @@ struct SearchInputs {
   at::Tensor exclude;       // int64 [B] or undefined
   Metric metric;
   int64_t k;
-  // bf16 path only
-  std::vector<float> center;            // [D] mean of (a sample of) the keys
-  std::vector<uint32_t> packed_queries; // bf16 pairs, see pack_queries_bf16
-  int64_t B_padded = 0;
-  std::vector<float> query_center_dot;  // ip/cos: q . c, added back to the centered dot
 };
 
 // Scores one tile of keys [first, first + n) against all queries:
-// dots[b * n + j] = q_b . k_j and key_sq[j] as ranking_key() needs it (|k|^2; for the bf16
-// l2 path |k - c|^2, matching its centered dots).
+// dots[b * n + j] = q_b . k_j and, when key_sq is non-null, key_sq[j] = |k_j|^2.
 struct TileScorer {
   const SearchInputs& in;
   Plan plan;
-  at::Tensor convert_buf;           // gemm_f32: fp16/bf16 tile converted to fp32
-  std::vector<uint16_t> packed;     // bf16: centered bf16 tile
-  std::vector<float> centered_sq;   // bf16: |k - c|^2
-  float error_scale = 0.0f;
+  at::Tensor convert_buf;  // gemm_f32: fp16/bf16 tile converted to fp32
 
   TileScorer(const SearchInputs& inputs, const Plan& p) : in(inputs), plan(p) {}
 
@@ -121,46 +112,18 @@ struct TileScorer {
     const auto key_type = in.keys.scalar_type();
     const char* key_ptr = static_cast<const char*>(in.keys.data_ptr()) +
                           first * D * in.keys.element_size();
-    switch (plan.path) {
-      case Path::Stream:
-        dot_tile(in.queries.data_ptr<float>(), B, key_ptr, key_type, n, D, dots, n, key_sq);
-        return;
-      case Path::GemmF32: {
-        const at::Tensor tile = in.keys.narrow(0, first, n);
-        at::Tensor keys_f32 = tile;
-        if (key_type != at::kFloat) keys_f32 = convert_buf.narrow(0, 0, n).copy_(tile);
-        at::Tensor out = at::from_blob(dots, {B, n}, at::kFloat);
-        at::mm_out(out, in.queries, keys_f32.t());
-        if (key_sq) key_sq_norms(key_ptr, key_type, n, D, key_sq);
-        return;
-      }
-      case Path::Bf16:
-        score_bf16(key_ptr, n, dots, key_sq);
-        return;
+    if (plan.path == Path::Stream) {
+      dot_tile(in.queries.data_ptr<float>(), B, key_ptr, key_type, n, D, dots, n, key_sq);
+      return;
     }
+    const at::Tensor tile = in.keys.narrow(0, first, n);
+    at::Tensor keys_f32 = tile;
+    if (key_type != at::kFloat) keys_f32 = convert_buf.narrow(0, 0, n).copy_(tile);
+    at::Tensor out = at::from_blob(dots, {B, n}, at::kFloat);
+    at::mm_out(out, in.queries, keys_f32.t());
+    if (key_sq) key_sq_norms(key_ptr, key_type, n, D, key_sq);
   }
 
-  void score_bf16(const char* key_ptr, int64_t n, float* dots, float* key_sq) {
-    const int64_t B = in.queries.size(0), D = in.queries.size(1);
-    packed.resize(n * 2 * ((D + 1) / 2));
-    centered_sq.resize(n);
-    const bool cos = in.metric == Metric::COS;
-    pack_keys_bf16(key_ptr, in.keys.scalar_type(), n, D, in.center.data(), packed.data(),
-                   centered_sq.data(), cos ? key_sq : nullptr);
-    dot_tile_bf16(in.packed_queries.data(), B, in.B_padded, packed.data(), n, D, dots, n);
-    if (in.metric == Metric::L2) {
-      std::copy(centered_sq.begin(), centered_sq.begin() + n, key_sq);
-    } else {
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < n; ++j) dots[b * n + j] += in.query_center_dot[b];
-    }
-    // |rank error| <= F * |q| * scale(k): scale = |k - c| (l2, ip) or |k - c| / |k| (cos)
-    for (int64_t j = 0; j < n; ++j) {
-      float scale = std::sqrt(centered_sq[j]);
-      if (cos) scale /= std::max(std::sqrt(key_sq[j]), kNormEps);
-      error_scale = std::fmax(error_scale, scale);
-    }
-  }
 };
 
 template <Metric M>
@@ -172,10 +135,7 @@ RowHeaps scan_range(const SearchInputs& in, const Plan& plan, int64_t begin, int
     scorer.convert_buf = at::empty({plan.tile, D}, in.keys.options().dtype(at::kFloat));
   std::vector<float> dots(B * plan.tile), computed_sq(plan.tile);
   const bool need_sq = M != Metric::IP;
-  // the bf16 path computes its own (centered) norms
-  const float* cached_sq = (in.key_sq_norms.defined() && plan.path != Path::Bf16)
-                               ? in.key_sq_norms.data_ptr<float>()
-                               : nullptr;
+  const float* cached_sq = in.key_sq_norms.defined() ? in.key_sq_norms.data_ptr<float>() : nullptr;
   const int64_t* exclude = in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
   for (int64_t first = begin; first < end; first += plan.tile) {
     const int64_t n = std::min(plan.tile, end - first);
@@ -185,7 +145,6 @@ RowHeaps scan_range(const SearchInputs& in, const Plan& plan, int64_t begin, int
     for (int64_t b = 0; b < B; ++b)
       heaps.template push<M>(b, dots.data() + b * n, sq, n, first, exclude ? exclude[b] : -1);
   }
-  heaps.error_scale = scorer.error_scale;
   return heaps;
 }
 
@@ -240,77 +199,18 @@ float squared_norm(const float* x, int64_t D) {
   return s;
 }
 
-// bf16 path, one row: rescore the candidates exactly, keep the best k, and return whether the
-// bound proves that no key outside the candidates could have made the top k.
-bool rescore_and_prove(const SearchInputs& in, int64_t b, float error_scale,
-                       std::vector<float>& s, std::vector<int64_t>& idx, float* out_s,
-                       int64_t* out_i) {
-  const int64_t D = in.queries.size(1), k = in.k;
-  const float* qb = in.queries.data_ptr<float>() + b * D;
-  const char* keys = static_cast<const char*>(in.keys.data_ptr());
-  const int64_t row_bytes = D * in.keys.element_size();
-  const float qq = squared_norm(qb, D);
-  const float worst_kept_rank = s.back();  // every key left out ranks <= this (approximately)
-  for (size_t j = 0; j < s.size(); ++j) {
-    if (idx[j] < 0) continue;
-    const PairSums p = pair_sums(qb, keys + idx[j] * row_bytes, in.keys.scalar_type(), D);
-    s[j] = exact_score(in.metric, p.diff_sq, p.dot, qq, p.key_sq);
-  }
-  std::vector<int64_t> order(s.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(),
-            [&](int64_t x, int64_t y) { return better(s[x], idx[x], s[y], idx[y]); });
-  for (int64_t j = 0; j < k; ++j) {
-    out_s[j] = s[order[j]];
-    out_i[j] = idx[order[j]];
-  }
-  if (worst_kept_rank == -INFINITY) return true;  // every key was a candidate
-  // The k-th exact score in ranking units (what ranking_key() measures for this row).
-  std::vector<float> centered(qb, qb + D);
-  for (int64_t d = 0; d < D; ++d) centered[d] -= in.center[d];
-  const float qc_sq = squared_norm(centered.data(), D);
-  const float kth = out_s[k - 1];
-  float kth_rank, query_norm;
-  switch (in.metric) {
-    case Metric::L2: kth_rank = qc_sq + kth; query_norm = std::sqrt(qc_sq); break;
-    case Metric::IP: kth_rank = kth; query_norm = std::sqrt(qq); break;
-    default:
-      kth_rank = kth * std::max(std::sqrt(qq), kNormEps);
-      query_norm = std::sqrt(qq);
-      break;
-  }
-  // bf16 rounding of both factors (unit roundoff u = 2^-8) and fp32 accumulation over D.
-  const float u = 1.0f / 256.0f, eps32 = 1.0f / 16777216.0f;
-  const float factor = 2 * u + u * u + (D + 4) * eps32;
-  float bound = factor * query_norm * error_scale;
-  if (in.metric == Metric::L2) bound = 2 * bound + (D + 2) * eps32 * error_scale * error_scale;
-  // fp32 rounding of the quantities compared here
-  const float slack = (D + 16) * 2 * eps32 *
-                      (std::fabs(kth_rank) + std::fabs(worst_kept_rank) +
-                       (in.metric == Metric::L2 ? qc_sq : 0.0f));
-  return kth_rank - slack > worst_kept_rank + 1.0001f * bound;
-}
-
-// Writes the k results of every row; returns the rows the bf16 path could not prove exact.
-std::vector<int64_t> finalize(const SearchInputs& in, const Plan& plan,
+// Writes the k results of every row: ranking keys turned into scores.
+void finalize(const SearchInputs& in, const Plan& plan,
                               const std::vector<RowHeaps>& parts, at::Tensor& out_scores,
                               at::Tensor& out_indices) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1), k = in.k;
   float* os = out_scores.data_ptr<float>();
   int64_t* oi = out_indices.data_ptr<int64_t>();
-  float error_scale = 0.0f;
-  for (const RowHeaps& h : parts) error_scale = std::fmax(error_scale, h.error_scale);
-  std::vector<char> proven(B, 1);
-  at::parallel_for(0, B, row_grain(plan.keep * (plan.path == Path::Bf16 ? D : 8)),
-                   [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(plan.keep * 8), [&](int64_t begin, int64_t end) {
     std::vector<float> s;
     std::vector<int64_t> idx;
     for (int64_t b = begin; b < end; ++b) {
       merge_row(parts, b, plan.keep, s, idx);
-      if (plan.path == Path::Bf16) {
-        proven[b] = rescore_and_prove(in, b, error_scale, s, idx, os + b * k, oi + b * k);
-        continue;
-      }
       const float qq = squared_norm(in.queries.data_ptr<float>() + b * D, D);
       for (int64_t j = 0; j < k; ++j) {
         oi[b * k + j] = idx[j];
@@ -318,52 +218,20 @@ std::vector<int64_t> finalize(const SearchInputs& in, const Plan& plan,
       }
     }
   });
-  std::vector<int64_t> unproven;
-  for (int64_t b = 0; b < B; ++b)
-    if (!proven[b]) unproven.push_back(b);
-  return unproven;
 }
 
-void prepare_bf16(SearchInputs& in) {
-  const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0);
-  // Center = mean of up to 4096 evenly spaced keys: any fixed vector keeps the search exact
-  // (the bound covers it); a good one shrinks the bf16 rounding error.
-  const int64_t samples = std::min<int64_t>(N, 4096);
-  at::Tensor rows = at::linspace(0, N - 1, samples, in.queries.options().dtype(at::kDouble))
-                        .to(at::kLong);
-  // non-finite keys (never returned) must not poison the center
-  at::Tensor mean =
-      in.keys.index_select(0, rows).to(at::kFloat).nan_to_num(0.0, 0.0, 0.0).mean(0).contiguous();
-  in.center.assign(mean.data_ptr<float>(), mean.data_ptr<float>() + D);
-  in.B_padded = (B + kBf16QueryBlock - 1) / kBf16QueryBlock * kBf16QueryBlock;
-  in.packed_queries.resize(((D + 1) / 2) * in.B_padded);
-  const float* q = in.queries.data_ptr<float>();
-  const bool center_queries = in.metric == Metric::L2;  // l2 ranking is translation invariant
-  pack_queries_bf16(q, B, D, center_queries ? in.center.data() : nullptr,
-                    in.packed_queries.data(), in.B_padded);
-  if (!center_queries) {
-    in.query_center_dot.resize(B);
-    for (int64_t b = 0; b < B; ++b) {
-      float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += q[b * D + d] * in.center[d];
-      in.query_center_dot[b] = dot;
-    }
-  }
-}
-
-std::vector<int64_t> search_with_plan(SearchInputs& in, const Plan& plan, at::Tensor& out_scores,
-                                      at::Tensor& out_indices) {
-  if (plan.path == Path::Bf16) prepare_bf16(in);
+void search_with_plan(const SearchInputs& in, const Plan& plan, at::Tensor& out_scores,
+                      at::Tensor& out_indices) {
   std::vector<RowHeaps> parts;
   switch (in.metric) {
     case Metric::L2: parts = scan_all<Metric::L2>(in, plan); break;
     case Metric::IP: parts = scan_all<Metric::IP>(in, plan); break;
     default: parts = scan_all<Metric::COS>(in, plan); break;
   }
-  return finalize(in, plan, parts, out_scores, out_indices);
+  finalize(in, plan, parts, out_scores, out_indices);
 }
 
-// Re-searches `rows` exactly on the stream path and writes them into the outputs.
+// Searches `rows` again exactly on the stream path and writes them into the outputs.
 void research_rows(const SearchInputs& in, const std::vector<int64_t>& rows,
                    at::Tensor& out_scores, at::Tensor& out_indices) {
   const at::Tensor row_ids = at::tensor(rows, in.queries.options().dtype(at::kLong));
@@ -436,12 +304,16 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries,
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));
   if (B == 0) return {out_scores, out_indices};
   const Plan plan = make_plan(B, k);
-  const std::vector<int64_t> unproven = search_with_plan(in, plan, out_scores, out_indices);
-  if (!unproven.empty()) research_rows(in, unproven, out_scores, out_indices);
-  if (plan.path == Path::Bf16 && std::getenv("KNNFAST_DEBUG"))
-    std::fprintf(stderr, "knnfast.knn_search: bf16 path proved %lld of %lld rows exact\n",
-                 static_cast<long long>(B - int64_t(unproven.size())),
-                 static_cast<long long>(B));
+  if (plan.path != Path::Bf16) {
+    search_with_plan(in, plan, out_scores, out_indices);
+    return {out_scores, out_indices};
+  }
+  const std::vector<int64_t> unfinished = knn_search_bf16(
+      in.queries, in.keys, k, in.metric,
+      in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr,
+      out_scores.data_ptr<float>(), out_indices.data_ptr<int64_t>());
+  // rows whose candidate set outgrew its cap (a bound too loose for their data): exact rescan
+  if (!unfinished.empty()) research_rows(in, unfinished, out_scores, out_indices);
   return {out_scores, out_indices};
 }
 

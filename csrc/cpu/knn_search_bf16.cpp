@@ -1,0 +1,341 @@
+// knn_search, large batches on AVX512-BF16 CPUs: exact by construction.
+//
+// Keys (and, for l2, queries) are centered by the keys' mean c and rounded to bf16; the
+// vdpbf16ps kernel gives every (query, key) an approximate rank r in the units of
+// ranking_key(). Each r comes with a rigorous bound |r - r_exact| <= E (bf16 rounding of both
+// factors, fp32 accumulation, the fp32 arithmetic around it). Per query row the scan keeps
+//   - the k best lower bounds r - E in a heap; its root T is a lower bound on the exact k-th
+//     rank (k keys are known to rank at least that high), and only grows;
+//   - every key whose upper bound r + E reaches the current T.
+// A key of the true top k ranks >= the exact k-th >= every T, so its upper bound passed the
+// test when it was scanned and it is never pruned. The survivors are rescored exactly in fp32
+// from the stored keys and the best k returned: the same answer as an exact fp32 search.
+//
+// Centering keeps E small: the rounding error scales with |q - c| |k - c|, not |q| |k|, which
+// matters for real hidden states (large common component). l2 ranks are translation invariant;
+// ip and cos use q.k = q.(k - c) + q.c with q.c exact in fp32.
+#include "cpu/knn_search_bf16.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+
+#include "cpu/bf16_dot.h"
+#include "cpu/simd_load.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+namespace {
+
+constexpr int64_t kTile = 21 * kBf16KeyBlock;  // 252 keys: a multiple of the register block
+constexpr size_t kMaxCandidates = size_t(1) << 16;  // per row and part; beyond: exact rescan
+constexpr float kUnitRoundoffBf16 = 1.0f / 256.0f;
+constexpr float kEpsF32 = 1.0f / 16777216.0f;
+
+// Per-row constants of the error bound E(b, j) = a[b] * s[j] + c_t[b] * t[j] + c0[b] where
+// s, t are per-key factors (see KeyFactors).
+struct RowBound {
+  float a, c_t, c0;
+  float query_center_dot;  // ip / cos: q . c
+};
+
+// Per-key factors of one tile.
+struct KeyFactors {
+  std::vector<float> centered_sq, full_sq, s, t, inv_norm;
+  void resize(int64_t n) {
+    centered_sq.resize(n), full_sq.resize(n), s.resize(n), t.resize(n), inv_norm.resize(n);
+  }
+};
+
+struct Setup {
+  const at::Tensor& queries;
+  const at::Tensor& keys;
+  int64_t B, D, N, k;
+  Metric metric;
+  const int64_t* exclude;
+  std::vector<float> center;
+  std::vector<uint32_t> packed_queries;
+  int64_t B_padded;
+  std::vector<RowBound> bounds;
+};
+
+float norm2(const float* x, int64_t D) {
+  float s = 0.0f;
+  for (int64_t d = 0; d < D; ++d) s += x[d] * x[d];
+  return s;
+}
+
+Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, Metric metric,
+                 const int64_t* exclude) {
+  const int64_t B = queries.size(0), D = queries.size(1), N = keys.size(0);
+  Setup st{queries, keys, B, D, N, k, metric, exclude, {}, {}, 0, {}};
+  // Center = mean of up to 4096 evenly spaced keys. Any fixed vector keeps the result exact
+  // (the bound accounts for it); a good one makes the bound tight. Non-finite keys (never
+  // returned) must not poison it.
+  const int64_t samples = std::min<int64_t>(N, 4096);
+  const at::Tensor rows =
+      at::linspace(0, N - 1, samples, queries.options().dtype(at::kDouble)).to(at::kLong);
+  const at::Tensor mean =
+      keys.index_select(0, rows).to(at::kFloat).nan_to_num(0.0, 0.0, 0.0).mean(0).contiguous();
+  st.center.assign(mean.data_ptr<float>(), mean.data_ptr<float>() + D);
+  const float center_norm = std::sqrt(norm2(st.center.data(), D));
+
+  st.B_padded = (B + kBf16QueryBlock - 1) / kBf16QueryBlock * kBf16QueryBlock;
+  st.packed_queries.resize(((D + 1) / 2) * st.B_padded);
+  const float* q = queries.data_ptr<float>();
+  const bool center_queries = metric == Metric::L2;
+  pack_queries_bf16(q, B, D, center_queries ? st.center.data() : nullptr,
+                    st.packed_queries.data(), st.B_padded);
+
+  // bf16 rounding of both factors plus fp32 accumulation over D terms (Cauchy-Schwarz turns
+  // sum |q_i| |k_i| into |q| |k|), and a relative slack for the fp32 arithmetic that forms and
+  // compares ranks (exact rescoring included).
+  const float u = kUnitRoundoffBf16;
+  const float dot_factor = (2 * u + u * u + (D + 4) * kEpsF32) * 1.0001f;
+  const float slack = (D + 16) * 2 * kEpsF32;
+  st.bounds.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* qb = q + b * D;
+    RowBound& rb = st.bounds[b];
+    const float qq = norm2(qb, D), qn = std::sqrt(qq);
+    float qc = 0.0f;
+    for (int64_t d = 0; d < D; ++d) qc += qb[d] * st.center[d];
+    rb.query_center_dot = qc;
+    const float qc_error = 2 * D * kEpsF32 * qn * center_norm;  // fp32 error of q . c
+    switch (metric) {
+      case Metric::L2: {  // rank = 2 q'.k' - |k'|^2, q' = q - c, k' = k - c
+        std::vector<float> centered(qb, qb + D);
+        for (int64_t d = 0; d < D; ++d) centered[d] -= st.center[d];
+        const float cq = norm2(centered.data(), D);
+        rb.a = 2 * dot_factor * std::sqrt(cq);  // s = |k'|
+        rb.c_t = (D + 2) * kEpsF32 + slack;     // t = |k'|^2 (its own fp32 error + slack)
+        rb.c0 = slack * cq;
+        break;
+      }
+      case Metric::IP:  // rank = q.(k - c) + q.c
+        rb.a = dot_factor * qn;  // s = |k - c|
+        rb.c_t = slack * qn;     // t = |k|
+        rb.c0 = qc_error;
+        break;
+      default:  // rank = (q.(k - c) + q.c) / |k|
+        rb.a = dot_factor * qn;  // s = |k - c| / |k|
+        rb.c_t = qc_error;       // t = 1 / |k|
+        rb.c0 = slack * qn;
+        break;
+    }
+  }
+  return st;
+}
+
+// Per part (contiguous key range) and row: the k best lower bounds and the candidates.
+struct RowState {
+  std::vector<float> lower;          // min-heap of k lower bounds (root = T)
+  std::vector<int64_t> lower_index;
+  std::vector<float> upper;          // candidates: upper bound and key id
+  std::vector<int64_t> index;
+  size_t prune_at = 0;
+  bool overflow = false;
+};
+
+void prune(RowState& row) {
+  const float threshold = row.lower[0];
+  size_t w = 0;
+  for (size_t i = 0; i < row.upper.size(); ++i) {
+    if (row.upper[i] >= threshold) {
+      row.upper[w] = row.upper[i];
+      row.index[w++] = row.index[i];
+    }
+  }
+  row.upper.resize(w);
+  row.index.resize(w);
+  // prune again when the list doubles, but no later than one past the cap (overflow check)
+  row.prune_at = std::min<size_t>(std::max<size_t>(2 * w, row.prune_at), kMaxCandidates + 1);
+}
+
+// Inserts key `id` (rank, error already computed) into the row's bounds and candidates.
+inline void insert(const Setup& st, RowState& row, float rank, float err, int64_t id) {
+  const float lower = rank - err;
+  if (better(lower, id, row.lower[0], row.lower_index[0]))
+    heap_replace_root(row.lower.data(), row.lower_index.data(), st.k, lower, id);
+  row.upper.push_back(rank + err);
+  row.index.push_back(id);
+  if (row.upper.size() >= row.prune_at) {
+    prune(row);
+    row.overflow = row.upper.size() > kMaxCandidates;
+  }
+}
+
+// One tile of one row: 16 ranks and bounds at a time; only keys whose upper bound reaches the
+// threshold (few, once the heap has warmed up) leave the vector loop. A threshold that grows
+// inside a vector is picked up at the next one: a stale (lower) threshold only admits more.
+template <Metric M>
+KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const float* dots,
+                              const KeyFactors& f, int64_t n, int64_t first) {
+  if (row.overflow) return;
+  const RowBound& rb = st.bounds[b];
+  const int64_t excluded = st.exclude ? st.exclude[b] : -1;
+  const __m512 a = _mm512_set1_ps(rb.a), c_t = _mm512_set1_ps(rb.c_t), c0 = _mm512_set1_ps(rb.c0);
+  const __m512 qc = _mm512_set1_ps(rb.query_center_dot);
+  alignas(64) float rank_buf[16], err_buf[16];
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = tail_mask(n - j);
+    const __m512 dot = _mm512_maskz_loadu_ps(live, dots + j);
+    __m512 rank;
+    if constexpr (M == Metric::L2)
+      rank = _mm512_sub_ps(_mm512_add_ps(dot, dot), _mm512_maskz_loadu_ps(live, f.centered_sq.data() + j));
+    else if constexpr (M == Metric::IP)
+      rank = _mm512_add_ps(dot, qc);
+    else
+      rank = _mm512_mul_ps(_mm512_add_ps(dot, qc), _mm512_maskz_loadu_ps(live, f.inv_norm.data() + j));
+    const __m512 err = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(live, f.s.data() + j),
+                                       _mm512_fmadd_ps(c_t, _mm512_maskz_loadu_ps(live, f.t.data() + j), c0));
+    // ordered >= : NaN ranks (NaN keys) never pass
+    __mmask16 pass = _mm512_mask_cmp_ps_mask(live, _mm512_add_ps(rank, err),
+                                             _mm512_set1_ps(row.lower[0]), _CMP_GE_OQ);
+    if (!pass) continue;
+    _mm512_store_ps(rank_buf, rank);
+    _mm512_store_ps(err_buf, err);
+    while (pass) {
+      const int lane = __builtin_ctz(pass);
+      pass &= pass - 1;
+      const int64_t id = first + j + lane;
+      if (id == excluded || !(rank_buf[lane] + err_buf[lane] >= row.lower[0])) continue;
+      insert(st, row, rank_buf[lane], err_buf[lane], id);
+      if (row.overflow) return;
+    }
+  }
+}
+
+template <Metric M>
+std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
+  const int64_t D = st.D;
+  std::vector<RowState> rows(st.B);
+  for (RowState& r : rows) {
+    r.lower.assign(st.k, -INFINITY);
+    r.lower_index.assign(st.k, -1);
+    r.prune_at = std::max<size_t>(4 * st.k, 256);
+  }
+  std::vector<uint16_t> packed(kTile * 2 * ((D + 1) / 2));
+  std::vector<float> dots(st.B * kTile);
+  KeyFactors f;
+  f.resize(kTile);
+  const bool need_full = M != Metric::L2;
+  for (int64_t first = begin; first < end; first += kTile) {
+    const int64_t n = std::min(kTile, end - first);
+    const char* key_ptr =
+        static_cast<const char*>(st.keys.data_ptr()) + first * D * st.keys.element_size();
+    pack_keys_bf16(key_ptr, st.keys.scalar_type(), n, D, st.center.data(), packed.data(),
+                   f.centered_sq.data(), need_full ? f.full_sq.data() : nullptr);
+    dot_tile_bf16(st.packed_queries.data(), st.B, st.B_padded, packed.data(), n, D, dots.data(),
+                  n);
+    for (int64_t j = 0; j < n; ++j) {
+      const float cn = std::sqrt(f.centered_sq[j]);
+      if constexpr (M == Metric::L2) {
+        f.s[j] = cn;
+        f.t[j] = f.centered_sq[j];
+      } else if constexpr (M == Metric::IP) {
+        f.s[j] = cn;
+        f.t[j] = std::sqrt(f.full_sq[j]);
+      } else {
+        f.inv_norm[j] = 1.0f / std::max(std::sqrt(f.full_sq[j]), kNormEps);
+        f.s[j] = cn * f.inv_norm[j];
+        f.t[j] = f.inv_norm[j];
+      }
+    }
+    for (int64_t b = 0; b < st.B; ++b) push_tile<M>(st, rows[b], b, dots.data() + b * n, f, n, first);
+  }
+  return rows;
+}
+
+// Combines the parts of row b, rescores the surviving candidates exactly and writes the top k.
+// Returns the number of candidates rescored, or -1 if a part overflowed.
+int64_t finish_row(const Setup& st, const std::vector<std::vector<RowState>>& parts, int64_t b,
+                   float* out_s, int64_t* out_i) {
+  std::vector<float> lowers;
+  for (const auto& part : parts) {
+    const RowState& r = part[b];
+    if (r.overflow) return -1;
+    lowers.insert(lowers.end(), r.lower.begin(), r.lower.end());
+  }
+  std::nth_element(lowers.begin(), lowers.begin() + (st.k - 1), lowers.end(),
+                   std::greater<float>());
+  const float threshold = lowers[st.k - 1];  // exact k-th rank >= this
+  std::vector<float> s;
+  std::vector<int64_t> idx;
+  const float* qb = st.queries.data_ptr<float>() + b * st.D;
+  const float qq = norm2(qb, st.D);
+  const char* keys = static_cast<const char*>(st.keys.data_ptr());
+  const int64_t row_bytes = st.D * st.keys.element_size();
+  for (const auto& part : parts) {
+    const RowState& r = part[b];
+    for (size_t i = 0; i < r.upper.size(); ++i) {
+      if (!(r.upper[i] >= threshold)) continue;
+      const PairSums p = pair_sums(qb, keys + r.index[i] * row_bytes, st.keys.scalar_type(), st.D);
+      const float score = exact_score(st.metric, p.diff_sq, p.dot, qq, p.key_sq);
+      if (score == -INFINITY || score != score) continue;
+      s.push_back(score);
+      idx.push_back(r.index[i]);
+    }
+  }
+  std::vector<int64_t> order(s.size());
+  std::iota(order.begin(), order.end(), 0);
+  const int64_t top = std::min<int64_t>(st.k, order.size());
+  std::partial_sort(order.begin(), order.begin() + top, order.end(),
+                    [&](int64_t x, int64_t y) { return better(s[x], idx[x], s[y], idx[y]); });
+  for (int64_t j = 0; j < st.k; ++j) {
+    out_s[j] = j < top ? s[order[j]] : -INFINITY;
+    out_i[j] = j < top ? idx[order[j]] : -1;
+  }
+  return int64_t(s.size());
+}
+
+template <Metric M>
+std::vector<int64_t> run(const Setup& st, float* out_scores, int64_t* out_indices) {
+  const int64_t tiles = (st.N + kTile - 1) / kTile;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  std::vector<std::vector<RowState>> states(parts);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t0 = tiles * p / parts, t1 = tiles * (p + 1) / parts;
+      states[p] = scan_part<M>(st, t0 * kTile, std::min(st.N, t1 * kTile));
+    }
+  });
+  std::vector<int64_t> rescored(st.B);
+  at::parallel_for(0, st.B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      rescored[b] = finish_row(st, states, b, out_scores + b * st.k, out_indices + b * st.k);
+  });
+  std::vector<int64_t> unfinished;
+  int64_t total = 0;
+  for (int64_t b = 0; b < st.B; ++b) {
+    if (rescored[b] < 0) unfinished.push_back(b);
+    else total += rescored[b];
+  }
+  if (std::getenv("KNNFAST_DEBUG"))
+    std::fprintf(stderr,
+                 "knnfast.knn_search[bf16]: B=%lld k=%lld: %.1f candidates rescored per row, "
+                 "%lld rows over the candidate cap\n",
+                 static_cast<long long>(st.B), static_cast<long long>(st.k),
+                 double(total) / double(std::max<int64_t>(1, st.B - int64_t(unfinished.size()))),
+                 static_cast<long long>(unfinished.size()));
+  return unfinished;
+}
+
+}  // namespace
+
+std::vector<int64_t> knn_search_bf16(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                     Metric metric, const int64_t* exclude, float* out_scores,
+                                     int64_t* out_indices) {
+  const Setup st = make_setup(queries, keys, k, metric, exclude);
+  switch (metric) {
+    case Metric::L2: return run<Metric::L2>(st, out_scores, out_indices);
+    case Metric::IP: return run<Metric::IP>(st, out_scores, out_indices);
+    default: return run<Metric::COS>(st, out_scores, out_indices);
+  }
+}
+
+}  // namespace knnfast::cpu

@@ -1,0 +1,25 @@
+"""The README's example and the docstring examples run as written."""
+import doctest
+import re
+from pathlib import Path
+
+import knnfast.ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README.md has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    logp = namespace["logp"]
+    assert logp.shape == (16, 42_024)
+    assert ((logp.exp().sum(1) - 1).abs() < 1e-4).all()
+
+
+def test_docstring_examples():
+    result = doctest.testmod(knnfast.ops, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -7,6 +7,7 @@ Environment:
   MAX_JOBS=N                 parallel compile jobs (default: number of cores)
 """
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,17 +39,14 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DTORCH_CMAKE_PREFIX={torch.utils.cmake_prefix_path}",
         ]
-        if self._have("ninja"):
+        # cmake / ninja installed into the same environment (pip packages) come first
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        if shutil.which("ninja", path=env["PATH"]):
             cfg.append("-GNinja")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.check_call(["cmake", root, *cfg], cwd=build_dir)
-        subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir)
-
-    @staticmethod
-    def _have(tool):
-        from shutil import which
-
-        return which(tool) is not None
+        subprocess.check_call(["cmake", root, *cfg], cwd=build_dir, env=env)
+        subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, env=env)
 
 
 setup(ext_modules=[CMakeExtension("knnfast._C")], cmdclass={"build_ext": CMakeBuild})

@@ -217,6 +217,9 @@ def knn_interpolate(logits: Tensor, tokens: Tensor, *, scores: Optional[Tensor] 
     lam_t = _row_scalar(op, "lam", lam, rows, logits.device, False)
     if out is None:
         return _ops.knn_interpolate(logits, tokens, scores, weights, tau, lam_t)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (logits, scores, weights, temperature, lam)):
+        _fail(op, "out= is not differentiable; drop out= when gradients are needed")
     if out.dtype != torch.float32 or out.shape != logits.shape or not out.is_contiguous():
         _fail(op, f"out must be a contiguous float32 tensor of shape {tuple(logits.shape)}, "
                   f"got {out.dtype} {tuple(out.shape)}")
@@ -314,3 +317,143 @@ def _(logits, targets, tokens, scores, weights, temperature, lam, ignore_index):
 @torch.library.register_fake("knnfast::label_counts")
 def _(tokens):
     return tokens.new_empty(tokens.shape, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- autograd
+#
+# knn_interpolate and knn_gold_logprob are differentiable w.r.t. logits, scores (or weights),
+# and tensor-valued temperature / lam (adaptive methods learn lam and the neighbour weights).
+# With out = log P, P = (1 - lam) p + lam q, p = softmax(logits), q = M . w, w the neighbour
+# weights, every factor below is a ratio written in log space (exp(log a - out) <= 1 for the
+# parts of P), so nothing overflows as lam -> 0 or 1 or weights -> 0. The backward passes are
+# composite PyTorch code: they run only in training / tuning, where the dense gradient of the
+# logits has to be written anyway.
+
+
+def _rows(t: Tensor, rows: int) -> Tensor:
+    return t.reshape(-1).float().expand(rows)
+
+
+def _neighbour_weights(tokens: Tensor, scores: Optional[Tensor], weights: Optional[Tensor],
+                       tau: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(w [B, k] float32 with 0 on invalid slots, valid [B, k], has_neighbour [B, 1])."""
+    valid = tokens >= 0
+    if scores is not None:
+        z = (scores.float() / tau[:, None]).masked_fill(~valid, float("-inf"))
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        has = torch.isfinite(lse)
+        w = torch.where(has, torch.exp(z - lse.masked_fill(~has, 0.0)), torch.zeros_like(z))
+        valid = valid & torch.isfinite(z)
+    else:
+        w = torch.where(valid, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+        has = (w > 0).any(dim=1, keepdim=True)
+    return w, valid, has
+
+
+def _finite_exp(x: Tensor) -> Tensor:
+    """exp(x) with NaN (from -inf - -inf) mapped to 0: the term is absent."""
+    return torch.exp(torch.nan_to_num(x, nan=float("-inf")))
+
+
+def _neighbour_grads(g_t: Tensor, out_t: Tensor, tokens: Tensor, scores, weights,
+                     tau: Tensor, lam_eff: Tensor):
+    """Gradients through P_kNN. g_t [B, k]: upstream gradient at each slot's token; out_t
+    [B, k]: the output there. Returns (g_scores, g_weights, g_tau_rows, g_lam_rows_knn)."""
+    w, valid, has = _neighbour_weights(tokens, scores, weights, tau)
+    log_w = torch.log(w)
+    log_lam = torch.log(lam_eff)[:, None]
+    # share of P at token t_j that comes from slot j: lam w_j / P(t_j), in [0, 1]
+    share = _finite_exp(log_lam + log_w - out_t) * valid
+    g_scores = g_weights = g_tau = None
+    if scores is not None:
+        a = share * g_t
+        g_z = a - w * a.sum(dim=1, keepdim=True)  # d out / d (scores / tau)
+        g_scores = torch.where(valid, g_z / tau[:, None], torch.zeros_like(g_z))
+        s = torch.where(valid, scores.float(), torch.zeros_like(g_z))
+        g_tau = -(g_scores * s).sum(dim=1) / tau
+    else:
+        g_weights = torch.where(tokens >= 0, g_t * _finite_exp(log_lam - out_t),
+                                torch.zeros_like(g_t))
+    # sum_j g_t w_j / P(t_j): the kNN side of d out / d lam
+    g_lam = (g_t * _finite_exp(log_w - out_t) * valid).sum(dim=1)
+    return g_scores, g_weights, g_tau, g_lam * has[:, 0]
+
+
+def _reduce_to(grad_rows: Optional[Tensor], like: Tensor, needed: bool) -> Optional[Tensor]:
+    """Per-row gradient -> the shape of the parameter tensor ([1] sums the rows)."""
+    if not needed or grad_rows is None:
+        return None
+    g = grad_rows.sum().reshape(1) if like.numel() == 1 else grad_rows
+    return g.reshape(like.shape).to(like.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, scores, weights, temperature, lam = inputs
+    ctx.save_for_backward(logits, tokens, scores, weights, temperature, lam, output)
+
+
+def _interpolate_backward(ctx, grad):
+    logits, tokens, scores, weights, temperature, lam, out = ctx.saved_tensors
+    B = logits.shape[0]
+    needs = ctx.needs_input_grad
+    tokens = tokens.long()
+    tau = _rows(temperature, B)
+    _, _, has = _neighbour_weights(tokens, scores, weights, tau)
+    lam_eff = torch.where(has[:, 0], _rows(lam, B), torch.zeros(B, device=logits.device))
+    g = grad.float()
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    g_logits = g_lam = None
+    if needs[0]:
+        model_share = _finite_exp(torch.log1p(-lam_eff)[:, None] + logp - out)
+        gr = g * model_share
+        g_logits = (gr - torch.exp(logp) * gr.sum(dim=1, keepdim=True)).to(logits.dtype)
+    idx = tokens.clamp(min=0)
+    g_scores, g_weights, g_tau, g_lam_knn = _neighbour_grads(
+        g.gather(1, idx), out.gather(1, idx), tokens, scores, weights, tau, lam_eff)
+    if needs[5]:
+        g_lam_model = (g * _finite_exp(logp - out)).sum(dim=1) * has[:, 0]
+        g_lam = g_lam_knn - g_lam_model
+    return (g_logits, None, g_scores if needs[2] else None, g_weights if needs[3] else None,
+            _reduce_to(g_tau, temperature, needs[4]), _reduce_to(g_lam, lam, needs[5]))
+
+
+def _gold_backward(ctx, grad):
+    logits, targets, tokens, scores, weights, temperature, lam, out = ctx.saved_tensors
+    ignore_index = ctx.ignore_index
+    B = logits.shape[0]
+    needs = ctx.needs_input_grad
+    tokens = tokens.long()
+    live = targets != ignore_index
+    y = torch.where(live, targets.long(), torch.zeros_like(targets, dtype=torch.long))
+    tau = _rows(temperature, B)
+    _, _, has = _neighbour_weights(tokens, scores, weights, tau)
+    lam_eff = torch.where(has[:, 0], _rows(lam, B), torch.zeros(B, device=logits.device))
+    g = torch.where(live, grad.float(), torch.zeros_like(grad, dtype=torch.float32))
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp_y = logp.gather(1, y[:, None])[:, 0]
+    g_logits = g_lam = None
+    if needs[0]:
+        model_share = _finite_exp(torch.log1p(-lam_eff) + logp_y - out)
+        coef = (g * model_share)[:, None]
+        onehot = torch.zeros_like(logp).scatter_(1, y[:, None], 1.0)
+        g_logits = (coef * (onehot - torch.exp(logp))).to(logits.dtype)
+    g_t = g[:, None] * (tokens == y[:, None])
+    g_scores, g_weights, g_tau, g_lam_knn = _neighbour_grads(
+        g_t, out[:, None].expand_as(g_t), tokens, scores, weights, tau, lam_eff)
+    if needs[6]:
+        g_lam = g_lam_knn - g * _finite_exp(logp_y - out) * has[:, 0]
+    return (g_logits, None, None, g_scores if needs[3] else None,
+            g_weights if needs[4] else None, _reduce_to(g_tau, temperature, needs[5]),
+            _reduce_to(g_lam, lam, needs[6]), None)
+
+
+def _gold_setup_context(ctx, inputs, output):
+    logits, targets, tokens, scores, weights, temperature, lam, ignore_index = inputs
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(logits, targets, tokens, scores, weights, temperature, lam, output)
+
+
+torch.library.register_autograd("knnfast::knn_interpolate", _interpolate_backward,
+                                setup_context=_setup_context)
+torch.library.register_autograd("knnfast::knn_gold_logprob", _gold_backward,
+                                setup_context=_gold_setup_context)

@@ -72,6 +72,12 @@ def _samples_interpolate(device):
         (logits, tok, None, w, _scalar(1.0, device), torch.rand(B, device=device)),
         (logits.half(), tok, sc, None, torch.rand(B, device=device) + 0.1, _scalar(1.0, device)),
         (logits.bfloat16(), tok, sc, None, _scalar(2.0, device), _scalar(0.0, device)),
+        # differentiable inputs: opcheck then also checks the autograd registration
+        (logits.clone().requires_grad_(), tok, sc.clone().requires_grad_(), None,
+         (torch.rand(B, device=device) + 0.5).requires_grad_(),
+         (torch.rand(B, device=device) * 0.8 + 0.1).requires_grad_()),
+        (logits.clone().requires_grad_(), tok, None, w.clone().requires_grad_(),
+         _scalar(1.0, device), _scalar(0.3, device).requires_grad_()),
     ]
 
 
@@ -85,6 +91,9 @@ def _samples_gold(device):
         (logits, targets, tok, sc, None, _scalar(1.0, device), _scalar(0.5, device), -100),
         (logits, targets, tok, None, w, _scalar(1.0, device), torch.rand(B, device=device), -100),
         (logits.half(), targets, tok, sc, None, torch.rand(B, device=device) + 0.1, _scalar(1.0, device), -100),
+        (logits.clone().requires_grad_(), targets, tok, sc.clone().requires_grad_(), None,
+         (torch.rand(B, device=device) + 0.5).requires_grad_(),
+         (torch.rand(B, device=device) * 0.8 + 0.1).requires_grad_(), -100),
     ]
 
 
@@ -115,5 +124,7 @@ def test_opcheck(device, name):
 def test_opcheck_interpolate_out(device):
     op = torch.ops.knnfast.knn_interpolate.out
     for args in _samples_interpolate(device):
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            continue  # out= is inference-only
         out = torch.empty(args[0].shape, dtype=torch.float32, device=device)
         torch.library.opcheck(op, args, {"out": out})

@@ -175,6 +175,7 @@ struct Scratch {
 }  // namespace knnfast::cpu
 
 #include "cpu/neighbour_weights.h"
+#include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
 
@@ -210,6 +211,30 @@ inline NeighbourInputs neighbour_inputs(const at::Tensor& tokens,
   }
   in.temperature = row_param(temperature, rows, ParamRange::Positive, op, "temperature");
   return in;
+}
+
+// One row of the mixture (1 - lam) softmax(logits) + lam P_kNN, as knn_interpolate and
+// knn_gold_logprob both need it.
+struct MixtureRow {
+  const float* logits;    // the row as float32
+  RowLogSumExp lse;       // of the logits
+  const int64_t* tokens;  // the row's k neighbour tokens
+  bool has_knn;           // some neighbour is valid (else P_kNN is undefined)
+  float lam;              // effective lam: 0 when the row has no valid neighbour
+};
+
+// Loads row r: logits (converted into row_buf unless float32), their log-sum-exp and the
+// neighbour log-weights (into log_w). Returns false when the logits row holds NaN or +inf.
+inline bool load_mixture_row(const at::Tensor& logits, int64_t r, float* row_buf,
+                             const NeighbourInputs& in, const RowParam& lam, float* log_w,
+                             MixtureRow& row) {
+  row.logits = logits_row_f32(logits, r, row_buf);
+  row.lse = row_logsumexp(row.logits, logits.size(1));
+  if (row.lse.bad) return false;
+  row.tokens = in.tokens.data_ptr<int64_t>() + r * in.src.k;
+  row.has_knn = neighbour_log_weights(in.src, r, row.tokens, in.temperature[r], log_w);
+  row.lam = row.has_knn ? lam[r] : 0.0f;
+  return true;
 }
 
 }  // namespace knnfast::cpu

@@ -59,20 +59,17 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
     float* row = logits.scalar_type() == at::kFloat ? nullptr : row_buf.get(V, 0.0f);
     for (int64_t r = begin; r < end; ++r) {
       if (tgt[r] == ignore_index) continue;  // masked: stays 0
-      const float* x = logits_row_f32(logits, r, row);
-      const RowLogSumExp lse = row_logsumexp(x, V);
-      if (lse.bad) {
+      MixtureRow m;
+      if (!load_mixture_row(logits, r, row, in, lam_rows, log_w, m)) {
         bad_row = r;
         continue;
       }
-      const int64_t* toks = in.tokens.data_ptr<int64_t>() + r * k;
-      const bool has_knn = neighbour_log_weights(in.src, r, toks, in.temperature[r], log_w);
-      const float l = has_knn ? lam_rows[r] : 0.0f;
-      const float model = lse.max == -INFINITY
-                              ? -INFINITY
-                              : std::log1p(-l) + ((x[tgt[r]] - lse.max) - lse.log_sum);
-      const float knn = has_knn ? std::log(l) + knn_log_mass_of(tgt[r], toks, log_w, k)
-                                : -INFINITY;
+      const float model =
+          m.lse.max == -INFINITY
+              ? -INFINITY
+              : std::log1p(-m.lam) + ((m.logits[tgt[r]] - m.lse.max) - m.lse.log_sum);
+      const float knn = m.has_knn ? std::log(m.lam) + knn_log_mass_of(tgt[r], m.tokens, log_w, k)
+                                  : -INFINITY;
       o[r] = interpolate_log(model, knn);
     }
   });

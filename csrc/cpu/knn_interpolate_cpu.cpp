@@ -46,25 +46,21 @@ void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const
     float* token_acc = ws.token_acc.get(V, -INFINITY);
     float* row_buf = logits.scalar_type() == at::kFloat ? nullptr : ws.row_f32.get(V, 0.0f);
     for (int64_t r = begin; r < end; ++r) {
-      const float* x = logits_row_f32(logits, r, row_buf);
-      const RowLogSumExp lse = row_logsumexp(x, V);
-      if (lse.bad) {
+      MixtureRow m;
+      if (!load_mixture_row(logits, r, row_buf, in, lam, log_w, m)) {
         bad_row = r;
         continue;
       }
-      const int64_t* toks = in.tokens.data_ptr<int64_t>() + r * k;
-      const bool has_knn = neighbour_log_weights(in.src, r, toks, in.temperature[r], log_w);
-      // A row without a valid neighbour has no P_kNN: it is log_softmax (lam treated as 0).
-      const float l = has_knn ? lam[r] : 0.0f;
       float* out_row = out.data_ptr<float>() + r * V;
-      if (lse.max == -INFINITY) {
+      if (m.lse.max == -INFINITY) {
         // every logit is -inf: the model puts no mass anywhere (log_softmax would be NaN)
         std::fill(out_row, out_row + V, -INFINITY);
       } else {
-        // (x - max) - log(sum) + log(1 - lam), the same rounding as torch.log_softmax
-        row_shift(x, lse.max, std::log1p(-l) - lse.log_sum, out_row, V);
+        // (x - max) - log(sum) + log(1 - lam), the same rounding as torch.log_softmax; a row
+        // without a valid neighbour has lam = 0 here and is exactly log_softmax
+        row_shift(m.logits, m.lse.max, std::log1p(-m.lam) - m.lse.log_sum, out_row, V);
       }
-      if (has_knn) add_knn_part(toks, log_w, k, std::log(l), token_acc, out_row);
+      if (m.has_knn) add_knn_part(m.tokens, log_w, k, std::log(m.lam), token_acc, out_row);
     }
   });
   TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),

@@ -10,25 +10,6 @@ torch.library.opcheck) and has a pure-PyTorch twin in ``knnfast.reference``.
 """
 from ._version import __version__
 from . import ops  # noqa: F401  (loads the library, registers fake kernels)
-from .ops import (
-    build_info,
-    knn_gold_logprob,
-    knn_interpolate,
-    knn_probs,
-    knn_probs_sparse,
-    knn_rescore,
-    knn_search,
-    label_counts,
-)
+from .ops import *  # noqa: F401,F403  (the ops, build_info)
 
-__all__ = [
-    "__version__",
-    "build_info",
-    "knn_search",
-    "knn_rescore",
-    "knn_probs",
-    "knn_probs_sparse",
-    "knn_interpolate",
-    "knn_gold_logprob",
-    "label_counts",
-]
+__all__ = ["__version__", *ops.__all__]

@@ -191,3 +191,14 @@ def log_pknn64(tokens, V, *, scores=None, weights=None, temperature=1.0):
     return torch.logsumexp(lw[:, None, :].masked_fill(~hit, NEG_INF), dim=2)
 
 
+
+
+def with_value(t, idx, val):
+    """A copy of t with t[idx] = val (bad-input tests)."""
+    t = t.clone()
+    t[idx] = val
+    return t
+
+
+def f32_tensor(vals, device):
+    return torch.tensor(vals, dtype=torch.float32, device=device)

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES, HAS_CUDA
-from helpers import NEG_INF, assert_logp_close, rand_scores, rand_tokens
+from helpers import NEG_INF, assert_logp_close, rand_scores, rand_tokens, f32_tensor, with_value
 
 SHAPES = [(1, 1, 1), (3, 10, 4), (17, 300, 64), (4, 50257, 8), (2, 5000, 1024)]
 
@@ -138,34 +138,24 @@ def _ok(device="cpu"):
             torch.randint(0, 8, (3, 4), device=device), torch.randn(3, 4, device=device))
 
 
-def _set(t, idx, val):
-    t = t.clone()
-    t[idx] = val
-    return t
-
-
-def _T(vals, device):
-    return torch.tensor(vals, dtype=torch.float32, device=device)
-
-
 GL = knnfast.knn_gold_logprob
 BAD = {
     "logits_1d": (lambda l, y, t, s: GL(l[0], y, t, scores=s), "logits"),
     "targets_2d": (lambda l, y, t, s: GL(l, y[:, None], t, scores=s), "targets"),
     "targets_len": (lambda l, y, t, s: GL(l, y[:2], t, scores=s), "targets"),
-    "target_ge_v": (lambda l, y, t, s: GL(l, _set(y, 0, 8), t, scores=s), "targets"),
-    "target_negative": (lambda l, y, t, s: GL(l, _set(y, 1, -1), t, scores=s), "targets"),
+    "target_ge_v": (lambda l, y, t, s: GL(l, with_value(y, 0, 8), t, scores=s), "targets"),
+    "target_negative": (lambda l, y, t, s: GL(l, with_value(y, 1, -1), t, scores=s), "targets"),
     "tokens_rows": (lambda l, y, t, s: GL(l, y, t[:2], scores=s[:2]), "tokens|logits"),
-    "token_ge_v": (lambda l, y, t, s: GL(l, y, _set(t, (0, 0), 8), scores=s), "tokens"),
-    "token_lt_m1": (lambda l, y, t, s: GL(l, y, _set(t, (0, 0), -3), scores=s), "tokens"),
+    "token_ge_v": (lambda l, y, t, s: GL(l, y, with_value(t, (0, 0), 8), scores=s), "tokens"),
+    "token_lt_m1": (lambda l, y, t, s: GL(l, y, with_value(t, (0, 0), -3), scores=s), "tokens"),
     "both_sources": (lambda l, y, t, s: GL(l, y, t, scores=s, weights=s.abs()), "scores|weights"),
     "no_source": (lambda l, y, t, s: GL(l, y, t), "scores|weights"),
     "tau_zero": (lambda l, y, t, s: GL(l, y, t, scores=s, temperature=0.0), "temperature"),
-    "tau_tensor": (lambda l, y, t, s: GL(l, y, t, scores=s, temperature=_T([1, -1, 1], l.device)), "temperature"),
+    "tau_tensor": (lambda l, y, t, s: GL(l, y, t, scores=s, temperature=f32_tensor([1, -1, 1], l.device)), "temperature"),
     "lam_above_one": (lambda l, y, t, s: GL(l, y, t, scores=s, lam=1.0001), "lam"),
-    "lam_tensor": (lambda l, y, t, s: GL(l, y, t, scores=s, lam=_T([0.1, 0.2, -0.3], l.device)), "lam"),
-    "logits_nan": (lambda l, y, t, s: GL(_set(l, (0, 3), float("nan")), y, t, scores=s), "logits"),
-    "logits_posinf": (lambda l, y, t, s: GL(_set(l, (1, 3), float("inf")), y, t, scores=s), "logits"),
+    "lam_tensor": (lambda l, y, t, s: GL(l, y, t, scores=s, lam=f32_tensor([0.1, 0.2, -0.3], l.device)), "lam"),
+    "logits_nan": (lambda l, y, t, s: GL(with_value(l, (0, 3), float("nan")), y, t, scores=s), "logits"),
+    "logits_posinf": (lambda l, y, t, s: GL(with_value(l, (1, 3), float("inf")), y, t, scores=s), "logits"),
 }
 
 

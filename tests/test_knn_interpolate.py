@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES, HAS_CUDA
-from helpers import NEG_INF, assert_logp_close, log_pknn64, rand_scores, rand_tokens
+from helpers import NEG_INF, assert_logp_close, log_pknn64, rand_scores, rand_tokens, f32_tensor, with_value
 
 SHAPES = [(1, 1, 1), (3, 10, 4), (17, 300, 64), (4, 50257, 8), (2, 5000, 1024)]
 LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -225,16 +225,6 @@ def _ok(device="cpu"):
             torch.randn(3, 4, device=device))
 
 
-def _set(t, idx, val):
-    t = t.clone()
-    t[idx] = val
-    return t
-
-
-def _T(vals, device):
-    return torch.tensor(vals, dtype=torch.float32, device=device)
-
-
 KI = knnfast.knn_interpolate
 BAD = {
     "logits_1d": (lambda l, t, s: KI(l[0], t, scores=s), "logits"),
@@ -243,23 +233,23 @@ BAD = {
     "tokens_rows": (lambda l, t, s: KI(l, t[:2], scores=s[:2]), "tokens|logits"),
     "scores_shape": (lambda l, t, s: KI(l, t, scores=s[:, :3]), "scores"),
     "weights_shape": (lambda l, t, s: KI(l, t, weights=s.abs()[:2]), "weights"),
-    "token_ge_v": (lambda l, t, s: KI(l, _set(t, (0, 1), 8), scores=s), "tokens"),
-    "token_lt_m1": (lambda l, t, s: KI(l, _set(t, (2, 3), -2), scores=s), "tokens"),
+    "token_ge_v": (lambda l, t, s: KI(l, with_value(t, (0, 1), 8), scores=s), "tokens"),
+    "token_lt_m1": (lambda l, t, s: KI(l, with_value(t, (2, 3), -2), scores=s), "tokens"),
     "both_sources": (lambda l, t, s: KI(l, t, scores=s, weights=s.abs()), "scores|weights"),
     "no_source": (lambda l, t, s: KI(l, t), "scores|weights"),
-    "weights_negative": (lambda l, t, s: KI(l, t, weights=_set(s.abs(), (1, 1), -0.5)), "weights"),
+    "weights_negative": (lambda l, t, s: KI(l, t, weights=with_value(s.abs(), (1, 1), -0.5)), "weights"),
     "tau_zero": (lambda l, t, s: KI(l, t, scores=s, temperature=0.0), "temperature"),
     "tau_negative": (lambda l, t, s: KI(l, t, scores=s, temperature=-2.0), "temperature"),
-    "tau_tensor": (lambda l, t, s: KI(l, t, scores=s, temperature=_T([1, 0, 1], l.device)), "temperature"),
-    "tau_tensor_shape": (lambda l, t, s: KI(l, t, scores=s, temperature=_T([1, 1], l.device)), "temperature"),
+    "tau_tensor": (lambda l, t, s: KI(l, t, scores=s, temperature=f32_tensor([1, 0, 1], l.device)), "temperature"),
+    "tau_tensor_shape": (lambda l, t, s: KI(l, t, scores=s, temperature=f32_tensor([1, 1], l.device)), "temperature"),
     "lam_negative": (lambda l, t, s: KI(l, t, scores=s, lam=-0.1), "lam"),
     "lam_above_one": (lambda l, t, s: KI(l, t, scores=s, lam=1.5), "lam"),
     "lam_nan": (lambda l, t, s: KI(l, t, scores=s, lam=float("nan")), "lam"),
-    "lam_tensor": (lambda l, t, s: KI(l, t, scores=s, lam=_T([0.5, 1.01, 0.2], l.device)), "lam"),
-    "lam_tensor_neg": (lambda l, t, s: KI(l, t, scores=s, lam=_T([-0.5, 0.1, 0.2], l.device)), "lam"),
-    "lam_tensor_shape": (lambda l, t, s: KI(l, t, scores=s, lam=_T([0.5] * 4, l.device)), "lam"),
-    "logits_nan": (lambda l, t, s: KI(_set(l, (1, 5), float("nan")), t, scores=s), "logits"),
-    "logits_posinf": (lambda l, t, s: KI(_set(l, (2, 0), float("inf")), t, scores=s), "logits"),
+    "lam_tensor": (lambda l, t, s: KI(l, t, scores=s, lam=f32_tensor([0.5, 1.01, 0.2], l.device)), "lam"),
+    "lam_tensor_neg": (lambda l, t, s: KI(l, t, scores=s, lam=f32_tensor([-0.5, 0.1, 0.2], l.device)), "lam"),
+    "lam_tensor_shape": (lambda l, t, s: KI(l, t, scores=s, lam=f32_tensor([0.5] * 4, l.device)), "lam"),
+    "logits_nan": (lambda l, t, s: KI(with_value(l, (1, 5), float("nan")), t, scores=s), "logits"),
+    "logits_posinf": (lambda l, t, s: KI(with_value(l, (2, 0), float("inf")), t, scores=s), "logits"),
     "out_shape": (lambda l, t, s: KI(l, t, scores=s, out=torch.empty(3, 7, device=l.device)), r"\bout\b"),
     "out_dtype": (lambda l, t, s: KI(l, t, scores=s, out=torch.empty(3, 8, dtype=torch.float16, device=l.device)), r"\bout\b"),
     "out_noncontig": (lambda l, t, s: KI(l, t, scores=s, out=torch.empty(8, 3, device=l.device).t()), r"\bout\b"),

@@ -23,8 +23,6 @@ write_results.py can pair the fused, reference, FAISS and copy rows of one cell.
 from __future__ import annotations
 
 import gc
-import importlib
-import importlib.util
 import math
 import os
 import platform
@@ -91,61 +89,18 @@ def pytest_collection_modifyitems(session, config, items):
 
 # --------------------------------------------------------------------------- implementations
 
-_FUSED = None
-_FUSED_ERR = None
-_REF = None
-_REF_ERR = None
-
-
-def _load_fused():
-    global _FUSED, _FUSED_ERR
-    if _FUSED is None and _FUSED_ERR is None:
-        try:
-            _FUSED = importlib.import_module("knnfast")
-        except Exception as e:  # extension not built, import error, ...
-            _FUSED_ERR = f"{type(e).__name__}: {e}"
-    return _FUSED, _FUSED_ERR
-
-
-def _load_reference():
-    """knnfast.reference; if the package itself cannot be imported (extension not
-    built yet), load knnfast/reference.py as a standalone module: it is pure PyTorch."""
-    global _REF, _REF_ERR
-    if _REF is None and _REF_ERR is None:
-        try:
-            _REF = importlib.import_module("knnfast.reference")
-        except Exception as e1:
-            path = REPO / "knnfast" / "reference.py"
-            try:
-                if not path.exists():
-                    raise FileNotFoundError(str(path))
-                spec = importlib.util.spec_from_file_location("_knnfast_reference_standalone", path)
-                mod = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(mod)
-                _REF = mod
-            except Exception as e2:
-                _REF_ERR = f"knnfast.reference: {type(e1).__name__}: {e1}; standalone: {type(e2).__name__}: {e2}"
-    return _REF, _REF_ERR
+# The benchmarks compare the built extension with its reference twin: a missing build or
+# op is an error here (a skipped cell would leave a hole in RESULTS.md), not a skip.
+import knnfast  # noqa: E402
+from knnfast import reference as _reference  # noqa: E402
 
 
 def fused_op(name):
-    mod, err = _load_fused()
-    if mod is None:
-        pytest.skip(f"knnfast not importable ({err})")
-    fn = getattr(mod, name, None)
-    if fn is None:
-        pytest.skip(f"knnfast.{name} missing")
-    return fn
+    return getattr(knnfast, name)
 
 
 def reference_op(name):
-    mod, err = _load_reference()
-    if mod is None:
-        pytest.skip(f"reference not importable ({err})")
-    fn = getattr(mod, name, None)
-    if fn is None:
-        pytest.skip(f"knnfast.reference.{name} missing")
-    return fn
+    return getattr(_reference, name)
 
 
 # --------------------------------------------------------------------------- memory
@@ -336,17 +291,8 @@ def knnfast_machine_info():
         info["faiss_threads"] = faiss.omp_get_max_threads()
     except Exception as e:
         info["faiss_version"] = f"unavailable ({type(e).__name__})"
-    mod, err = _load_fused()
-    if mod is not None and hasattr(mod, "build_info"):
-        try:
-            info["knnfast_build_info"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                                          for k, v in dict(mod.build_info()).items()}
-        except Exception as e:
-            info["knnfast_build_info"] = f"build_info() failed: {type(e).__name__}: {e}"
-    elif mod is not None:
-        info["knnfast_build_info"] = "knnfast imported but has no build_info (extension not built?)"
-    else:
-        info["knnfast_build_info"] = f"knnfast not importable ({err})"
+    info["knnfast_build_info"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                                  for k, v in knnfast.build_info().items()}
     return info
 
 

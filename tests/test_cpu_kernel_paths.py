@@ -16,7 +16,7 @@ import torch
 
 import knnfast
 from knnfast import reference as ref
-from helpers import KEY_DTYPES, METRICS, assert_topk_valid, exact_scores
+from helpers import KEY_DTYPES, METRICS, assert_topk_valid
 
 SEARCH_PATHS = ["stream", "gemm_f32"] + (["bf16"] if knnfast.build_info()["avx512_bf16"] else [])
 

@@ -1,7 +1,9 @@
 """Shared pytest configuration for the knnfast test-suite.
 
 * ``DEVICES``: parametrize list, "cpu" always, "cuda" skipped with the reason
-  "no CUDA device" when torch has no usable GPU (so the skip is visible in -rs).
+  "no CUDA device" when torch has no usable GPU, or with a reason naming the build when
+  knnfast was compiled without its CUDA kernels (so the skip is visible in -rs).
+* ``requires_cuda``: the same skip as a mark, for CUDA-only tests.
 * hypothesis profile "knnfast" (the default): no deadline, few examples, so the
   whole suite runs in a few minutes on a 2-core machine. Set
   HYPOTHESIS_PROFILE=thorough for a longer run.
@@ -30,15 +32,19 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "knnfast"))
 
-HAS_CUDA = torch.cuda.is_available()
+import knnfast  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+CUDA_BUILT = knnfast.build_info()["cuda_compiled"]
+HAS_CUDA = HAS_GPU and CUDA_BUILT
+CUDA_SKIP_REASON = ("no CUDA device" if not HAS_GPU else
+                    "knnfast was built without its CUDA kernels (no nvcc or a CPU-only torch "
+                    "at build time)")
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param(
-        "cuda",
-        id="cuda",
-        marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),
-    ),
+    pytest.param("cuda", id="cuda", marks=requires_cuda),
 ]
 devices = DEVICES  # alias: `from conftest import devices`
 

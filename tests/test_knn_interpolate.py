@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, requires_cuda
 from helpers import NEG_INF, assert_logp_close, log_pknn64, rand_scores, rand_tokens, f32_tensor, with_value
 
 SHAPES = [(1, 1, 1), (3, 10, 4), (17, 300, 64), (4, 50257, 8), (2, 5000, 1024)]
@@ -264,7 +264,7 @@ def test_bad_inputs(device, case):
         fn(*_ok(device))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@requires_cuda
 def test_device_mismatch():
     l, t, s = _ok("cpu")
     with pytest.raises(ValueError, match="tokens|logits"):

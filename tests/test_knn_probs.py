@@ -7,7 +7,7 @@ from hypothesis import example, given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, requires_cuda
 from helpers import NEG_INF, rand_scores, rand_tokens
 
 SHAPES = [(1, 1, 1), (3, 4, 10), (17, 64, 300), (5, 64, 7), (4, 1024, 5000), (2, 2048, 50)]
@@ -252,7 +252,7 @@ def test_sparse_bad_inputs(device, case):
         fn(*_ok(device))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@requires_cuda
 def test_device_mismatch():
     s, t = _ok("cpu")
     with pytest.raises(ValueError, match="tokens|scores"):

@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, requires_cuda
 from helpers import KEY_DTYPES, METRICS, exact_scores, gather_exact, score_scale
 
 
@@ -126,7 +126,7 @@ def test_bad_inputs(device, case):
         fn(*_ok(device))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@requires_cuda
 def test_device_mismatch():
     q, k, i = _ok("cpu")
     with pytest.raises(ValueError, match="keys|queries|indices"):

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, requires_cuda
 from helpers import (
     KEY_DTYPES,
     METRICS,
@@ -338,7 +338,7 @@ def test_bad_inputs(device, case):
         fn(q, k)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@requires_cuda
 def test_device_mismatch():
     q, k = _ok("cpu")
     with pytest.raises(ValueError, match="keys|queries"):

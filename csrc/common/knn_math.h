@@ -144,4 +144,35 @@ KNNFAST_HD float interpolate_log(float log_one_minus_lam_plus_logp_model,
   return logaddexp(log_one_minus_lam_plus_logp_model, log_lam_plus_logp_knn);
 }
 
+// Upper bound on |exact score - approximate score| for one query of the CUDA tensor-core
+// search path. Its dot products use the query scaled by `scale` (a power of two) and rounded
+// to the keys' 16-bit type (relative rounding `unit`, absolute underflow `tiny` in scaled
+// units), multiplied by the stored keys with fp32 accumulation over D terms. qq = |q|^2 and
+// kmax_sq = the largest |k|^2 of the datastore. The terms (all by Cauchy-Schwarz):
+//   rounding of q:      unit |q| |k| + (tiny / scale) sqrt(D) |k|
+//   fp32 accumulation:  D 2^-23 |q| |k|             (twice the classic gamma_D)
+//   fp32 score algebra: D 2^-22 (|q|^2 + |k|^2 + 2 |q| |k|)
+// and a 1.5x safety factor; a loose bound only costs an exact re-search of the row.
+KNNFAST_HD float approx_score_error(Metric metric, int64_t D, float unit, float tiny,
+                                    float scale, float qq, float kmax_sq) {
+  const float d = static_cast<float>(D);
+  const float qn = sqrtf(qq), kn = sqrtf(kmax_sq);
+  const float relative = unit + d * 1.1920929e-7f;  // unit + D 2^-23
+  const float algebra = d * 2.3841858e-7f;          // D 2^-22
+  const float under = tiny / scale * sqrtf(d);
+  float e;
+  switch (metric) {
+    case Metric::L2:
+      e = 2.0f * (relative * qn * kn + under * kn) + algebra * (qq + kmax_sq + 2.0f * qn * kn);
+      break;
+    case Metric::IP:
+      e = relative * qn * kn + under * kn + algebra * qn * kn;
+      break;
+    default:  // cos: the errors divide by max(|q|, eps) max(|k|, eps); scores are in [-1, 1]
+      e = relative + under / fmaxf(qn, kNormEps) + algebra;
+      break;
+  }
+  return 1.5f * e;
+}
+
 }  // namespace knnfast

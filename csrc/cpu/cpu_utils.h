@@ -14,25 +14,17 @@
 #include <vector>
 
 #include "common/knn_math.h"
+#include "common/torch_checks.h"
 
 namespace knnfast::cpu {
 
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ",
-                    t.sizes());
-}
-
-inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
-                    " must be float32, float16 or bfloat16, got ", s);
-}
-
-// Logits may be any floating dtype (float64 included); kernels read them as float32 rows.
-inline void check_logits(const at::Tensor& t, const char* op) {
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op,
-                    ": logits must be a floating-point tensor, got ", t.scalar_type());
-}
+using knnfast::as_float32;
+using knnfast::as_int64;
+using knnfast::check_dim;
+using knnfast::check_floating;
+using knnfast::check_integer;
+using knnfast::check_logits;
+using knnfast::parse_metric;
 
 // Row r of a [B, V] logits tensor as float32: a pointer into it when it is float32, else
 // converted into `buffer` (V floats).
@@ -47,25 +39,6 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name,
                     " must be on the same device as the other inputs (cpu), got ", t.device());
 }
-
-inline void check_integer(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ",
-                    name, " must be int64 or int32, got ", t.scalar_type());
-}
-
-inline Metric parse_metric(const std::string& metric, const char* op) {
-  if (metric == "l2") return Metric::L2;
-  if (metric == "ip") return Metric::IP;
-  if (metric == "cos") return Metric::COS;
-  TORCH_CHECK_VALUE(false, op, ": metric must be 'l2', 'ip' or 'cos', got '", metric, "'");
-  return Metric::L2;
-}
-
-inline at::Tensor as_float32(const at::Tensor& t) {
-  return t.to(at::kFloat).contiguous();
-}
-
-inline at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
 
 // Neighbour tokens [B, k]: int64 contiguous, every id in [-1, vocab) (vocab < 0: no bound).
 inline at::Tensor checked_tokens(const at::Tensor& tokens, int64_t rows, int64_t vocab,
@@ -102,8 +75,7 @@ enum class ParamRange { Positive, UnitInterval };
 inline RowParam row_param(const at::Tensor& t, int64_t rows, ParamRange range, const char* op,
                           const char* name) {
   check_cpu(t, op, name);
-  TORCH_CHECK_VALUE(t.numel() == 1 || (t.dim() == 1 && t.size(0) == rows), op, ": ", name,
-                    " must be a float or a tensor of shape [", rows, "], got shape ", t.sizes());
+  check_row_param_shape(t, rows, op, name);
   RowParam p;
   p.storage = as_float32(t).reshape({-1});
   p.data = p.storage.data_ptr<float>();

@@ -1,0 +1,56 @@
+// Argument checks shared by the CPU and CUDA wrappers (torch side only; never included by a
+// .cu file). Every check names the op and the argument and raises ValueError in Python
+// (TORCH_CHECK_VALUE), so direct torch.ops.knnfast.* calls fail as clearly as the Python
+// wrappers do.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "common/knn_math.h"
+
+namespace knnfast {
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ",
+                    t.sizes());
+}
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", s);
+}
+
+// Logits may be any floating dtype (float64 included); kernels read them as float32 rows.
+inline void check_logits(const at::Tensor& t, const char* op) {
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op,
+                    ": logits must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_integer(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ",
+                    name, " must be int64 or int32, got ", t.scalar_type());
+}
+
+inline Metric parse_metric(const std::string& metric, const char* op) {
+  if (metric == "l2") return Metric::L2;
+  if (metric == "ip") return Metric::IP;
+  if (metric == "cos") return Metric::COS;
+  TORCH_CHECK_VALUE(false, op, ": metric must be 'l2', 'ip' or 'cos', got '", metric, "'");
+  return Metric::L2;
+}
+
+inline at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+inline at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
+// Per-row parameter (temperature, lam) shape check: numel 1 (all rows) or shape [rows].
+inline void check_row_param_shape(const at::Tensor& t, int64_t rows, const char* op,
+                                  const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == 1 || (t.dim() == 1 && t.size(0) == rows), op, ": ", name,
+                    " must be a float or a tensor of shape [", rows, "], got shape ", t.sizes());
+}
+
+}  // namespace knnfast

@@ -1,0 +1,50 @@
+// knn_rescore on CUDA: argument checks and launch (kernel in knn_rescore.cu).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_utils.h"
+#include "cuda/knn_rescore.h"
+
+namespace knnfast::cuda {
+
+at::Tensor knn_rescore_cuda(const at::Tensor& queries_in, const at::Tensor& keys_in,
+                            const at::Tensor& indices_in, const std::string& metric_name) {
+  constexpr const char* kOp = "knn_rescore";
+  const Metric metric = parse_metric(metric_name, kOp);
+  const at::Device device = queries_in.device();
+  check_cuda_tensor(keys_in, device, kOp, "keys");
+  check_cuda_tensor(indices_in, device, kOp, "indices");
+  check_dim(queries_in, 2, kOp, "queries");
+  check_dim(keys_in, 2, kOp, "keys");
+  check_dim(indices_in, 2, kOp, "indices");
+  check_floating(queries_in, kOp, "queries");
+  check_floating(keys_in, kOp, "keys");
+  check_integer(indices_in, kOp, "indices");
+  TORCH_CHECK_VALUE(queries_in.size(1) == keys_in.size(1), kOp,
+                    ": queries and keys must have the same dimension D, got queries ",
+                    queries_in.sizes(), " and keys ", keys_in.sizes());
+  TORCH_CHECK_VALUE(indices_in.size(0) == queries_in.size(0), kOp, ": indices must have ",
+                    queries_in.size(0), " rows (one per query), got ", indices_in.sizes());
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor queries = as_float32(queries_in);
+  const at::Tensor keys = keys_in.contiguous();
+  const at::Tensor indices = as_int64(indices_in);
+  const int64_t B = indices.size(0), k = indices.size(1);
+  at::Tensor out = at::empty({B, k}, queries.options());
+  const at::Tensor status = new_status(device);
+  launch_knn_rescore(queries.data_ptr<float>(), keys.data_ptr(), float_type(keys), B,
+                     keys.size(0), queries.size(1), indices.data_ptr<int64_t>(), k,
+                     static_cast<int>(metric), out.data_ptr<float>(), status_ptr(status),
+                     current_stream());
+  StatusContext c;
+  c.op = kOp;
+  c.tokens = indices;
+  c.tokens_name = "indices";
+  c.token_bound = keys.size(0);
+  raise_on_status(status, c);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CUDA, m) { m.impl("knn_rescore", &knn_rescore_cuda); }
+
+}  // namespace knnfast::cuda

@@ -93,7 +93,8 @@ void launch_dispatch(const void* logits_v, int64_t B, int64_t V, const Neighbour
   const bool aligned = kVec > 1 && V % kVec == 0 && V % 4 == 0 &&
                        reinterpret_cast<uintptr_t>(logits) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  const bool cache = cache_rows && static_cast<size_t>(V) * sizeof(float) <= device_max_smem_optin();
+  // the row plus the kernel's static reduction scratch must fit the opt-in shared memory
+  const bool cache = cache_rows && static_cast<size_t>(V) * sizeof(float) + 1024 <= device_max_smem_optin();
   if (aligned) {
     if (cache) launch_typed<T, kVec, true>(logits, B, V, nb, lam, out, status, stream);
     else launch_typed<T, kVec, false>(logits, B, V, nb, lam, out, status, stream);

@@ -118,7 +118,7 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   auto [scale, inv_scale] = query_scales(in.queries);
   const at::Tensor q_lp = (in.queries * scale.unsqueeze(1)).to(in.keys.scalar_type());
 
-  const int64_t tile = std::clamp<int64_t>((kTileBytes / 4 / B) / 256 * 256, 4096, N);
+  const int64_t tile = std::min(N, std::max<int64_t>(4096, (kTileBytes / 4 / B) / 256 * 256));
   const int64_t slices = std::clamp<int64_t>((16384 + B - 1) / B, 1, std::max<int64_t>(1, tile / 256));
   at::Tensor list_scores = at::full({B, slices, Kc}, -INFINITY, f32);
   at::Tensor list_indices = at::full({B, slices, Kc}, -1, f32.dtype(at::kLong));

@@ -433,6 +433,40 @@ def section_simple(rows, op, title, desc, dims, impls=("fused", "reference")):
     return f"## {title}\n\n{desc} No numeric target in issue #2 (speed-up is informational).\n\n" + table(hdr, out)
 
 
+def ptxas_section():
+    """The register/spill table of `make cuda-check` (build/cuda-check.log), when present."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ptxas_report import render as render_ptxas
+    return render_ptxas()
+
+
+def section_cuda(rows):
+    """GPU cells (benchmarks/bench_cuda.py): time, speed-up over reference / FAISS GPU and
+    the fraction of peak HBM bandwidth the fused kernel reaches."""
+    out = []
+    for op in ("cuda_knn_interpolate", "cuda_knn_search"):
+        cells = by_cell(rows, op, lambda r: shape_key(r, ("B", "N", "V", "D", "k")), lambda r: r.impl)
+        for key, c in sorted(cells.items(), key=lambda kv: str(kv[0])):
+            fused = c.get("fused")
+            if fused is None:
+                continue
+            peak = fused.info.get("peak_bandwidth")
+            frac = (fused.info["bytes_moved"] / fused.median / peak) if peak else None
+            shape = ", ".join(f"{n}={v}" for n, v in fused.shape.items())
+            other = med(c, "faiss_gpu_fp32") or med(c, "copy")
+            other_name = "FAISS GPU fp32" if med(c, "faiss_gpu_fp32") else "copy_"
+            out.append([op[5:], shape, fused.info.get("gpu", "?"), fmt_ms(fused.median),
+                        fmt_ratio(ratio(med(c, "reference"), fused.median)),
+                        (f"{fmt_ratio(ratio(other, fused.median))} vs {other_name}" if other else "—"),
+                        f"{frac:.0%}" if frac is not None else "—"])
+    if not out:
+        return None
+    hdr = ["op", "shape", "GPU", "fused ms", "ref/fused", "other/fused", "HBM fraction"]
+    return ("## CUDA (issue #3)\n\nGPU cells from `benchmarks/bench_cuda.py`; HBM fraction = bytes "
+            "that must move (logits read + output write; or the fp16 keys once) / time / peak.\n\n"
+            + table(hdr, out))
+
+
 # ---------------------------------------------------------------------------------- main
 def render(json_paths):
     if isinstance(json_paths, (str, Path)):
@@ -456,6 +490,8 @@ def render(json_paths):
                        "Duplicates merged → (tokens [B, k], probs [B, k]).", ("B", "V", "k")),
         section_simple(rows, "label_counts", "label_counts",
                        "Distinct valid tokens among the first j+1 neighbours.", ("B", "k")),
+        section_cuda(rows),
+        ptxas_section(),
     ]
     sections = [s for s in sections if s]
 

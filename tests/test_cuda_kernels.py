@@ -252,3 +252,37 @@ def test_checks_off_never_crash(monkeypatch, case):
     fn, _ = _bad_cases()[case]
     fn("cuda")
     torch.cuda.synchronize()
+
+
+def test_bad_exclude_reports_the_absolute_row():
+    """Row groups of the stream plan report rows of the whole batch, as on CPU."""
+    q, keys = torch.randn(50, 8), torch.randn(30, 8)
+    ex = torch.full((50,), -1)
+    ex[40] = 30
+    for d in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="got 30 at row 40"):
+            knnfast.knn_search(q.to(d), keys.to(d), 3, exclude=ex.to(d))
+
+
+def test_rescore_nan_query_with_only_padding_ids():
+    q, keys = torch.randn(2, 4), torch.randn(10, 4)
+    q[1, 0] = float("nan")
+    idx = torch.tensor([[0, 1], [-1, -1]])
+    for d in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="queries contain NaN"):
+            knnfast.knn_rescore(q.to(d), keys.to(d), idx.to(d))
+
+
+def test_weights_non_finite_reported_before_negative():
+    l, t = torch.randn(1, 6), torch.tensor([[1, 2, 3, 4]])
+    w = torch.tensor([[-1.0, 0.5, 0.5, float("nan")]])
+    for d in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="weights must be finite or -inf"):
+            knnfast.knn_interpolate(l.to(d), t.to(d), weights=w.to(d))
+
+
+def test_direct_op_call_with_a_cpu_tensor_is_a_value_error():
+    l, t, s = torch.randn(2, 6), torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 2)
+    tau, lam = torch.ones(1), torch.full((1,), 0.5)
+    with pytest.raises(ValueError, match="logits must be on the same device"):
+        torch.ops.knnfast.knn_interpolate(l, t.cuda(), s.cuda(), None, tau.cuda(), lam.cuda())

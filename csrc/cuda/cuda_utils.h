@@ -24,6 +24,13 @@ inline void check_cuda_tensor(const at::Tensor& t, const at::Device& device, con
                     t.device());
 }
 
+// The wrappers take their device from one argument; a direct torch.ops call that mixes a CPU
+// tensor into CUDA inputs must fail as ValueError before any device guard is made.
+inline void check_is_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name,
+                    " must be on the same device as the other inputs (cuda), got ", t.device());
+}
+
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline FloatType float_type(const at::Tensor& t) {
@@ -80,6 +87,13 @@ inline void raise_on_status(const at::Tensor& status, const StatusContext& c) {
   const int64_t* s = host.data_ptr<int64_t>();
   auto bad = [&](StatusCode code) { return s[code] != -1; };
   const char* op = c.op;
+  // the order of the CPU checks: queries and targets before the neighbour inputs
+  TORCH_CHECK_VALUE(!bad(kBadQuery), op, ": queries contain NaN or inf");
+  if (bad(kBadTarget)) {
+    const int64_t row = s[kBadTarget];
+    TORCH_CHECK_VALUE(false, op, ": targets must be in [0, ", c.vocab, ") or ignore_index (",
+                      c.ignore_index, "), got ", c.targets[row].item<int64_t>(), " at row ", row);
+  }
   if (bad(kBadToken)) {
     const int64_t pos = s[kBadToken];
     TORCH_CHECK_VALUE(false, op, ": ", c.tokens_name, " must hold ids in [-1, ",
@@ -92,14 +106,15 @@ inline void raise_on_status(const at::Tensor& status, const StatusContext& c) {
     TORCH_CHECK_VALUE(false, op, ": scores must be finite or -inf, got ", value_at(c.scores, pos),
                       " at flat position ", pos);
   }
+  if (bad(kBadWeightNonFinite)) {
+    const int64_t pos = s[kBadWeightNonFinite];
+    TORCH_CHECK_VALUE(false, op, ": weights must be finite or -inf, got ", value_at(c.weights, pos),
+                      " at flat position ", pos);
+  }
   if (bad(kBadWeight)) {
     const int64_t pos = s[kBadWeight];
-    const double w = value_at(c.weights, pos);
-    if (std::isnan(w) || w == INFINITY)
-      TORCH_CHECK_VALUE(false, op, ": weights must be finite or -inf, got ", w,
-                        " at flat position ", pos);
-    TORCH_CHECK_VALUE(false, op, ": weights must be finite and >= 0, got ", w,
-                      " at flat position ", pos);
+    TORCH_CHECK_VALUE(false, op, ": weights must be finite and >= 0, got ",
+                      value_at(c.weights, pos), " at flat position ", pos);
   }
   if (bad(kBadTemperature)) {
     const int64_t row = s[kBadTemperature];
@@ -113,14 +128,8 @@ inline void raise_on_status(const at::Tensor& status, const StatusContext& c) {
     TORCH_CHECK_VALUE(false, op, ": lam must be in [0, 1], got ", value_at(c.lam, at_row),
                       " (row ", at_row, ")");
   }
-  if (bad(kBadTarget)) {
-    const int64_t row = s[kBadTarget];
-    TORCH_CHECK_VALUE(false, op, ": targets must be in [0, ", c.vocab, ") or ignore_index (",
-                      c.ignore_index, "), got ", c.targets[row].item<int64_t>(), " at row ", row);
-  }
   TORCH_CHECK_VALUE(!bad(kBadLogitsRow), op, ": logits row ", s[kBadLogitsRow],
                     " contains NaN or +inf (log_softmax is undefined)");
-  TORCH_CHECK_VALUE(!bad(kBadQuery), op, ": queries contain NaN or inf");
   if (bad(kBadExclude)) {
     const int64_t row = s[kBadExclude];
     TORCH_CHECK_VALUE(false, op, ": exclude must hold ids in [-1, ", c.entries, "), got ",

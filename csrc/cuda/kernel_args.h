@@ -18,7 +18,8 @@ enum class FloatType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 enum StatusCode : int {
   kBadToken = 0,        // token / index id outside [-1, bound)
   kBadScore,            // NaN or +inf in neighbour scores
-  kBadWeight,           // NaN, inf or negative neighbour weight
+  kBadWeightNonFinite,  // NaN or +inf neighbour weight
+  kBadWeight,           // negative (or -inf) neighbour weight
   kBadTemperature,      // temperature <= 0, NaN or inf (position = row)
   kBadLam,              // lam outside [0, 1] (position = row)
   kBadLogitsRow,        // NaN or +inf in a logits row (position = row)

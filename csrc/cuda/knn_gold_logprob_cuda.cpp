@@ -14,6 +14,7 @@ at::Tensor knn_gold_logprob_cuda(const at::Tensor& logits_in, const at::Tensor& 
                                  const at::Tensor& temperature, const at::Tensor& lam,
                                  int64_t ignore_index) {
   constexpr const char* kOp = "knn_gold_logprob";
+  check_is_cuda(logits_in, kOp, "logits");
   check_dim(logits_in, 2, kOp, "logits");
   check_logits(logits_in, kOp);
   const at::Device device = logits_in.device();

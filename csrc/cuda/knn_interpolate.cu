@@ -16,7 +16,8 @@ template <typename T, int VEC, bool CACHE>
 __global__ void knn_interpolate_kernel(const T* logits, int64_t V, NeighbourArgs nb,
                                        RowScalarArg lam, float* out,
                                        unsigned long long* status) {
-  extern __shared__ float row_cache[];  // V floats when CACHE
+  extern __shared__ float4 row_cache_v[];  // V floats when CACHE (float4: 16-byte aligned)
+  float* row_cache = reinterpret_cast<float*>(row_cache_v);
   __shared__ SoftmaxState scratch[kWarp];
   const int64_t r = blockIdx.x;
   const T* x = logits + r * V;
@@ -33,8 +34,8 @@ __global__ void knn_interpolate_kernel(const T* logits, int64_t V, NeighbourArgs
     for (int e = 0; e < VEC; ++e) {
       bad |= isnan(v[e]) || v[e] == INFINITY;
       online_add(state, v[e]);
-      if constexpr (CACHE) row_cache[c * VEC + e] = v[e];
     }
+    if constexpr (CACHE) store_vec<VEC>(row_cache + c * VEC, v);  // 16-byte stores
   }
   state = block_merge(state, scratch);
   if (block_any(bad) && threadIdx.x == 0) report(status, kBadLogitsRow, r);
@@ -49,8 +50,7 @@ __global__ void knn_interpolate_kernel(const T* logits, int64_t V, NeighbourArgs
   for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
     float v[VEC];
     if constexpr (CACHE) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) v[e] = row_cache[c * VEC + e];
+      load_floats<VEC>(row_cache + c * VEC, v);
     } else {
       load_vec<T, VEC>(x + c * VEC, v);
     }

@@ -12,6 +12,7 @@ namespace {
 constexpr const char* kOp = "knn_interpolate";
 
 void check_logits_arg(const at::Tensor& logits) {
+  check_is_cuda(logits, kOp, "logits");
   check_dim(logits, 2, kOp, "logits");
   check_logits(logits, kOp);
   TORCH_CHECK_VALUE(logits.size(1) > 0, kOp, ": logits must have a vocabulary dimension > 0");

@@ -10,6 +10,7 @@ namespace knnfast::cuda {
 at::Tensor knn_probs_cuda(const at::Tensor& scores, const at::Tensor& tokens, int64_t vocab_size,
                           const at::Tensor& temperature) {
   constexpr const char* kOp = "knn_probs";
+  check_is_cuda(scores, kOp, "scores");
   TORCH_CHECK_VALUE(vocab_size > 0, kOp, ": vocab_size must be > 0, got ", vocab_size);
   check_dim(tokens, 2, kOp, "tokens");
   const at::Device device = scores.device();
@@ -29,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor> knn_probs_sparse_cuda(const at::Tensor& score
                                                          const at::Tensor& tokens,
                                                          const at::Tensor& temperature) {
   constexpr const char* kOp = "knn_probs_sparse";
+  check_is_cuda(scores, kOp, "scores");
   check_dim(tokens, 2, kOp, "tokens");
   const at::Device device = scores.device();
   const c10::cuda::CUDAGuard guard(device);

@@ -19,6 +19,11 @@ __global__ void knn_rescore_kernel(const float* queries, const KeyT* keys, int64
   for (int64_t pair = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
        pair < B * k; pair += warps) {
     const int64_t b = pair / k;
+    if (pair % k == 0) {  // the row's first pair checks the query once, whatever its ids
+      bool finite = true;
+      for (int64_t d = lane; d < D; d += kWarp) finite &= isfinite(queries[b * D + d]);
+      if (__any_sync(kFullMask, !finite) && lane == 0) report(status, kBadQuery, b);
+    }
     const int64_t id = indices[pair];
     const bool id_ok = id >= -1 && id < N;
     if (!id_ok && lane == 0) report(status, kBadToken, pair);
@@ -29,17 +34,14 @@ __global__ void knn_rescore_kernel(const float* queries, const KeyT* keys, int64
     const float* q = queries + b * D;
     const KeyT* key = keys + id * D;
     float diff_sq = 0.0f, dot = 0.0f, qq = 0.0f, kk = 0.0f;
-    bool finite = true;
     for (int64_t d = lane; d < D; d += kWarp) {
       const float qv = q[d], kv = to_float(key[d]);
-      finite &= isfinite(qv);
       const float diff = qv - kv;
       diff_sq = fmaf(diff, diff, diff_sq);
       dot = fmaf(qv, kv, dot);
       qq = fmaf(qv, qv, qq);
       kk = fmaf(kv, kv, kk);
     }
-    if (__any_sync(kFullMask, !finite) && lane == 0) report(status, kBadQuery, b);
     diff_sq = warp_sum(diff_sq);
     dot = warp_sum(dot);
     qq = warp_sum(qq);

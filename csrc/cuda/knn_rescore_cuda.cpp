@@ -11,6 +11,7 @@ at::Tensor knn_rescore_cuda(const at::Tensor& queries_in, const at::Tensor& keys
                             const at::Tensor& indices_in, const std::string& metric_name) {
   constexpr const char* kOp = "knn_rescore";
   const Metric metric = parse_metric(metric_name, kOp);
+  check_is_cuda(queries_in, kOp, "queries");
   const at::Device device = queries_in.device();
   check_cuda_tensor(keys_in, device, kOp, "keys");
   check_cuda_tensor(indices_in, device, kOp, "indices");

@@ -153,10 +153,13 @@ __global__ void merge_lists_kernel(MergeArgs a, unsigned long long* status) {
     }
   }
   if (!a.finalize) return;
-  check_exclude(a.exclude, row, a.N, status);
+  if (a.exclude && lane == 0) {
+    const int64_t e = a.exclude[row];
+    if (e < -1 || e >= a.N) report(status, kBadExclude, a.row_offset + row);
+  }
   bool finite = true;
   const float qq = warp_query_sq_norm(a.queries + row * a.D, a.D, finite);
-  if (!finite && lane == 0) report(status, kBadQuery, row);
+  if (!finite && lane == 0) report(status, kBadQuery, a.row_offset + row);
   for (int64_t j = lane; j < a.K_out; j += kWarp)
     os[j] = oi[j] < 0 ? -INFINITY : final_score(static_cast<Metric>(a.metric), os[j], qq);
 }

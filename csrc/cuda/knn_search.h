@@ -62,6 +62,7 @@ struct MergeArgs {
   int64_t D;
   const int64_t* exclude;       // [rows] or null: validated when finalizing (ids in [-1, N))
   int64_t N;
+  int64_t row_offset;           // added to the row numbers reported in the status
 };
 void launch_merge_lists(const MergeArgs& a, unsigned long long* status, cudaStream_t stream);
 

@@ -36,9 +36,10 @@ const int64_t* exclude_ptr(const SearchInputs& in) {
   return in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
 }
 
-// Exact search of `in` on the stream plan into out_scores / out_indices [B, k].
+// Exact search of `in` on the stream plan into out_scores / out_indices [B, k]. `validate`:
+// check the exclude ids (off when re-searching rows the tensor plan already checked).
 void stream_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out_indices,
-                 const at::Tensor& status) {
+                 const at::Tensor& status, bool validate = true) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0), k = in.k;
   const int64_t group = std::min<int64_t>(stream_scan_max_rows(D), B);
   TORCH_CHECK_VALUE(group >= 1, kOp, ": D = ", D,
@@ -83,8 +84,9 @@ void stream_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out
     m.metric = a.metric;
     m.queries = a.queries;
     m.D = D;
-    m.exclude = a.exclude;
+    m.exclude = validate ? a.exclude : nullptr;
     m.N = N;
+    m.row_offset = g0;
     launch_merge_lists(m, status_ptr(status), stream);
   }
 }
@@ -108,12 +110,11 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   const auto f32 = in.queries.options();
   const cudaStream_t stream = current_stream();
 
-  at::Tensor norms = in.key_sq_norms;
-  if (!norms.defined()) {
-    norms = at::empty({N}, f32);
-    launch_key_sq_norms(in.keys.data_ptr(), float_type(in.keys), N, D, norms.data_ptr<float>(),
-                        stream);
-  }
+  // |k|^2 from the stored keys even when the caller caches them: the exactness proof
+  // assumes norms accurate to fp32 rounding, which a user cache need not be
+  at::Tensor norms = at::empty({N}, f32);
+  launch_key_sq_norms(in.keys.data_ptr(), float_type(in.keys), N, D, norms.data_ptr<float>(),
+                      stream);
   const at::Tensor kmax_sq = norms.amax().reshape({1}).contiguous();
   auto [scale, inv_scale] = query_scales(in.queries);
   const at::Tensor q_lp = (in.queries * scale.unsqueeze(1)).to(in.keys.scalar_type());
@@ -163,6 +164,7 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   m.D = D;
   m.exclude = nullptr;
   m.N = N;
+  m.row_offset = 0;
   launch_merge_lists(m, status_ptr(status), stream);
 
   at::Tensor cand_exact = at::empty({B, Kc}, f32);
@@ -204,7 +206,7 @@ void research_rows(const SearchInputs& in, const at::Tensor& rows, at::Tensor& o
   if (in.exclude.defined()) sub.exclude = in.exclude.index_select(0, rows).contiguous();
   at::Tensor s = at::empty({rows.size(0), in.k}, out_scores.options());
   at::Tensor i = at::empty({rows.size(0), in.k}, out_indices.options());
-  stream_plan(sub, s, i, status);
+  stream_plan(sub, s, i, status, /*validate=*/false);
   out_scores.index_copy_(0, rows, s);
   out_indices.index_copy_(0, rows, i);
 }
@@ -261,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
                                                    const std::string& metric,
                                                    const c10::optional<at::Tensor>& key_sq_norms,
                                                    const c10::optional<at::Tensor>& exclude) {
+  check_is_cuda(queries, kOp, "queries");
   const c10::cuda::CUDAGuard guard(queries.device());
   SearchInputs in = check_inputs(queries, keys, k, metric, key_sq_norms, exclude);
   const int64_t B = in.queries.size(0);

@@ -9,6 +9,7 @@ namespace knnfast::cuda {
 
 at::Tensor label_counts_cuda(const at::Tensor& tokens_in) {
   constexpr const char* kOp = "label_counts";
+  check_is_cuda(tokens_in, kOp, "tokens");
   check_dim(tokens_in, 2, kOp, "tokens");
   check_integer(tokens_in, kOp, "tokens");
   const c10::cuda::CUDAGuard guard(tokens_in.device());

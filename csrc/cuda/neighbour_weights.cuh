@@ -33,8 +33,10 @@ __device__ __forceinline__ float slot_logit(const NeighbourArgs& nb, int64_t r, 
     return (token >= 0 && token_ok && !bad) ? s / tau : -INFINITY;
   }
   const float w = __ldg(nb.weights + pos);
+  const bool non_finite = isnan(w) || w == INFINITY;
   const bool bad = !(w >= 0.0f && w < INFINITY);  // NaN fails both
-  if (validate && bad) report(status, kBadWeight, pos);
+  if (validate && non_finite) report(status, kBadWeightNonFinite, pos);
+  if (validate && bad && !non_finite) report(status, kBadWeight, pos);
   return (token >= 0 && token_ok && !bad && w > 0.0f) ? logf(w) : -INFINITY;
 }
 

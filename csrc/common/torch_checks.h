@@ -53,4 +53,35 @@ inline void check_row_param_shape(const at::Tensor& t, int64_t rows, const char*
                     " must be a float or a tensor of shape [", rows, "], got shape ", t.sizes());
 }
 
+// knn_search shapes (both backends): queries [B, D] and keys [N, D] float, 1 <= k <= max_k,
+// N > 0, D > 0.
+inline void check_search_shapes(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                int64_t max_k, const char* op) {
+  check_dim(queries, 2, op, "queries");
+  check_dim(keys, 2, op, "keys");
+  check_floating(queries, op, "queries");
+  check_floating(keys, op, "keys");
+  TORCH_CHECK_VALUE(k >= 1 && k <= max_k, op, ": k must be in [1, ", max_k, "], got ", k);
+  TORCH_CHECK_VALUE(keys.size(0) > 0, op, ": keys must have at least one row (N = 0)");
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, op,
+                    ": queries and keys must have the same dimension D > 0, got queries ",
+                    queries.sizes(), " and keys ", keys.sizes());
+}
+
+// knn_rescore shapes (both backends): queries [B, D], keys [N, D], indices [B, k] integer.
+inline void check_rescore_shapes(const at::Tensor& queries, const at::Tensor& keys,
+                                 const at::Tensor& indices, const char* op) {
+  check_dim(queries, 2, op, "queries");
+  check_dim(keys, 2, op, "keys");
+  check_dim(indices, 2, op, "indices");
+  check_floating(queries, op, "queries");
+  check_floating(keys, op, "keys");
+  check_integer(indices, op, "indices");
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1), op,
+                    ": queries and keys must have the same dimension D, got queries ",
+                    queries.sizes(), " and keys ", keys.sizes());
+  TORCH_CHECK_VALUE(indices.size(0) == queries.size(0), op, ": indices must have ",
+                    queries.size(0), " rows (one per query), got ", indices.sizes());
+}
+
 }  // namespace knnfast

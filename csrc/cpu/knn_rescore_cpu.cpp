@@ -15,17 +15,7 @@ at::Tensor knn_rescore_cpu(const at::Tensor& queries_in, const at::Tensor& keys_
   check_cpu(queries_in, kOp, "queries");
   check_cpu(keys_in, kOp, "keys");
   check_cpu(indices_in, kOp, "indices");
-  check_dim(queries_in, 2, kOp, "queries");
-  check_dim(keys_in, 2, kOp, "keys");
-  check_dim(indices_in, 2, kOp, "indices");
-  check_floating(queries_in, kOp, "queries");
-  check_floating(keys_in, kOp, "keys");
-  check_integer(indices_in, kOp, "indices");
-  TORCH_CHECK_VALUE(queries_in.size(1) == keys_in.size(1), kOp,
-                    ": queries and keys must have the same dimension D, got queries ",
-                    queries_in.sizes(), " and keys ", keys_in.sizes());
-  TORCH_CHECK_VALUE(indices_in.size(0) == queries_in.size(0), kOp, ": indices must have ",
-                    queries_in.size(0), " rows (one per query), got ", indices_in.sizes());
+  check_rescore_shapes(queries_in, keys_in, indices_in, kOp);
   const at::Tensor queries = as_float32(queries_in);
   TORCH_CHECK_VALUE(at::isfinite(queries).all().item<bool>(), kOp,
                     ": queries contain NaN or inf");

@@ -15,17 +15,7 @@ at::Tensor knn_rescore_cuda(const at::Tensor& queries_in, const at::Tensor& keys
   const at::Device device = queries_in.device();
   check_cuda_tensor(keys_in, device, kOp, "keys");
   check_cuda_tensor(indices_in, device, kOp, "indices");
-  check_dim(queries_in, 2, kOp, "queries");
-  check_dim(keys_in, 2, kOp, "keys");
-  check_dim(indices_in, 2, kOp, "indices");
-  check_floating(queries_in, kOp, "queries");
-  check_floating(keys_in, kOp, "keys");
-  check_integer(indices_in, kOp, "indices");
-  TORCH_CHECK_VALUE(queries_in.size(1) == keys_in.size(1), kOp,
-                    ": queries and keys must have the same dimension D, got queries ",
-                    queries_in.sizes(), " and keys ", keys_in.sizes());
-  TORCH_CHECK_VALUE(indices_in.size(0) == queries_in.size(0), kOp, ": indices must have ",
-                    queries_in.size(0), " rows (one per query), got ", indices_in.sizes());
+  check_rescore_shapes(queries_in, keys_in, indices_in, kOp);
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor queries = as_float32(queries_in);
   const at::Tensor keys = keys_in.contiguous();

@@ -227,15 +227,7 @@ SearchInputs check_inputs(const at::Tensor& queries, const at::Tensor& keys, int
   in.metric = parse_metric(metric, kOp);
   const at::Device device = queries.device();
   check_cuda_tensor(keys, device, kOp, "keys");
-  check_dim(queries, 2, kOp, "queries");
-  check_dim(keys, 2, kOp, "keys");
-  check_floating(queries, kOp, "queries");
-  check_floating(keys, kOp, "keys");
-  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK, kOp, ": k must be in [1, ", kMaxK, "], got ", k);
-  TORCH_CHECK_VALUE(keys.size(0) > 0, kOp, ": keys must have at least one row (N = 0)");
-  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, kOp,
-                    ": queries and keys must have the same dimension D > 0, got queries ",
-                    queries.sizes(), " and keys ", keys.sizes());
+  check_search_shapes(queries, keys, k, kMaxK, kOp);
   const int64_t B = queries.size(0), N = keys.size(0);
   in.queries = as_float32(queries);
   in.keys = keys.contiguous();

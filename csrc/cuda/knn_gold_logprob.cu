@@ -4,6 +4,7 @@
 #include "cuda/knn_gold_logprob.h"
 #include "cuda/launch_utils.cuh"
 #include "cuda/neighbour_weights.cuh"
+#include "cuda/row_logsumexp.cuh"
 #include "cuda/vec_load.cuh"
 
 namespace knnfast::cuda {
@@ -33,20 +34,7 @@ __global__ void knn_gold_logprob_kernel(const T* logits, int64_t V, const int64_
     return;
   }
   const T* x = logits + r * V;
-  SoftmaxState state = softmax_state_empty();
-  bool bad = false;
-#pragma unroll 2
-  for (int64_t c = threadIdx.x; c < V / VEC; c += blockDim.x) {
-    float v[VEC];
-    load_vec<T, VEC>(x + c * VEC, v);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      bad |= isnan(v[e]) || v[e] == INFINITY;
-      online_add(state, v[e]);
-    }
-  }
-  state = block_merge(state, scratch);
-  if (block_any(bad) && threadIdx.x == 0) report(status, kBadLogitsRow, r);
+  const SoftmaxState state = block_row_logsumexp<T, VEC>(x, V, nullptr, scratch, r, status);
   if (threadIdx.x >= kWarp) return;
 
   const float lam_eff = nrow.any ? lam_r : 0.0f;

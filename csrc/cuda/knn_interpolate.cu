@@ -7,6 +7,7 @@
 #include "cuda/knn_interpolate.h"
 #include "cuda/launch_utils.cuh"
 #include "cuda/neighbour_weights.cuh"
+#include "cuda/row_logsumexp.cuh"
 #include "cuda/vec_load.cuh"
 
 namespace knnfast::cuda {
@@ -24,21 +25,8 @@ __global__ void knn_interpolate_kernel(const T* logits, int64_t V, NeighbourArgs
   float* o = out + r * V;
   const int64_t chunks = V / VEC;
 
-  SoftmaxState state = softmax_state_empty();
-  bool bad = false;
-#pragma unroll 2
-  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-    float v[VEC];
-    load_vec<T, VEC>(x + c * VEC, v);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      bad |= isnan(v[e]) || v[e] == INFINITY;
-      online_add(state, v[e]);
-    }
-    if constexpr (CACHE) store_vec<VEC>(row_cache + c * VEC, v);  // 16-byte stores
-  }
-  state = block_merge(state, scratch);
-  if (block_any(bad) && threadIdx.x == 0) report(status, kBadLogitsRow, r);
+  const SoftmaxState state =
+      block_row_logsumexp<T, VEC>(x, V, CACHE ? row_cache : nullptr, scratch, r, status);
 
   const NeighbourRow nrow = neighbour_row_stats(nb, r, status, scratch);
   const float lam_r = row_lam(lam, r, status);

@@ -11,5 +11,8 @@ torch.library.opcheck) and has a pure-PyTorch twin in ``knnfast.reference``.
 from ._version import __version__
 from . import ops  # noqa: F401  (loads the library, registers fake kernels)
 from .ops import *  # noqa: F401,F403  (the ops, build_info)
+from .datastore import Datastore, DatastoreError, DatastoreWriter
+from .decoding import AdaptiveKNNDecoder, KNNDecoder, Neighbours
 
-__all__ = ["__version__", *ops.__all__]
+__all__ = ["__version__", *ops.__all__, "Datastore", "DatastoreError", "DatastoreWriter",
+           "KNNDecoder", "AdaptiveKNNDecoder", "Neighbours"]

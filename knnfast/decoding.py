@@ -1,0 +1,306 @@
+"""Framework-free kNN decoding: ``decoder(hidden, logits) -> log-probs`` for any loop.
+
+    ds = knnfast.Datastore.open("ds")
+    knn = knnfast.KNNDecoder(ds, k=8, temperature=10.0, lam=0.7)
+    for step in range(max_len):                     # greedy or beam: rows = batch x beam
+        hidden, logits = my_model_step(...)         # hidden [B, D] (datastore's key space)
+        logp = knn(hidden, logits)                  # [B, V] float32 log-probs
+        next_tokens = logp.argmax(-1)
+
+``backend="reference"`` runs the same steps through knnfast.reference (pure PyTorch:
+matmul + topk search, dense scatter_add_ and logaddexp, as knn-transformers does) for
+parity checks and speed comparisons.
+
+AdaptiveKNNDecoder is the meta-k network of Zheng et al. (2021): from the distances and
+distinct-label counts of the K retrieved neighbours it predicts a distribution over
+k in {0, 1, 2, 4, ..., K}; k = 0 means "trust the model", so lambda = 1 - p(k=0). It is
+trained on a dev set with the gold-token objective after a single retrieval pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from .datastore import Datastore
+
+Scalar = Union[float, Tensor]
+
+
+@dataclass
+class Neighbours:
+    """Retrieved neighbours of B queries: scores [B, k] float32 (-inf pads), tokens [B, k]
+    int64 (-1 pads), ids [B, k] datastore entry ids (-1 pads)."""
+    scores: Tensor
+    tokens: Tensor
+    ids: Tensor
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("fused", "reference"):
+        raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")
+
+
+class KNNDecoder:
+    """kNN-MT / kNN-LM step: log((1 - lam) softmax(logits) + lam P_kNN(hidden)).
+
+    Args:
+        datastore: a Datastore (memmapped, moved with ``to``, or with a FAISS index).
+        k, temperature, lam: neighbours, softmax temperature over scores (scores are
+            -squared L2 for "l2", so this is the papers' exp(-d / T)), interpolation weight.
+        metric: defaults to the datastore's metric.
+        exact, rescore: how to search (see ``Datastore.search``); default exact search when
+            the datastore has no index, else the index with its own scores.
+        nprobe: IVF lists to visit (index search only).
+        backend: "fused" (knnfast ops) or "reference" (pure PyTorch twin).
+    """
+
+    def __init__(self, datastore: Datastore, k: int = 8, temperature: Scalar = 10.0,
+                 lam: Scalar = 0.7, metric: Optional[str] = None, exact: Optional[bool] = None,
+                 rescore: Optional[bool] = None, nprobe: Optional[int] = None,
+                 backend: str = "fused"):
+        _check_backend(backend)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ops.MAX_K:
+            raise ValueError(f"KNNDecoder: k must be an int in [1, {ops.MAX_K}], got {k!r}")
+        self.datastore = datastore
+        self.k = k
+        self.temperature = temperature
+        self.lam = lam
+        self.metric = metric or datastore.metric
+        self.exact = exact
+        self.rescore = rescore
+        self.nprobe = nprobe
+        self.backend = backend
+
+    def retrieve(self, hidden: Tensor, k: Optional[int] = None) -> Neighbours:
+        """Search the datastore for hidden [B, D] and look up the neighbours' tokens."""
+        k = k or self.k
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [B, D] (flatten batch x beam first), "
+                             f"got {tuple(hidden.shape)}")
+        ds = self.datastore
+        if self.backend == "reference" and (self.exact or (self.exact is None and not _has_index(ds))):
+            q = hidden.detach().to(ds.keys.device)
+            scores, ids = reference.knn_search(q, ds.keys, k, self.metric)
+            scores, ids = scores.to(hidden.device), ids.to(hidden.device)
+        else:
+            scores, ids = ds.search(hidden, k, exact=self.exact, rescore=self.rescore,
+                                    metric=self.metric, nprobe=self.nprobe)
+        return Neighbours(scores, ds.lookup(ids), ids)
+
+    def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam: Optional[Scalar] = None,
+                    temperature: Optional[Scalar] = None, out: Optional[Tensor] = None) -> Tensor:
+        """Mix already retrieved neighbours into logits [B, V] -> float32 log-probs [B, V]."""
+        fn = ops.knn_interpolate if self.backend == "fused" else reference.knn_interpolate
+        return fn(logits, nbrs.tokens.to(logits.device), scores=nbrs.scores.to(logits.device),
+                  temperature=self.temperature if temperature is None else temperature,
+                  lam=self.lam if lam is None else lam, out=out)
+
+    def __call__(self, hidden: Tensor, logits: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+        """One decoding step: hidden [B, D], logits [B, V] -> float32 log-probs [B, V]."""
+        if logits.dim() != 2 or hidden.shape[0] != logits.shape[0]:
+            raise ValueError(f"hidden [B, D] and logits [B, V] must have the same B, got "
+                             f"{tuple(hidden.shape)} and {tuple(logits.shape)}")
+        return self.interpolate(logits, self.retrieve(hidden), out=out)
+
+    def gold_logprob(self, logits: Tensor, targets: Tensor, nbrs: Neighbours, *,
+                     lam: Optional[Scalar] = None, temperature: Optional[Scalar] = None,
+                     ignore_index: int = -100) -> Tensor:
+        """log P(target) under the mixture, [B] float32 (perplexity, tuning)."""
+        fn = ops.knn_gold_logprob if self.backend == "fused" else reference.knn_gold_logprob
+        return fn(logits, targets, nbrs.tokens.to(logits.device),
+                  scores=nbrs.scores.to(logits.device),
+                  temperature=self.temperature if temperature is None else temperature,
+                  lam=self.lam if lam is None else lam, ignore_index=ignore_index)
+
+
+def _has_index(ds: Datastore) -> bool:
+    return ds._index is not None or ds.has_saved_index()
+
+
+# --------------------------------------------------------------------------- gold-only math
+
+
+def gold_two_column(base_gold_logp: Tensor, tokens: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rewrite a gold-token problem over V classes as one over 2 classes.
+
+    With logits [log p(y), log(1 - p(y))] and tokens mapped to 0 (== y) / 1 (!= y) / -1,
+    ``knn_gold_logprob(logits2, zeros, tokens2, ...)`` equals the V-class gold log-prob
+    log((1-λ) p(y) + λ Σ_{v_j = y} w_j). Tuning and adaptive training then only need the
+    gold log-prob of the base model per position, not the [T, V] logits.
+    """
+    lp = base_gold_logp.float().clamp(max=0.0)
+    log1m = torch.where(lp > -0.6931, torch.log(-torch.expm1(lp)), torch.log1p(-torch.exp(lp)))
+    logits2 = torch.stack([lp, log1m], 1)
+    tokens2 = torch.where(tokens < 0, -1, (tokens != targets[:, None]).long())
+    return logits2, tokens2
+
+
+# --------------------------------------------------------------------------- adaptive
+
+
+class MetaKNetwork(nn.Module):
+    """Linear(2K, hidden) - tanh - Linear(hidden, 2 + log2 K) - softmax over k in
+    {0, 1, 2, 4, ..., K} (Zheng et al. 2021)."""
+
+    def __init__(self, max_k: int, hidden: int = 32, dropout: float = 0.0):
+        super().__init__()
+        if max_k < 1 or max_k & (max_k - 1):
+            raise ValueError(f"max_k must be a power of two >= 1, got {max_k}")
+        self.max_k = max_k
+        self.ks = [0] + [2 ** i for i in range(int(math.log2(max_k)) + 1)]
+        self.net = nn.Sequential(nn.Linear(2 * max_k, hidden), nn.Tanh(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, len(self.ks)))
+
+    def features(self, scores: Tensor, tokens: Tensor) -> Tensor:
+        """[distances, distinct-label counts] of the K neighbours; -inf pads become a large
+        finite distance (the reference code's +1000 mask is replaced by a finite 1e4
+        feature only here; the weights themselves use -inf)."""
+        dist = (-scores.float()).clamp(max=1e4)
+        counts = ops.label_counts(tokens).float()
+        return torch.cat([dist, counts], 1)
+
+    def forward(self, scores: Tensor, tokens: Tensor) -> Tensor:
+        """p(k) [B, len(ks)]."""
+        return torch.softmax(self.net(self.features(scores, tokens)), dim=-1)
+
+    def mixture(self, scores: Tensor, tokens: Tensor, temperature: Scalar) -> Tuple[Tensor, Tensor]:
+        """Per-neighbour weights [B, K] (rows sum to 1 where valid) and λ [B] = 1 - p(k=0)."""
+        p_k = self.forward(scores, tokens)
+        K = self.max_k
+        s = scores.float().masked_fill(tokens < 0, float("-inf"))
+        tau = torch.as_tensor(temperature, dtype=torch.float32, device=s.device)
+        z = s / (tau.reshape(-1, 1) if tau.dim() else tau)
+        weights = torch.zeros_like(z)
+        cols = torch.arange(K, device=s.device)
+        for r, kr in enumerate(self.ks[1:], start=1):
+            zr = z.masked_fill(cols[None, :] >= kr, float("-inf"))
+            w = torch.softmax(zr, dim=1).nan_to_num(0.0)  # rows with no valid slot -> 0
+            weights = weights + p_k[:, r:r + 1] * w
+        lam = 1.0 - p_k[:, 0]
+        norm = weights.sum(1, keepdim=True)
+        weights = torch.where(norm > 0, weights / norm.clamp_min(1e-30), weights)
+        lam = torch.where(norm.squeeze(1) > 0, lam, torch.zeros_like(lam))
+        return weights, lam.clamp(0.0, 1.0)
+
+
+class AdaptiveKNNDecoder(KNNDecoder):
+    """Adaptive kNN-MT: λ and the effective k predicted per step by a meta-k network.
+
+    Args:
+        datastore, temperature, metric, exact, rescore, nprobe, backend: as KNNDecoder.
+        max_k: K neighbours retrieved (power of two; the reference code uses 4-32).
+        hidden: width of the meta-k network.
+    """
+
+    def __init__(self, datastore: Datastore, max_k: int = 8, temperature: Scalar = 10.0,
+                 hidden: int = 32, metric: Optional[str] = None, exact: Optional[bool] = None,
+                 rescore: Optional[bool] = None, nprobe: Optional[int] = None,
+                 backend: str = "fused"):
+        super().__init__(datastore, k=max_k, temperature=temperature, lam=0.5, metric=metric,
+                         exact=exact, rescore=rescore, nprobe=nprobe, backend=backend)
+        self.network = MetaKNetwork(max_k, hidden)
+
+    def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam=None, temperature=None,
+                    out: Optional[Tensor] = None) -> Tensor:
+        with torch.no_grad():
+            weights, lam_rows = self.network.mixture(nbrs.scores.to(logits.device),
+                                                     nbrs.tokens.to(logits.device),
+                                                     self.temperature)
+        fn = ops.knn_interpolate if self.backend == "fused" else reference.knn_interpolate
+        return fn(logits, nbrs.tokens.to(logits.device), weights=weights, lam=lam_rows, out=out)
+
+    def gold_logprob(self, logits: Tensor, targets: Tensor, nbrs: Neighbours, *,
+                     lam=None, temperature=None, ignore_index: int = -100) -> Tensor:
+        weights, lam_rows = self.network.mixture(nbrs.scores.to(logits.device),
+                                                 nbrs.tokens.to(logits.device), self.temperature)
+        fn = ops.knn_gold_logprob if self.backend == "fused" else reference.knn_gold_logprob
+        return fn(logits, targets, nbrs.tokens.to(logits.device), weights=weights,
+                  lam=lam_rows, ignore_index=ignore_index)
+
+    def fit(self, base_gold_logp: Tensor, targets: Tensor, nbrs: Neighbours, *,
+            epochs: int = 50, batch_size: int = 32, lr: float = 3e-4, max_updates: int = 5000,
+            valid_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
+        """Train the meta-k network on one retrieval pass over a dev set.
+
+        Args:
+            base_gold_logp: [T] log p_model(y_t) of the base model (teacher forced).
+            targets: [T] gold tokens; nbrs: the K neighbours of each position.
+        Returns:
+            {"train_loss": [...], "valid_nll_before": x, "valid_nll_after": y} where valid
+            is a held-out ``valid_fraction`` of the positions (mean -log P(y)).
+        """
+        from tqdm.auto import tqdm
+        T = targets.shape[0]
+        logits2, tokens2 = gold_two_column(base_gold_logp, nbrs.tokens, targets)
+        scores, tokens = nbrs.scores.float(), nbrs.tokens
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(T, generator=gen)
+        n_valid = max(1, int(T * valid_fraction)) if T > 1 else 0
+        valid, train = perm[:n_valid], perm[n_valid:]
+        zeros = torch.zeros(T, dtype=torch.long)
+
+        def nll(rows: Tensor) -> Tensor:
+            w, lam = self.network.mixture(scores[rows], tokens[rows], self.temperature)
+            return -ops.knn_gold_logprob(logits2[rows], zeros[rows], tokens2[rows], weights=w,
+                                         lam=lam).mean()
+
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(self.network.parameters(), lr=lr)
+        with torch.no_grad():
+            before = float(nll(valid)) if n_valid else float("nan")
+        history: List[float] = []
+        updates = 0
+        bar = tqdm(total=min(max_updates, epochs * math.ceil(len(train) / batch_size)),
+                   desc="meta-k", disable=not progress, leave=False)
+        self.network.train()
+        for _ in range(epochs):
+            order = train[torch.randperm(len(train), generator=gen)]
+            for s in range(0, len(order), batch_size):
+                loss = nll(order[s:s + batch_size])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                history.append(loss.item())
+                updates += 1
+                bar.update(1)
+                if updates >= max_updates:
+                    break
+            if updates >= max_updates:
+                break
+        bar.close()
+        self.network.eval()
+        with torch.no_grad():
+            after = float(nll(valid)) if n_valid else float("nan")
+        return {"train_loss": history, "valid_nll_before": before, "valid_nll_after": after,
+                "updates": updates}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Save the meta-k network (+ its settings) to a directory."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        tmp = os.path.join(path, "meta_k.pt.tmp")
+        torch.save(self.network.state_dict(), tmp)
+        os.replace(tmp, os.path.join(path, "meta_k.pt"))
+        cfg = {"max_k": self.k, "hidden": self.network.net[0].out_features,
+               "temperature": float(self.temperature)}
+        with open(os.path.join(path, "meta_k.json"), "w") as f:
+            json.dump(cfg, f)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], datastore: Datastore, **kwargs) -> "AdaptiveKNNDecoder":
+        """Load a meta-k network saved with ``save`` for use with ``datastore``."""
+        path = os.fspath(path)
+        with open(os.path.join(path, "meta_k.json")) as f:
+            cfg = json.load(f)
+        dec = cls(datastore, max_k=cfg["max_k"], temperature=kwargs.pop("temperature", cfg["temperature"]),
+                  hidden=cfg["hidden"], **kwargs)
+        dec.network.load_state_dict(torch.load(os.path.join(path, "meta_k.pt"), weights_only=True))
+        dec.network.eval()
+        return dec

@@ -6,12 +6,13 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 # torch is pinned everywhere: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy pytest hypothesis pytest-benchmark faiss-cpu setuptools wheel cmake ninja tqdm
+DEPS := numpy pytest hypothesis pytest-benchmark faiss-cpu setuptools wheel cmake ninja tqdm \
+	transformers tokenizers sacrebleu matplotlib
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu) $(wildcard tests/cuda/*.cu)
 
-.PHONY: venv build test cuda-check bench clean
+.PHONY: venv build test cuda-check bench demo clean
 
 venv: $(VENV)/.deps-installed
 
@@ -57,6 +58,12 @@ cuda-check: venv
 
 test: build cuda-check
 	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+# The main job: English->German kNN-MT on the system's gettext catalogs (no network).
+# Trains (or loads from .cache/demo) a small Marian model, builds the in-domain datastore,
+# writes demo-results/ (results.json, results.md, bleu_vs_lambda.png).
+demo: build
+	$(VPY) -m knnfast demo --cache .cache/demo --out demo-results
 
 # Full benchmark suite (several minutes; needs ~10 GiB RAM for the 1M x 1024 datastores).
 bench: build

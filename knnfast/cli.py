@@ -1,0 +1,313 @@
+"""The ``knnfast`` command: build datastores and indexes, evaluate, translate, tune, bench.
+
+Models and tokenizers are read from local HF directories (``save_pretrained`` output);
+nothing is downloaded. Corpora are plain UTF-8 files: one text per line for causal LMs,
+``source<TAB>target`` per line for encoder-decoders. Results are printed as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+EXAMPLES = {
+    "build-datastore": """examples:
+  knnfast build-datastore --model .cache/demo/model --corpus in_train.tsv --out ds/postgres
+  knnfast build-datastore --model my-gpt2 --corpus wiki.txt --out ds/wiki --hidden att --resume""",
+    "build-index": """examples:
+  knnfast build-index ds/postgres                      # Flat below 1M entries, IVF4096,PQ64 above
+  knnfast build-index ds/wiki --factory IVF1024,PQ32 --train-size 200000 --nprobe 16""",
+    "eval-ppl": """examples:
+  knnfast eval-ppl --model my-gpt2 --datastore ds/wiki --corpus test.txt --k 1024 --lam 0.25
+  knnfast eval-ppl --model .cache/demo/model --datastore ds/postgres --corpus in_test.tsv --index""",
+    "translate": """examples:
+  echo "could not open file" | knnfast translate --model .cache/demo/model --datastore ds/postgres
+  knnfast translate --model M --datastore D --input src.txt --output hyp.txt --beams 4 --lam 0.7
+  knnfast translate --model M --input src.txt              # bare model, no kNN""",
+    "tune": """examples:
+  knnfast tune --model .cache/demo/model --datastore ds/postgres --corpus in_dev.tsv
+  knnfast tune --model M --datastore D --corpus dev.tsv --ks 4,8,16 --temperatures 1,10,100""",
+    "bench": """examples:
+  knnfast bench                      # fused vs pure-PyTorch reference, decoding-step shapes
+  knnfast bench --rows 640 --vocab 42024 --k 8""",
+    "demo": """examples:
+  knnfast demo                       # the English->German kNN-MT demo (same as `make demo`)
+  knnfast demo --cache .cache/demo --time-budget 240""",
+}
+
+
+def _floats(text: str) -> List[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(path: str):
+    """A local HF model directory -> (model in eval mode, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    if not os.path.isdir(path):
+        raise SystemExit(f"knnfast: --model {path!r} is not a directory (a save_pretrained output)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = cls.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def read_corpus(path: str, model, tokenizer, limit: Optional[int] = None):
+    """Token-id examples from a text file (causal) or TSV (encoder-decoder)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"knnfast: --corpus {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()][:limit]
+    if model.config.is_encoder_decoder:
+        bad = [i for i, line in enumerate(lines) if "\t" not in line]
+        if bad:
+            raise SystemExit(f"knnfast: {path}:{bad[0] + 1}: encoder-decoder corpora need "
+                             f"'source<TAB>target' lines")
+        src, tgt = zip(*(line.split("\t", 1) for line in lines))
+        s_ids = tokenizer(list(src))["input_ids"]
+        t_ids = tokenizer(text_target=list(tgt))["input_ids"]
+        return list(zip(s_ids, t_ids))
+    ids = tokenizer(lines)["input_ids"]
+    return [x for x in ids if len(x) >= 2]
+
+
+def open_datastore(path: str):
+    from .datastore import Datastore, DatastoreError
+    try:
+        return Datastore.open(path)
+    except (DatastoreError, OSError) as e:
+        raise SystemExit(f"knnfast: cannot open datastore: {e}")
+
+
+def make_decoder(args, datastore):
+    from .decoding import AdaptiveKNNDecoder, KNNDecoder
+    exact = None if not hasattr(args, "index") else (False if args.index else None)
+    if getattr(args, "adaptive", None):
+        return AdaptiveKNNDecoder.load(args.adaptive, datastore, exact=exact)
+    return KNNDecoder(datastore, k=args.k, temperature=args.temperature, lam=args.lam,
+                      exact=exact, backend=args.backend)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_build_datastore(args) -> None:
+    import torch
+    from . import hf
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.key_dtype]
+    t0 = time.perf_counter()
+    ds = hf.build_datastore(model, examples, args.out, hidden=args.hidden,
+                            batch_size=args.batch_size, key_dtype=dtype, metric=args.metric,
+                            model_id=os.path.abspath(args.model), resume=args.resume,
+                            overwrite=args.overwrite)
+    _print({"datastore": ds.path, "entries": len(ds), "dim": ds.dim,
+            "examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def cmd_build_index(args) -> None:
+    ds = open_datastore(args.datastore)
+    t0 = time.perf_counter()
+    ds.build_index(args.factory, metric=args.metric, train_size=args.train_size,
+                   device=args.device, nprobe=args.nprobe)
+    info = json.load(open(os.path.join(ds.path, "index.json")))
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    _print(info)
+
+
+def cmd_eval_ppl(args) -> None:
+    from . import hf
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    ds = open_datastore(args.datastore)
+    res = hf.evaluate_lm(model, examples, make_decoder(args, ds), hidden=ds.meta.get("hidden", "ffn"),
+                         batch_size=args.batch_size)
+    _print({"tokens": res.tokens, "base_ppl": res.base_ppl, "knn_ppl": res.knn_ppl,
+            "oracle_ppl": res.oracle_ppl, "tokens_per_s": res.tokens_per_s})
+
+
+def cmd_translate(args) -> None:
+    from . import hf
+    model, tok = load_model(args.model)
+    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    lines = [line.rstrip("\n") for line in src]
+    decoder, hidden = None, "ffn"
+    if args.datastore:
+        ds = open_datastore(args.datastore)
+        decoder, hidden = make_decoder(args, ds), ds.meta.get("hidden", "ffn")
+    out = open(args.output, "w", encoding="utf-8") if args.output != "-" else sys.stdout
+    t0 = time.perf_counter()
+    for s in range(0, len(lines), args.batch_size):
+        enc = tok(lines[s:s + args.batch_size], return_tensors="pt", padding=True)
+        gen = hf.generate(model, decoder, **enc, num_beams=args.beams,
+                          max_new_tokens=args.max_new_tokens, hidden=hidden)
+        for text in tok.batch_decode(gen, skip_special_tokens=True):
+            out.write(text + "\n")
+    out.flush()
+    secs = time.perf_counter() - t0
+    print(json.dumps({"sentences": len(lines), "seconds": round(secs, 3),
+                      "sentences_per_s": round(len(lines) / max(secs, 1e-9), 2)}), file=sys.stderr)
+
+
+def cmd_tune(args) -> None:
+    from . import hf
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    ds = open_datastore(args.datastore)
+    res = hf.tune(model, examples, ds, ks=_ints(args.ks), temperatures=_floats(args.temperatures),
+                  lams=_floats(args.lams), hidden=ds.meta.get("hidden", "ffn"),
+                  batch_size=args.batch_size, exact=False if args.index else None)
+    if args.grid_out:
+        with open(args.grid_out, "w") as f:
+            json.dump(res.grid, f, indent=1)
+    _print({"best": res.best, "base_nll": res.base_nll, "cells": len(res.grid)})
+
+
+def cmd_bench(args) -> None:
+    import torch
+    from torch.utils import benchmark
+    from . import ops, reference
+    torch.manual_seed(0)
+    B, V, k = args.rows, args.vocab, args.k
+    logits = torch.randn(B, V)
+    tokens = torch.randint(0, V, (B, k))
+    scores = -torch.rand(B, k) * 100
+    keys = torch.randn(args.keys, args.dim).half()
+    queries = torch.randn(B, args.dim)
+    cases = {
+        "knn_interpolate": (lambda: ops.knn_interpolate(logits, tokens, scores=scores, temperature=10.0, lam=0.5),
+                            lambda: reference.knn_interpolate(logits, tokens, scores=scores, temperature=10.0, lam=0.5)),
+        "knn_search": (lambda: ops.knn_search(queries, keys, k),
+                       lambda: reference.knn_search(queries, keys, k)),
+    }
+    rows = {}
+    for name, (fused, ref) in cases.items():
+        tf = benchmark.Timer("f()", globals={"f": fused}).blocked_autorange(min_run_time=args.seconds).median
+        tr = benchmark.Timer("f()", globals={"f": ref}).blocked_autorange(min_run_time=args.seconds).median
+        rows[name] = {"fused_ms": round(tf * 1e3, 3), "reference_ms": round(tr * 1e3, 3),
+                      "speedup": round(tr / tf, 2)}
+    _print({"shape": {"rows": B, "vocab": V, "k": k, "keys": args.keys, "dim": args.dim,
+                      "threads": torch.get_num_threads()}, "results": rows})
+
+
+def cmd_demo(args) -> None:
+    from . import demo
+    demo.main(cache_dir=args.cache, time_budget_s=args.time_budget, out_dir=args.out)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_knn_args(p: argparse.ArgumentParser, k: int = 8, temperature: float = 10.0,
+                  lam: float = 0.5) -> None:
+    p.add_argument("--k", type=int, default=k, help=f"neighbours per step (default {k})")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"softmax temperature over -squared L2 (default {temperature})")
+    p.add_argument("--lam", type=float, default=lam, help=f"kNN weight λ (default {lam})")
+    p.add_argument("--index", action="store_true",
+                   help="search the datastore's FAISS index (build-index) instead of exactly")
+    p.add_argument("--backend", choices=("fused", "reference"), default="fused",
+                   help="knnfast kernels or the pure-PyTorch reference path")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knnfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("build-datastore", cmd_build_datastore,
+            "capture a datastore (hidden state -> next token) from a model and a corpus")
+    p.add_argument("--model", required=True, help="local HF model directory")
+    p.add_argument("--corpus", required=True, help="text lines (causal) or source<TAB>target (seq2seq)")
+    p.add_argument("--out", required=True, help="datastore directory to create")
+    p.add_argument("--hidden", default="ffn", help="'ffn' (LM-head input), 'att' or a module path")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--key-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--metric", choices=("l2", "ip", "cos"), default="l2")
+    p.add_argument("--limit", type=int, help="use only the first N corpus lines")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
+
+    p = add("build-index", cmd_build_index, "train and fill a FAISS index over a datastore")
+    p.add_argument("datastore")
+    p.add_argument("--factory", help="faiss index_factory string (default: by size)")
+    p.add_argument("--metric", choices=("l2", "ip", "cos"))
+    p.add_argument("--train-size", type=int, default=1_000_000)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    p = add("eval-ppl", cmd_eval_ppl, "perplexity of the base model, kNN-LM and the oracle")
+    p.add_argument("--model", required=True)
+    p.add_argument("--datastore", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int)
+    _add_knn_args(p, k=1024, temperature=1.0, lam=0.25)
+
+    p = add("translate", cmd_translate, "generate with kNN (kNN-MT / kNN-LM), beam or greedy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--datastore", help="omit for the bare model")
+    p.add_argument("--input", default="-", help="source lines (default stdin)")
+    p.add_argument("--output", default="-", help="hypotheses (default stdout)")
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--adaptive", help="directory of a trained AdaptiveKNNDecoder (meta-k network)")
+    _add_knn_args(p, k=8, temperature=10.0, lam=0.7)
+
+    p = add("tune", cmd_tune, "grid-search k, temperature and λ on a dev set from one retrieval")
+    p.add_argument("--model", required=True)
+    p.add_argument("--datastore", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--ks", default="4,8,16,32")
+    p.add_argument("--temperatures", default="1,10,100")
+    p.add_argument("--lams", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--index", action="store_true", help="retrieve through the FAISS index")
+    p.add_argument("--grid-out", help="write every grid cell as JSON here")
+
+    p = add("bench", cmd_bench, "time fused ops against the pure-PyTorch reference")
+    p.add_argument("--rows", type=int, default=64, help="B = batch x beam (default 16 x 4)")
+    p.add_argument("--vocab", type=int, default=42_024)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--keys", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--seconds", type=float, default=1.0, help="minimum run time per case")
+
+    p = add("demo", cmd_demo, "English->German kNN-MT demo on the system's gettext catalogs")
+    p.add_argument("--cache", default=".cache/demo", help="model/datastore cache directory")
+    p.add_argument("--out", default="demo-results", help="where results and plots go")
+    p.add_argument("--time-budget", type=float, default=240.0, help="base-model training seconds")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

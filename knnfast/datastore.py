@@ -219,12 +219,14 @@ class DatastoreWriter:
                     bytes={"keys": self.count * self._row_bytes, "values": self.count * 4,
                            "key_sq_norms": self.count * 4})
         _fsync_write_json(os.path.join(self.tmp_dir, "meta.json"), meta)
-        os.remove(os.path.join(self.tmp_dir, "progress.json"))
         if os.path.exists(self.path):
             raise DatastoreError(f"Datastore.finalize: {self.path} appeared during the build; "
                                  f"the finished build stays in {self.tmp_dir}")
+        # Rename first: a kill at any point leaves either a resumable build or a complete
+        # datastore (with a stray progress.json that nothing reads).
         os.replace(self.tmp_dir, self.path)
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        os.remove(os.path.join(self.path, "progress.json"))
         return Datastore.open(self.path)
 
     def _close_files(self) -> None:
@@ -330,7 +332,7 @@ class Datastore:
             raise DatastoreError(
                 f"an interrupted build exists at {tmp} ({state['count']} entries committed); "
                 f"pass resume=True to continue it or overwrite=True to start over")
-        fixed = ("dim", "key_dtype", "vocab_size", "metric", "hidden")
+        fixed = ("dim", "key_dtype", "vocab_size", "metric", "hidden", "model_id", "extra")
         diff = {k: (state["meta"].get(k), meta[k]) for k in fixed if state["meta"].get(k) != meta[k]}
         if diff:
             raise DatastoreError(f"cannot resume {tmp}: it was started with different "

@@ -244,7 +244,7 @@ class AdaptiveKNNDecoder(KNNDecoder):
         perm = torch.randperm(T, generator=gen)
         n_valid = max(1, int(T * valid_fraction)) if T > 1 else 0
         valid, train = perm[:n_valid], perm[n_valid:]
-        zeros = torch.zeros(T, dtype=torch.long)
+        zeros = torch.zeros(T, dtype=torch.long, device=targets.device)
 
         def nll(rows: Tensor) -> Tensor:
             w, lam = self.network.mixture(scores[rows], tokens[rows], self.temperature)

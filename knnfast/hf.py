@@ -236,7 +236,8 @@ def build_datastore(model: nn.Module, examples: Sequence[Example], path: str, *,
     writer = Datastore.create(path, d_model, key_dtype, vocab, metric, hidden=name,
                               model_id=model_id or getattr(model.config, "name_or_path", None) or
                               type(model).__name__,
-                              extra={"examples": len(examples), "causal": not _is_seq2seq(model)},
+                              extra={"examples": len(examples), "causal": not _is_seq2seq(model),
+                                     "corpus_sha256": corpus_fingerprint(examples)},
                               resume=resume, overwrite=overwrite, progress=False)
     start = int(writer.cursor or 0)
     bar = tqdm(total=len(examples), initial=start, desc="capture", unit="ex",
@@ -253,11 +254,22 @@ def build_datastore(model: nn.Module, examples: Sequence[Example], path: str, *,
     return writer.datastore
 
 
+def corpus_fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of every token id, so that a resumed capture refuses a different corpus."""
+    import hashlib
+    h = hashlib.sha256()
+    for e in examples:
+        for part in (e if isinstance(e, tuple) else (e,)):
+            h.update(",".join(map(str, part)).encode())
+            h.update(b";")
+    return h.hexdigest()
+
+
 def _hidden_dim(model: nn.Module, examples: Sequence[Example], hidden: HiddenSpec) -> int:
     """Width of the captured state, read off a forward pass over the first example."""
     if not len(examples):
         raise ValueError("build_datastore: examples is empty")
-    first = next(teacher_forced(model, examples[:1], hidden=hidden, batch_size=1))
+    first = next(teacher_forced(model, [examples[0]], hidden=hidden, batch_size=1))
     return int(first.hidden.shape[-1])
 
 
@@ -307,8 +319,8 @@ def evaluate_lm(model: nn.Module, examples: Sequence[Example], decoder: KNNDecod
 def _base_gold_logprob(logits: Tensor, targets: Tensor, backend: str = "fused") -> Tensor:
     if backend == "fused":
         empty = torch.full((logits.shape[0], 1), -1, dtype=torch.long, device=logits.device)
-        return ops.knn_gold_logprob(logits, targets, empty, weights=torch.zeros(empty.shape),
-                                    lam=0.0)
+        return ops.knn_gold_logprob(logits, targets, empty,
+                                    weights=torch.zeros(empty.shape, device=logits.device), lam=0.0)
     return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).squeeze(1)
 
 
@@ -409,7 +421,10 @@ class KNNLogitsProcessor(_logits_processor_base()):
         self.capture = capture
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        return self.decoder(self.capture.step(), scores)
+        logp = self.decoder(self.capture.step(), scores)
+        # transformers runs its own processors (min length, bad words, forced EOS, ...)
+        # before user ones: what they forbade (-inf) must stay forbidden after the mixture.
+        return logp.masked_fill_(torch.isneginf(scores), float("-inf"))
 
 
 @contextmanager

@@ -71,11 +71,13 @@ def read_corpus(path: str, model, tokenizer, limit: Optional[int] = None):
     if not os.path.exists(path):
         raise SystemExit(f"knnfast: --corpus {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()][:limit]
+        numbered = [(no, line.rstrip("\r\n")) for no, line in enumerate(f, 1)
+                    if line.strip()][:limit]
+    lines = [line for _, line in numbered]
     if model.config.is_encoder_decoder:
-        bad = [i for i, line in enumerate(lines) if "\t" not in line]
+        bad = [no for no, line in numbered if "\t" not in line]
         if bad:
-            raise SystemExit(f"knnfast: {path}:{bad[0] + 1}: encoder-decoder corpora need "
+            raise SystemExit(f"knnfast: {path}:{bad[0]}: encoder-decoder corpora need "
                              f"'source<TAB>target' lines")
         src, tgt = zip(*(line.split("\t", 1) for line in lines))
         s_ids = tokenizer(list(src))["input_ids"]
@@ -94,8 +96,12 @@ def open_datastore(path: str):
 
 
 def make_decoder(args, datastore):
+    if getattr(args, "index", False) and not datastore.has_saved_index():
+        raise SystemExit(f"knnfast: --index given but {datastore.path} has no index; run "
+                         f"`knnfast build-index {datastore.path}` first")
     from .decoding import AdaptiveKNNDecoder, KNNDecoder
-    exact = None if not hasattr(args, "index") else (False if args.index else None)
+    # --index: the FAISS index; otherwise exact search, even when index.faiss exists
+    exact = not getattr(args, "index", False)
     if getattr(args, "adaptive", None):
         return AdaptiveKNNDecoder.load(args.adaptive, datastore, exact=exact)
     return KNNDecoder(datastore, k=args.k, temperature=args.temperature, lam=args.lam,
@@ -112,10 +118,17 @@ def cmd_build_datastore(args) -> None:
     examples = read_corpus(args.corpus, model, tok, args.limit)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.key_dtype]
     t0 = time.perf_counter()
-    ds = hf.build_datastore(model, examples, args.out, hidden=args.hidden,
-                            batch_size=args.batch_size, key_dtype=dtype, metric=args.metric,
-                            model_id=os.path.abspath(args.model), resume=args.resume,
-                            overwrite=args.overwrite)
+    from .datastore import DatastoreError
+    try:
+        ds = hf.build_datastore(model, examples, args.out, hidden=args.hidden,
+                                batch_size=args.batch_size, key_dtype=dtype, metric=args.metric,
+                                model_id=os.path.abspath(args.model), resume=args.resume,
+                                overwrite=args.overwrite)
+    except FileExistsError:
+        raise SystemExit(f"knnfast: --out {args.out!r} already exists; pass --overwrite to "
+                         f"replace it") from None
+    except DatastoreError as e:
+        raise SystemExit(f"knnfast: {e} (CLI: --resume / --overwrite)") from None
     _print({"datastore": ds.path, "entries": len(ds), "dim": ds.dim,
             "examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)})
 
@@ -125,7 +138,8 @@ def cmd_build_index(args) -> None:
     t0 = time.perf_counter()
     ds.build_index(args.factory, metric=args.metric, train_size=args.train_size,
                    device=args.device, nprobe=args.nprobe)
-    info = json.load(open(os.path.join(ds.path, "index.json")))
+    with open(os.path.join(ds.path, "index.json")) as f:
+        info = json.load(f)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     _print(info)
 
@@ -144,21 +158,30 @@ def cmd_eval_ppl(args) -> None:
 def cmd_translate(args) -> None:
     from . import hf
     model, tok = load_model(args.model)
-    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    lines = [line.rstrip("\n") for line in src]
+    if args.input == "-":
+        lines = [line.rstrip("\r\n") for line in sys.stdin]
+    else:
+        with open(args.input, encoding="utf-8") as src:
+            lines = [line.rstrip("\r\n") for line in src]
     decoder, hidden = None, "ffn"
     if args.datastore:
         ds = open_datastore(args.datastore)
         decoder, hidden = make_decoder(args, ds), ds.meta.get("hidden", "ffn")
+    limit = min(args.max_new_tokens, getattr(model.config, "max_position_embeddings", 10**9))
     out = open(args.output, "w", encoding="utf-8") if args.output != "-" else sys.stdout
     t0 = time.perf_counter()
-    for s in range(0, len(lines), args.batch_size):
-        enc = tok(lines[s:s + args.batch_size], return_tensors="pt", padding=True)
-        gen = hf.generate(model, decoder, **enc, num_beams=args.beams,
-                          max_new_tokens=args.max_new_tokens, hidden=hidden)
-        for text in tok.batch_decode(gen, skip_special_tokens=True):
-            out.write(text + "\n")
-    out.flush()
+    try:
+        for s in range(0, len(lines), args.batch_size):
+            enc = tok(lines[s:s + args.batch_size], return_tensors="pt", padding=True)
+            gen = hf.generate(model, decoder, **enc, num_beams=args.beams,
+                              max_new_tokens=limit, hidden=hidden)
+            for text in tok.batch_decode(gen, skip_special_tokens=True):
+                out.write(text + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        else:
+            out.flush()
     secs = time.perf_counter() - t0
     print(json.dumps({"sentences": len(lines), "seconds": round(secs, 3),
                       "sentences_per_s": round(len(lines) / max(secs, 1e-9), 2)}), file=sys.stderr)
@@ -169,9 +192,12 @@ def cmd_tune(args) -> None:
     model, tok = load_model(args.model)
     examples = read_corpus(args.corpus, model, tok, args.limit)
     ds = open_datastore(args.datastore)
+    if args.index and not ds.has_saved_index():
+        raise SystemExit(f"knnfast: --index given but {ds.path} has no index; run "
+                         f"`knnfast build-index {ds.path}` first")
     res = hf.tune(model, examples, ds, ks=_ints(args.ks), temperatures=_floats(args.temperatures),
                   lams=_floats(args.lams), hidden=ds.meta.get("hidden", "ffn"),
-                  batch_size=args.batch_size, exact=False if args.index else None)
+                  batch_size=args.batch_size, exact=not args.index)
     if args.grid_out:
         with open(args.grid_out, "w") as f:
             json.dump(res.grid, f, indent=1)

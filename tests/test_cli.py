@@ -1,0 +1,423 @@
+"""Smoke tests of the ``knnfast`` command (knnfast.cli) on tiny models built in the test.
+
+A WordLevel tokenizer is trained on a few dozen English/German sentences written here and
+saved, as a transformers tokenizer, next to a tiny random MarianMTModel (seq2seq path) and
+a tiny random GPT2LMHeadModel (causal path). Commands run in-process through
+``knnfast.cli.main`` (their JSON is read back from stdout / stderr); one subprocess test
+checks ``python -m knnfast --help`` and a sub-command's examples epilog.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+faiss = pytest.importorskip("faiss")
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import (GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel,  # noqa: E402
+                          PreTrainedTokenizerFast)
+
+from knnfast import Datastore  # noqa: E402
+from knnfast.cli import main  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Lower case, no punctuation: a WordLevel tokenizer with a whitespace pre-tokenizer then
+# decodes every sentence back to itself. Sources are all different.
+PAIRS = [
+    ("the cat sits on the mat", "die katze sitzt auf der matte"),
+    ("the dog runs in the park", "der hund rennt im park"),
+    ("i like green tea", "ich mag gruenen tee"),
+    ("we read a good book", "wir lesen ein gutes buch"),
+    ("the house is very big", "das haus ist sehr gross"),
+    ("my brother plays football", "mein bruder spielt fussball"),
+    ("she drinks cold water", "sie trinkt kaltes wasser"),
+    ("the sun is shining today", "die sonne scheint heute"),
+    ("he opens the door", "er oeffnet die tuer"),
+    ("the file could not be opened", "die datei konnte nicht geoeffnet werden"),
+    ("the car is red", "das auto ist rot"),
+    ("we eat bread and cheese", "wir essen brot und kaese"),
+    ("the child sleeps", "das kind schlaeft"),
+    ("open the window please", "oeffne bitte das fenster"),
+    ("the train is late", "der zug ist spaet"),
+    ("i write a letter", "ich schreibe einen brief"),
+    ("the bird sings in the tree", "der vogel singt im baum"),
+    ("they live in a small town", "sie wohnen in einer kleinen stadt"),
+    ("the teacher explains the lesson", "der lehrer erklaert die lektion"),
+    ("save the file", "speichere die datei"),
+    ("the night is dark", "die nacht ist dunkel"),
+    ("my sister reads the newspaper", "meine schwester liest die zeitung"),
+    ("the coffee is hot", "der kaffee ist heiss"),
+    ("we go home now", "wir gehen jetzt nach hause"),
+    ("the garden is green", "der garten ist gruen"),
+    ("close the program", "schliesse das programm"),
+    ("the flowers are beautiful", "die blumen sind schoen"),
+    ("he buys a new phone", "er kauft ein neues telefon"),
+    ("the street is empty", "die strasse ist leer"),
+    ("you speak very fast", "du sprichst sehr schnell"),
+]
+SPECIALS = ["<pad>", "</s>", "<unk>"]   # ids 0, 1, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only cost OpenMP wake-ups on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    faiss.omp_set_num_threads(before)
+
+
+def _tokenizer():
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([s for pair in PAIRS for s in pair],
+                            trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    assert [tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2]
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Model dirs (Marian, GPT-2, same tokenizer), a TSV and a text corpus."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = _tokenizer()
+    V = len(tok)
+    torch.manual_seed(0)
+    mcfg = MarianConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, pad_token_id=0, eos_token_id=1,
+                        decoder_start_token_id=0, max_position_embeddings=64, init_std=0.3)
+    marian_dir = root / "marian"
+    MarianMTModel(mcfg).eval().save_pretrained(marian_dir)
+    tok.save_pretrained(marian_dir)
+    torch.manual_seed(0)
+    gcfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1, initializer_range=0.2)
+    gpt2_dir = root / "gpt2"
+    GPT2LMHeadModel(gcfg).eval().save_pretrained(gpt2_dir)
+    tok.save_pretrained(gpt2_dir)
+
+    tsv = root / "train.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS), encoding="utf-8")
+    txt = root / "train.txt"
+    txt.write_text("".join(f"{s}\n{t}\n" for s, t in PAIRS), encoding="utf-8")
+    src = root / "src.txt"
+    src.write_text("".join(f"{s}\n" for s, _ in PAIRS), encoding="utf-8")
+    return {"root": root, "tok": tok, "marian": str(marian_dir), "gpt2": str(gpt2_dir),
+            "tsv": str(tsv), "txt": str(txt), "src": str(src)}
+
+
+def run_json(capsys, *argv, stream="out"):
+    """Run ``knnfast argv...`` in-process, return the JSON it printed."""
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    cap = capsys.readouterr()
+    text = cap.out if stream == "out" else cap.err.strip().splitlines()[-1]
+    return json.loads(text)
+
+
+def fail(capsys, *argv):
+    """Run a command that must exit with an error; its message (str)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    capsys.readouterr()
+    return str(e.value.code)
+
+
+@pytest.fixture(scope="module")
+def marian_ds(env):
+    """Datastore of the Marian model over the TSV corpus (built through the CLI)."""
+    out = str(env["root"] / "ds_marian")
+    assert main(["build-datastore", "--model", env["marian"], "--corpus", env["tsv"],
+                 "--out", out, "--batch-size", "8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_ds(env):
+    out = str(env["root"] / "ds_gpt2")
+    assert main(["build-datastore", "--model", env["gpt2"], "--corpus", env["txt"],
+                 "--out", out, "--batch-size", "16"]) == 0
+    return out
+
+
+def _target_tokens(tok):
+    return sum(len(ids) for ids in tok(text_target=[t for _, t in PAIRS])["input_ids"])
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_help_subprocess():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for argv, want in ((["--help"], "build-datastore"), (["translate", "--help"], "examples:")):
+        r = subprocess.run([sys.executable, "-m", "knnfast", *argv], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert want in r.stdout
+    assert "knnfast translate --model" in r.stdout          # the epilog, unwrapped
+
+
+# --------------------------------------------------------------------------- build-datastore
+
+
+def test_build_datastore(env, marian_ds, capsys):
+    ds = Datastore.open(marian_ds)
+    assert len(ds) == _target_tokens(env["tok"])
+    assert ds.meta["hidden"] == "ffn" and ds.dim == 32 and ds.vocab_size == len(env["tok"])
+    assert ds.meta["extra"]["causal"] is False and ds.meta["extra"]["examples"] == len(PAIRS)
+
+    out = str(env["root"] / "ds_att")
+    res = run_json(capsys, "build-datastore", "--model", env["marian"], "--corpus", env["tsv"],
+                   "--out", out, "--hidden", "att", "--limit", "10")
+    n10 = sum(len(ids) for ids in env["tok"](text_target=[t for _, t in PAIRS[:10]])["input_ids"])
+    assert res["entries"] == n10 and res["examples"] == 10 and res["dim"] == 32
+    assert res["datastore"] == out
+    att = Datastore.open(out)
+    assert att.meta["hidden"] == "att" and len(att) == n10
+
+
+def test_build_datastore_json_and_overwrite(env, capsys):
+    out = str(env["root"] / "ds_again")
+    argv = ["build-datastore", "--model", env["marian"], "--corpus", env["tsv"], "--out", out,
+            "--limit", "6"]
+    res = run_json(capsys, *argv)
+    n6 = sum(len(ids) for ids in env["tok"](text_target=[t for _, t in PAIRS[:6]])["input_ids"])
+    assert res["entries"] == n6 and res["examples"] == 6
+    with pytest.raises((SystemExit, FileExistsError), match="already exists"):
+        main(argv)
+    assert len(Datastore.open(out)) == n6                    # left intact
+    res = run_json(capsys, *argv[:-1], "3", "--overwrite")
+    n3 = sum(len(ids) for ids in env["tok"](text_target=[t for _, t in PAIRS[:3]])["input_ids"])
+    assert res["entries"] == n3 and len(Datastore.open(out)) == n3
+
+
+def test_build_datastore_exists_is_cli_error(env, marian_ds, capsys):
+    msg = fail(capsys, "build-datastore", "--model", env["marian"], "--corpus", env["tsv"],
+               "--out", marian_ds)
+    assert "--overwrite" in msg
+
+
+# --------------------------------------------------------------------------- build-index
+
+
+def test_build_index_and_translate_with_index(env, marian_ds, capsys, tmp_path):
+    ds_dir = str(tmp_path / "ds")
+    shutil.copytree(marian_ds, ds_dir)            # keep the shared datastore index-free
+    info = run_json(capsys, "build-index", ds_dir, "--factory", "Flat", "--device", "cpu")
+    n = len(Datastore.open(ds_dir))
+    assert info["factory"] == "Flat" and info["ntotal"] == n and info["metric"] == "l2"
+    assert os.path.exists(os.path.join(ds_dir, "index.faiss"))
+    out = tmp_path / "hyp.txt"
+    res = run_json(capsys, "translate", "--model", env["marian"], "--datastore", ds_dir, "--index",
+                   "--input", env["src"], "--output", out, "--beams", "2", "--k", "2",
+                   "--max-new-tokens", "12", stream="err")
+    assert res["sentences"] == len(PAIRS)
+    assert len(out.read_text(encoding="utf-8").splitlines()) == len(PAIRS)
+
+
+# --------------------------------------------------------------------------- eval-ppl
+
+
+def test_eval_ppl(env, gpt2_ds, capsys):
+    argv = ["eval-ppl", "--model", env["gpt2"], "--datastore", gpt2_ds, "--corpus", env["txt"],
+            "--k", "4", "--temperature", "1", "--lam", "0.25", "--limit", "20"]
+    res = run_json(capsys, *argv)
+    ids = env["tok"]([line for s, t in PAIRS for line in (s, t)][:20])["input_ids"]
+    assert res["tokens"] == sum(len(x) - 1 for x in ids)
+    for key in ("base_ppl", "knn_ppl", "oracle_ppl"):
+        assert math.isfinite(res[key]) and res[key] >= 1.0, res
+    assert res["oracle_ppl"] <= min(res["base_ppl"], res["knn_ppl"]) * (1 + 1e-6)
+    assert res["knn_ppl"] < res["base_ppl"]        # evaluated on the datastore's own corpus
+    ref = run_json(capsys, *argv, "--backend", "reference")
+    assert ref["tokens"] == res["tokens"]
+    for key in ("base_ppl", "knn_ppl", "oracle_ppl"):
+        assert ref[key] == pytest.approx(res[key], rel=1e-4)
+
+
+def test_eval_ppl_seq2seq(env, marian_ds, capsys):
+    res = run_json(capsys, "eval-ppl", "--model", env["marian"], "--datastore", marian_ds,
+                   "--corpus", env["tsv"], "--k", "4", "--limit", "8")
+    assert res["tokens"] == sum(len(x) for x in env["tok"](text_target=[t for _, t in PAIRS[:8]])["input_ids"])
+    assert res["oracle_ppl"] <= min(res["base_ppl"], res["knn_ppl"]) * (1 + 1e-6)
+
+
+@pytest.fixture(scope="module")
+def ivf_ppl(env, gpt2_ds, tmp_path_factory):
+    """eval-ppl (k = 8) on a copy of the GPT-2 datastore: exact, then after build-index of a
+    coarse IVF index (nprobe 1 of 4 lists) without and with --index."""
+    ds = str(tmp_path_factory.mktemp("ivf") / "ds")
+    shutil.copytree(gpt2_ds, ds)
+    argv = ["eval-ppl", "--model", env["gpt2"], "--datastore", ds, "--corpus", env["txt"],
+            "--k", "8"]
+
+    def ppl(*extra):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(argv + list(extra)) == 0
+        return json.loads(buf.getvalue())
+
+    exact = ppl()
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["build-index", ds, "--factory", "IVF4,Flat", "--nprobe", "1", "--device", "cpu"])
+    return {"exact": exact, "after": ppl(), "index": ppl("--index")}
+
+
+def test_eval_ppl_index(ivf_ppl):
+    exact, index = ivf_ppl["exact"], ivf_ppl["index"]
+    assert index["tokens"] == exact["tokens"] and index["base_ppl"] == exact["base_ppl"]
+    assert math.isfinite(index["knn_ppl"])
+    # nprobe 1 misses neighbours: the approximate search gives another kNN ppl
+    assert index["knn_ppl"] != pytest.approx(exact["knn_ppl"], rel=1e-6)
+
+
+def test_eval_ppl_without_index_flag_is_exact(ivf_ppl):
+    assert ivf_ppl["after"]["knn_ppl"] == pytest.approx(ivf_ppl["exact"]["knn_ppl"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- translate
+
+
+def test_translate_files(env, marian_ds, capsys, tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("the cat sits\nsave the file\n\nopen the door please\n", encoding="utf-8")
+    for extra in ([], ["--datastore", marian_ds]):
+        out = tmp_path / f"out{len(extra)}.txt"
+        res = run_json(capsys, "translate", "--model", env["marian"], "--input", inp, "--output", out,
+                       "--beams", "2", "--batch-size", "3", "--max-new-tokens", "10", *extra,
+                       stream="err")
+        assert res["sentences"] == 4
+        assert len(out.read_text(encoding="utf-8").split("\n")) == 4 + 1   # trailing newline
+
+
+def test_translate_stdout(env, marian_ds, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the dog runs\nhello\n"))
+    capsys.readouterr()
+    main(["translate", "--model", env["marian"], "--datastore", marian_ds, "--beams", "1",
+          "--max-new-tokens", "8"])
+    cap = capsys.readouterr()
+    assert len(cap.out.split("\n")) == 3
+    assert json.loads(cap.err.strip().splitlines()[-1])["sentences"] == 2
+
+
+def test_translate_oracle_datastore(env, marian_ds, capsys, tmp_path):
+    """λ = 1, k = 1, greedy: each step copies the value of the datastore entry captured at
+    the same (source, target prefix), so the training targets come back."""
+    out = tmp_path / "hyp.txt"
+    run_json(capsys, "translate", "--model", env["marian"], "--datastore", marian_ds,
+             "--input", env["src"], "--output", out, "--lam", "1.0", "--k", "1", "--beams", "1",
+             "--batch-size", "8", "--max-new-tokens", "20", stream="err")
+    hyps = out.read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == len(PAIRS)
+    same = sum(h.strip() == t for h, (_, t) in zip(hyps, PAIRS))
+    assert same >= 0.8 * len(PAIRS), list(zip(hyps, PAIRS))
+
+    # the bare model (random weights) does not know them
+    bare = tmp_path / "bare.txt"
+    run_json(capsys, "translate", "--model", env["marian"], "--input", env["src"], "--output", bare,
+             "--beams", "1", "--batch-size", "8", "--max-new-tokens", "20", stream="err")
+    bare_hyps = bare.read_text(encoding="utf-8").splitlines()
+    assert len(bare_hyps) == len(PAIRS)
+    assert sum(h.strip() == t for h, (_, t) in zip(bare_hyps, PAIRS)) < same
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def test_tune(env, marian_ds, capsys, tmp_path):
+    ks, temps, lams = [1, 2, 4], [1.0, 10.0], [0.25, 0.5, 0.75]
+    grid_out = tmp_path / "grid.json"
+    res = run_json(capsys, "tune", "--model", env["marian"], "--datastore", marian_ds,
+                   "--corpus", env["tsv"], "--ks", ",".join(map(str, ks)),
+                   "--temperatures", ",".join(map(str, temps)), "--lams", ",".join(map(str, lams)),
+                   "--limit", "12", "--grid-out", grid_out)
+    grid = json.loads(grid_out.read_text())
+    assert len(grid) == res["cells"] == len(ks) * len(temps) * len(lams)
+    assert {(g["k"], g["temperature"], g["lam"]) for g in grid} == \
+        {(k, t, lam) for k in ks for t in temps for lam in lams}
+    best = res["best"]
+    assert best["k"] in ks and best["temperature"] in temps and best["lam"] in lams
+    assert best == min(grid, key=lambda g: g["nll"])
+    assert math.isfinite(res["base_nll"]) and best["nll"] <= res["base_nll"]
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench(capsys):
+    res = run_json(capsys, "bench", "--rows", "4", "--vocab", "100", "--k", "4", "--keys", "1000",
+                   "--dim", "16", "--seconds", "0.05")
+    assert res["shape"]["rows"] == 4 and res["shape"]["vocab"] == 100
+    for case in ("knn_interpolate", "knn_search"):
+        row = res["results"][case]
+        assert row["fused_ms"] > 0 and row["reference_ms"] > 0 and row["speedup"] > 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_missing_model(env, tmp_path, capsys):
+    msg = fail(capsys, "build-datastore", "--model", tmp_path / "nope", "--corpus", env["tsv"],
+               "--out", tmp_path / "ds")
+    assert "--model" in msg and "nope" in msg
+    assert not os.path.exists(tmp_path / "ds")
+
+
+def test_error_missing_corpus(env, tmp_path, capsys):
+    msg = fail(capsys, "build-datastore", "--model", env["marian"], "--corpus", tmp_path / "no.tsv",
+               "--out", tmp_path / "ds")
+    assert "--corpus" in msg and "no.tsv" in msg
+    assert not os.path.exists(tmp_path / "ds") and not os.path.exists(tmp_path / "ds.building")
+
+
+def test_error_tsv_without_tab(env, tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("hello\thallo\nthe cat\tdie katze\nno tab here\nworld\twelt\n", encoding="utf-8")
+    msg = fail(capsys, "build-datastore", "--model", env["marian"], "--corpus", bad,
+               "--out", tmp_path / "ds")
+    assert f"{bad}:3:" in msg and "TAB" in msg
+    # a text corpus is fine for the causal model (no tab needed)
+    res = run_json(capsys, "build-datastore", "--model", env["gpt2"], "--corpus", bad,
+                   "--out", tmp_path / "ds_gpt2")
+    assert res["examples"] == 4
+
+
+def test_error_tsv_line_number_counts_blank_lines(env, tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("hello\thallo\n\nno tab here\n", encoding="utf-8")
+    msg = fail(capsys, "build-datastore", "--model", env["marian"], "--corpus", bad,
+               "--out", tmp_path / "ds")
+    assert f"{bad}:3:" in msg
+
+
+def test_error_missing_datastore(env, tmp_path, capsys):
+    msg = fail(capsys, "eval-ppl", "--model", env["gpt2"], "--datastore", tmp_path / "no_ds",
+               "--corpus", env["txt"], "--k", "4")
+    assert "cannot open datastore" in msg
+    msg = fail(capsys, "translate", "--model", env["marian"], "--datastore", tmp_path / "no_ds",
+               "--input", env["src"], "--output", tmp_path / "o.txt")
+    assert "cannot open datastore" in msg
+
+
+def test_error_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])                                     # a command is required
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["build-datastore", "--corpus", "x"])   # --model / --out missing
+    assert e.value.code == 2
+    assert "--model" in capsys.readouterr().err

@@ -23,3 +23,23 @@ def test_docstring_examples():
     result = doctest.testmod(knnfast.ops, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_readme_datastore_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    block = next(b for b in blocks if "KNNDecoder" in b)
+    block = block.replace("/tmp/knnfast-ds", str(tmp_path / "ds"))
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    logp = namespace["logp"]
+    assert logp.shape == (4, 1000)
+    assert ((logp.exp().sum(1) - 1).abs() < 1e-4).all()
+    assert namespace["ids"].shape == (4, 8)
+
+
+def test_datastore_docstring_example():
+    import knnfast.datastore
+    result = doctest.testmod(knnfast.datastore, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0

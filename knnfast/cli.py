@@ -233,7 +233,8 @@ def cmd_bench(args) -> None:
 
 def cmd_demo(args) -> None:
     from . import demo
-    demo.main(cache_dir=args.cache, time_budget_s=args.time_budget, out_dir=args.out)
+    demo.main(cache_dir=args.cache, time_budget_s=args.time_budget, out_dir=args.out,
+              locale_dir=args.locale_dir)
 
 
 # --------------------------------------------------------------------------- parser
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=".cache/demo", help="model/datastore cache directory")
     p.add_argument("--out", default="demo-results", help="where results and plots go")
     p.add_argument("--time-budget", type=float, default=240.0, help="base-model training seconds")
+    p.add_argument("--locale-dir", help="German gettext catalogs (default "
+                   "/usr/share/locale/de/LC_MESSAGES; missing -> kNN-LM fallback demo)")
     return parser
 
 

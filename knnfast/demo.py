@@ -127,18 +127,113 @@ def _inverse_sqrt(warmup_steps: int) -> Callable[[int], float]:
 
 def _save_atomic(write: Callable[[Path], None], target: Path) -> None:
     """Write a file or directory via ``write(tmp_path)`` next to ``target``, then move it into
-    place with os.replace, so ``target`` is either the old or the complete new version."""
+    place with os.replace, so ``target`` is either the old or the complete new version.
+    Leftovers of an earlier interrupted save are removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for leftover in target.parent.glob(f".{target.name}.tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     try:
         tmp = tmp_dir / target.name
         write(tmp)
         if target.is_dir():
-            stale = tmp_dir / "stale"
-            os.replace(target, stale)  # a non-empty directory cannot be replaced directly
+            os.replace(target, tmp_dir / "stale")  # a non-empty directory cannot be replaced
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class _TrainingRun:
+    """Model, optimiser, lr schedule and progress of one training run; checkpointable."""
+
+    def __init__(self, vocab_size: int, config: BaseModelConfig, seed: int, key: str):
+        torch.manual_seed(seed)
+        self.config, self.seed, self.key = config, seed, key
+        self.model = build_marian(vocab_size, config.d_model, config.layers, config.heads,
+                                  config.ffn_dim, config.dropout, config.max_positions)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                           betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _inverse_sqrt(config.warmup_steps))
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "elapsed_s": 0.0, "tokens": 0}
+
+    def save(self, path: Path) -> None:
+        ckpt = {"hash": self.key, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "rng": torch.get_rng_state(), "state": self.state}
+        _save_atomic(lambda tmp: torch.save(ckpt, tmp), path)
+
+    def restore(self, path: Path) -> bool:
+        """Continue from the checkpoint at ``path`` if it belongs to this run (same key)."""
+        if not path.exists():
+            return False
+        ckpt = torch.load(path, weights_only=False)
+        if ckpt.get("hash") != self.key:
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        torch.set_rng_state(ckpt["rng"])
+        self.state = ckpt["state"]
+        return True
+
+    def step(self, srcs: list[list[int]], tgts: list[list[int]], pad_id: int) -> float:
+        """One optimiser step on a batch; returns its loss."""
+        loss, n_tokens = _train_step(self.model, srcs, tgts, pad_id, self.config.label_smoothing)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        self.state["batch"] += 1
+        self.state["tokens"] += n_tokens
+        return loss.item()
+
+
+def _train_loop(run: _TrainingRun, srcs: list[list[int]], tgts: list[list[int]],
+                pad_id: int, time_budget_s: float, ckpt_path: Path) -> None:
+    """Epochs of shuffled token batches until the time budget or ``max_epochs``; checkpoints
+    every ``checkpoint_every_s`` and on Ctrl-C."""
+    config, state = run.config, run.state
+    batches = _token_batches(srcs, tgts, config.max_tokens)
+    bar = tqdm(total=round(time_budget_s), initial=round(state["elapsed_s"]), unit="s",
+               desc="training", bar_format="{l_bar}{bar}| {n:.0f}/{total} s{postfix}")
+    start = last_ckpt = time.perf_counter()
+    start -= state["elapsed_s"]
+    run.model.train()
+    try:
+        while state["epoch"] < config.max_epochs and state["elapsed_s"] < time_budget_s:
+            order = list(range(len(batches)))
+            random.Random(run.seed * 1_000_003 + state["epoch"]).shuffle(order)
+            for b in order[state["batch"]:]:
+                loss = run.step([srcs[i] for i in batches[b]], [tgts[i] for i in batches[b]],
+                                pad_id)
+                state["elapsed_s"] = time.perf_counter() - start
+                bar.update(round(state["elapsed_s"]) - bar.n)
+                bar.set_postfix(epoch=state["epoch"], loss=f"{loss:.2f}", refresh=False,
+                                tgt_tok_s=f"{state['tokens'] / state['elapsed_s']:.0f}")
+                if state["elapsed_s"] >= time_budget_s:
+                    break
+                if time.perf_counter() - last_ckpt >= config.checkpoint_every_s:
+                    run.save(ckpt_path)
+                    last_ckpt = time.perf_counter()
+            else:
+                state["epoch"] += 1
+                state["batch"] = 0
+    except KeyboardInterrupt:
+        run.save(ckpt_path)
+        raise
+    finally:
+        bar.close()
+    run.model.eval()
+
+
+def _cache_key(split: DemoSplit, codec: TextCodec, config: BaseModelConfig, seed: int,
+               time_budget_s: float) -> str:
+    return _sha256({"config": dataclasses.asdict(config), "seed": seed,
+                    "time_budget_s": time_budget_s,
+                    "tokenizer": hashlib.sha256(codec.to_json().encode()).hexdigest(),
+                    "data": _sha256(split.general_train)})
 
 
 def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
@@ -152,16 +247,13 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     ``cache_dir/base_model`` (weights, tokenizer.json, train_meta.json with the hash of
     config, seed, budget, tokenizer and data); a cache whose hash matches is loaded instead
     of training. A checkpoint (``cache_dir/base_model.ckpt``) is written every
-    ``config.checkpoint_every_s`` so that an interrupted run resumes. Uses ``threads``
-    (default: all) CPU threads.
+    ``config.checkpoint_every_s`` and on Ctrl-C, and the next call resumes from it. Uses
+    ``threads`` (default: all) CPU threads.
     """
     torch.set_num_threads(threads or os.cpu_count() or 1)
     cache_dir = Path(cache_dir)
     final_dir, ckpt_path = cache_dir / "base_model", cache_dir / "base_model.ckpt"
-    key = _sha256({"config": dataclasses.asdict(config), "seed": seed,
-                   "time_budget_s": time_budget_s,
-                   "tokenizer": hashlib.sha256(codec.to_json().encode()).hexdigest(),
-                   "data": _sha256(split.general_train)})
+    key = _cache_key(split, codec, config, seed, time_budget_s)
     meta_path = final_dir / "train_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if meta.get("hash") == key:
@@ -170,87 +262,32 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
             f" target tokens/s)")
         return MarianMTModel.from_pretrained(final_dir).eval()
 
-    torch.manual_seed(seed)
-    model = build_marian(codec.vocab_size, config.d_model, config.layers, config.heads,
-                         config.ffn_dim, config.dropout, config.max_positions)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
-                                  eps=1e-9, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _inverse_sqrt(config.warmup_steps))
-    state = {"epoch": 0, "batch": 0, "step": 0, "elapsed_s": 0.0, "tokens": 0}
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["hash"] == key:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            schedule.load_state_dict(ckpt["schedule"])
-            torch.set_rng_state(ckpt["rng"])
-            state = ckpt["state"]
-            log(f"base model: resuming from {ckpt_path} at step {state['step']}")
-
+    run = _TrainingRun(codec.vocab_size, config, seed, key)
+    if run.restore(ckpt_path):
+        log(f"base model: resuming from {ckpt_path} at step {run.state['step']}")
     srcs = codec.encode_rows([s for s, _ in split.general_train], config.max_positions)
     tgts = codec.encode_rows([t for _, t in split.general_train], config.max_positions)
-    batches = _token_batches(srcs, tgts, config.max_tokens)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"base model: {n_params / 1e6:.2f}M parameters, {len(srcs)} pairs, "
-        f"{len(batches)} batches/epoch, budget {time_budget_s:.0f} s, "
-        f"{torch.get_num_threads()} threads")
+    n_params = sum(p.numel() for p in run.model.parameters())
+    log(f"base model: {n_params / 1e6:.2f}M parameters, {len(srcs)} pairs, budget "
+        f"{time_budget_s:.0f} s, {torch.get_num_threads()} threads")
+    _train_loop(run, srcs, tgts, codec.pad_id, time_budget_s, ckpt_path)
+    state = run.state
+    log(f"base model: {state['step']} steps, {state['epoch']} full epochs, "
+        f"{state['elapsed_s']:.0f} s, {state['tokens'] / state['elapsed_s']:.0f} target tokens/s")
 
-    def save_checkpoint() -> None:
-        ckpt = {"hash": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
-                "state": state}
-        _save_atomic(lambda p: torch.save(ckpt, p), ckpt_path)
-
-    model.train()
-    bar = tqdm(total=round(time_budget_s), initial=round(state["elapsed_s"]), unit="s",
-               desc="training", bar_format="{l_bar}{bar}| {n:.0f}/{total} s{postfix}")
-    start, last_ckpt = time.perf_counter() - state["elapsed_s"], time.perf_counter()
-    while state["epoch"] < config.max_epochs and state["elapsed_s"] < time_budget_s:
-        order = list(range(len(batches)))
-        random.Random(seed * 1_000_003 + state["epoch"]).shuffle(order)
-        for b in order[state["batch"]:]:
-            loss, n_tokens = _train_step(model, [srcs[i] for i in batches[b]],
-                                         [tgts[i] for i in batches[b]], codec.pad_id,
-                                         config.label_smoothing)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch"] += 1
-            state["tokens"] += n_tokens
-            state["elapsed_s"] = time.perf_counter() - start
-            bar.update(round(state["elapsed_s"]) - bar.n)
-            bar.set_postfix(epoch=state["epoch"], loss=f"{loss.item():.2f}",
-                            tgt_tok_s=f"{state['tokens'] / state['elapsed_s']:.0f}",
-                            refresh=False)
-            if state["elapsed_s"] >= time_budget_s:
-                break
-            if time.perf_counter() - last_ckpt >= config.checkpoint_every_s:
-                save_checkpoint()
-                last_ckpt = time.perf_counter()
-        else:
-            state["epoch"] += 1
-            state["batch"] = 0
-    bar.close()
-    log(f"base model: {state['step']} steps, {state['epoch'] + state['batch'] / len(batches):.2f}"
-        f" epochs, {state['elapsed_s']:.0f} s, {state['tokens'] / state['elapsed_s']:.0f} "
-        f"target tokens/s")
-
-    model.eval()
     meta = {"hash": key, "config": dataclasses.asdict(config), "seed": seed,
             "time_budget_s": time_budget_s, "steps": state["step"],
             "train_seconds": state["elapsed_s"], "target_tokens": state["tokens"],
             "parameters": n_params}
 
     def write(path: Path) -> None:
-        model.save_pretrained(path)
+        run.model.save_pretrained(path)
         codec.save(path / "tokenizer.json")
         (path / "train_meta.json").write_text(json.dumps(meta, indent=2))
     _save_atomic(write, final_dir)
     ckpt_path.unlink(missing_ok=True)
     log(f"base model: saved to {final_dir}")
-    return model
+    return run.model
 
 
 @torch.inference_mode()
@@ -497,19 +534,26 @@ LM_CHUNK = 96
 
 def python_doc_chunks(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
     """(train, dev, test) paragraphs of the Python language reference shipped with CPython
-    (``pydoc_data.topics``), split by topic so that test topics are unseen."""
+    (``pydoc_data.topics``), split by topic; no dev/test paragraph occurs in train."""
     from pydoc_data.topics import topics
     names = sorted(topics)
     random.Random(seed).shuffle(names)
-    n_test = max(1, len(names) // 10)
-    parts = {"test": names[:n_test], "dev": names[n_test:2 * n_test], "train": names[2 * n_test:]}
+    n_test, n_dev = max(1, len(names) // 5), max(1, len(names) // 10)
+    parts = {"test": names[:n_test], "dev": names[n_test:n_test + n_dev],
+             "train": names[n_test + n_dev:]}
 
     def paragraphs(keys):
         out = []
         for key in keys:
             out += [" ".join(p.split()) for p in topics[key].split("\n\n") if len(p.split()) >= 4]
         return out
-    return paragraphs(parts["train"]), paragraphs(parts["dev"]), paragraphs(parts["test"])
+    # Topics share paragraphs verbatim: a paragraph seen in training never counts as held out.
+    train = list(dict.fromkeys(paragraphs(parts["train"])))
+    seen = set(train)
+    dev = [p for p in dict.fromkeys(paragraphs(parts["dev"])) if p not in seen]
+    seen.update(dev)
+    test = [p for p in dict.fromkeys(paragraphs(parts["test"])) if p not in seen]
+    return train, dev, test
 
 
 def _lm_examples(codec: TextCodec, texts: list[str]) -> list[list[int]]:
@@ -646,14 +690,17 @@ def _machine() -> str:
 
 
 def main(cache_dir: str | Path | None = None, time_budget_s: float = 240.0,
-         out_dir: str | Path = "demo-results", log: Log = print) -> dict:
-    """The whole demo; returns the report (also written to out_dir)."""
+         out_dir: str | Path = "demo-results", log: Log = print,
+         locale_dir: str | Path | None = None) -> dict:
+    """The whole demo; returns the report (also written to out_dir). Without the German
+    gettext catalogs (``locale_dir``), it says what to install and runs the kNN-LM
+    fallback on the Python language reference instead."""
     cache_dir = Path(cache_dir or CACHE_DIR)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     try:
-        catalogs = load_catalogs()
+        catalogs = load_catalogs(locale_dir) if locale_dir else load_catalogs()
     except FileNotFoundError as e:
         log(f"gettext catalogs not available: {e}")
         log("falling back to a kNN-LM demo on the Python language reference shipped with Python")

@@ -324,8 +324,13 @@ def evaluate_bleu(hyps: list[str], refs: list[str]) -> dict[str, float]:
 
 KNN_K = 8
 LAMBDA_GRID = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
-IVF_FACTORY = "IVF256,Flat"
+IVF_LISTS = 256   # at most; fewer for small datastores (faiss needs N >= lists)
 IVF_NPROBE = 16
+
+
+def ivf_factory(n: int) -> str:
+    """IVF with exact (Flat) lists: 256 lists for the demo's ~130k entries."""
+    return f"IVF{max(1, min(IVF_LISTS, int(math.sqrt(n))))},Flat"
 
 
 def export_hf_tokenizer(codec: TextCodec, path: str | Path) -> None:
@@ -364,7 +369,7 @@ def build_in_domain_datastore(model: MarianMTModel, codec: TextCodec, split: Dem
     from knnfast import hf
     path = cache_dir / "datastore"
     stamp = _sha256({"model": _model_stamp(cache_dir), "pairs": len(split.in_train),
-                     "first": split.in_train[:3], "index": [IVF_FACTORY, IVF_NPROBE]})
+                     "first": split.in_train[:3], "index": [IVF_LISTS, IVF_NPROBE]})
     if (path / "index.faiss").exists():
         ds = knnfast.Datastore.open(path)
         if ds.meta.get("extra", {}).get("demo_stamp") == stamp:
@@ -380,9 +385,9 @@ def build_in_domain_datastore(model: MarianMTModel, codec: TextCodec, split: Dem
     _rewrite_meta(ds)
     built = time.perf_counter() - start
     start = time.perf_counter()
-    ds.build_index(IVF_FACTORY, nprobe=IVF_NPROBE, progress=False)
+    ds.build_index(ivf_factory(len(ds)), nprobe=IVF_NPROBE, progress=False)
     log(f"datastore: {len(ds):,} entries from {len(examples):,} in-domain pairs in {built:.1f} s; "
-        f"index {IVF_FACTORY} (nprobe {IVF_NPROBE}) in {time.perf_counter() - start:.1f} s")
+        f"index {ivf_factory(len(ds))} (nprobe {IVF_NPROBE}) in {time.perf_counter() - start:.1f} s")
     return ds
 
 
@@ -519,7 +524,7 @@ def run_knn_mt(model, codec, split, cache_dir: Path, out_dir: Path, log: Log) ->
     log("  BLEU vs λ (first 200 in_test): " + ", ".join(f"{a:g}: {b:.1f}" for a, b in points))
     plot_bleu_vs_lambda(points, points[0][1], out_dir / "bleu_vs_lambda.png",
                         f"kNN-MT on PostgreSQL messages (k={k}, τ={tau:g})")
-    return {"datastore": {"entries": len(ds), "dim": ds.dim, "index": IVF_FACTORY,
+    return {"datastore": {"entries": len(ds), "dim": ds.dim, "index": ivf_factory(len(ds)),
                           "nprobe": IVF_NPROBE, "path": str(ds.path)},
             "tuned": tuned, "adaptive": {k_: v for k_, v in adaptive_info.items() if k_ != "train_loss"},
             "systems": results, "bleu_vs_lambda": points, "examples": examples_out}

@@ -33,9 +33,8 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch

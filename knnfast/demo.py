@@ -1,10 +1,13 @@
 """English→German kNN-MT demo: a small Marian model trained on general gettext catalogs,
 adapted to PostgreSQL messages by retrieval (``make demo``).
 
-    python -m knnfast.demo          # corpus → tokenizer → base model (cached) → BLEU
+    python -m knnfast demo          # same as `make demo`
 
-This part covers the corpus and the base model; the trained model is cached in
-``.cache/demo/base_model`` under the repository root.
+Corpus → tokenizer → base model (trained once, cached in ``.cache/demo/base_model``) →
+in-domain datastore + IVF index (``.cache/demo/datastore``) → λ/τ/k tuning and the adaptive
+meta-k network on in_dev → BLEU/chrF and sentences/s of base, kNN-MT, adaptive kNN-MT and
+the reference path on in_test → BLEU against λ (PNG). Without the catalogs: a kNN-LM demo
+on the Python language reference (``pydoc_data``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import MarianConfig, MarianMTModel
 
+from .datastore import Datastore
 from .corpus import (DemoSplit, Pair, TextCodec, load_catalogs,
                      split_domains, train_tokenizer)
 
@@ -363,7 +367,7 @@ def _examples(codec: TextCodec, pairs: list[Pair], max_len: int) -> list[tuple[l
 
 
 def build_in_domain_datastore(model: MarianMTModel, codec: TextCodec, split: DemoSplit,
-                              cache_dir: Path, log: Log) -> "knnfast.Datastore":
+                              cache_dir: Path, log: Log) -> "Datastore":
     """Teacher-forced datastore over ``split.in_train`` + an IVF index (cached, resumable)."""
     import knnfast
     from knnfast import hf
@@ -668,7 +672,7 @@ def render_report(report: dict) -> str:
         return (f"# knnfast demo (kNN-LM fallback)\n\n{report['why']}\n\n"
                 f"| system | perplexity |\n|---|---|\n| base LM | {r['base_ppl']:.2f} |\n"
                 f"| kNN-LM | {r['knn_ppl']:.2f} |\n| oracle | {r['oracle_ppl']:.2f} |\n")
-    lines = [f"# knnfast demo: English→German kNN-MT on PostgreSQL messages", "",
+    lines = ["# knnfast demo: English→German kNN-MT on PostgreSQL messages", "",
              f"- date {report['date']}, machine: {report['machine']}",
              f"- split: {report['split']}",
              f"- base model: {report['model']}",

@@ -48,7 +48,8 @@ def test_read_mo_utf8_context_plural(tmp_path, byteorder):
 
 
 def test_read_mo_latin1(tmp_path):
-    entries = [(b"Size", "Größe »%s«".encode("latin-1")), (b"Key", "Schlüssel".encode("latin-1"))]
+    entries = [(b"Size", "Größe »%s«".encode("latin-1")),
+               (b"Key", "Schlüssel".encode("latin-1"))]
     pairs = read_mo(write_mo(tmp_path / "l.mo", entries, charset="ISO-8859-1", byteorder=">"))
     assert sorted(pairs) == [("Key", "Schlüssel"), ("Size", "Größe »%s«")]
 
@@ -142,9 +143,11 @@ def test_tokenizer_round_trip_and_codec(tmp_path):
     ids, mask = codec.encode_batch(["Größe", texts[0]], max_len=6)
     assert ids.shape == mask.shape == (2, 6)
     assert ids[:, -1].tolist() == [codec.pad_id, codec.eos_id]  # cut rows end with </s>
-    assert mask[0].tolist() == [1] * len(codec.encode("Größe")) + [0] * (6 - len(codec.encode("Größe")))
+    n = len(codec.encode("Größe"))
+    assert mask[0].tolist() == [1] * n + [0] * (6 - n)
     assert codec.decode([0, *ids[0].tolist()]) == "Größe"  # decoder start and pad stripped
 
     codec.save(tmp_path / "tok.json")
     loaded = TextCodec.load(tmp_path / "tok.json")
-    assert loaded.vocab_size == codec.vocab_size and loaded.encode(texts[0]) == codec.encode(texts[0])
+    assert loaded.vocab_size == codec.vocab_size
+    assert loaded.encode(texts[0]) == codec.encode(texts[0])

@@ -4,8 +4,9 @@
 // vdpbf16ps kernel gives every (query, key) an approximate rank r in the units of
 // ranking_key(). Each r comes with a rigorous bound |r - r_exact| <= E (bf16 rounding of both
 // factors, fp32 accumulation, the fp32 arithmetic around it). Per query row the scan keeps
-//   - the k best lower bounds r - E in a heap; its root T is a lower bound on the exact k-th
-//     rank (k keys are known to rank at least that high), and only grows;
+//   - the k best lower bounds r - E (a buffer, selected down to k whenever 2k accumulate);
+//     their k-th, T, is a lower bound on the exact k-th rank (k keys are known to rank at
+//     least that high), and only grows;
 //   - every key whose upper bound r + E reaches the current T.
 // A key of the true top k ranks >= the exact k-th >= every T, so its upper bound passed the
 // test when it was scanned and it is never pruned. The survivors are rescored exactly in fp32
@@ -133,16 +134,27 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
 
 // Per part (contiguous key range) and row: the k best lower bounds and the candidates.
 struct RowState {
-  std::vector<float> lower;          // min-heap of k lower bounds (root = T)
-  std::vector<int64_t> lower_index;
+  // Lower bounds above the threshold, selected down to the best k whenever 2k accumulate
+  // (amortized O(1) per key, unlike a heap's log k); threshold = their k-th best once known.
+  std::vector<float> lower;
+  float threshold = -INFINITY;
   std::vector<float> upper;          // candidates: upper bound and key id
   std::vector<int64_t> index;
   size_t prune_at = 0;
   bool overflow = false;
 };
 
+// Keeps the k best lower bounds; the k-th is a valid floor under the exact k-th score
+// (k distinct keys reach it).
+void select_lower(RowState& row, int64_t k) {
+  std::nth_element(row.lower.begin(), row.lower.begin() + (k - 1), row.lower.end(),
+                   std::greater<float>());
+  row.lower.resize(k);
+  row.threshold = row.lower[k - 1];
+}
+
 void prune(RowState& row) {
-  const float threshold = row.lower[0];
+  const float threshold = row.threshold;
   size_t w = 0;
   for (size_t i = 0; i < row.upper.size(); ++i) {
     if (row.upper[i] >= threshold) {
@@ -159,8 +171,10 @@ void prune(RowState& row) {
 // Inserts key `id` (rank, error already computed) into the row's bounds and candidates.
 inline void insert(const Setup& st, RowState& row, float rank, float err, int64_t id) {
   const float lower = rank - err;
-  if (better(lower, id, row.lower[0], row.lower_index[0]))
-    heap_replace_root(row.lower.data(), row.lower_index.data(), st.k, lower, id);
+  if (lower > row.threshold) {
+    row.lower.push_back(lower);
+    if (row.lower.size() >= size_t(2 * st.k)) select_lower(row, st.k);
+  }
   row.upper.push_back(rank + err);
   row.index.push_back(id);
   if (row.upper.size() >= row.prune_at) {
@@ -195,7 +209,7 @@ KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const f
                                        _mm512_fmadd_ps(c_t, _mm512_maskz_loadu_ps(live, f.t.data() + j), c0));
     // ordered >= : NaN ranks (NaN keys) never pass
     __mmask16 pass = _mm512_mask_cmp_ps_mask(live, _mm512_add_ps(rank, err),
-                                             _mm512_set1_ps(row.lower[0]), _CMP_GE_OQ);
+                                             _mm512_set1_ps(row.threshold), _CMP_GE_OQ);
     if (!pass) continue;
     _mm512_store_ps(rank_buf, rank);
     _mm512_store_ps(err_buf, err);
@@ -203,7 +217,7 @@ KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const f
       const int lane = __builtin_ctz(pass);
       pass &= pass - 1;
       const int64_t id = first + j + lane;
-      if (id == excluded || !(rank_buf[lane] + err_buf[lane] >= row.lower[0])) continue;
+      if (id == excluded || !(rank_buf[lane] + err_buf[lane] >= row.threshold)) continue;
       insert(st, row, rank_buf[lane], err_buf[lane], id);
       if (row.overflow) return;
     }
@@ -215,8 +229,7 @@ std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
   const int64_t D = st.D;
   std::vector<RowState> rows(st.B);
   for (RowState& r : rows) {
-    r.lower.assign(st.k, -INFINITY);
-    r.lower_index.assign(st.k, -1);
+    r.lower.reserve(2 * st.k);
     r.prune_at = std::max<size_t>(4 * st.k, 256);
   }
   std::vector<uint16_t> packed(kTile * 2 * ((D + 1) / 2));
@@ -261,9 +274,13 @@ int64_t finish_row(const Setup& st, const std::vector<std::vector<RowState>>& pa
     if (r.overflow) return -1;
     lowers.insert(lowers.end(), r.lower.begin(), r.lower.end());
   }
-  std::nth_element(lowers.begin(), lowers.begin() + (st.k - 1), lowers.end(),
-                   std::greater<float>());
-  const float threshold = lowers[st.k - 1];  // exact k-th rank >= this
+  // k-th best lower bound over all parts (-inf while fewer than k keys were seen)
+  float threshold = -INFINITY;
+  if (lowers.size() >= size_t(st.k)) {
+    std::nth_element(lowers.begin(), lowers.begin() + (st.k - 1), lowers.end(),
+                     std::greater<float>());
+    threshold = lowers[st.k - 1];
+  }
   std::vector<float> s;
   std::vector<int64_t> idx;
   const float* qb = st.queries.data_ptr<float>() + b * st.D;

@@ -66,3 +66,16 @@ def gen():
     g = torch.Generator()
     g.manual_seed(1234)
     return g
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """torch and FAISS on one thread for modules of tiny tensors and models: on a busy 2-core
+    box, OpenMP wake-ups of idle threads cost more than the work (seconds per module)."""
+    import faiss
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_before)
+    faiss.omp_set_num_threads(faiss_before)

@@ -68,15 +68,8 @@ PAIRS = [
 SPECIALS = ["<pad>", "</s>", "<unk>"]   # ids 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost OpenMP wake-ups on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _tokenizer():

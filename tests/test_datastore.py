@@ -21,13 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: intra-op threads only cost OpenMP wake-ups (seconds on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _data(N, D, seed=0, V=V):

@@ -15,13 +15,8 @@ from helpers import assert_logp_close
 V, D, N = 40, 16, 600
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: intra-op threads only cost OpenMP wake-ups (seconds on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _make_ds(path, keys, values, metric="l2", vocab_size=V):

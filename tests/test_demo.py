@@ -12,12 +12,8 @@ WORDS_EN = "could not open read write file table index role schema server".split
 WORDS_DE = "konnte nicht öffnen lesen schreiben Datei Tabelle Index Rolle Schema Server".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _pairs(n, seed):

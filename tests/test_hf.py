@@ -21,13 +21,8 @@ V = 97
 PAD, EOS, START = 0, 1, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: intra-op threads only cost OpenMP wake-ups (seconds on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _gpt2():

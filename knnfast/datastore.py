@@ -421,12 +421,13 @@ class Datastore:
 
     # ---- lookup
 
-    def lookup(self, indices: Tensor) -> Tensor:
+    def lookup(self, indices: Tensor, *, check: bool = True) -> Tensor:
         """Values (token ids, int64) of entry ids ``indices``; -1 stays -1. Same device as
-        ``indices``."""
+        ``indices``. ``check=False`` skips the range check (two reductions and, on a GPU, a
+        host sync) for ids that come from ``search``."""
         if indices.is_floating_point():
             raise ValueError(f"Datastore.lookup: indices must be integer, got {indices.dtype}")
-        if indices.numel() and (int(indices.max()) >= len(self) or int(indices.min()) < -1):
+        if check and indices.numel() and (int(indices.max()) >= len(self) or int(indices.min()) < -1):
             raise ValueError(f"Datastore.lookup: indices must lie in [-1, {len(self)}), got "
                              f"min {int(indices.min())} max {int(indices.max())}")
         idx = indices.to(self.values.device)

@@ -92,7 +92,7 @@ class KNNDecoder:
         else:
             scores, ids = ds.search(hidden, k, exact=self.exact, rescore=self.rescore,
                                     metric=self.metric, nprobe=self.nprobe)
-        return Neighbours(scores, ds.lookup(ids), ids)
+        return Neighbours(scores, ds.lookup(ids, check=False), ids)
 
     def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam: Optional[Scalar] = None,
                     temperature: Optional[Scalar] = None, out: Optional[Tensor] = None) -> Tensor:

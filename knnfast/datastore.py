@@ -256,7 +256,7 @@ class DatastoreWriter:
 class _Index:
     index: Any
     info: dict
-    on_gpu: bool
+    gpu_resources: Any = None  # faiss.StandardGpuResources must outlive its GPU index
 
 
 class Datastore:
@@ -536,7 +536,8 @@ class Datastore:
             raise ValueError(f"Datastore.build_index: faiss rejected factory {factory!r}: "
                              f"{str(e).strip().splitlines()[-1]}") from None
         use_gpu = _resolve_faiss_device(device)
-        work = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index) if use_gpu else index
+        res = faiss.StandardGpuResources() if use_gpu else None
+        work = faiss.index_cpu_to_gpu(res, 0, index) if use_gpu else index
         if not index.is_trained:
             gen = torch.Generator().manual_seed(seed)
             n_train = min(len(self), train_size)
@@ -557,7 +558,7 @@ class Datastore:
         info = {"factory": factory, "metric": metric, "ntotal": int(cpu_index.ntotal),
                 "nprobe": nprobe, "seed": seed, "train_size": min(len(self), train_size)}
         _set_nprobe(work, nprobe)
-        self._index = _Index(work, info, use_gpu)
+        self._index = _Index(work, info, res)
         if save and self.path is not None:
             tmp = os.path.join(self.path, "index.faiss.tmp")
             faiss.write_index(cpu_index, tmp)
@@ -578,10 +579,11 @@ class Datastore:
             raise DatastoreError(f"Datastore.load_index: index.faiss holds {index.ntotal} "
                                  f"entries but the datastore has {len(self)}; rebuild it")
         use_gpu = _resolve_faiss_device(device)
+        res = faiss.StandardGpuResources() if use_gpu else None
         if use_gpu:
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index = faiss.index_cpu_to_gpu(res, 0, index)
         _set_nprobe(index, info.get("nprobe", 32))
-        self._index = _Index(index, info, use_gpu)
+        self._index = _Index(index, info, res)
         return index
 
     @property

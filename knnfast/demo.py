@@ -445,6 +445,7 @@ def train_adaptive(model, codec, split, ds, temperature: float, cache_dir: Path,
     import knnfast
     from knnfast import hf
     start = time.perf_counter()
+    torch.manual_seed(0)  # the meta-k network's initial weights
     dec = knnfast.AdaptiveKNNDecoder(ds, max_k=KNN_K, temperature=temperature, exact=False,
                                      rescore=True)
     examples = _examples(codec, split.in_dev, model.config.max_position_embeddings)

@@ -421,10 +421,17 @@ class KNNLogitsProcessor(_logits_processor_base()):
         self.capture = capture
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        logp = self.decoder(self.capture.step(), scores)
+        nbrs = self.decoder.retrieve(self.capture.step())
+        logp = self.decoder.interpolate(scores, nbrs)
         # transformers runs its own processors (min length, bad words, forced EOS, ...)
         # before user ones: what they forbade (-inf) must stay forbidden after the mixture.
-        return logp.masked_fill_(torch.isneginf(scores), float("-inf"))
+        # Off the k neighbour tokens the mixture of a -inf score is already -inf, so only
+        # those k slots per row need the fix (no extra pass over [B, V]).
+        tok = nbrs.tokens.to(scores.device)
+        slot = tok.clamp(min=0)
+        forbidden = torch.isneginf(scores.gather(1, slot)) & (tok >= 0)
+        logp.scatter_(1, slot, logp.gather(1, slot).masked_fill_(forbidden, float("-inf")))
+        return logp
 
 
 @contextmanager

@@ -51,6 +51,7 @@ __all__ = [
     "knn_interpolate",
     "knn_gold_logprob",
     "label_counts",
+    "knn_kd_loss",
 ]
 
 Scalar = Union[float, Tensor]
@@ -480,3 +481,77 @@ def label_counts(tokens: Tensor) -> Tensor:
     perm, _, is_start = _first_occurrence(tokens)
     first = torch.zeros_like(is_start).scatter_(1, perm, is_start) & (tokens >= 0)
     return torch.cumsum(first.to(torch.int64), dim=1)
+
+
+def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
+                teacher_scores: Optional[Tensor] = None, *,
+                teacher_probs: Optional[Tensor] = None, temperature: Scalar = 1.0,
+                ce_weight: float = 1.0, kd_weight: float = 1.0, label_smoothing: float = 0.0,
+                ignore_index: int = -100, reduction: str = "mean", kd: str = "ce") -> Tensor:
+    """kNN-KD loss (Yang et al. 2022), dense PyTorch path (the ANCHORS "dense teacher").
+
+    Per row: ce_weight * CE_ls(logits, y) + kd_weight * KD, with the teacher
+    p_T = M . softmax(teacher_scores / temperature) (or M . teacher_probs, a precomputed
+    sparse teacher) scattered into a dense [B, V] tensor, and
+    KD = H(p_T, softmax(logits)) for kd="ce" (the paper's form: weights (1 - a, a)) or
+    KL(p_T || softmax(logits)) for kd="kl" (the released code: LS-CE(0.1) + rate * KL).
+    Rows with targets == ignore_index contribute 0 and are not counted; a row without a
+    valid teacher slot has KD = 0. reduction: "none" -> [B], "sum", or "mean" (sum over the
+    counted rows / their number; 0 when there are none). Gradients reach logits only.
+    """
+    op = "knn_kd_loss"
+    _check_logits(op, logits)
+    B, V = logits.shape
+    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != B:
+        _fail(op, f"targets must be a 1-D tensor of shape [{B}], got "
+                  f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        _fail(op, f"targets must be int64, got {targets.dtype}")
+    _check_tokens(op, teacher_tokens, B, None, V, name="teacher_tokens")
+    _check_same_device(op, "logits", logits, targets=targets, teacher_tokens=teacher_tokens,
+                       teacher_scores=teacher_scores, teacher_probs=teacher_probs)
+    if reduction not in ("none", "sum", "mean"):
+        _fail(op, f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if kd not in ("ce", "kl"):
+        _fail(op, f"kd must be 'ce' or 'kl', got {kd!r}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        _fail(op, f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    for name, val in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
+        if not math.isfinite(float(val)) or float(val) < 0:
+            _fail(op, f"{name} must be a finite number >= 0, got {val}")
+    targets = targets.long()
+    ignored = targets == ignore_index
+    bad = ~ignored & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        _fail(op, f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
+                  f"got {int(targets[bad][0])}")
+    tokens = teacher_tokens.long()
+    if (teacher_scores is None) == (teacher_probs is None):
+        _fail(op, "exactly one of teacher_scores or teacher_probs must be given, got "
+                  + ("both" if teacher_scores is not None else "neither"))
+    for name, t in (("teacher_scores", teacher_scores), ("teacher_probs", teacher_probs)):
+        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != tuple(tokens.shape)):
+            _fail(op, f"{name} must have shape {list(tokens.shape)} like teacher_tokens, got "
+                      f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    w = _neighbour_weights(op, tokens, teacher_scores, teacher_probs, temperature)
+    if teacher_scores is not None and bool((torch.isnan(teacher_scores) |
+                                            torch.isposinf(teacher_scores)).any()):
+        _fail(op, "teacher_scores contain NaN or +inf")
+
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.to(dt), dim=-1)
+    safe_t = targets.masked_fill(ignored, 0)
+    nll = -logp.gather(1, safe_t[:, None]).squeeze(1)
+    ce = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=1)
+    p_teacher = torch.zeros(B, V, dtype=dt, device=logits.device)
+    p_teacher.scatter_add_(1, tokens.clamp(min=0), w.to(dt))
+    kd_row = -(p_teacher * logp).sum(dim=1)
+    if kd == "kl":
+        kd_row = kd_row + torch.xlogy(p_teacher, p_teacher).sum(dim=1)
+    loss = (ce_weight * ce + kd_weight * kd_row).masked_fill(ignored, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    count = (~ignored).sum()
+    return loss.sum() / count.clamp(min=1).to(loss.dtype)

@@ -27,6 +27,16 @@ TORCH_LIBRARY(knnfast, m) {
   // logits [B, V], targets [B], tokens [B, k], scores|weights [B, k] -> logp [B]
   m.def("knn_gold_logprob(Tensor logits, Tensor targets, Tensor tokens, Tensor? scores, "
         "Tensor? weights, Tensor temperature, Tensor lam, int ignore_index) -> Tensor");
+  // logits [B, V], targets [B], teacher tokens/scores|probs [B, k] -> per-row loss [B]
+  // (ce_weight * label-smoothed CE + kd_weight * (H or KL)(p_T, softmax)); reduced in Python
+  m.def("knn_kd_loss(Tensor logits, Tensor targets, Tensor teacher_tokens, Tensor? teacher_scores, "
+        "Tensor? teacher_probs, Tensor temperature, float ce_weight, float kd_weight, "
+        "float label_smoothing, int ignore_index, bool kl) -> Tensor");
+  // d loss_rows / d logits given grad_rows [B] -> [B, V] float32 (no dense teacher)
+  m.def("knn_kd_loss_backward(Tensor grad_rows, Tensor logits, Tensor targets, "
+        "Tensor teacher_tokens, Tensor? teacher_scores, Tensor? teacher_probs, "
+        "Tensor temperature, float ce_weight, float kd_weight, float label_smoothing, "
+        "int ignore_index) -> Tensor");
   // tokens [B, k] -> counts [B, k] int64
   m.def("label_counts(Tensor tokens) -> Tensor");
   m.def("build_info() -> str", &knnfast::build_info);

@@ -24,6 +24,7 @@ __all__ = [
     "knn_interpolate",
     "knn_gold_logprob",
     "label_counts",
+    "knn_kd_loss",
 ]
 
 MAX_K = 2048
@@ -254,6 +255,53 @@ def label_counts(tokens: Tensor) -> Tensor:
     return _ops.label_counts(tokens)
 
 
+def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
+                teacher_scores: Optional[Tensor] = None, *,
+                teacher_probs: Optional[Tensor] = None, temperature: RowScalar = 1.0,
+                ce_weight: float = 1.0, kd_weight: float = 1.0, label_smoothing: float = 0.0,
+                ignore_index: int = -100, reduction: str = "mean", kd: str = "ce") -> Tensor:
+    """kNN-KD loss without a dense teacher: ce_weight * CE_ls(logits, y) + kd_weight * KD.
+
+    KD = H(p_T, softmax(logits)) (kd="ce") or KL(p_T || softmax(logits)) (kd="kl"), with the
+    teacher p_T = M . softmax(teacher_scores / temperature) over the k stored neighbours
+    (token -1 = padding) or M . teacher_probs. The paper's (1 - a) CE + a KD is
+    ce_weight=1-a, kd_weight=a; the released code's LS-CE(0.1) + rate * KL is
+    label_smoothing=0.1, kd="kl", kd_weight=rate. Rows with targets == ignore_index give 0
+    and are not counted by "mean". Forward reads the logits once; backward writes
+    softmax - target mix directly. Gradients reach logits only.
+    """
+    op = "knn_kd_loss"
+    _check_dim(op, "logits", logits, 2)
+    _check_dim(op, "targets", targets, 1)
+    _check_rows(op, "targets", targets, logits.shape[0])
+    _check_dim(op, "teacher_tokens", teacher_tokens, 2)
+    _check_rows(op, "teacher_tokens", teacher_tokens, logits.shape[0])
+    if (teacher_scores is None) == (teacher_probs is None):
+        _fail(op, "exactly one of teacher_scores or teacher_probs must be given, got "
+                  + ("both" if teacher_scores is not None else "neither"))
+    given_name, given = (("teacher_scores", teacher_scores) if teacher_scores is not None
+                         else ("teacher_probs", teacher_probs))
+    if given.shape != teacher_tokens.shape:
+        _fail(op, f"{given_name} must have shape {list(teacher_tokens.shape)} like "
+                  f"teacher_tokens, got {tuple(given.shape)}")
+    _check_same_device(op, logits, targets=targets, teacher_tokens=teacher_tokens,
+                       teacher_scores=teacher_scores, teacher_probs=teacher_probs)
+    if reduction not in ("none", "sum", "mean"):
+        _fail(op, f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if kd not in ("ce", "kl"):
+        _fail(op, f"kd must be 'ce' or 'kl', got {kd!r}")
+    tau = _row_scalar(op, "temperature", temperature, logits.shape[0], logits.device, True)
+    rows = _ops.knn_kd_loss(logits, targets, teacher_tokens, teacher_scores, teacher_probs, tau,
+                            float(ce_weight), float(kd_weight), float(label_smoothing),
+                            int(ignore_index), kd == "kl")
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return rows.sum() / count.to(rows.dtype)
+
+
 def build_info() -> dict:
     """How knnfast was built and what it will use here.
 
@@ -312,6 +360,18 @@ def _(logits, tokens, scores, weights, temperature, lam, *, out):
 @torch.library.register_fake("knnfast::knn_gold_logprob")
 def _(logits, targets, tokens, scores, weights, temperature, lam, ignore_index):
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("knnfast::knn_kd_loss")
+def _(logits, targets, teacher_tokens, teacher_scores, teacher_probs, temperature, ce_weight,
+      kd_weight, label_smoothing, ignore_index, kl):
+    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("knnfast::knn_kd_loss_backward")
+def _(grad_rows, logits, targets, teacher_tokens, teacher_scores, teacher_probs, temperature,
+      ce_weight, kd_weight, label_smoothing, ignore_index):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("knnfast::label_counts")
@@ -457,3 +517,21 @@ torch.library.register_autograd("knnfast::knn_interpolate", _interpolate_backwar
                                 setup_context=_setup_context)
 torch.library.register_autograd("knnfast::knn_gold_logprob", _gold_backward,
                                 setup_context=_gold_setup_context)
+
+
+def _kd_setup_context(ctx, inputs, output):
+    (logits, targets, tokens, scores, probs, temperature, ce_w, kd_w, eps, ignore_index,
+     _kl) = inputs
+    ctx.args = (ce_w, kd_w, eps, ignore_index)
+    ctx.save_for_backward(logits, targets, tokens, scores, probs, temperature)
+
+
+def _kd_backward(ctx, grad_rows):
+    logits, targets, tokens, scores, probs, temperature = ctx.saved_tensors
+    grad = _ops.knn_kd_loss_backward(grad_rows.contiguous(), logits, targets, tokens, scores,
+                                     probs, temperature, *ctx.args)
+    return (grad.to(logits.dtype),) + (None,) * 10
+
+
+torch.library.register_autograd("knnfast::knn_kd_loss", _kd_backward,
+                                setup_context=_kd_setup_context)

@@ -143,3 +143,90 @@ def test_bad_inputs(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         ref.knn_kd_loss(**kw)
+
+
+# --------------------------------------------------------------------------- fused (CPU)
+import knnfast  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kd", ["ce", "kl"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fused_matches_reference(dtype, kd, eps, reduction):
+    logits, targets, tokens, scores = _data(B=17, V=301, k=9, seed=7)
+    logits = logits.to(dtype)
+    kw = dict(temperature=10.0, ce_weight=0.8, kd_weight=0.6, label_smoothing=eps, kd=kd,
+              reduction=reduction)
+    got = knnfast.knn_kd_loss(logits, targets, tokens, scores, **kw)
+    want = ref.knn_kd_loss(logits.float(), targets, tokens, scores, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kd", ["ce", "kl"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_fused_gradient_matches_reference(kd, probs):
+    logits, targets, tokens, scores = _data(B=13, V=97, k=8, seed=9)
+    w = torch.softmax((scores / 5.0).masked_fill(tokens < 0, float("-inf")), 1).nan_to_num(0.0)
+    teacher = dict(teacher_probs=w) if probs else dict(teacher_scores=scores, temperature=5.0)
+    kw = dict(ce_weight=0.9, kd_weight=0.4, label_smoothing=0.1, kd=kd, **teacher)
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.double().requires_grad_()
+    upstream = torch.rand(13, dtype=torch.float64)
+    (knnfast.knn_kd_loss(x1, targets, tokens, reduction="none", **kw) * upstream.float()).sum().backward()
+    (ref.knn_kd_loss(x2, targets, tokens, reduction="none", **kw) * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-4, atol=1e-6)
+    assert (x1.grad[2] == 0).all()                       # ignored row
+
+
+def test_fused_gradcheck():
+    logits, targets, tokens, scores = _data(B=5, V=6, k=3, seed=11)
+    x = logits.double().requires_grad_()
+    fn = lambda lg: knnfast.knn_kd_loss(lg, targets, tokens, scores, temperature=5.0,  # noqa: E731
+                                        label_smoothing=0.1, kd="kl", reduction="mean")
+    # the kernels compute in float32: a coarse step keeps rounding out of the finite differences
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-2, atol=1e-3, rtol=1e-2)
+
+
+def test_fused_opcheck():
+    logits, targets, tokens, scores = _data(B=5, V=11, k=4, seed=13)
+    tau = torch.tensor([2.0])
+    args = (logits.requires_grad_(), targets, tokens, scores, None, tau, 1.0, 0.5, 0.1, -100, True)
+    torch.library.opcheck(torch.ops.knnfast.knn_kd_loss.default, args)
+
+
+def test_fused_large_vocab_rows_and_no_nan():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 42_024, generator=g) * 4
+    targets = torch.randint(0, 42_024, (64,), generator=g)
+    tokens = torch.randint(0, 42_024, (64, 64), generator=g)
+    tokens[::5] = -1                                      # rows without a teacher
+    scores = -torch.rand(64, 64, generator=g) * 200
+    got = knnfast.knn_kd_loss(logits, targets, tokens, scores, temperature=100.0, kd="kl",
+                              label_smoothing=0.1, reduction="none")
+    want = ref.knn_kd_loss(logits, targets, tokens, scores, temperature=100.0, kd="kl",
+                           label_smoothing=0.1, reduction="none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(targets=torch.tensor([0, 99, 1])), "targets must be in"),
+    (dict(teacher_tokens=torch.tensor([[0, 50], [1, 2], [3, 4]])), "teacher_tokens must hold ids"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(teacher_tokens=torch.tensor([[0, 1, 2], [1, 2, 3], [3, 4, 5]])), "teacher_scores must have shape"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(kd="js"), "kd must be"),
+    (dict(kd_weight=-1.0), "kd_weight"),
+    (dict(teacher_scores=torch.tensor([[0.0, float("nan")], [0.0, 0.0], [0.0, 0.0]])), "teacher_scores must be finite"),
+    (dict(logits=torch.full((3, 10), float("nan"))), "NaN"),
+    (dict(teacher_probs=torch.zeros(3, 2)), "exactly one of teacher_scores or teacher_probs"),
+])
+def test_fused_bad_inputs(change, match):
+    kw = dict(logits=torch.randn(3, 10), targets=torch.tensor([0, 1, 2]),
+              teacher_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]),
+              teacher_scores=torch.zeros(3, 2), temperature=1.0)
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        knnfast.knn_kd_loss(**kw)

@@ -139,6 +139,25 @@ KNNFAST_AVX512 void row_shift_avx512(const float* x, float shift, float add, flo
   }
 }
 
+KNNFAST_AVX512 void row_softmax_affine_avx512(const float* x, float max, float log_sum,
+                                              float scale, float add, float* out, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(max), lv = _mm512_set1_ps(log_sum);
+  const __m512 sv = _mm512_set1_ps(scale), av = _mm512_set1_ps(add);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, x + i);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_sub_ps(v, mv), lv));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(sv, e, av));
+  }
+}
+
+KNNFAST_AVX512 float row_sum_avx512(const float* x, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16)
+    acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(tail_mask(n - i), x + i));
+  return _mm512_reduce_add_ps(acc);
+}
+
 // NB queries at a time against one key row, accumulators in registers; the key row is read
 // from memory once (first group) and from L1 for the other groups.
 template <int NB, typename T>
@@ -238,6 +257,19 @@ RowLogSumExp row_logsumexp(const float* x, int64_t n) {
 void row_shift(const float* x, float shift, float add, float* out, int64_t n) {
   if (use_avx512()) return row_shift_avx512(x, shift, add, out, n);
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - shift) + add;
+}
+
+void row_softmax_affine(const float* x, float max, float log_sum, float scale, float add,
+                        float* out, int64_t n) {
+  if (use_avx512()) return row_softmax_affine_avx512(x, max, log_sum, scale, add, out, n);
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] - max) - log_sum) + add;
+}
+
+float row_sum(const float* x, int64_t n) {
+  if (use_avx512()) return row_sum_avx512(x, n);
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
 }
 
 void dot_tile(const float* queries, int64_t B, const void* keys, c10::ScalarType key_type,

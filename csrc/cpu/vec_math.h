@@ -23,6 +23,14 @@ RowLogSumExp row_logsumexp(const float* x, int64_t n);
 // out[i] = (x[i] - shift) + add
 void row_shift(const float* x, float shift, float add, float* out, int64_t n);
 
+// out[i] = scale * exp((x[i] - max) - log_sum) + add: a scaled softmax plus a constant, the
+// dense part of a cross-entropy gradient (max, log_sum from row_logsumexp of the same x).
+void row_softmax_affine(const float* x, float max, float log_sum, float scale, float add,
+                        float* out, int64_t n);
+
+// sum of x[i] (fp32 accumulation in 16 lanes).
+float row_sum(const float* x, int64_t n);
+
 // Small-batch distance tile, one pass over the keys (memory bound for B <= ~32):
 //   dots[b * ld + j] = sum_d queries[b, d] * keys[j, d]   for b < B, j < n_keys
 //   key_sq[j] = |keys[j]|^2                              (when key_sq != nullptr)

@@ -1,0 +1,206 @@
+// knn_kd_loss on CPU (kNN-KD, Yang et al. 2022), per row:
+//   loss = ce_weight * [(1 - eps) (lse - x_y) + eps (lse - mean x)] + kd_weight * KD,
+//   KD   = -sum_j w_j log p(t_j)  (H(p_T, p))   [+ sum_v P_v log P_v for KL],
+// with w = softmax(teacher_scores / tau) over the valid slots (or the given teacher_probs) and
+// P_v the teacher mass of token v. Forward reads each logits row once (log-sum-exp, plus one
+// sum for label smoothing, from cache); only the k teacher logits are gathered, so no dense
+// [B, V] teacher exists. Backward writes
+//   grad = g [(ce_weight + kd_weight [teacher]) softmax - ce_weight eps / V]
+// in one vectorized pass, then subtracts g ce_weight (1 - eps) at y and g kd_weight w_j at
+// each t_j (duplicates add up, as P_v does).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+namespace {
+
+constexpr const char* kOp = "knn_kd_loss";
+
+struct KdInputs {
+  at::Tensor logits, targets;
+  NeighbourInputs teacher;
+  int64_t B = 0, V = 0;
+};
+
+KdInputs kd_inputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                   const at::Tensor& tokens, const c10::optional<at::Tensor>& scores,
+                   const c10::optional<at::Tensor>& probs, const at::Tensor& temperature,
+                   int64_t ignore_index, double ce_weight, double kd_weight,
+                   double label_smoothing) {
+  check_cpu(logits_in, kOp, "logits");
+  check_dim(logits_in, 2, kOp, "logits");
+  check_logits(logits_in, kOp);
+  check_cpu(targets_in, kOp, "targets");
+  check_dim(targets_in, 1, kOp, "targets");
+  check_integer(targets_in, kOp, "targets");
+  TORCH_CHECK_VALUE(ce_weight >= 0 && ce_weight < INFINITY, kOp,
+                    ": ce_weight must be a finite number >= 0, got ", ce_weight);
+  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight < INFINITY, kOp,
+                    ": kd_weight must be a finite number >= 0, got ", kd_weight);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, kOp,
+                    ": label_smoothing must be in [0, 1), got ", label_smoothing);
+  KdInputs in;
+  in.logits = logits_in.contiguous();
+  in.B = in.logits.size(0);
+  in.V = in.logits.size(1);
+  TORCH_CHECK_VALUE(targets_in.size(0) == in.B, kOp, ": targets must have shape [", in.B,
+                    "], got ", targets_in.sizes());
+  in.targets = as_int64(targets_in);
+  const int64_t* tgt = in.targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < in.B; ++r) {
+    TORCH_CHECK_VALUE(tgt[r] == ignore_index || (tgt[r] >= 0 && tgt[r] < in.V), kOp,
+                      ": targets must be in [0, ", in.V, ") or ignore_index (", ignore_index,
+                      "), got ", tgt[r], " at row ", r);
+  }
+  TORCH_CHECK_VALUE(scores.has_value() != probs.has_value(), kOp,
+                    ": pass exactly one of teacher_scores or teacher_probs");
+  NeighbourInputs& t = in.teacher;
+  t.tokens = checked_tokens(tokens, in.B, in.V, kOp, "teacher_tokens");
+  t.src.k = t.tokens.size(1);
+  if (scores.has_value()) {
+    t.scores = checked_scores(*scores, t.tokens, kOp, "teacher_scores");
+    t.src.scores = t.scores.data_ptr<float>();
+  } else {
+    t.weights = checked_scores(*probs, t.tokens, kOp, "teacher_probs");
+    const float* w = t.weights.data_ptr<float>();
+    for (int64_t i = 0; i < t.weights.numel(); ++i) {
+      TORCH_CHECK_VALUE(w[i] >= 0.0f && w[i] < INFINITY, kOp,
+                        ": teacher_probs must be finite and >= 0, got ", w[i],
+                        " at flat position ", i);
+    }
+    t.src.weights = w;
+  }
+  t.temperature = row_param(temperature, in.B, ParamRange::Positive, kOp, "temperature");
+  return in;
+}
+
+// sum_v P_v log P_v over the teacher's distinct tokens (duplicate slots merged by sorting).
+float teacher_neg_entropy(const int64_t* tokens, const float* log_w, int64_t k,
+                          std::vector<std::pair<int64_t, float>>& pairs) {
+  pairs.clear();
+  for (int64_t j = 0; j < k; ++j)
+    if (tokens[j] >= 0 && log_w[j] > -INFINITY) pairs.emplace_back(tokens[j], std::exp(log_w[j]));
+  std::sort(pairs.begin(), pairs.end());
+  float acc = 0.0f;
+  for (size_t i = 0; i < pairs.size();) {
+    float mass = 0.0f;
+    const int64_t tok = pairs[i].first;
+    for (; i < pairs.size() && pairs[i].first == tok; ++i) mass += pairs[i].second;
+    if (mass > 0.0f) acc += mass * std::log(mass);
+  }
+  return acc;
+}
+
+}  // namespace
+
+at::Tensor knn_kd_loss_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                           const at::Tensor& teacher_tokens,
+                           const c10::optional<at::Tensor>& teacher_scores,
+                           const c10::optional<at::Tensor>& teacher_probs,
+                           const at::Tensor& temperature, double ce_weight, double kd_weight,
+                           double label_smoothing, int64_t ignore_index, bool kl) {
+  const KdInputs in = kd_inputs(logits_in, targets_in, teacher_tokens, teacher_scores,
+                                teacher_probs, temperature, ignore_index, ce_weight, kd_weight,
+                                label_smoothing);
+  const int64_t B = in.B, V = in.V, k = in.teacher.src.k;
+  const int64_t* tgt = in.targets.data_ptr<int64_t>();
+  const int64_t* tok = in.teacher.tokens.data_ptr<int64_t>();
+  const float eps = float(label_smoothing), cw = float(ce_weight), kw = float(kd_weight);
+  at::Tensor out = at::zeros({B}, in.logits.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, B, row_grain(V + k), [&](int64_t begin, int64_t end) {
+    Scratch<float> log_w_buf, row_buf;
+    std::vector<std::pair<int64_t, float>> pairs;
+    float* log_w = log_w_buf.get(k, 0.0f);
+    float* buf = in.logits.scalar_type() == at::kFloat ? nullptr : row_buf.get(V, 0.0f);
+    for (int64_t r = begin; r < end; ++r) {
+      if (tgt[r] == ignore_index) continue;  // masked: stays 0
+      const float* x = logits_row_f32(in.logits, r, buf);
+      const RowLogSumExp lse = row_logsumexp(x, V);
+      if (lse.bad) {
+        bad_row = r;
+        continue;
+      }
+      auto logp = [&](int64_t v) { return (x[v] - lse.max) - lse.log_sum; };
+      float ce = -(1.0f - eps) * logp(tgt[r]);
+      if (eps > 0.0f) ce -= eps * ((row_sum(x, V) / float(V) - lse.max) - lse.log_sum);
+      const int64_t* t = tok + r * k;
+      float kd = 0.0f;
+      if (neighbour_log_weights(in.teacher.src, r, t, in.teacher.temperature[r], log_w)) {
+        for (int64_t j = 0; j < k; ++j)
+          if (t[j] >= 0 && log_w[j] > -INFINITY) kd -= std::exp(log_w[j]) * logp(t[j]);
+        if (kl) kd += teacher_neg_entropy(t, log_w, k, pairs);
+      }
+      o[r] = cw * ce + kw * kd;
+    }
+  });
+  TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),
+                    " contains NaN or +inf (log_softmax is undefined)");
+  return out;
+}
+
+at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits_in,
+                                    const at::Tensor& targets_in,
+                                    const at::Tensor& teacher_tokens,
+                                    const c10::optional<at::Tensor>& teacher_scores,
+                                    const c10::optional<at::Tensor>& teacher_probs,
+                                    const at::Tensor& temperature, double ce_weight,
+                                    double kd_weight, double label_smoothing,
+                                    int64_t ignore_index) {
+  const KdInputs in = kd_inputs(logits_in, targets_in, teacher_tokens, teacher_scores,
+                                teacher_probs, temperature, ignore_index, ce_weight, kd_weight,
+                                label_smoothing);
+  const int64_t B = in.B, V = in.V, k = in.teacher.src.k;
+  check_cpu(grad_rows_in, "knn_kd_loss_backward", "grad");
+  TORCH_CHECK_VALUE(grad_rows_in.dim() == 1 && grad_rows_in.size(0) == B,
+                    "knn_kd_loss_backward: grad must have shape [", B, "], got ",
+                    grad_rows_in.sizes());
+  const at::Tensor grad_rows = as_float32(grad_rows_in);
+  const float* g_rows = grad_rows.data_ptr<float>();
+  const int64_t* tgt = in.targets.data_ptr<int64_t>();
+  const int64_t* tok = in.teacher.tokens.data_ptr<int64_t>();
+  const float eps = float(label_smoothing), cw = float(ce_weight), kw = float(kd_weight);
+  at::Tensor grad = empty_output({B, V}, in.logits.options().dtype(at::kFloat));
+  float* gp = grad.data_ptr<float>();
+  at::parallel_for(0, B, row_grain(V + k), [&](int64_t begin, int64_t end) {
+    Scratch<float> log_w_buf, row_buf;
+    float* log_w = log_w_buf.get(k, 0.0f);
+    float* buf = in.logits.scalar_type() == at::kFloat ? nullptr : row_buf.get(V, 0.0f);
+    for (int64_t r = begin; r < end; ++r) {
+      float* out = gp + r * V;
+      const float g = g_rows[r];
+      if (tgt[r] == ignore_index || g == 0.0f) {
+        std::fill(out, out + V, 0.0f);
+        continue;
+      }
+      const float* x = logits_row_f32(in.logits, r, buf);
+      const RowLogSumExp lse = row_logsumexp(x, V);  // checked finite by the forward
+      const int64_t* t = tok + r * k;
+      const bool has = neighbour_log_weights(in.teacher.src, r, t, in.teacher.temperature[r],
+                                             log_w);
+      row_softmax_affine(x, lse.max, lse.log_sum, g * (cw + (has ? kw : 0.0f)),
+                         -g * cw * eps / float(V), out, V);
+      out[tgt[r]] -= g * cw * (1.0f - eps);
+      if (has)
+        for (int64_t j = 0; j < k; ++j)
+          if (t[j] >= 0 && log_w[j] > -INFINITY) out[t[j]] -= g * kw * std::exp(log_w[j]);
+    }
+  });
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CPU, m) {
+  m.impl("knn_kd_loss", &knn_kd_loss_cpu);
+  m.impl("knn_kd_loss_backward", &knn_kd_loss_backward_cpu);
+}
+
+}  // namespace knnfast::cpu

@@ -251,7 +251,7 @@ class Targets:
             else:
                 verdict = f"**FAIL** ({n - n_ok} of {n} cells)"
             rows.append((name, verdict))
-        return "## Targets (issues #2 and #4, \"Numbers to reach\")\n\n" + table(["target", "result"], rows, ["l", "l"])
+        return "## Targets (issues #2, #4 and #5, \"Numbers to reach\")\n\n" + table(["target", "result"], rows, ["l", "l"])
 
 
 def section_interpolate(rows, targets):
@@ -542,6 +542,31 @@ def section_knn_lm(rows, targets):
             "weights; reference = the same loop through `knnfast.reference`.\n\n" + table(hdr, out))
 
 
+KD_MIN_SPEEDUP = 4.0          # knn_kd_loss fwd+bwd >= 4x the dense PyTorch path (issue 5)
+
+
+def section_kd_loss(rows, targets):
+    cells = by_cell(rows, "knn_kd_loss", lambda r: shape_key(r, ("T", "V", "k")), lambda r: r.impl)
+    if not cells:
+        return None
+    out, t = [], []
+    for (T, v, k), c in sorted(cells.items()):
+        fused, ref = med(c, "fused"), med(c, "reference")
+        sp = ratio(ref, fused)
+        ok = None if sp is None else sp >= KD_MIN_SPEEDUP
+        t.append(ok)
+        mem = lambda impl: c[impl].info.get("peak_extra_mib", "—") if impl in c else "—"  # noqa: E731
+        out.append((fmt_int(T), fmt_int(v), k, fmt_ms(fused), fmt_ms(ref), fmt_ratio(sp),
+                    mem("fused"), mem("reference"), mark(ok)))
+    targets.add(f"knn_kd_loss fwd+bwd: ≥ {KD_MIN_SPEEDUP:g}× the dense PyTorch path", t)
+    hdr = ["T", "V", "k", "fused ms", "dense reference ms", f"ref/fused (≥{KD_MIN_SPEEDUP:g}×)",
+           "fused peak extra MiB", "reference peak extra MiB", "target"]
+    return ("## knn_kd_loss (issue #5)\n\nForward + backward of the kNN-KD loss (KL form, label smoothing "
+            "0.1, τ = 100). Peak extra MiB = resident-set growth during the first call, the [T, V] "
+            "logits gradient (the same for both) included; the reference also builds a dense [T, V] "
+            "teacher.\n\n" + table(hdr, out))
+
+
 def render(json_paths):
     if isinstance(json_paths, (str, Path)):
         json_paths = [json_paths]
@@ -566,6 +591,7 @@ def render(json_paths):
                        "Distinct valid tokens among the first j+1 neighbours.", ("B", "k")),
         section_decoding(rows, targets),
         section_knn_lm(rows, targets),
+        section_kd_loss(rows, targets),
         section_cuda(rows),
         ptxas_section(),
     ]

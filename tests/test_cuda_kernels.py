@@ -14,6 +14,7 @@ in-kernel value checks. Which test reaches which kernel:
   knn_interpolate_kernel <T, VEC, CACHE>    test_interpolate_variants
   knn_gold_logprob_kernel <T, VEC>          test_gold_logprob_variants
   label_counts_kernel                       test_label_counts_agree
+  knn_kd_loss_kernel / _backward_kernel <T, VEC>   test_kd_loss_variants, test_kd_loss_bad_values
   status flags                              test_bad_values_raise, test_checks_off_never_crash
 """
 import pytest
@@ -286,3 +287,54 @@ def test_direct_op_call_with_a_cpu_tensor_is_a_value_error():
     tau, lam = torch.ones(1), torch.full((1,), 0.5)
     with pytest.raises(ValueError, match="logits must be on the same device"):
         torch.ops.knnfast.knn_interpolate(l, t.cuda(), s.cuda(), None, tau.cuda(), lam.cuda())
+
+
+# --------------------------------------------------------------------------- knn_kd_loss
+@pytest.mark.parametrize("V", [7, 1000, 42024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("kd", ["ce", "kl"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_kd_loss_variants(V, dtype, kd, probs):
+    B, k = 37, 24
+    g = torch.Generator().manual_seed(V)
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, V, (B,), generator=g)
+    targets[::7] = -100
+    tokens, scores = _neighbours(B, k, V, seed=V)
+    tokens[3] = -1
+    teacher = dict(teacher_scores=scores, temperature=10.0)
+    if probs:
+        w = torch.softmax((scores / 10.0).masked_fill(tokens < 0, NEG_INF), 1).nan_to_num(0.0)
+        teacher = dict(teacher_probs=w)
+    kw = dict(ce_weight=0.7, kd_weight=0.5, label_smoothing=0.1, kd=kd, reduction="none")
+    outs, grads = [], []
+    for dev in ("cpu", "cuda"):
+        x = logits.to(dev).requires_grad_()
+        t = {n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in teacher.items()}
+        loss = knnfast.knn_kd_loss(x, targets.to(dev), tokens.to(dev), **t, **kw)
+        (loss * torch.linspace(0.5, 1.5, B, device=dev)).sum().backward()
+        outs.append(loss.cpu())
+        grads.append(x.grad.float().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    again = knnfast.knn_kd_loss(logits.cuda(), targets.cuda(), tokens.cuda(),
+                                **{n: (v.cuda() if isinstance(v, torch.Tensor) else v)
+                                   for n, v in teacher.items()}, **kw)
+    assert torch.equal(again.cpu(), outs[1])          # deterministic
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(targets=torch.tensor([0, 99, 1])), "targets"),
+    (dict(teacher_tokens=torch.tensor([[0, 50], [1, 2], [3, 4]])), "tokens"),
+    (dict(teacher_scores=torch.tensor([[0.0, float("nan")], [0.0, 0.0], [0.0, 0.0]])), "scores"),
+    (dict(logits=torch.full((3, 10), float("nan"))), "NaN"),
+])
+def test_kd_loss_bad_values(change, match):
+    kw = dict(logits=torch.randn(3, 10), targets=torch.tensor([0, 1, 2]),
+              teacher_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]),
+              teacher_scores=torch.zeros(3, 2))
+    kw.update(change)
+    kw = {n: v.cuda() for n, v in kw.items()}
+    with pytest.raises(ValueError, match=match):
+        knnfast.knn_kd_loss(**kw, temperature=1.0)

@@ -42,6 +42,17 @@ inline Metric parse_metric(const std::string& metric, const char* op) {
   return Metric::L2;
 }
 
+// knn_kd_loss's loss weights: ce_weight, kd_weight finite and >= 0, label_smoothing in [0, 1).
+inline void check_kd_weights(double ce_weight, double kd_weight, double label_smoothing,
+                             const char* op) {
+  TORCH_CHECK_VALUE(ce_weight >= 0 && ce_weight < INFINITY, op,
+                    ": ce_weight must be a finite number >= 0, got ", ce_weight);
+  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight < INFINITY, op,
+                    ": kd_weight must be a finite number >= 0, got ", kd_weight);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, op,
+                    ": label_smoothing must be in [0, 1), got ", label_smoothing);
+}
+
 inline at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 inline at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }

@@ -41,12 +41,7 @@ KdInputs kd_inputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
   check_cpu(targets_in, kOp, "targets");
   check_dim(targets_in, 1, kOp, "targets");
   check_integer(targets_in, kOp, "targets");
-  TORCH_CHECK_VALUE(ce_weight >= 0 && ce_weight < INFINITY, kOp,
-                    ": ce_weight must be a finite number >= 0, got ", ce_weight);
-  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight < INFINITY, kOp,
-                    ": kd_weight must be a finite number >= 0, got ", kd_weight);
-  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, kOp,
-                    ": label_smoothing must be in [0, 1), got ", label_smoothing);
+  knnfast::check_kd_weights(ce_weight, kd_weight, label_smoothing, kOp);
   KdInputs in;
   in.logits = logits_in.contiguous();
   in.B = in.logits.size(0);

@@ -1,0 +1,103 @@
+// knn_kd_loss on CUDA: argument checks and launches (kernels in knn_kd_loss.cu).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_utils.h"
+#include "cuda/knn_kd_loss.h"
+
+namespace knnfast::cuda {
+namespace {
+
+constexpr const char* kOp = "knn_kd_loss";
+
+// Validated inputs of both directions (values are checked in the kernels).
+struct KdCall {
+  at::Tensor logits, targets;
+  NeighbourTensors teacher;
+  KdWeights weights;
+  int64_t B = 0, V = 0;
+};
+
+KdCall kd_call(const at::Tensor& logits_in, const at::Tensor& targets_in,
+               const at::Tensor& tokens, const c10::optional<at::Tensor>& scores,
+               const c10::optional<at::Tensor>& probs, const at::Tensor& temperature,
+               double ce_weight, double kd_weight, double label_smoothing) {
+  check_is_cuda(logits_in, kOp, "logits");
+  check_dim(logits_in, 2, kOp, "logits");
+  check_logits(logits_in, kOp);
+  const at::Device device = logits_in.device();
+  check_cuda_tensor(targets_in, device, kOp, "targets");
+  check_dim(targets_in, 1, kOp, "targets");
+  check_integer(targets_in, kOp, "targets");
+  knnfast::check_kd_weights(ce_weight, kd_weight, label_smoothing, kOp);
+  KdCall c;
+  c.logits = logits_in.contiguous();
+  c.B = c.logits.size(0);
+  c.V = c.logits.size(1);
+  TORCH_CHECK_VALUE(targets_in.size(0) == c.B, kOp, ": targets must have shape [", c.B,
+                    "], got ", targets_in.sizes());
+  c.targets = as_int64(targets_in);
+  c.teacher = neighbour_tensors(tokens, scores, probs, temperature, c.B, c.V, device, kOp);
+  c.weights = KdWeights{float(ce_weight), float(kd_weight), float(label_smoothing)};
+  return c;
+}
+
+void raise_kd_status(const at::Tensor& status, const KdCall& c, int64_t ignore_index) {
+  StatusContext ctx = neighbour_context(kOp, c.teacher, c.V);
+  ctx.targets = c.targets;
+  ctx.vocab = c.V;
+  ctx.ignore_index = ignore_index;
+  raise_on_status(status, ctx);
+}
+
+}  // namespace
+
+at::Tensor knn_kd_loss_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                            const at::Tensor& teacher_tokens,
+                            const c10::optional<at::Tensor>& teacher_scores,
+                            const c10::optional<at::Tensor>& teacher_probs,
+                            const at::Tensor& temperature, double ce_weight, double kd_weight,
+                            double label_smoothing, int64_t ignore_index, bool kl) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
+                           temperature, ce_weight, kd_weight, label_smoothing);
+  at::Tensor out = at::empty({c.B}, c.logits.options().dtype(at::kFloat));
+  const at::Tensor status = new_status(c.logits.device());
+  launch_knn_kd_loss(c.logits.data_ptr(), float_type(c.logits), c.B, c.V,
+                     c.targets.data_ptr<int64_t>(), ignore_index, c.teacher.args, c.weights, kl,
+                     out.data_ptr<float>(), status_ptr(status), current_stream());
+  raise_kd_status(status, c, ignore_index);
+  return out;
+}
+
+at::Tensor knn_kd_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits,
+                                     const at::Tensor& targets, const at::Tensor& teacher_tokens,
+                                     const c10::optional<at::Tensor>& teacher_scores,
+                                     const c10::optional<at::Tensor>& teacher_probs,
+                                     const at::Tensor& temperature, double ce_weight,
+                                     double kd_weight, double label_smoothing,
+                                     int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
+                           temperature, ce_weight, kd_weight, label_smoothing);
+  check_cuda_tensor(grad_rows, c.logits.device(), "knn_kd_loss_backward", "grad");
+  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == c.B,
+                    "knn_kd_loss_backward: grad must have shape [", c.B, "], got ",
+                    grad_rows.sizes());
+  const at::Tensor g = as_float32(grad_rows);
+  at::Tensor grad = at::empty({c.B, c.V}, c.logits.options().dtype(at::kFloat));
+  const at::Tensor status = new_status(c.logits.device());
+  launch_knn_kd_loss_backward(g.data_ptr<float>(), c.logits.data_ptr(), float_type(c.logits),
+                              c.B, c.V, c.targets.data_ptr<int64_t>(), ignore_index,
+                              c.teacher.args, c.weights, grad.data_ptr<float>(),
+                              status_ptr(status), current_stream());
+  raise_kd_status(status, c, ignore_index);
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CUDA, m) {
+  m.impl("knn_kd_loss", &knn_kd_loss_cuda);
+  m.impl("knn_kd_loss_backward", &knn_kd_loss_backward_cuda);
+}
+
+}  // namespace knnfast::cuda

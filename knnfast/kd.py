@@ -1,0 +1,264 @@
+"""kNN-KD (Yang et al. 2022): teacher tensors searched once, offline, for every target position
+of a training corpus, and the fused distillation loss (``knnfast.knn_kd_loss``).
+
+    import knnfast.kd                                            # needs transformers
+    store = knnfast.kd.TeacherStore.build(model, datastore, train_examples, "teacher/", k=64)
+    store = knnfast.kd.TeacherStore.open("teacher/")            # memmap
+    tokens, scores = store.batch([3, 17, 4])                     # [3, T_max, k], pads = -1
+    loss = knnfast.knn_kd_loss(logits.flatten(0, 1), labels.flatten(),
+                               tokens.flatten(0, 1), scores.flatten(0, 1), temperature=100.0)
+
+On-disk format (version 1), a directory:
+
+    tokens      int32 [T, k]   neighbour token ids, -1 = padding (fewer than k neighbours)
+    scores      float16 [T, k] neighbour scores relative to the row's best one (s - s_max <= 0;
+                                the teacher softmax(s / tau) is unchanged by the shift and fp16
+                                cannot overflow); -inf on padding. Compact stores hold the
+                                merged teacher probabilities instead (``compact_temperature``).
+    offsets     int64 [S + 1]  sentence i's positions are rows offsets[i] .. offsets[i + 1]
+    meta.json   format_version, k, positions T, sentences S, exclude_self, compact_temperature,
+                datastore (path, size, metric, hidden), model_id, corpus_sha256, byte sizes
+
+Rows follow the corpus order (sentence 0 first), whatever order the build ran in. Building is
+resumable like a Datastore build: chunks are appended, fsynced and committed; a killed build
+continues with ``resume=True`` (nothing lost or duplicated).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .datastore import Datastore, DatastoreError, _fsync_dir, _fsync_write_json, _memmap
+from .hf import Example, HiddenSpec, corpus_fingerprint, length_order, teacher_forced
+
+FORMAT_VERSION = 1
+FILES = ("tokens", "scores", "offsets")
+
+
+def _target_length(example: Example) -> int:
+    """Target positions of an example (causal LM: len - 1, seq2seq: len(target))."""
+    return len(example[1]) if isinstance(example, tuple) else len(example) - 1
+
+
+class TeacherStore:
+    """Per-position kNN teachers of a corpus: ``tokens`` / ``scores`` [T, k], ``offsets``."""
+
+    def __init__(self, path: str, meta: dict, tokens: Tensor, scores: Tensor, offsets: Tensor):
+        self.path, self.meta = path, meta
+        self.tokens, self.scores, self.offsets = tokens, scores, offsets
+
+    # ---- build
+
+    @classmethod
+    def build(cls, model: nn.Module, datastore: Datastore, examples: Sequence[Example],
+              path: str, k: int = 64, *, hidden: Optional[HiddenSpec] = None,
+              batch_size: int = 32, exact: Optional[bool] = None, exclude_self: bool = False,
+              compact_temperature: Optional[float] = None, resume: bool = True,
+              overwrite: bool = False, progress: bool = True) -> "TeacherStore":
+        """Search the datastore once for every target position of ``examples``.
+
+        The query of position t is the same hidden state the datastore holds (teacher
+        forced, ``hidden`` defaults to the datastore's). ``exclude_self`` drops each
+        position's own datastore entry; it needs the datastore to have been captured from
+        these very examples (checked through the corpus fingerprint). ``compact_temperature``
+        stores M . softmax(scores / tau) with duplicate tokens merged instead of the scores.
+        """
+        from tqdm.auto import tqdm
+        path = os.fspath(path)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ops.MAX_K:
+            raise ValueError(f"TeacherStore.build: k must be an int in [1, {ops.MAX_K}], got {k!r}")
+        if compact_temperature is not None and not compact_temperature > 0:
+            raise ValueError(f"TeacherStore.build: compact_temperature must be > 0, "
+                             f"got {compact_temperature!r}")
+        hidden = hidden or datastore.meta.get("hidden", "ffn")
+        fingerprint = corpus_fingerprint(examples)
+        if exclude_self and datastore.meta.get("extra", {}).get("corpus_sha256") != fingerprint:
+            raise ValueError("TeacherStore.build: exclude_self needs a datastore captured from "
+                             "these examples (knnfast.hf.build_datastore); its corpus "
+                             "fingerprint differs")
+        meta = {"format_version": FORMAT_VERSION, "k": k, "sentences": len(examples),
+                "exclude_self": exclude_self, "compact_temperature": compact_temperature,
+                "datastore": {"path": datastore.path, "size": len(datastore),
+                              "metric": datastore.metric, "hidden": datastore.meta.get("hidden")},
+                "hidden": hidden if isinstance(hidden, str) else "custom",
+                "model_id": getattr(getattr(model, "config", None), "name_or_path", None)
+                or type(model).__name__,
+                "corpus_sha256": fingerprint}
+        writer = _TeacherWriter(path, meta, resume, overwrite)
+        order = length_order(examples)
+        bar = tqdm(total=len(examples), initial=writer.sentences, desc="teacher", unit="ex",
+                   disable=not progress, leave=False)
+        entry = sum(_target_length(examples[i]) for i in order[:writer.sentences])
+        done = writer.sentences
+        for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size,
+                                 start=done, order=order):
+            n = tf.targets.numel()
+            excl = torch.arange(entry, entry + n) if exclude_self else None
+            scores, ids = datastore.search(tf.hidden, k, exact=exact, exclude=excl)
+            tokens = datastore.lookup(ids, check=False)
+            if compact_temperature is not None:
+                tokens, scores = ops.knn_probs_sparse(scores, tokens, float(compact_temperature))
+            else:
+                scores = scores - scores[:, :1].clamp(min=torch.finfo(torch.float32).min)
+            writer.add(order[done:done + tf.examples], tokens, scores)
+            done += tf.examples
+            entry += n
+            bar.update(tf.examples)
+        bar.close()
+        return writer.finalize(examples)
+
+    # ---- read
+
+    @classmethod
+    def open(cls, path: str) -> "TeacherStore":
+        """Memmap a finished store, checking file sizes against meta.json."""
+        path = os.fspath(path)
+        meta_file = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_file):
+            raise DatastoreError(f"TeacherStore.open: {meta_file} not found")
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DatastoreError(f"TeacherStore.open: format version {meta.get('format_version')!r}, "
+                                 f"this knnfast reads {FORMAT_VERSION}")
+        for name in FILES:
+            f = os.path.join(path, name)
+            have = os.path.getsize(f) if os.path.exists(f) else None
+            if have != meta["bytes"][name]:
+                raise DatastoreError(f"TeacherStore.open: {f} has {have} bytes but meta.json says "
+                                     f"{meta['bytes'][name]}: truncated or modified")
+        T, k, S = meta["positions"], meta["k"], meta["sentences"]
+        return cls(path, meta, _memmap(os.path.join(path, "tokens"), np.int32, (T, k)),
+                   _memmap(os.path.join(path, "scores"), np.float16, (T, k)),
+                   _memmap(os.path.join(path, "offsets"), np.int64, (S + 1,)))
+
+    def __len__(self) -> int:
+        return int(self.meta["sentences"])
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def compact(self) -> bool:
+        return self.meta.get("compact_temperature") is not None
+
+    def positions(self, sentence: int) -> Tuple[Tensor, Tensor]:
+        """(tokens [n, k] int64, scores [n, k] float32) of one sentence's target positions."""
+        s, e = int(self.offsets[sentence]), int(self.offsets[sentence + 1])
+        return self.tokens[s:e].long(), self.scores[s:e].float()
+
+    def batch(self, sentence_ids: Sequence[int], length: Optional[int] = None
+              ) -> Tuple[Tensor, Tensor]:
+        """Teachers of a batch aligned to target positions: tokens [B, L, k] int64 (pads -1)
+        and scores [B, L, k] float32 (pads -inf; probabilities, pads 0, for compact stores).
+        L = ``length`` or the longest sentence; row t of sentence i is the teacher of its
+        target t (the neighbours of the context y_<t)."""
+        ids = [int(i) for i in sentence_ids]
+        bad = [i for i in ids if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"TeacherStore.batch: sentence id {bad[0]} outside [0, {len(self)})")
+        parts = [self.positions(i) for i in ids]
+        L = length if length is not None else max((p[0].shape[0] for p in parts), default=0)
+        pad = 0.0 if self.compact else float("-inf")
+        tokens = torch.full((len(ids), L, self.k), -1, dtype=torch.long)
+        scores = torch.full((len(ids), L, self.k), pad, dtype=torch.float32)
+        for b, (t, s) in enumerate(parts):
+            n = min(L, t.shape[0])
+            tokens[b, :n], scores[b, :n] = t[:n], s[:n]
+        return tokens, scores
+
+
+class _TeacherWriter:
+    """Appends per-sentence teachers in build order; finalize writes them in corpus order."""
+
+    def __init__(self, path: str, meta: dict, resume: bool, overwrite: bool):
+        self.path, self.tmp, self.meta = path, path + ".building", meta
+        if overwrite:
+            for p in (path, self.tmp):
+                if os.path.exists(p):
+                    shutil.rmtree(p)
+        if os.path.exists(path):
+            raise FileExistsError(f"TeacherStore.build: {path} already exists; pass overwrite=True")
+        self.sentences, self.rows, self.done_ids = 0, 0, []
+        progress = os.path.join(self.tmp, "progress.json")
+        if os.path.exists(self.tmp):
+            with open(progress) as f:
+                state = json.load(f)
+            if not resume:
+                raise DatastoreError(f"an interrupted teacher build exists at {self.tmp}; pass "
+                                     f"resume=True to continue it or overwrite=True to start over")
+            if state["meta"] != meta:
+                raise DatastoreError(f"cannot resume {self.tmp}: it was started with different "
+                                     f"settings or another corpus")
+            self.sentences, self.rows, self.done_ids = state["sentences"], state["rows"], state["ids"]
+        else:
+            os.makedirs(self.tmp)
+            self._commit()
+        k = meta["k"]
+        for name, row_bytes in (("tokens", 4 * k), ("scores", 2 * k)):
+            f = os.path.join(self.tmp, name)
+            if not os.path.exists(f):
+                open(f, "wb").close()
+            if os.path.getsize(f) < self.rows * row_bytes:
+                raise DatastoreError(f"interrupted teacher build {self.tmp} is corrupt ({name})")
+            os.truncate(f, self.rows * row_bytes)  # drop bytes past the last commit
+
+    def _commit(self) -> None:
+        _fsync_write_json(os.path.join(self.tmp, "progress.json"),
+                          {"sentences": self.sentences, "rows": self.rows, "ids": self.done_ids,
+                           "meta": self.meta})
+
+    def add(self, sentence_ids: List[int], tokens: Tensor, scores: Tensor) -> None:
+        for name, data in (("tokens", tokens.to(torch.int32)), ("scores", scores.to(torch.float16))):
+            with open(os.path.join(self.tmp, name), "ab") as f:
+                f.write(data.contiguous().cpu().numpy().tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        self.sentences += len(sentence_ids)
+        self.rows += tokens.shape[0]
+        self.done_ids += [int(i) for i in sentence_ids]
+        self._commit()
+
+    def finalize(self, examples: Sequence[Example]) -> TeacherStore:
+        """Reorder the rows into corpus order, write offsets and meta.json, move into place."""
+        k, T, S = self.meta["k"], self.rows, len(examples)
+        built = TeacherStore(self.tmp, self.meta,
+                             _memmap(os.path.join(self.tmp, "tokens"), np.int32, (T, k)),
+                             _memmap(os.path.join(self.tmp, "scores"), np.float16, (T, k)),
+                             torch.zeros(1, dtype=torch.int64))
+        lengths = torch.tensor([_target_length(e) for e in examples], dtype=torch.int64)
+        offsets = torch.zeros(S + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        build_start = torch.zeros(S, dtype=torch.int64)
+        build_start[torch.tensor(self.done_ids, dtype=torch.int64)] = torch.cumsum(
+            lengths[self.done_ids], 0) - lengths[self.done_ids]
+        rows = torch.cat([torch.arange(build_start[i], build_start[i] + lengths[i])
+                          for i in range(S)]) if S else torch.zeros(0, dtype=torch.int64)
+        out_dir = self.tmp + ".final"
+        os.makedirs(out_dir, exist_ok=True)
+        for name, src in (("tokens", built.tokens), ("scores", built.scores)):
+            with open(os.path.join(out_dir, name), "wb") as f:
+                for s in range(0, T, 1 << 16):
+                    f.write(src[rows[s:s + (1 << 16)]].numpy().tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        with open(os.path.join(out_dir, "offsets"), "wb") as f:
+            f.write(offsets.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        meta = dict(self.meta, positions=T, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    bytes={"tokens": T * k * 4, "scores": T * k * 2, "offsets": (S + 1) * 8})
+        _fsync_write_json(os.path.join(out_dir, "meta.json"), meta)
+        os.replace(out_dir, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        shutil.rmtree(self.tmp)
+        return TeacherStore.open(self.path)

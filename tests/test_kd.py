@@ -1,0 +1,168 @@
+"""knnfast.kd.TeacherStore on a tiny random Marian built in the test: round trip, alignment
+(the stored neighbours of position t are those of the context y_<t), self-match kept or
+excluded, resume after a failure, the compact form, batch() padding, bad inputs, and the
+loss on a stored batch."""
+import pytest
+import torch
+from transformers import MarianConfig, MarianMTModel
+
+import knnfast
+import knnfast.hf as H
+from knnfast.kd import TeacherStore, _TeacherWriter
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+V = 61
+
+
+def _seqs(n, lo, hi, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def marian():
+    torch.manual_seed(0)
+    cfg = MarianConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
+                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                       decoder_ffn_dim=64, pad_token_id=0, eos_token_id=1,
+                       decoder_start_token_id=0, max_position_embeddings=64, init_std=0.3)
+    return MarianMTModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return list(zip(_seqs(12, 3, 9, seed=1), _seqs(12, 2, 8, seed=2)))
+
+
+@pytest.fixture(scope="module")
+def ds(marian, pairs, tmp_path_factory):
+    return H.build_datastore(marian, pairs, str(tmp_path_factory.mktemp("kd") / "ds"),
+                             batch_size=5, progress=False)
+
+
+def _context_neighbours(marian, ds, pair, k, exclude=None):
+    tf = next(H.teacher_forced(marian, [pair], batch_size=1))
+    return ds.search(tf.hidden, k, exclude=exclude)
+
+
+def test_round_trip_and_alignment(marian, pairs, ds, tmp_path):
+    store = TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=5, batch_size=4,
+                               progress=False)
+    assert len(store) == len(pairs) and store.k == 5
+    assert store.meta["positions"] == sum(len(t) for _, t in pairs)
+    assert store.offsets.tolist()[-1] == store.meta["positions"]
+    again = TeacherStore.open(str(tmp_path / "t"))
+    for i in (0, 5, 11):                                # corpus order, whatever the build order
+        tok, sc = again.positions(i)
+        want_s, want_i = _context_neighbours(marian, ds, pairs[i], 5)
+        assert torch.equal(tok, ds.lookup(want_i))
+        rel = want_s - want_s[:, :1]
+        torch.testing.assert_close(sc, rel.half().float())
+    # self-match kept: every position's best neighbour is itself (its own token, distance 0)
+    tok0 = torch.cat([again.positions(i)[0][:, 0] for i in range(len(pairs))])
+    gold = torch.cat([torch.tensor(t) for _, t in pairs])
+    assert torch.equal(tok0, gold)
+
+
+def test_exclude_self(marian, pairs, ds, tmp_path):
+    store = TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=3, exclude_self=True,
+                               progress=False)
+    order = H.length_order(pairs)
+    entry = {}
+    pos = 0
+    for i in order:
+        entry[i] = pos
+        pos += len(pairs[i][1])
+    for i in (2, 7):
+        n = len(pairs[i][1])
+        excl = torch.arange(entry[i], entry[i] + n)
+        want_s, want_i = _context_neighbours(marian, ds, pairs[i], 3, exclude=excl)
+        assert torch.equal(store.positions(i)[0], ds.lookup(want_i))
+    other = [(s, t[::-1]) for s, t in pairs]
+    with pytest.raises(ValueError, match="exclude_self"):
+        TeacherStore.build(marian, ds, other, str(tmp_path / "o"), k=3, exclude_self=True,
+                           progress=False)
+
+
+def test_resume_after_failure_equals_one_go(marian, pairs, ds, tmp_path, monkeypatch):
+    whole = TeacherStore.build(marian, ds, pairs, str(tmp_path / "whole"), k=4, batch_size=3,
+                               progress=False)
+    real = _TeacherWriter.add
+    calls = []
+
+    def flaky(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(self, *a)
+
+    monkeypatch.setattr(_TeacherWriter, "add", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=4, batch_size=3, progress=False)
+    monkeypatch.setattr(_TeacherWriter, "add", real)
+    with open(str(tmp_path / "t.building" / "tokens"), "ab") as f:
+        f.write(b"\x07" * 10)                              # half-written bytes of the killed chunk
+    with pytest.raises(knnfast.DatastoreError, match="resume=True"):
+        TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=4, batch_size=3,
+                           resume=False, progress=False)
+    store = TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=4, batch_size=3,
+                               progress=False)
+    assert torch.equal(store.tokens, whole.tokens) and torch.equal(store.scores, whole.scores)
+    assert torch.equal(store.offsets, whole.offsets)
+
+
+def test_batch_padding_and_loss(marian, pairs, ds, tmp_path):
+    store = TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=4, progress=False)
+    ids = [3, 0, 9]
+    tokens, scores = store.batch(ids)
+    L = max(len(pairs[i][1]) for i in ids)
+    assert tokens.shape == (3, L, 4) and scores.shape == (3, L, 4)
+    for b, i in enumerate(ids):
+        n = len(pairs[i][1])
+        assert torch.equal(tokens[b, :n], store.positions(i)[0])
+        assert (tokens[b, n:] == -1).all() and torch.isneginf(scores[b, n:]).all()
+    labels = torch.full((3, L), -100)
+    for b, i in enumerate(ids):
+        labels[b, :len(pairs[i][1])] = torch.tensor(pairs[i][1])
+    logits = torch.randn(3, L, V)
+    loss = knnfast.knn_kd_loss(logits.flatten(0, 1), labels.flatten(), tokens.flatten(0, 1),
+                               scores.flatten(0, 1), temperature=10.0)
+    want = knnfast.reference.knn_kd_loss(logits.flatten(0, 1), labels.flatten(),
+                                         tokens.flatten(0, 1), scores.flatten(0, 1),
+                                         temperature=10.0)
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(IndexError, match="sentence id"):
+        store.batch([0, 99])
+
+
+def test_compact_form(marian, pairs, ds, tmp_path):
+    full = TeacherStore.build(marian, ds, pairs, str(tmp_path / "f"), k=6, progress=False)
+    compact = TeacherStore.build(marian, ds, pairs, str(tmp_path / "c"), k=6,
+                                 compact_temperature=10.0, progress=False)
+    assert compact.compact and not full.compact
+    tok, probs = compact.positions(4)
+    torch.testing.assert_close(probs.sum(1), torch.ones(probs.shape[0]), atol=2e-3, rtol=0)
+    t_full, s_full = full.positions(4)
+    want_t, want_p = knnfast.knn_probs_sparse(s_full, t_full, 10.0)
+    assert torch.equal(tok, want_t)
+    torch.testing.assert_close(probs, want_p.half().float())
+    _, cp = compact.batch([4, 0])
+    assert (cp[0, len(pairs[4][1]):] == 0).all()
+
+
+@pytest.mark.parametrize("kw,match", [(dict(k=0), "k must be"),
+                                      (dict(compact_temperature=0.0), "compact_temperature")])
+def test_bad_arguments(marian, pairs, ds, tmp_path, kw, match):
+    args = dict(k=4, progress=False)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), **args)
+
+
+def test_open_detects_truncation(marian, pairs, ds, tmp_path):
+    TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=4, progress=False)
+    f = tmp_path / "t" / "scores"
+    f.write_bytes(f.read_bytes()[:-2])
+    with pytest.raises(knnfast.DatastoreError, match="scores"):
+        TeacherStore.open(str(tmp_path / "t"))

@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 # torch is pinned everywhere: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 DEPS := numpy pytest hypothesis pytest-benchmark faiss-cpu setuptools wheel cmake ninja tqdm \
-	transformers tokenizers sacrebleu matplotlib
+	transformers tokenizers sacrebleu matplotlib accelerate
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu) $(wildcard tests/cuda/*.cu)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import knnfast
-from knnfast import demo, hf
+from knnfast import demo
 from knnfast.kd import TeacherStore, knn_kd_trainer_class, seq2seq_batch, train_step
 
 REPO = Path(__file__).resolve().parents[1]

@@ -196,9 +196,12 @@ class _TeacherWriter:
             if not resume:
                 raise DatastoreError(f"an interrupted teacher build exists at {self.tmp}; pass "
                                      f"resume=True to continue it or overwrite=True to start over")
-            if state["meta"] != meta:
+            diff = sorted(k for k in set(meta) | set(state["meta"])
+                          if meta.get(k) != state["meta"].get(k))
+            if diff:
                 raise DatastoreError(f"cannot resume {self.tmp}: it was started with different "
-                                     f"settings or another corpus")
+                                     f"settings ({', '.join(diff)}); pass overwrite=True to "
+                                     f"start over")
             self.sentences, self.rows, self.done_ids = state["sentences"], state["rows"], state["ids"]
         else:
             os.makedirs(self.tmp)

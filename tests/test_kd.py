@@ -239,3 +239,42 @@ def test_trainer_compute_loss(marian, pairs, ds, tmp_path):
                              store.batch(ids, length=labels.shape[1]), temperature=10.0)
     torch.testing.assert_close(got, want)
     assert trainer.train().global_step == 2
+
+
+def test_resume_after_a_real_kill(marian, pairs, ds, tmp_path):
+    """A build process SIGKILLed mid-way (no cleanup at all) resumes to the one-go result."""
+    import json
+    import subprocess
+    import sys
+    whole = TeacherStore.build(marian, ds, pairs, str(tmp_path / "whole"), k=4, batch_size=3,
+                               progress=False)
+    marian.save_pretrained(tmp_path / "model")
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    child = f"""
+import json, os, signal, torch
+from transformers import MarianMTModel
+import knnfast
+from knnfast.kd import TeacherStore, _TeacherWriter
+torch.set_num_threads(1)
+model = MarianMTModel.from_pretrained({str(tmp_path / "model")!r}).eval()
+pairs = [tuple(p) for p in json.load(open({str(tmp_path / "pairs.json")!r}))]
+real, calls = _TeacherWriter.add, []
+def add(self, *a):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *a)
+_TeacherWriter.add = add
+TeacherStore.build(model, knnfast.Datastore.open({ds.path!r}), pairs, {str(tmp_path / "t")!r},
+                   k=4, batch_size=3, progress=False)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (tmp_path / "t.building").exists() and not (tmp_path / "t").exists()
+    pairs_back = [tuple(p) for p in json.loads((tmp_path / "pairs.json").read_text())]
+    same_model = MarianMTModel.from_pretrained(tmp_path / "model").eval()  # same model id
+    with pytest.raises(knnfast.DatastoreError, match="model_id"):
+        TeacherStore.build(marian, ds, pairs_back, str(tmp_path / "t"), k=4, progress=False)
+    store = TeacherStore.build(same_model, ds, pairs_back, str(tmp_path / "t"), k=4, batch_size=3,
+                               progress=False)
+    assert torch.equal(store.tokens, whole.tokens) and torch.equal(store.scores, whole.scores)

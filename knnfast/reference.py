@@ -52,6 +52,7 @@ __all__ = [
     "knn_gold_logprob",
     "label_counts",
     "knn_kd_loss",
+    "ink_loss",
 ]
 
 Scalar = Union[float, Tensor]
@@ -555,3 +556,97 @@ def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
         return loss.sum()
     count = (~ignored).sum()
     return loss.sum() / count.clamp(min=1).to(loss.dtype)
+
+
+def ink_loss(hidden: Tensor, out_weight: Tensor, targets: Tensor, nbr_keys: Tensor,
+             nbr_tokens: Tensor, *, alpha: float = 0.1, beta: float = 0.1,
+             out_bias: Optional[Tensor] = None, ignore_index: int = -100,
+             variant: str = "paper", detach_knn: bool = False, reference_k: int = 8,
+             reduction: str = "mean") -> Tuple[Tensor, dict]:
+    """INK (2023) representation-refinement loss L_a + alpha L_i + beta L_r (DESIGN §6).
+
+    hidden [B, D] (decoder states, through the adapters), out_weight [V, D] (and out_bias [V])
+    give logits = hidden W^T + b; nbr_keys [B, k, D] / nbr_tokens [B, k] are the retrieved
+    datastore keys and their tokens (-1 = padding).
+      L_a = CE(softmax(logits), y)   (label smoothing 0.1 in variant="reference")
+      L_i = KL(p_kNN || softmax(logits)), p_kNN(v) = sum_{v_j = v} softmax_j(c_j) with
+            c_j = cos(h, k_j) (kappa = exp(cos)); variant="reference": softmax_j(exp(c_j))
+            over the first `reference_k` neighbours only (the released code)
+      L_r = -log sum_{v_j = y} exp(c_j) / sum_j exp(c_j)   (0 when no neighbour has token y)
+    Gradients flow into hidden, out_weight (and nbr_keys) and through p_kNN unless
+    `detach_knn`. Rows with targets == ignore_index are masked; "mean" averages the counted
+    rows. Returns (loss, {"align", "kd", "refine"}) with each part reduced the same way.
+    """
+    op = "ink_loss"
+    if variant not in ("paper", "reference"):
+        _fail(op, f"variant must be 'paper' or 'reference', got {variant!r}")
+    if reduction not in ("none", "sum", "mean"):
+        _fail(op, f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    _check_2d(op, "hidden", hidden)
+    _check_2d(op, "out_weight", out_weight)
+    B, D = hidden.shape
+    V = out_weight.shape[0]
+    if out_weight.shape[1] != D:
+        _fail(op, f"out_weight must have shape [V, {D}], got {tuple(out_weight.shape)}")
+    if not isinstance(nbr_keys, Tensor) or nbr_keys.dim() != 3 or nbr_keys.shape[0] != B \
+            or nbr_keys.shape[2] != D:
+        _fail(op, f"nbr_keys must have shape [{B}, k, {D}], got "
+                  f"{tuple(nbr_keys.shape) if isinstance(nbr_keys, Tensor) else type(nbr_keys).__name__}")
+    _check_tokens(op, nbr_tokens, B, nbr_keys.shape[1], V, name="nbr_tokens")
+    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != B:
+        _fail(op, f"targets must be a 1-D tensor of shape [{B}]")
+    targets = targets.long()
+    ignored = targets == ignore_index
+    bad = ~ignored & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        _fail(op, f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
+                  f"got {int(targets[bad][0])}")
+    for name, val in (("alpha", alpha), ("beta", beta)):
+        if not math.isfinite(float(val)) or float(val) < 0:
+            _fail(op, f"{name} must be a finite number >= 0, got {val}")
+
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.to(dt)
+    logits = h @ out_weight.to(dt).T
+    if out_bias is not None:
+        logits = logits + out_bias.to(dt)
+    logp = torch.log_softmax(logits, dim=-1)
+    y = targets.masked_fill(ignored, 0)
+    eps = 0.1 if variant == "reference" else 0.0
+    align = -(1 - eps) * logp.gather(1, y[:, None]).squeeze(1) - eps * logp.mean(dim=1)
+
+    tokens = nbr_tokens.long()
+    valid = tokens >= 0
+    cos = torch.nn.functional.cosine_similarity(h[:, None, :], nbr_keys.to(dt), dim=-1,
+                                                eps=COS_EPS)
+    z = cos if variant == "paper" else torch.exp(cos)
+    kd_valid = valid.clone()
+    if variant == "reference":
+        kd_valid[:, reference_k:] = False
+    zk = z.masked_fill(~kd_valid, _NEG_INF)
+    has = kd_valid.any(dim=1)
+    w = torch.softmax(zk.masked_fill(~has[:, None], 0.0), dim=1) * kd_valid
+    if detach_knn:
+        w = w.detach()
+    p_knn = torch.zeros(B, V, dtype=dt, device=hidden.device).scatter_add(1, tokens.clamp(min=0), w)
+    # p log p with a finite slope at p = 0 (empty vocabulary entries must not send inf * 0)
+    log_p_knn = torch.log(p_knn.clamp_min(torch.finfo(dt).tiny))
+    kd = (p_knn * (log_p_knn - logp)).sum(dim=1)
+
+    # rows whose log-sum-exp would be over nothing get finite stand-ins (their term is 0 and
+    # torch.where must not back-propagate NaN from the unused branch)
+    match = valid & (tokens == y[:, None])
+    any_match = match.any(dim=1, keepdim=True)
+    den = torch.logsumexp(torch.where(any_match, cos.masked_fill(~valid, _NEG_INF), 0.0), dim=1)
+    num = torch.logsumexp(torch.where(any_match, cos.masked_fill(~match, _NEG_INF), 0.0), dim=1)
+    refine = torch.where(any_match[:, 0], den - num, torch.zeros_like(den))
+
+    parts = {"align": align, "kd": kd, "refine": refine}
+    parts = {k_: v.masked_fill(ignored, 0.0) for k_, v in parts.items()}
+    loss = parts["align"] + alpha * parts["kd"] + beta * parts["refine"]
+    if reduction == "none":
+        return loss, parts
+    if reduction == "sum":
+        return loss.sum(), {k_: v.sum() for k_, v in parts.items()}
+    n = (~ignored).sum().clamp(min=1).to(dt)
+    return loss.sum() / n, {k_: v.sum() / n for k_, v in parts.items()}

@@ -1,0 +1,97 @@
+"""knnfast.ink adapters and the OPL baseline on tiny GPT-2 / Marian built in the test."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
+
+from knnfast import ink
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+V = 53
+
+
+def _marian():
+    torch.manual_seed(0)
+    return MarianMTModel(MarianConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0, max_position_embeddings=64)).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=64)).eval()
+
+
+def _marian_logits(m):
+    src = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    dec = torch.tensor([[0, 11, 12], [0, 13, 14]])
+    return m(input_ids=src, attention_mask=(src != 0).long(), decoder_input_ids=dec).logits
+
+
+@pytest.mark.parametrize("make,blocks", [(_marian, 5), (_gpt2, 2)])
+def test_adapters_start_as_identity_and_only_they_train(make, blocks):
+    model = make()
+    run = _marian_logits if make is _marian else (lambda m: m(input_ids=torch.tensor([[3, 4, 5]])).logits)
+    before = run(model)
+    adapters = ink.add_adapters(model, size=8, dropout=0.0)
+    assert len(adapters) == blocks
+    torch.testing.assert_close(run(model), before)              # up-projection starts at 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(ink.ADAPTERS_ATTR) for n in trainable)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        loss = run(model).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = run(model)
+    assert not torch.allclose(after, before)                    # the adapters act
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    ink.remove_adapters(model)
+    assert not hasattr(model, ink.ADAPTERS_ATTR)
+    torch.testing.assert_close(run(model), before)              # original model back
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_adapter_hooks_cover_encoder_and_decoder():
+    model = _marian()
+    adapters = ink.add_adapters(model, size=4, dropout=0.0)
+    with torch.no_grad():
+        adapters[0].up.bias.fill_(1.0)                          # an encoder block's adapter
+    changed = _marian_logits(model)
+    with torch.no_grad():
+        adapters[0].up.bias.zero_()
+        adapters[-1].up.bias.fill_(1.0)                         # the last decoder block's
+    changed_dec = _marian_logits(model)
+    ink.remove_adapters(model)
+    base = _marian_logits(model)
+    assert not torch.allclose(changed, base) and not torch.allclose(changed_dec, base)
+
+
+def test_add_twice_and_remove_without_adapters_raise():
+    model = _gpt2()
+    ink.add_adapters(model, size=4)
+    with pytest.raises(ValueError, match="already"):
+        ink.add_adapters(model)
+    ink.remove_adapters(model)
+    with pytest.raises(ValueError, match="no knnfast adapters"):
+        ink.remove_adapters(model)
+
+
+def test_output_projection_only_unties_and_freezes():
+    model = _marian()
+    embed = model.get_input_embeddings().weight.detach().clone()
+    params = ink.output_projection_only(model)
+    head = model.get_output_embeddings().weight
+    assert params[0] is head and head.requires_grad
+    assert head is not model.get_input_embeddings().weight
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+    opt = torch.optim.SGD(params, lr=1.0)
+    _marian_logits(model).logsumexp(-1).mean().backward()
+    opt.step()
+    assert not torch.equal(head, embed)
+    assert torch.equal(model.get_input_embeddings().weight, embed)   # embeddings untouched

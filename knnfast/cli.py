@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,11 @@ EXAMPLES = {
     "bench": """examples:
   knnfast bench                      # fused vs pure-PyTorch reference, decoding-step shapes
   knnfast bench --rows 640 --vocab 42024 --k 8""",
+    "analyze": """examples:
+  knnfast analyze frequency --model M --datastore D --corpus test.tsv --train-corpus train.tsv --plot f.png
+  knnfast analyze mask-score --model M --datastore D --corpus test.txt --k 1024 --lam 0.25
+  knnfast analyze size --model M --datastore D --corpus test.txt --fractions 0.05,0.25,1 --plot s.png
+  knnfast analyze lambda --model M --datastore D --corpus dev.tsv --plot lam.png""",
     "demo": """examples:
   knnfast demo                       # the English->German kNN-MT demo (same as `make demo`)
   knnfast demo --cache .cache/demo --time-budget 240""",
@@ -231,6 +237,41 @@ def cmd_bench(args) -> None:
                       "threads": torch.get_num_threads()}, "results": rows})
 
 
+def cmd_analyze(args) -> None:
+    from . import analysis, hf
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    ds = open_datastore(args.datastore)
+    hidden = ds.meta.get("hidden", "ffn")
+    if args.kind == "frequency":
+        train = read_corpus(args.train_corpus or args.corpus, model, tok, None)
+        buckets = analysis.retrieval_by_frequency(model, examples, ds, analysis.target_counts(train),
+                                                  k=args.k, edges=_ints(args.edges), hidden=hidden)
+        if args.plot:
+            analysis.plot_buckets(buckets, args.plot, "kNN accuracy and recall by frequency")
+        _print([{"bucket": b.label, "positions": b.positions, "knn_accuracy": b.knn_accuracy,
+                 "recall": b.recall} for b in buckets])
+    elif args.kind == "mask-score":
+        _print(analysis.mask_score_grid(model, examples, ds, k=args.k, temperature=args.temperature,
+                                        lam=args.lam, hidden=hidden))
+    elif args.kind == "size":
+        points = analysis.size_sweep(model, examples, ds, _floats(args.fractions), k=args.k,
+                                     temperature=args.temperature, lam=args.lam, hidden=hidden)
+        if args.plot:
+            analysis.plot_curve(points, args.plot, "datastore entries", "kNN-LM perplexity",
+                                "perplexity against datastore size", logx=True)
+        _print([{"entries": n, "knn_ppl": p} for n, p in points])
+    else:  # lambda
+        res = hf.tune(model, examples, ds, ks=[args.k], temperatures=[args.temperature],
+                      lams=_floats(args.lams), hidden=hidden, progress=False)
+        points = [(g["lam"], g["ppl"]) for g in res.grid]
+        if args.plot:
+            analysis.plot_curve(points, args.plot, "λ", "perplexity (gold-token NLL)",
+                                f"k={args.k}, τ={args.temperature:g}")
+        _print({"base_ppl": math.exp(res.base_nll),
+                "points": [{"lam": a, "ppl": b} for a, b in points]})
+
+
 def cmd_demo(args) -> None:
     from . import demo
     demo.main(cache_dir=args.cache, time_budget_s=args.time_budget, out_dir=args.out,
@@ -322,6 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--seconds", type=float, default=1.0, help="minimum run time per case")
+
+    p = add("analyze", cmd_analyze, "retrieval analyses of the source papers (JSON + PNG)")
+    p.add_argument("kind", choices=("frequency", "mask-score", "size", "lambda"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--datastore", required=True)
+    p.add_argument("--corpus", required=True, help="the evaluation corpus")
+    p.add_argument("--train-corpus", help="frequency: the datastore's corpus (default --corpus)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=10.0)
+    p.add_argument("--lam", type=float, default=0.25)
+    p.add_argument("--edges", default="0,10,100,1000", help="frequency bucket edges")
+    p.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="size: datastore fractions")
+    p.add_argument("--lams", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")
+    p.add_argument("--plot", help="write a PNG here")
 
     p = add("demo", cmd_demo, "English->German kNN-MT demo on the system's gettext catalogs")
     p.add_argument("--cache", default=".cache/demo", help="model/datastore cache directory")

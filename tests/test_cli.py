@@ -414,3 +414,20 @@ def test_error_bad_arguments(capsys):
         main(["build-datastore", "--corpus", "x"])   # --model / --out missing
     assert e.value.code == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_analyze(env, gpt2_ds, capsys, tmp_path):
+    base = ["--model", env["gpt2"], "--datastore", gpt2_ds, "--corpus", env["txt"], "--k", "4",
+            "--limit", "10"]
+    buckets = run_json(capsys, "analyze", "frequency", *base, "--edges", "0,2,5",
+                       "--plot", tmp_path / "f.png")
+    assert [b["bucket"] for b in buckets] == ["[0, 2)", "[2, 5)", ">= 5"]
+    assert sum(b["positions"] for b in buckets) > 0
+    assert all(0 <= b["knn_accuracy"] <= b["recall"] <= 1 for b in buckets)
+    assert (tmp_path / "f.png").exists()
+    sizes = run_json(capsys, "analyze", "size", *base, "--fractions", "0.5,1",
+                     "--plot", tmp_path / "s.png")
+    assert sizes[0]["entries"] < sizes[1]["entries"] and (tmp_path / "s.png").exists()
+    lam = run_json(capsys, "analyze", "lambda", *base, "--lams", "0,0.5,1")
+    assert [p["lam"] for p in lam["points"]] == [0.0, 0.5, 1.0]
+    assert lam["points"][0]["ppl"] == pytest.approx(lam["base_ppl"], rel=1e-4)

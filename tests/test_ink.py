@@ -95,3 +95,37 @@ def test_output_projection_only_unties_and_freezes():
     opt.step()
     assert not torch.equal(head, embed)
     assert torch.equal(model.get_input_embeddings().weight, embed)   # embeddings untouched
+
+
+def test_multi_embedding_softmax():
+    torch.manual_seed(0)
+    T, D, Vs = 400, 8, 11
+    hidden = torch.randn(T, D)
+    targets = (hidden[:, 0] > 0).long() * 3 + (hidden[:, 1] > 0).long()   # learnable
+    mes = ink.MultiEmbeddingSoftmax(D, Vs, n=3)
+    logp = mes(hidden)
+    torch.testing.assert_close(logp.exp().sum(1), torch.ones(T))
+    # by hand: sum of the n embeddings' softmax mass per word
+    z = hidden @ mes.weight.T + mes.bias
+    p = torch.softmax(z, 1).view(T, Vs, 3).sum(-1)
+    torch.testing.assert_close(logp, p.log(), rtol=1e-5, atol=1e-5)
+    losses = mes.fit(hidden, targets, epochs=30, batch_size=100, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    one = ink.MultiEmbeddingSoftmax(D, Vs, n=1)
+    torch.testing.assert_close(one(hidden), torch.log_softmax(hidden @ one.weight.T + one.bias, 1))
+
+
+def test_multi_embedding_interpolated_loss():
+    torch.manual_seed(1)
+    hidden = torch.randn(50, 4)
+    targets = torch.randint(0, 5, (50,))
+    mes = ink.MultiEmbeddingSoftmax(4, 5, n=2)
+    base = torch.full((50,), -1.0)
+    got = mes.loss(hidden, targets, base, lam=0.3)
+    p = mes(hidden).gather(1, targets[:, None]).squeeze(1).exp()
+    want = -torch.log(0.7 * torch.exp(base) + 0.3 * p).mean()
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="lam"):
+        mes.loss(hidden, targets, base, lam=1.0)
+    losses = mes.fit(hidden, targets, base_gold_logp=base, lam=0.3, epochs=20, batch_size=25, lr=1e-2)
+    assert losses[-1] < losses[0]

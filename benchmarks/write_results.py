@@ -251,7 +251,7 @@ class Targets:
             else:
                 verdict = f"**FAIL** ({n - n_ok} of {n} cells)"
             rows.append((name, verdict))
-        return "## Targets (issues #2, #4 and #5, \"Numbers to reach\")\n\n" + table(["target", "result"], rows, ["l", "l"])
+        return "## Targets (issues #2, #4, #5 and #6, \"Numbers to reach\")\n\n" + table(["target", "result"], rows, ["l", "l"])
 
 
 def section_interpolate(rows, targets):
@@ -609,6 +609,31 @@ def section_kd_training(rows, targets):
     return "\n".join(parts)
 
 
+INK_MIN_SPEEDUP = 2.0         # ink_loss fwd+bwd >= 2x the PyTorch reference (issue 6)
+
+
+def section_ink_loss(rows, targets):
+    cells = by_cell(rows, "ink_loss", lambda r: shape_key(r, ("T", "V", "D", "k")), lambda r: r.impl)
+    if not cells:
+        return None
+    out, t = [], []
+    for (T, v, d, k), c in sorted(cells.items()):
+        fused, ref = med(c, "fused"), med(c, "reference")
+        sp = ratio(ref, fused)
+        ok = None if sp is None else sp >= INK_MIN_SPEEDUP
+        t.append(ok)
+        mem = lambda impl: c[impl].info.get("peak_extra_mib", "—") if impl in c else "—"  # noqa: E731
+        out.append((fmt_int(T), fmt_int(v), d, k, fmt_ms(fused), fmt_ms(ref), fmt_ratio(sp),
+                    mem("fused"), mem("reference"), mark(ok)))
+    targets.add(f"ink_loss fwd+bwd: ≥ {INK_MIN_SPEEDUP:g}× the PyTorch reference", t)
+    hdr = ["T", "V", "D", "k", "fused ms", "reference ms", f"ref/fused (≥{INK_MIN_SPEEDUP:g}×)",
+           "fused peak extra MiB", "reference peak extra MiB", "target"]
+    return ("## ink_loss (issue #6)\n\nForward + backward of L_a + 0.1·L_i + 0.1·L_r with gradients for hidden "
+            "and the output weight. One [T, V] float32 buffer is "
+            f"{4096 * 42024 * 4 / 2**20:.0f} MiB at the full shape; the fused path keeps only the logits (which "
+            "become their own gradient).\n\n" + table(hdr, out))
+
+
 def render(json_paths):
     if isinstance(json_paths, (str, Path)):
         json_paths = [json_paths]
@@ -635,6 +660,7 @@ def render(json_paths):
         section_knn_lm(rows, targets),
         section_kd_loss(rows, targets),
         section_kd_training(rows, targets),
+        section_ink_loss(rows, targets),
         section_cuda(rows),
         ptxas_section(),
     ]

@@ -37,6 +37,11 @@ TORCH_LIBRARY(knnfast, m) {
         "Tensor teacher_tokens, Tensor? teacher_scores, Tensor? teacher_probs, "
         "Tensor temperature, float ce_weight, float kd_weight, float label_smoothing, "
         "int ignore_index) -> Tensor");
+  // the same gradient written in place over float32 logits (fused losses keep one [B, V] buffer)
+  m.def("knn_kd_loss_grad_(Tensor(a!) logits, Tensor grad_rows, Tensor targets, "
+        "Tensor teacher_tokens, Tensor? teacher_scores, Tensor? teacher_probs, "
+        "Tensor temperature, float ce_weight, float kd_weight, float label_smoothing, "
+        "int ignore_index) -> ()");
   // tokens [B, k] -> counts [B, k] int64
   m.def("label_counts(Tensor tokens) -> Tensor");
   m.def("build_info() -> str", &knnfast::build_info);

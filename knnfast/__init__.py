@@ -13,6 +13,7 @@ from . import ops  # noqa: F401  (loads the library, registers fake kernels)
 from .ops import *  # noqa: F401,F403  (the ops, build_info)
 from .datastore import Datastore, DatastoreError, DatastoreWriter
 from .decoding import AdaptiveKNNDecoder, KNNDecoder, Neighbours
+from .ink import ink_loss
 
 __all__ = ["__version__", *ops.__all__, "Datastore", "DatastoreError", "DatastoreWriter",
-           "KNNDecoder", "AdaptiveKNNDecoder", "Neighbours"]
+           "KNNDecoder", "AdaptiveKNNDecoder", "Neighbours", "ink_loss"]

@@ -374,6 +374,12 @@ def _(grad_rows, logits, targets, teacher_tokens, teacher_scores, teacher_probs,
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("knnfast::knn_kd_loss_grad_")
+def _(logits, grad_rows, targets, teacher_tokens, teacher_scores, teacher_probs, temperature,
+      ce_weight, kd_weight, label_smoothing, ignore_index):
+    return None
+
+
 @torch.library.register_fake("knnfast::label_counts")
 def _(tokens):
     return tokens.new_empty(tokens.shape, dtype=torch.int64)

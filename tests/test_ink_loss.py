@@ -129,3 +129,49 @@ def test_bad_inputs(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         ref.ink_loss(**kw)
+
+
+# --------------------------------------------------------------------------- fused
+from knnfast import ink  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_matches_reference_value_and_gradients(variant, detach, bias):
+    hidden, weight, targets, keys, tokens = _data(B=9, V=40, D=8, k=10, seed=5)
+    b = torch.randn(40, dtype=torch.float64) if bias else None
+    kw = dict(alpha=0.3, beta=0.2, variant=variant, detach_knn=detach)
+    grads = []
+    for impl, dt in ((ref.ink_loss, torch.float64), (ink.ink_loss, torch.float32)):
+        h, w, kk = (t.to(dt).clone().requires_grad_() for t in (hidden, weight, keys))
+        bb = None if b is None else b.to(dt).clone().requires_grad_()
+        loss, parts = impl(h, w, targets, kk, tokens, out_bias=bb, **kw)
+        loss.backward()
+        grads.append([loss.detach().double(), h.grad.double(), w.grad.double(), kk.grad.double()]
+                     + ([bb.grad.double()] if bb is not None else []))
+        if impl is ref.ink_loss:
+            want_parts = {n: float(v.detach()) for n, v in parts.items()}
+        else:
+            for n in ("align", "kd", "refine"):
+                assert parts[n] == pytest.approx(want_parts[n], rel=1e-4, abs=1e-5), n
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_other_dtypes_take_the_reference_path():
+    hidden, weight, targets, keys, tokens = _data()
+    a, _ = ink.ink_loss(hidden, weight, targets, keys, tokens)
+    b, _ = ref.ink_loss(hidden, weight, targets, keys, tokens)
+    torch.testing.assert_close(a, b)
+
+
+def test_fused_scales_by_the_upstream_gradient():
+    hidden, weight, targets, keys, tokens = _data(B=6, V=20, D=8, k=4, seed=8)
+    grads = []
+    for scale in (1.0, 3.0):
+        h = hidden.float().clone().requires_grad_()
+        loss, _ = ink.ink_loss(h, weight.float(), targets, keys.float(), tokens)
+        (scale * loss).backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[1], 3 * grads[0])

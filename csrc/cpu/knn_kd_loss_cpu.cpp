@@ -143,17 +143,13 @@ at::Tensor knn_kd_loss_cpu(const at::Tensor& logits_in, const at::Tensor& target
   return out;
 }
 
-at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits_in,
-                                    const at::Tensor& targets_in,
-                                    const at::Tensor& teacher_tokens,
-                                    const c10::optional<at::Tensor>& teacher_scores,
-                                    const c10::optional<at::Tensor>& teacher_probs,
-                                    const at::Tensor& temperature, double ce_weight,
-                                    double kd_weight, double label_smoothing,
-                                    int64_t ignore_index) {
-  const KdInputs in = kd_inputs(logits_in, targets_in, teacher_tokens, teacher_scores,
-                                teacher_probs, temperature, ignore_index, ce_weight, kd_weight,
-                                label_smoothing);
+namespace {
+
+// Writes d sum_r grad_rows[r] loss[r] / d logits into `out` ([B, V] float32, contiguous). `out`
+// may be the float32 logits themselves: each row is fully read (log-sum-exp) before it is
+// overwritten element by element.
+void kd_gradient(const KdInputs& in, const at::Tensor& grad_rows_in, double ce_weight,
+                 double kd_weight, double label_smoothing, int64_t ignore_index, float* gp) {
   const int64_t B = in.B, V = in.V, k = in.teacher.src.k;
   check_cpu(grad_rows_in, "knn_kd_loss_backward", "grad");
   TORCH_CHECK_VALUE(grad_rows_in.dim() == 1 && grad_rows_in.size(0) == B,
@@ -164,8 +160,6 @@ at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows_in, const at::Te
   const int64_t* tgt = in.targets.data_ptr<int64_t>();
   const int64_t* tok = in.teacher.tokens.data_ptr<int64_t>();
   const float eps = float(label_smoothing), cw = float(ce_weight), kw = float(kd_weight);
-  at::Tensor grad = empty_output({B, V}, in.logits.options().dtype(at::kFloat));
-  float* gp = grad.data_ptr<float>();
   at::parallel_for(0, B, row_grain(V + k), [&](int64_t begin, int64_t end) {
     Scratch<float> log_w_buf, row_buf;
     float* log_w = log_w_buf.get(k, 0.0f);
@@ -178,7 +172,8 @@ at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows_in, const at::Te
         continue;
       }
       const float* x = logits_row_f32(in.logits, r, buf);
-      const RowLogSumExp lse = row_logsumexp(x, V);  // checked finite by the forward
+      const RowLogSumExp lse = row_logsumexp(x, V);
+      TORCH_CHECK_VALUE(!lse.bad, kOp, ": logits row ", r, " contains NaN or +inf");
       const int64_t* t = tok + r * k;
       const bool has = neighbour_log_weights(in.teacher.src, r, t, in.teacher.temperature[r],
                                              log_w);
@@ -190,12 +185,46 @@ at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows_in, const at::Te
           if (t[j] >= 0 && log_w[j] > -INFINITY) out[t[j]] -= g * kw * std::exp(log_w[j]);
     }
   });
+}
+
+}  // namespace
+
+at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits_in,
+                                    const at::Tensor& targets_in,
+                                    const at::Tensor& teacher_tokens,
+                                    const c10::optional<at::Tensor>& teacher_scores,
+                                    const c10::optional<at::Tensor>& teacher_probs,
+                                    const at::Tensor& temperature, double ce_weight,
+                                    double kd_weight, double label_smoothing,
+                                    int64_t ignore_index) {
+  const KdInputs in = kd_inputs(logits_in, targets_in, teacher_tokens, teacher_scores,
+                                teacher_probs, temperature, ignore_index, ce_weight, kd_weight,
+                                label_smoothing);
+  at::Tensor grad = empty_output({in.B, in.V}, in.logits.options().dtype(at::kFloat));
+  kd_gradient(in, grad_rows, ce_weight, kd_weight, label_smoothing, ignore_index,
+              grad.data_ptr<float>());
   return grad;
+}
+
+void knn_kd_loss_grad_cpu_(const at::Tensor& logits, const at::Tensor& grad_rows,
+                           const at::Tensor& targets, const at::Tensor& teacher_tokens,
+                           const c10::optional<at::Tensor>& teacher_scores,
+                           const c10::optional<at::Tensor>& teacher_probs,
+                           const at::Tensor& temperature, double ce_weight, double kd_weight,
+                           double label_smoothing, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.is_contiguous(), kOp,
+                    ": knn_kd_loss_grad_ needs contiguous float32 logits (written in place)");
+  const KdInputs in = kd_inputs(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
+                                temperature, ignore_index, ce_weight, kd_weight,
+                                label_smoothing);
+  kd_gradient(in, grad_rows, ce_weight, kd_weight, label_smoothing, ignore_index,
+              logits.data_ptr<float>());
 }
 
 TORCH_LIBRARY_IMPL(knnfast, CPU, m) {
   m.impl("knn_kd_loss", &knn_kd_loss_cpu);
   m.impl("knn_kd_loss_backward", &knn_kd_loss_backward_cpu);
+  m.impl("knn_kd_loss_grad_", &knn_kd_loss_grad_cpu_);
 }
 
 }  // namespace knnfast::cpu

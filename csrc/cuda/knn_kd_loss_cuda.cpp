@@ -95,9 +95,37 @@ at::Tensor knn_kd_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tens
   return grad;
 }
 
+// The gradient written over the float32 logits themselves: the kernel reads a whole row
+// (log-sum-exp pass, then a block barrier) before its dense pass overwrites it element by
+// element, and the sparse corrections follow another barrier.
+void knn_kd_loss_grad_cuda_(const at::Tensor& logits, const at::Tensor& grad_rows,
+                            const at::Tensor& targets, const at::Tensor& teacher_tokens,
+                            const c10::optional<at::Tensor>& teacher_scores,
+                            const c10::optional<at::Tensor>& teacher_probs,
+                            const at::Tensor& temperature, double ce_weight, double kd_weight,
+                            double label_smoothing, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.is_contiguous(), kOp,
+                    ": knn_kd_loss_grad_ needs contiguous float32 logits (written in place)");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
+                           temperature, ce_weight, kd_weight, label_smoothing);
+  check_cuda_tensor(grad_rows, logits.device(), "knn_kd_loss_grad_", "grad_rows");
+  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == c.B,
+                    "knn_kd_loss_grad_: grad_rows must have shape [", c.B, "], got ",
+                    grad_rows.sizes());
+  const at::Tensor g = as_float32(grad_rows);
+  const at::Tensor status = new_status(logits.device());
+  launch_knn_kd_loss_backward(g.data_ptr<float>(), logits.data_ptr(), FloatType::F32, c.B, c.V,
+                              c.targets.data_ptr<int64_t>(), ignore_index, c.teacher.args,
+                              c.weights, logits.data_ptr<float>(), status_ptr(status),
+                              current_stream());
+  raise_kd_status(status, c, ignore_index);
+}
+
 TORCH_LIBRARY_IMPL(knnfast, CUDA, m) {
   m.impl("knn_kd_loss", &knn_kd_loss_cuda);
   m.impl("knn_kd_loss_backward", &knn_kd_loss_backward_cuda);
+  m.impl("knn_kd_loss_grad_", &knn_kd_loss_grad_cuda_);
 }
 
 }  // namespace knnfast::cuda

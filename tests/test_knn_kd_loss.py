@@ -230,3 +230,16 @@ def test_fused_bad_inputs(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         knnfast.knn_kd_loss(**kw)
+
+
+def test_in_place_gradient_equals_backward_op():
+    logits, targets, tokens, scores = _data(B=11, V=203, k=7, seed=17)
+    tau = torch.tensor([10.0])
+    g = torch.rand(11)
+    args = (targets, tokens, scores, None, tau, 0.7, 0.4, 0.1, -100)
+    want = torch.ops.knnfast.knn_kd_loss_backward(g, logits, *args)
+    buf = logits.clone()
+    torch.ops.knnfast.knn_kd_loss_grad_(buf, g, *args)
+    torch.testing.assert_close(buf, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="float32 logits"):
+        torch.ops.knnfast.knn_kd_loss_grad_(logits.double(), g, *args)

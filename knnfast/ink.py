@@ -291,3 +291,102 @@ def ink_loss(hidden: torch.Tensor, out_weight: torch.Tensor, targets: torch.Tens
     parts = {"kd": kd_mean, "refine": float(refine.detach().sum() / count),
              "align": float(loss_ai.detach()) - alpha * kd_mean}
     return loss, parts
+
+
+# --------------------------------------------------------------------------- INK training loop
+
+
+def _output_layer(model: nn.Module):
+    """(output weight [V, D], output bias [V] or None) of the LM head, frozen."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    extra = getattr(model, "final_logits_bias", None)  # Marian / BART add it to the logits
+    if extra is not None:
+        extra = extra.reshape(-1)
+        bias = extra if bias is None else bias + extra
+    return head.weight.detach(), None if bias is None else bias.detach()
+
+
+def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
+              batch_size: int = 16, k: int = 32, alpha: float = 0.1, beta: float = 0.1,
+              lr: float = 1e-3, adapter_size: int = 64, dropout: float = 0.1,
+              variant: str = "paper", seed: int = 0, progress: bool = True, log=print):
+    """INK (2023): refine the representation space with adapters against kNN knowledge.
+
+    Every epoch re-encodes the datastore keys with the current adapters (teacher-forced
+    capture of ``examples``, the "ffn" state), then for every training batch retrieves the k
+    nearest entries of each position with its own entry excluded and minimizes ink_loss with
+    only the adapters trainable. A checkpoint (adapters, optimizer, epoch) is written after
+    each epoch to ``workdir/ink_ckpt.pt``; calling again with more epochs resumes there.
+    Returns a per-epoch log. Afterwards the model decodes with no datastore, or with one
+    (``knnfast.hf.build_datastore`` on the adapted model + a KNNDecoder: hybrid).
+    """
+    import os
+    from tqdm.auto import tqdm
+    from . import hf
+    os.makedirs(workdir, exist_ok=True)
+    if not hasattr(model, ADAPTERS_ATTR):
+        add_adapters(model, size=adapter_size, dropout=dropout)
+    adapters = getattr(model, ADAPTERS_ATTR)
+    opt = torch.optim.Adam(adapters.parameters(), lr=lr)
+    ckpt_path = os.path.join(workdir, "ink_ckpt.pt")
+    history, start = [], 0
+    if os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=False)
+        adapters.load_state_dict(state["adapters"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+        log(f"INK: resuming after epoch {start}")
+    order = hf.length_order(examples)
+    lengths = [len(examples[i][1]) if isinstance(examples[i], tuple) else len(examples[i]) - 1
+               for i in order]
+    entry_start = [0]
+    for n in lengths[:-1]:
+        entry_start.append(entry_start[-1] + n)
+    weight, bias = _output_layer(model)
+    pad = hf._pad_id(model)
+    seq2seq = hf._is_seq2seq(model)
+    for epoch in range(start, epochs):
+        model.eval()
+        ds = hf.build_datastore(model, examples, os.path.join(workdir, "datastore"),
+                                overwrite=True, resume=False, progress=False)
+        model.train()
+        gen = torch.Generator().manual_seed(seed + epoch)
+        batches = [list(range(s, min(s + batch_size, len(order))))
+                   for s in range(0, len(order), batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        sums = {"loss": 0.0, "align": 0.0, "kd": 0.0, "refine": 0.0}
+        bar = tqdm(batches, desc=f"INK epoch {epoch + 1}", disable=not progress, leave=False)
+        for slots in bar:
+            batch = [examples[order[s]] for s in slots]
+            with hf.HiddenCapture(model, "ffn") as cap:
+                fwd = hf._seq2seq_forward if seq2seq else hf._causal_forward
+                _, targets, mask = fwd(model, batch, pad, weight.device)
+                keep = mask.bool()
+                hidden = cap.last[keep]
+            targets = targets[keep]
+            # entry ids of these positions in the datastore (same length order as the capture)
+            ids = torch.cat([torch.arange(entry_start[s], entry_start[s] + lengths[s]) for s in slots])
+            _, nbr = ds.search(hidden.detach(), k, exact=True, exclude=ids)
+            tokens = ds.lookup(nbr, check=False)
+            keys = ds.keys[nbr.clamp(min=0)].float()
+            loss, parts = ink_loss(hidden, weight, targets, keys, tokens, alpha=alpha, beta=beta,
+                                   out_bias=bias, variant=variant)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sums["loss"] += float(loss.detach())
+            for name in ("align", "kd", "refine"):
+                sums[name] += parts[name]
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        model.eval()
+        entry = {name: v / max(1, len(batches)) for name, v in sums.items()}
+        entry["epoch"] = epoch + 1
+        history.append(entry)
+        log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align {entry['align']:.4f}, "
+            f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
+        tmp = ckpt_path + ".tmp"
+        torch.save({"adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1, "history": history}, tmp)
+        os.replace(tmp, ckpt_path)
+    return history

@@ -129,3 +129,50 @@ def test_multi_embedding_interpolated_loss():
         mes.loss(hidden, targets, base, lam=1.0)
     losses = mes.fit(hidden, targets, base_gold_logp=base, lam=0.3, epochs=20, batch_size=25, lr=1e-2)
     assert losses[-1] < losses[0]
+
+
+def _pairs(n=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda: torch.randint(2, V, (int(torch.randint(3, 8, (1,), generator=g)),),  # noqa: E731
+                                 generator=g).tolist()
+    return [(rand(), rand() + [1]) for _ in range(n)]
+
+
+def _quiet_marian():
+    torch.manual_seed(0)
+    return MarianMTModel(MarianConfig(
+        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, init_std=0.3)).eval()
+
+
+def test_ink_training_loop_refines_only_adapters_and_resumes(tmp_path):
+    pairs = _pairs()
+    frozen = {n: p.clone() for n, p in _quiet_marian().named_parameters()}
+    straight = _quiet_marian()
+    hist = ink.train_ink(straight, pairs, str(tmp_path / "a"), epochs=2, batch_size=4, k=4,
+                         lr=1e-2, dropout=0.0, progress=False, log=lambda s: None)
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    for n, p in straight.named_parameters():
+        if not n.startswith(ink.ADAPTERS_ATTR):
+            assert torch.equal(p, frozen[n]), n                     # only adapters train
+    adapted = getattr(straight, ink.ADAPTERS_ATTR)
+    assert any(p.abs().sum() > 0 for n, p in adapted.named_parameters() if "up" in n)
+    # one epoch, then resume to two: the same adapters as the straight run
+    logs = []
+    resumed = _quiet_marian()
+    ink.train_ink(resumed, pairs, str(tmp_path / "b"), epochs=1, batch_size=4, k=4, lr=1e-2,
+                  dropout=0.0, progress=False, log=logs.append)
+    other = _quiet_marian()
+    ink.train_ink(other, pairs, str(tmp_path / "b"), epochs=2, batch_size=4, k=4, lr=1e-2,
+                  dropout=0.0, progress=False, log=logs.append)
+    assert any("resuming after epoch 1" in line for line in logs)
+    for (n, a), (_, b) in zip(adapted.state_dict().items(),
+                              getattr(other, ink.ADAPTERS_ATTR).state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    # the refreshed datastore holds keys of the adapted model
+    from knnfast import Datastore
+    ds = Datastore.open(str(tmp_path / "a" / "datastore"))
+    assert len(ds) == sum(len(t) for _, t in pairs)

@@ -634,6 +634,23 @@ def section_ink_loss(rows, targets):
             "become their own gradient).\n\n" + table(hdr, out))
 
 
+def section_ink_refresh(rows, targets):
+    cells = by_cell(rows, "ink_refresh", lambda r: shape_key(r, ("entries", "D")), lambda r: r.impl)
+    if not cells:
+        return None
+    out = []
+    for (n, d), c in sorted(cells.items()):
+        fwd, ref = med(c, "forward_only"), med(c, "refresh")
+        share = None if fwd is None or ref is None else (ref - fwd) / ref
+        out.append((fmt_int(n), d, fmt_ms(ref), fmt_ms(fwd),
+                    "—" if share is None else f"{100 * share:.1f}%",
+                    "—" if share is None else ("forward-dominated" if share < 0.5 else "knnfast-dominated")))
+    hdr = ["entries", "D", "refresh ms", "model forward only ms", "knnfast share", "verdict"]
+    return ("## INK datastore refresh (issue #6)\n\nRe-encoding the datastore between INK epochs "
+            "(`knnfast.hf.build_datastore`) against the teacher-forced forward passes alone over the same "
+            "corpus; knnfast share = (refresh − forward) / refresh.\n\n" + table(hdr, out))
+
+
 def render(json_paths):
     if isinstance(json_paths, (str, Path)):
         json_paths = [json_paths]
@@ -661,6 +678,7 @@ def render(json_paths):
         section_kd_loss(rows, targets),
         section_kd_training(rows, targets),
         section_ink_loss(rows, targets),
+        section_ink_refresh(rows, targets),
         section_cuda(rows),
         ptxas_section(),
     ]

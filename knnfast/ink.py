@@ -310,7 +310,8 @@ def _output_layer(model: nn.Module):
 def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
               batch_size: int = 16, k: int = 32, alpha: float = 0.1, beta: float = 0.1,
               lr: float = 1e-3, adapter_size: int = 64, dropout: float = 0.1,
-              variant: str = "paper", seed: int = 0, progress: bool = True, log=print):
+              variant: str = "paper", seed: int = 0, index_factory: str = None,
+              nprobe: int = 16, progress: bool = True, log=print):
     """INK (2023): refine the representation space with adapters against kNN knowledge.
 
     Every epoch re-encodes the datastore keys with the current adapters (teacher-forced
@@ -318,7 +319,10 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     nearest entries of each position with its own entry excluded and minimizes ink_loss with
     only the adapters trainable. A checkpoint (adapters, optimizer, epoch) is written after
     each epoch to ``workdir/ink_ckpt.pt``; calling again with more epochs resumes there.
-    Returns a per-epoch log. Afterwards the model decodes with no datastore, or with one
+    With ``index_factory`` (e.g. "IVF1024,PQ32") retrieval goes through FAISS (exact scores
+    of the candidates): the quantizers are trained once, on the first epoch's keys, and reused
+    for every refreshed datastore (INK's released code does the same). Returns a per-epoch log.
+    Afterwards the model decodes with no datastore, or with one
     (``knnfast.hf.build_datastore`` on the adapted model + a KNNDecoder: hybrid).
     """
     import os
@@ -350,6 +354,8 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
         model.eval()
         ds = hf.build_datastore(model, examples, os.path.join(workdir, "datastore"),
                                 overwrite=True, resume=False, progress=False)
+        if index_factory:
+            _refresh_index(ds, index_factory, nprobe, os.path.join(workdir, "ink_index.faiss"))
         model.train()
         gen = torch.Generator().manual_seed(seed + epoch)
         batches = [list(range(s, min(s + batch_size, len(order))))
@@ -367,7 +373,8 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
             targets = targets[keep]
             # entry ids of these positions in the datastore (same length order as the capture)
             ids = torch.cat([torch.arange(entry_start[s], entry_start[s] + lengths[s]) for s in slots])
-            _, nbr = ds.search(hidden.detach(), k, exact=True, exclude=ids)
+            _, nbr = ds.search(hidden.detach(), k, exact=not index_factory, rescore=True,
+                               exclude=ids)
             tokens = ds.lookup(nbr, check=False)
             keys = ds.keys[nbr.clamp(min=0)].float()
             loss, parts = ink_loss(hidden, weight, targets, keys, tokens, alpha=alpha, beta=beta,
@@ -390,3 +397,21 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
                     "epoch": epoch + 1, "history": history}, tmp)
         os.replace(tmp, ckpt_path)
     return history
+
+
+def _refresh_index(ds, factory: str, nprobe: int, template_path: str) -> None:
+    """Fill the datastore's index from a template trained once (first call trains it)."""
+    import os
+    import faiss
+    from .datastore import _Index, _faiss_rows, _row_chunks, _set_nprobe
+    if not os.path.exists(template_path):
+        ds.build_index(factory, nprobe=nprobe, save=False, progress=False)
+        template = faiss.clone_index(ds._index.index)
+        template.reset()
+        faiss.write_index(template, template_path)
+    index = faiss.read_index(template_path)
+    for s, e in _row_chunks(len(ds), ds.dim * ds.keys.element_size()):
+        index.add(_faiss_rows(ds.keys[s:e], ds.metric))
+    _set_nprobe(index, nprobe)
+    ds._index = _Index(index, {"factory": factory, "metric": ds.metric, "ntotal": len(ds),
+                               "nprobe": nprobe})

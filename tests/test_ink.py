@@ -176,3 +176,17 @@ def test_ink_training_loop_refines_only_adapters_and_resumes(tmp_path):
     from knnfast import Datastore
     ds = Datastore.open(str(tmp_path / "a" / "datastore"))
     assert len(ds) == sum(len(t) for _, t in pairs)
+
+
+def test_ink_loop_with_a_reused_faiss_index(tmp_path):
+    pairs = _pairs(n=16, seed=5)
+    model = _quiet_marian()
+    hist = ink.train_ink(model, pairs, str(tmp_path / "w"), epochs=2, batch_size=4, k=4,
+                         lr=1e-2, dropout=0.0, index_factory="IVF4,Flat", nprobe=4,
+                         progress=False, log=lambda s: None)
+    assert len(hist) == 2 and (tmp_path / "w" / "ink_index.faiss").exists()
+    # nprobe = all lists: the same neighbours as exact retrieval, so the same training
+    exact = _quiet_marian()
+    hist_exact = ink.train_ink(exact, pairs, str(tmp_path / "e"), epochs=2, batch_size=4, k=4,
+                               lr=1e-2, dropout=0.0, progress=False, log=lambda s: None)
+    assert hist[0]["loss"] == pytest.approx(hist_exact[0]["loss"], rel=1e-4)

@@ -176,6 +176,16 @@ def test_ink_training_loop_refines_only_adapters_and_resumes(tmp_path):
     from knnfast import Datastore
     ds = Datastore.open(str(tmp_path / "a" / "datastore"))
     assert len(ds) == sum(len(t) for _, t in pairs)
+    # afterwards: plain decoding, or hybrid with the refreshed datastore
+    import knnfast
+    import knnfast.hf as H
+    src = torch.tensor([pairs[0][0]])
+    plain = H.generate(straight, None, input_ids=src, num_beams=2, max_new_tokens=6)
+    final_ds = H.build_datastore(straight, pairs, str(tmp_path / "hybrid"), progress=False)
+    hybrid = H.generate(straight, knnfast.KNNDecoder(final_ds, k=4, lam=1.0, temperature=1.0),
+                        input_ids=src, num_beams=1, max_new_tokens=len(pairs[0][1]))
+    assert plain.shape[0] == 1
+    assert hybrid[0, 1:].tolist() == pairs[0][1]        # λ = 1 over the adapted model's datastore
 
 
 def test_ink_loop_with_a_reused_faiss_index(tmp_path):

@@ -182,6 +182,7 @@ def test_ink_training_loop_refines_only_adapters_and_resumes(tmp_path):
     src = torch.tensor([pairs[0][0]])
     plain = H.generate(straight, None, input_ids=src, num_beams=2, max_new_tokens=6)
     final_ds = H.build_datastore(straight, pairs, str(tmp_path / "hybrid"), progress=False)
+    straight.generation_config.forced_eos_token_id = None   # Marian forces token 0 at max length
     hybrid = H.generate(straight, knnfast.KNNDecoder(final_ds, k=4, lam=1.0, temperature=1.0),
                         input_ids=src, num_beams=1, max_new_tokens=len(pairs[0][1]))
     assert plain.shape[0] == 1

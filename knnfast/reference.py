@@ -142,6 +142,22 @@ def _check_tokens(op: str, tokens: Tensor, B: int, k: Optional[int], V: Optional
                 _fail(op, f"{name} must be in [-1, {V}), got {hi}")
 
 
+def _check_targets(op: str, targets, B: int, V: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """targets [B] int -> (int64 targets, ignored mask); ids in [0, V) or ignore_index."""
+    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != B:
+        _fail(op, f"targets must be a 1-D tensor of shape [{B}], got "
+                  f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        _fail(op, f"targets must be int64, got {targets.dtype}")
+    targets = targets.long()
+    ignored = targets == ignore_index
+    bad = ~ignored & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        _fail(op, f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
+                  f"got {int(targets[bad][0])}")
+    return targets, ignored
+
+
 def _check_logits(op: str, logits: Tensor) -> None:
     _check_2d(op, "logits", logits)
     if not logits.is_floating_point():
@@ -441,21 +457,10 @@ def knn_gold_logprob(logits: Tensor, targets: Tensor, tokens: Tensor, *,
     op = "knn_gold_logprob"
     _check_logits(op, logits)
     B, V = logits.shape
-    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != B:
-        _fail(op, f"targets must be a 1-D tensor of shape [{B}], got "
-                  f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        _fail(op, f"targets must be int64, got {targets.dtype}")
+    targets, ignored = _check_targets(op, targets, B, V, ignore_index)
     _check_tokens(op, tokens, B, None, V)
     _check_same_device(op, "logits", logits, targets=targets, tokens=tokens,
                        scores=scores, weights=weights)
-    targets = targets.long()
-    ignored = targets == ignore_index
-    if B:
-        bad = ~ignored & ((targets < 0) | (targets >= V))
-        if bool(bad.any()):
-            _fail(op, f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
-                      f"got {int(targets[bad][0])}")
     tokens = tokens.long()
     w = _neighbour_weights(op, tokens, scores, weights, temperature)
     lam_t = _lam(op, lam, B, logits.device).squeeze(1)
@@ -503,11 +508,7 @@ def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
     op = "knn_kd_loss"
     _check_logits(op, logits)
     B, V = logits.shape
-    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != B:
-        _fail(op, f"targets must be a 1-D tensor of shape [{B}], got "
-                  f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        _fail(op, f"targets must be int64, got {targets.dtype}")
+    targets, ignored = _check_targets(op, targets, B, V, ignore_index)
     _check_tokens(op, teacher_tokens, B, None, V, name="teacher_tokens")
     _check_same_device(op, "logits", logits, targets=targets, teacher_tokens=teacher_tokens,
                        teacher_scores=teacher_scores, teacher_probs=teacher_probs)
@@ -520,12 +521,6 @@ def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
     for name, val in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
         if not math.isfinite(float(val)) or float(val) < 0:
             _fail(op, f"{name} must be a finite number >= 0, got {val}")
-    targets = targets.long()
-    ignored = targets == ignore_index
-    bad = ~ignored & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        _fail(op, f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
-                  f"got {int(targets[bad][0])}")
     tokens = teacher_tokens.long()
     if (teacher_scores is None) == (teacher_probs is None):
         _fail(op, "exactly one of teacher_scores or teacher_probs must be given, got "
@@ -593,14 +588,7 @@ def ink_loss(hidden: Tensor, out_weight: Tensor, targets: Tensor, nbr_keys: Tens
         _fail(op, f"nbr_keys must have shape [{B}, k, {D}], got "
                   f"{tuple(nbr_keys.shape) if isinstance(nbr_keys, Tensor) else type(nbr_keys).__name__}")
     _check_tokens(op, nbr_tokens, B, nbr_keys.shape[1], V, name="nbr_tokens")
-    if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != B:
-        _fail(op, f"targets must be a 1-D tensor of shape [{B}]")
-    targets = targets.long()
-    ignored = targets == ignore_index
-    bad = ~ignored & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        _fail(op, f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
-                  f"got {int(targets[bad][0])}")
+    targets, ignored = _check_targets(op, targets, B, V, ignore_index)
     for name, val in (("alpha", alpha), ("beta", beta)):
         if not math.isfinite(float(val)) or float(val) < 0:
             _fail(op, f"{name} must be a finite number >= 0, got {val}")

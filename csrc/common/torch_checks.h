@@ -53,6 +53,13 @@ inline void check_kd_weights(double ce_weight, double kd_weight, double label_sm
                     ": label_smoothing must be in [0, 1), got ", label_smoothing);
 }
 
+// Ops that write their result over the logits need them float32 and contiguous.
+inline void check_in_place_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
+                    ": needs contiguous float32 logits (written in place), got ",
+                    logits.scalar_type(), logits.is_contiguous() ? "" : " (non-contiguous)");
+}
+
 inline at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 inline at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }

@@ -40,6 +40,22 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
                     " must be on the same device as the other inputs (cpu), got ", t.device());
 }
 
+// Targets [rows] -> int64 contiguous, every id in [0, vocab) or == ignore_index (the checks
+// knn_gold_logprob and knn_kd_loss share; the caller has checked the dtype).
+inline at::Tensor checked_targets(const at::Tensor& targets_in, int64_t rows, int64_t vocab,
+                                  int64_t ignore_index, const char* op) {
+  TORCH_CHECK_VALUE(targets_in.size(0) == rows, op, ": targets must have shape [", rows,
+                    "], got ", targets_in.sizes());
+  at::Tensor targets = as_int64(targets_in);
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(tgt[r] == ignore_index || (tgt[r] >= 0 && tgt[r] < vocab), op,
+                      ": targets must be in [0, ", vocab, ") or ignore_index (", ignore_index,
+                      "), got ", tgt[r], " at row ", r);
+  }
+  return targets;
+}
+
 // Neighbour tokens [B, k]: int64 contiguous, every id in [-1, vocab) (vocab < 0: no bound).
 inline at::Tensor checked_tokens(const at::Tensor& tokens, int64_t rows, int64_t vocab,
                                  const char* op, const char* name = "tokens") {

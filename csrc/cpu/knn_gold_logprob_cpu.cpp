@@ -38,15 +38,8 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
   check_integer(targets_in, kOp, "targets");
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(targets_in.size(0) == B, kOp, ": targets must have shape [", B,
-                    "], got ", targets_in.sizes());
-  const at::Tensor targets = as_int64(targets_in);
+  const at::Tensor targets = checked_targets(targets_in, B, V, ignore_index, kOp);
   const int64_t* tgt = targets.data_ptr<int64_t>();
-  for (int64_t r = 0; r < B; ++r) {
-    TORCH_CHECK_VALUE(tgt[r] == ignore_index || (tgt[r] >= 0 && tgt[r] < V), kOp,
-                      ": targets must be in [0, ", V, ") or ignore_index (", ignore_index,
-                      "), got ", tgt[r], " at row ", r);
-  }
   NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, B, V, kOp);
   const RowParam lam_rows = row_param(lam, B, ParamRange::UnitInterval, kOp, "lam");
   at::Tensor out = at::zeros({B}, logits.options().dtype(at::kFloat));

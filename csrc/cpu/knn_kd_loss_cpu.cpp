@@ -46,15 +46,7 @@ KdInputs kd_inputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
   in.logits = logits_in.contiguous();
   in.B = in.logits.size(0);
   in.V = in.logits.size(1);
-  TORCH_CHECK_VALUE(targets_in.size(0) == in.B, kOp, ": targets must have shape [", in.B,
-                    "], got ", targets_in.sizes());
-  in.targets = as_int64(targets_in);
-  const int64_t* tgt = in.targets.data_ptr<int64_t>();
-  for (int64_t r = 0; r < in.B; ++r) {
-    TORCH_CHECK_VALUE(tgt[r] == ignore_index || (tgt[r] >= 0 && tgt[r] < in.V), kOp,
-                      ": targets must be in [0, ", in.V, ") or ignore_index (", ignore_index,
-                      "), got ", tgt[r], " at row ", r);
-  }
+  in.targets = checked_targets(targets_in, in.B, in.V, ignore_index, kOp);
   TORCH_CHECK_VALUE(scores.has_value() != probs.has_value(), kOp,
                     ": pass exactly one of teacher_scores or teacher_probs");
   NeighbourInputs& t = in.teacher;
@@ -212,8 +204,7 @@ void knn_kd_loss_grad_cpu_(const at::Tensor& logits, const at::Tensor& grad_rows
                            const c10::optional<at::Tensor>& teacher_probs,
                            const at::Tensor& temperature, double ce_weight, double kd_weight,
                            double label_smoothing, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.is_contiguous(), kOp,
-                    ": knn_kd_loss_grad_ needs contiguous float32 logits (written in place)");
+  knnfast::check_in_place_logits(logits, "knn_kd_loss_grad_");
   const KdInputs in = kd_inputs(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
                                 temperature, ignore_index, ce_weight, kd_weight,
                                 label_smoothing);

@@ -104,8 +104,7 @@ void knn_kd_loss_grad_cuda_(const at::Tensor& logits, const at::Tensor& grad_row
                             const c10::optional<at::Tensor>& teacher_probs,
                             const at::Tensor& temperature, double ce_weight, double kd_weight,
                             double label_smoothing, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.is_contiguous(), kOp,
-                    ": knn_kd_loss_grad_ needs contiguous float32 logits (written in place)");
+  knnfast::check_in_place_logits(logits, "knn_kd_loss_grad_");
   const c10::cuda::CUDAGuard guard(logits.device());
   const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
                            temperature, ce_weight, kd_weight, label_smoothing);

@@ -5,6 +5,9 @@
 #include <string>
 
 #include "build_info.h"
+#include "common/limits.h"
+#include "common/plans.h"
+#include "cpu/bf16_dot.h"
 #include "cpu/vec_math.h"
 
 #ifndef KNNFAST_VERSION
@@ -28,6 +31,18 @@ std::string build_info() {
   s += ";openmp_threads=" + std::to_string(at::get_num_threads());
   s += std::string(";simd=") + cpu::simd_level();
   s += std::string(";avx512_bf16=") + (cpu::cpu_has_avx512_bf16() ? "1" : "0");
+  s += ";max_k=" + std::to_string(kMaxK);
+  // knn_search plans this process can run (bf16 only with AVX512-BF16)
+  s += ";cpu_plans=";
+  for (const char* plan : kCpuSearchPlans) {
+    if (std::string(plan) == "bf16" && !cpu::bf16_dot_available()) continue;
+    s += std::string(plan == kCpuSearchPlans[0] ? "" : ",") + plan;
+  }
+#ifdef KNNFAST_WITH_CUDA
+  s += ";cuda_plans=";
+  for (const char* plan : kCudaSearchPlans)
+    s += std::string(plan == kCudaSearchPlans[0] ? "" : ",") + plan;
+#endif
   return s;
 }
 

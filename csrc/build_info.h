@@ -2,6 +2,8 @@
 #include <string>
 
 namespace knnfast {
-// "version=...;cuda_compiled=0|1;openmp=0|1;openmp_threads=N;simd=avx512|generic;avx512_bf16=0|1"
+// "version=...;cuda_compiled=0|1;openmp=0|1;openmp_threads=N;simd=avx512|generic;avx512_bf16=0|1;
+//  max_k=2048;cpu_plans=auto,stream,gemm_f32[,bf16][;cuda_plans=auto,stream,tensor,tensor_recheck]"
+// (cpu_plans / cuda_plans: the knn_search plans this process can run)
 std::string build_info();
 }  // namespace knnfast

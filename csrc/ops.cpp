@@ -8,22 +8,26 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "common/settings.h"
 
 TORCH_LIBRARY(knnfast, m) {
-  // queries [B, D], keys [N, D] -> scores [B, k] float32 (descending), indices [B, k] int64
+  // queries [B, D], keys [N, D] -> scores [B, k] float32 (descending), indices [B, k] int64.
+  // plan: "auto", or a forced variant (common/plans.h): CPU stream|gemm_f32|bf16, CUDA
+  // stream|tensor|tensor_recheck.
   m.def("knn_search(Tensor queries, Tensor keys, int k, str metric, Tensor? key_sq_norms, "
-        "Tensor? exclude) -> (Tensor, Tensor)");
+        "Tensor? exclude, str plan=\"auto\") -> (Tensor, Tensor)");
   // queries [B, D], keys [N, D], indices [B, k] -> exact scores [B, k]
   m.def("knn_rescore(Tensor queries, Tensor keys, Tensor indices, str metric) -> Tensor");
   // scores [B, k], tokens [B, k] -> probs [B, V]
   m.def("knn_probs(Tensor scores, Tensor tokens, int vocab_size, Tensor temperature) -> Tensor");
   // scores [B, k], tokens [B, k] -> (tokens_u [B, k], probs [B, k])
   m.def("knn_probs_sparse(Tensor scores, Tensor tokens, Tensor temperature) -> (Tensor, Tensor)");
-  // logits [B, V], tokens [B, k], scores|weights [B, k] -> logp [B, V]
+  // logits [B, V], tokens [B, k], scores|weights [B, k] -> logp [B, V].
+  // plan: "auto" (CPU has only this), CUDA also row_cache|global (common/plans.h).
   m.def("knn_interpolate(Tensor logits, Tensor tokens, Tensor? scores, Tensor? weights, "
-        "Tensor temperature, Tensor lam) -> Tensor");
+        "Tensor temperature, Tensor lam, str plan=\"auto\") -> Tensor");
   m.def("knn_interpolate.out(Tensor logits, Tensor tokens, Tensor? scores, Tensor? weights, "
-        "Tensor temperature, Tensor lam, *, Tensor(a!) out) -> ()");
+        "Tensor temperature, Tensor lam, str plan=\"auto\", *, Tensor(a!) out) -> ()");
   // logits [B, V], targets [B], tokens [B, k], scores|weights [B, k] -> logp [B]
   m.def("knn_gold_logprob(Tensor logits, Tensor targets, Tensor tokens, Tensor? scores, "
         "Tensor? weights, Tensor temperature, Tensor lam, int ignore_index) -> Tensor");
@@ -45,4 +49,6 @@ TORCH_LIBRARY(knnfast, m) {
   // tokens [B, k] -> counts [B, k] int64
   m.def("label_counts(Tensor tokens) -> Tensor");
   m.def("build_info() -> str", &knnfast::build_info);
+  // process-wide setting name ("cuda_checks", "debug") := value; returns the previous value
+  m.def("configure(str name, int value) -> int", &knnfast::configure);
 }

@@ -6,9 +6,11 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
 
 #include "common/knn_math.h"
+#include "common/plans.h"
 
 namespace knnfast {
 
@@ -40,6 +42,21 @@ inline Metric parse_metric(const std::string& metric, const char* op) {
   if (metric == "cos") return Metric::COS;
   TORCH_CHECK_VALUE(false, op, ": metric must be 'l2', 'ip' or 'cos', got '", metric, "'");
   return Metric::L2;
+}
+
+// The index of `plan` in `names` (one op's plans on `backend`, see common/plans.h), or a
+// ValueError naming the plans this backend has.
+template <size_t N>
+int parse_plan(const std::string& plan, const std::array<const char*, N>& names,
+               const char* backend, const char* op) {
+  std::string listed;
+  for (size_t i = 0; i < N; ++i) {
+    if (plan == names[i]) return static_cast<int>(i);
+    listed += std::string(i ? ", '" : "'") + names[i] + "'";
+  }
+  TORCH_CHECK_VALUE(false, op, ": plan must be one of ", listed, " on ", backend, ", got '", plan,
+                    "'");
+  return 0;
 }
 
 // knn_kd_loss's loss weights: ce_weight, kd_weight finite and >= 0, label_smoothing in [0, 1).

@@ -67,7 +67,8 @@ void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const
                     " contains NaN or +inf (log_softmax is undefined)");
 }
 
-void check_inputs(const at::Tensor& logits) {
+void check_inputs(const at::Tensor& logits, const std::string& plan) {
+  parse_plan(plan, kCpuInterpolatePlans, "CPU", kOp);  // one plan on CPU
   check_cpu(logits, kOp, "logits");
   check_dim(logits, 2, kOp, "logits");
   check_logits(logits, kOp);
@@ -78,7 +79,6 @@ void knn_interpolate_impl(const at::Tensor& logits_in, const at::Tensor& tokens,
                           const c10::optional<at::Tensor>& scores,
                           const c10::optional<at::Tensor>& weights,
                           const at::Tensor& temperature, const at::Tensor& lam, at::Tensor& out) {
-  check_inputs(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
   NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, B, V, kOp);
@@ -91,8 +91,9 @@ void knn_interpolate_impl(const at::Tensor& logits_in, const at::Tensor& tokens,
 at::Tensor knn_interpolate_cpu(const at::Tensor& logits, const at::Tensor& tokens,
                                const c10::optional<at::Tensor>& scores,
                                const c10::optional<at::Tensor>& weights,
-                               const at::Tensor& temperature, const at::Tensor& lam) {
-  check_inputs(logits);
+                               const at::Tensor& temperature, const at::Tensor& lam,
+                               const std::string& plan) {
+  check_inputs(logits, plan);
   at::Tensor out = empty_output({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
   knn_interpolate_impl(logits, tokens, scores, weights, temperature, lam, out);
   return out;
@@ -102,8 +103,8 @@ void knn_interpolate_out_cpu(const at::Tensor& logits, const at::Tensor& tokens,
                              const c10::optional<at::Tensor>& scores,
                              const c10::optional<at::Tensor>& weights,
                              const at::Tensor& temperature, const at::Tensor& lam,
-                             at::Tensor& out) {
-  check_inputs(logits);
+                             const std::string& plan, at::Tensor& out) {
+  check_inputs(logits, plan);
   check_cpu(out, kOp, "out");
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() &&
                         out.sizes() == logits.sizes(),

@@ -22,9 +22,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <numeric>
 
+#include "common/settings.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/simd_load.h"
 #include "cpu/vec_math.h"
@@ -332,7 +332,7 @@ std::vector<int64_t> run(const Setup& st, float* out_scores, int64_t* out_indice
     if (rescored[b] < 0) unfinished.push_back(b);
     else total += rescored[b];
   }
-  if (std::getenv("KNNFAST_DEBUG"))
+  if (settings().debug.load(std::memory_order_relaxed))
     std::fprintf(stderr,
                  "knnfast.knn_search[bf16]: B=%lld k=%lld: %.1f candidates rescored per row, "
                  "%lld rows over the candidate cap\n",

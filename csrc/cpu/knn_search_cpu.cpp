@@ -16,19 +16,18 @@
 //             exact k-th rank, and every key whose upper bound r + E reaches T is kept. The
 //             survivors are rescored exactly in fp32, so the result is exact by construction.
 //
-// KNNFAST_SEARCH_PATH=stream|gemm_f32|bf16 forces a path (tests, benchmarks);
-// KNNFAST_DEBUG=1 reports how many candidates the bf16 path rescored.
+// plan="stream"|"gemm_f32"|"bf16" forces a path (tests, benchmarks; bf16 raises ValueError on
+// a CPU without AVX512-BF16); configure("debug", 1) reports how many candidates the bf16 path
+// rescored.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <vector>
 
+#include "common/limits.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/knn_search_bf16.h"
 #include "cpu/cpu_utils.h"
@@ -38,7 +37,6 @@ namespace knnfast::cpu {
 namespace {
 
 constexpr const char* kOp = "knn_search";
-constexpr int64_t kMaxK = 2048;
 constexpr int64_t kSmallBatch = 32;
 
 enum class Path { Stream, GemmF32, Bf16 };
@@ -49,13 +47,13 @@ struct Plan {
   int64_t keep;  // candidates kept per row
 };
 
-Plan make_plan(int64_t B, int64_t k) {
+// The path of the requested plan (auto: by batch size and CPU; check_plan has made sure bf16
+// is available when requested).
+Plan make_plan(int64_t B, int64_t k, CpuSearchPlan requested) {
   Path path = B < kSmallBatch ? Path::Stream : bf16_dot_available() ? Path::Bf16 : Path::GemmF32;
-  if (const char* force = std::getenv("KNNFAST_SEARCH_PATH")) {
-    if (!std::strcmp(force, "stream")) path = Path::Stream;
-    if (!std::strcmp(force, "gemm_f32")) path = Path::GemmF32;
-    if (!std::strcmp(force, "bf16") && bf16_dot_available()) path = Path::Bf16;
-  }
+  if (requested == CpuSearchPlan::Stream) path = Path::Stream;
+  if (requested == CpuSearchPlan::GemmF32) path = Path::GemmF32;
+  if (requested == CpuSearchPlan::Bf16) path = Path::Bf16;
   switch (path) {
     case Path::Stream: return {path, 256, k};
     case Path::GemmF32: return {path, B >= 256 ? 1024 : 2048, k};
@@ -249,6 +247,14 @@ void research_rows(const SearchInputs& in, const std::vector<int64_t>& rows,
   out_indices.index_copy_(0, row_ids, i);
 }
 
+CpuSearchPlan check_plan(const std::string& plan) {
+  const auto p = static_cast<CpuSearchPlan>(parse_plan(plan, kCpuSearchPlans, "CPU", kOp));
+  TORCH_CHECK_VALUE(p != CpuSearchPlan::Bf16 || bf16_dot_available(), kOp,
+                    ": plan 'bf16' needs a CPU with AVX512-BF16; this CPU has none (plans here: "
+                    "'auto', 'stream', 'gemm_f32')");
+  return p;
+}
+
 SearchInputs check_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
                           const std::string& metric, const c10::optional<at::Tensor>& key_sq_norms,
                           const c10::optional<at::Tensor>& exclude) {
@@ -289,13 +295,15 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries,
                                                   const at::Tensor& keys, int64_t k,
                                                   const std::string& metric,
                                                   const c10::optional<at::Tensor>& key_sq_norms,
-                                                  const c10::optional<at::Tensor>& exclude) {
+                                                  const c10::optional<at::Tensor>& exclude,
+                                                  const std::string& plan_name) {
   SearchInputs in = check_inputs(queries, keys, k, metric, key_sq_norms, exclude);
+  const CpuSearchPlan requested = check_plan(plan_name);
   const int64_t B = in.queries.size(0);
   at::Tensor out_scores = at::empty({B, k}, in.queries.options());
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));
   if (B == 0) return {out_scores, out_indices};
-  const Plan plan = make_plan(B, k);
+  const Plan plan = make_plan(B, k, requested);
   if (plan.path != Path::Bf16) {
     search_with_plan(in, plan, out_scores, out_indices);
     return {out_scores, out_indices};

@@ -8,10 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
+#include "common/settings.h"
 #include "common/torch_checks.h"
 #include "cuda/kernel_args.h"
 
@@ -42,17 +41,10 @@ inline FloatType float_type(const at::Tensor& t) {
   }
 }
 
-// KNNFAST_CUDA_CHECKS=0 skips reading the status back (no host sync per call, e.g. for CUDA
-// graphs); bad values then go unreported but never cause out-of-bounds accesses.
+// configure("cuda_checks", 0) skips reading the status back (no host sync per call, e.g. for
+// CUDA graphs); bad values then go unreported but never cause out-of-bounds accesses.
 inline bool status_readback_enabled() {
-  const char* v = std::getenv("KNNFAST_CUDA_CHECKS");
-  return !(v && std::strcmp(v, "0") == 0);
-}
-
-// Environment switch `name` is set to `value` (test and benchmark knobs).
-inline bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v && std::strcmp(v, value) == 0;
+  return settings().cuda_checks.load(std::memory_order_relaxed) != 0;
 }
 
 // A fresh status buffer: kNumStatusCodes uint64 slots, all kStatusClear (every bit set).

@@ -1,15 +1,16 @@
 // knn_search on CUDA: argument checks, plan choice and the orchestration of the kernels in
 // knn_search.cu (see knn_search.h for the stream and tensor plans).
 //
-// KNNFAST_CUDA_SEARCH_PATH=stream|tensor forces a plan (tests, benchmarks); "tensor" applies
-// only where it can (fp16/bf16 keys, k <= 256). KNNFAST_CUDA_SEARCH_PROOF=fail makes every
-// proof of the tensor plan fail, which tests the exact re-search of unproven rows.
+// plan="stream"|"tensor" forces a plan (tests, benchmarks); "tensor" applies only where it can
+// (fp16/bf16 keys, k <= 256; elsewhere the stream plan runs). plan="tensor_recheck" is the
+// tensor plan with every proof failed, which tests the exact re-search of unproven rows.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 
+#include "common/limits.h"
 #include "cuda/cuda_utils.h"
 #include "cuda/knn_rescore.h"
 #include "cuda/knn_search.h"
@@ -18,7 +19,6 @@ namespace knnfast::cuda {
 namespace {
 
 constexpr const char* kOp = "knn_search";
-constexpr int64_t kMaxK = 2048;
 constexpr int64_t kTensorMaxK = 256;
 constexpr int64_t kTensorMinRows = 33;
 constexpr int64_t kTileBytes = int64_t(256) << 20;  // GEMM tile output, [B, T] float32
@@ -102,9 +102,10 @@ std::pair<at::Tensor, at::Tensor> query_scales(const at::Tensor& queries) {
   return {power_of_two(-exponent), power_of_two(exponent)};
 }
 
-// Tensor-core plan; returns the rows whose exactness proof failed (synchronizes).
+// Tensor-core plan; returns the rows whose exactness proof failed (synchronizes). fail_proofs:
+// every row counts as unproven (plan tensor_recheck).
 at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out_indices,
-                       const at::Tensor& status) {
+                       const at::Tensor& status, bool fail_proofs) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0), k = in.k;
   const int64_t Kc = std::max(2 * k, k + 32);
   const auto f32 = in.queries.options();
@@ -194,7 +195,7 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   v.exclude = exclude_ptr(in);
   v.N = N;
   launch_verify(v, status_ptr(status), stream);
-  if (env_is("KNNFAST_CUDA_SEARCH_PROOF", "fail")) needs_exact.fill_(1);
+  if (fail_proofs) needs_exact.fill_(1);
   return at::nonzero(needs_exact).reshape({-1});
 }
 
@@ -211,12 +212,15 @@ void research_rows(const SearchInputs& in, const at::Tensor& rows, at::Tensor& o
   out_indices.index_copy_(0, rows, i);
 }
 
-bool use_tensor_plan(const SearchInputs& in) {
+bool use_tensor_plan(const SearchInputs& in, CudaSearchPlan plan) {
   const auto t = in.keys.scalar_type();
   const bool possible = (t == at::kHalf || t == at::kBFloat16) && in.k <= kTensorMaxK;
-  if (env_is("KNNFAST_CUDA_SEARCH_PATH", "stream")) return false;
-  if (env_is("KNNFAST_CUDA_SEARCH_PATH", "tensor")) return possible;
-  return possible && in.queries.size(0) >= kTensorMinRows;
+  switch (plan) {
+    case CudaSearchPlan::Stream: return false;
+    case CudaSearchPlan::Tensor:
+    case CudaSearchPlan::TensorRecheck: return possible;
+    default: return possible && in.queries.size(0) >= kTensorMinRows;
+  }
 }
 
 SearchInputs check_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
@@ -254,17 +258,21 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
                                                    const at::Tensor& keys, int64_t k,
                                                    const std::string& metric,
                                                    const c10::optional<at::Tensor>& key_sq_norms,
-                                                   const c10::optional<at::Tensor>& exclude) {
+                                                   const c10::optional<at::Tensor>& exclude,
+                                                   const std::string& plan_name) {
   check_is_cuda(queries, kOp, "queries");
   const c10::cuda::CUDAGuard guard(queries.device());
   SearchInputs in = check_inputs(queries, keys, k, metric, key_sq_norms, exclude);
+  const auto plan =
+      static_cast<CudaSearchPlan>(parse_plan(plan_name, kCudaSearchPlans, "CUDA", kOp));
   const int64_t B = in.queries.size(0);
   at::Tensor out_scores = at::empty({B, k}, in.queries.options());
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));
   if (B == 0) return {out_scores, out_indices};
   const at::Tensor status = new_status(queries.device());
-  if (use_tensor_plan(in)) {
-    const at::Tensor unproven = tensor_plan(in, out_scores, out_indices, status);
+  if (use_tensor_plan(in, plan)) {
+    const bool fail_proofs = plan == CudaSearchPlan::TensorRecheck;
+    const at::Tensor unproven = tensor_plan(in, out_scores, out_indices, status, fail_proofs);
     if (unproven.numel() > 0) research_rows(in, unproven, out_scores, out_indices, status);
   } else {
     stream_plan(in, out_scores, out_indices, status);

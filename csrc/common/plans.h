@@ -1,0 +1,28 @@
+// Kernel plans: the explicit `plan` argument of knn_search and knn_interpolate (tests and
+// benchmarks force a variant with it; "auto" is the choice the op makes itself). The names are
+// listed per op and backend in the order of their enum; common/torch_checks.h parses them.
+#pragma once
+
+#include <array>
+
+namespace knnfast {
+
+// knn_search on CPU (see csrc/cpu/knn_search_cpu.cpp): bf16 needs AVX512-BF16.
+enum class CpuSearchPlan : int { Auto = 0, Stream, GemmF32, Bf16 };
+inline constexpr std::array<const char*, 4> kCpuSearchPlans{"auto", "stream", "gemm_f32", "bf16"};
+
+// knn_search on CUDA (see csrc/cuda/knn_search.h). tensor_recheck = the tensor plan with every
+// row's exactness proof failed, so every row is searched again on the stream plan. Where the
+// tensor plan is impossible (float32 keys, k > 256), tensor and tensor_recheck run the stream
+// plan.
+enum class CudaSearchPlan : int { Auto = 0, Stream, Tensor, TensorRecheck };
+inline constexpr std::array<const char*, 4> kCudaSearchPlans{"auto", "stream", "tensor",
+                                                             "tensor_recheck"};
+
+// knn_interpolate: the CPU has one plan; CUDA keeps each logits row in shared memory between
+// its two passes where it fits (auto = row_cache) or never (global: re-read from L2).
+inline constexpr std::array<const char*, 1> kCpuInterpolatePlans{"auto"};
+enum class CudaInterpolatePlan : int { Auto = 0, RowCache, Global };
+inline constexpr std::array<const char*, 3> kCudaInterpolatePlans{"auto", "row_cache", "global"};
+
+}  // namespace knnfast

@@ -1,5 +1,14 @@
-"""Helpers shared by the knnfast tests (exact float64 scores, tie-aware top-k checks)."""
+"""Helpers shared by the knnfast tests.
 
+* exact float64 scores and tie-aware top-k checks (``assert_topk_valid``/``_parity``);
+* random neighbour lists and log-prob comparisons (``rand_tokens``, ``assert_logp_close``, ...);
+* the float64 autograd oracle of knn_interpolate (``oracle_interpolate``, ``autograd_inputs``);
+* the bad-input helper every test file uses (``bad_input_cases``, ``check_bad_input``,
+  ``check_bad_input_cpu_and_cuda``): a table ``{case name: (call, match)}`` where ``call``
+  raises ValueError whose message matches the regex ``match``.
+"""
+
+import pytest
 import torch
 
 NEG_INF = float("-inf")
@@ -202,3 +211,95 @@ def with_value(t, idx, val):
 
 def f32_tensor(vals, device):
     return torch.tensor(vals, dtype=torch.float32, device=device)
+
+
+def on_meta(t):
+    """An empty tensor of t's shape and dtype on the `meta` device: "another device" without a
+    GPU (device-mismatch tests)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def opcheck_neighbours(B, k, V, device):
+    """Neighbour tokens in [-1, V) and scores (-inf at the -1 slots) for opcheck samples."""
+    tok = torch.randint(-1, V, (B, k), device=device)
+    sc = torch.randn(B, k, device=device).masked_fill(tok < 0, NEG_INF)
+    return tok, sc
+
+
+def neighbours_with_duplicates(B, k, V, invalid=0.2, seed=0):
+    """CPU (tokens, scores) with padding slots and duplicate tokens on purpose (the leader
+    logic of the kernels merges them); CPU <-> CUDA agreement tests."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, k), generator=g)
+    tokens = tokens.masked_fill(torch.rand(B, k, generator=g) < invalid, -1)
+    tokens[:, 1::3] = tokens[:, 0::3][:, : tokens[:, 1::3].shape[1]]
+    scores = (torch.randn(B, k, generator=g) * 3).masked_fill(tokens < 0, NEG_INF)
+    return tokens, scores
+
+
+# --------------------------------------------------------------------------- autograd oracle
+def oracle_interpolate(logits, tokens, scores=None, weights=None, tau=1.0, lam=0.5):
+    """log((1-lam) softmax(logits) + lam P_kNN) in float64, differentiable in every input."""
+    logits = logits.double()
+    B, V = logits.shape
+    valid = tokens >= 0
+    if scores is not None:
+        tau = torch.as_tensor(tau, dtype=torch.float64).reshape(-1, 1)
+        z = (scores.double() / tau).masked_fill(~valid, float("-inf"))
+        has = torch.isfinite(z).any(1, keepdim=True)
+        w = torch.softmax(z.masked_fill(~has, 0.0), dim=1) * has * valid
+    else:
+        w = weights.double() * valid
+        has = (w > 0).any(1, keepdim=True)
+    q = torch.zeros(B, V, dtype=torch.float64).scatter_add(1, tokens.clamp(min=0), w)
+    lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1) * has
+    # log(q) with a zero gradient where q == 0 (plain log would give 0 * inf = NaN there)
+    log_q = torch.where(q > 0, torch.log(torch.where(q > 0, q, torch.ones_like(q))), float("-inf"))
+    return torch.logaddexp(torch.log1p(-lam) + torch.log_softmax(logits, 1), torch.log(lam) + log_q)
+
+
+def autograd_inputs(B=5, V=40, k=6, seed=0):
+    """(logits, tokens, scores, weights, lam, tau) with duplicate and invalid neighbour slots."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * 2
+    tokens = torch.randint(0, V, (B, k), generator=g)
+    tokens[:, 1] = tokens[:, 0]          # duplicates
+    tokens[0, -2:] = -1                  # invalid slots
+    scores = -torch.rand(B, k, generator=g) * 6
+    weights = torch.softmax(torch.randn(B, k, generator=g), 1)
+    lam = torch.rand(B, generator=g) * 0.8 + 0.1
+    tau = torch.rand(B, generator=g) + 0.5
+    return logits, tokens, scores, weights, lam, tau
+
+
+def grads_against(out, upstream, tensors):
+    """d (out * upstream).sum() / d tensors (None for unused ones), in float64."""
+    return torch.autograd.grad((out.double() * upstream).sum(), tensors, allow_unused=True)
+
+
+# --------------------------------------------------------------------------- bad inputs
+def bad_input_cases(table):
+    """Parameters for ``@pytest.mark.parametrize("call,match", bad_input_cases(TABLE))`` from a
+    table ``{case name: (call, match)}``; the test ids are the case names."""
+    return [pytest.param(call, match, id=name) for name, (call, match) in table.items()]
+
+
+def check_bad_input(call, match, *args, **kwargs):
+    """``call(*args, **kwargs)`` raises ValueError whose message matches the regex ``match``
+    (``re.search``); returns the ExceptionInfo."""
+    with pytest.raises(ValueError, match=match) as info:
+        call(*args, **kwargs)
+    return info
+
+
+def check_bad_input_cpu_and_cuda(call, match):
+    """``call(device)`` raises the same ValueError on "cpu" and on "cuda" (the CUDA error may
+    surface only at the synchronisation after the kernel: the in-kernel checks)."""
+    check_bad_input(call, match, "cpu")
+
+    def on_cuda():
+        call("cuda")
+        torch.cuda.synchronize()
+
+    check_bad_input(on_cuda, match)
+

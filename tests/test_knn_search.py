@@ -1,5 +1,26 @@
-"""knn_search: parity with knnfast.reference, exact top-k properties, bad inputs."""
+"""knn_search: every test of the op.
+
+Sections: parity with knnfast.reference; ties, exclude, key_sq_norms, NaN keys; properties
+(hypothesis); bad inputs (shared helper, device mismatch); opcheck; CUDA-only kernel tests;
+forced kernel paths (environment variables, one block at the end).
+
+Kernel / variant -> tests:
+
+  CPU stream / gemm_f32 / bf16 paths       test_forced_search_path_is_exact,
+                                            test_forced_search_path_key_sq_norms (each forced)
+  CPU bf16 candidate bounds and rescan      test_bf16_path_exact_with_large_common_component,
+                                            test_bf16_path_rescans_rows_over_the_candidate_cap
+  CPU path picked by B (bf16-GEMM, B >= 32) test_half_keys_large_batch_*, test_anisotropic_*
+  CUDA stream_scan_kernel, merge_lists_kernel   test_search_plans (stream), test_search_row_groups_and_large_k
+  CUDA key_sq_norms_kernel, select_tile_kernel,
+       knn_rescore (as candidate scorer), verify_kernel   test_search_plans (tensor)
+  CUDA re-search of unproven rows           test_search_tensor_unproven_rows
+  CUDA status flags (exclude, query)        test_bad_values_raise, test_checks_off_never_crash,
+                                            test_bad_exclude_reports_the_absolute_row
+  every CPU/CUDA device parametrization     the tests with a [cpu] / [cuda] id
+"""
 import itertools
+import re
 
 import pytest
 import torch
@@ -13,7 +34,11 @@ from helpers import (
     METRICS,
     assert_topk_parity,
     assert_topk_valid,
+    bad_input_cases,
+    check_bad_input,
+    check_bad_input_cpu_and_cuda,
     exact_scores,
+    on_meta,
 )
 
 
@@ -330,12 +355,9 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_inputs(device, case):
-    fn, match = BAD_CASES[case]
-    q, k = _ok(device)
-    with pytest.raises(ValueError, match=match):
-        fn(q, k)
+@pytest.mark.parametrize("call,match", bad_input_cases(BAD_CASES))
+def test_bad_inputs(device, call, match):
+    check_bad_input(call, match, *_ok(device))
 
 
 @requires_cuda
@@ -347,3 +369,241 @@ def test_device_mismatch():
         knnfast.knn_search(q.cuda(), k.cuda(), 2, exclude=torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="key_sq_norms"):
         knnfast.knn_search(q.cuda(), k.cuda(), 2, key_sq_norms=torch.ones(10))
+
+
+def test_knn_search_keys_on_other_device():
+    """Device mismatches raise ValueError naming the argument, checked without a GPU: a tensor
+    on the `meta` device stands in for "another device"."""
+    q, keys = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="keys is on meta"):
+        knnfast.knn_search(q, on_meta(keys), 3)
+    with pytest.raises(ValueError, match="exclude is on meta"):
+        knnfast.knn_search(q, keys, 3, exclude=on_meta(torch.zeros(2, dtype=torch.long)))
+
+
+# --------------------------------------------------------------------------- #
+# opcheck (the raw op torch.ops.knnfast.knn_search, as the wrapper calls it)  #
+# --------------------------------------------------------------------------- #
+def _opcheck_samples(device):
+    B, N, D = 5, 70, 8
+    q = torch.randn(B, D, device=device)
+    keys = torch.randn(N, D, device=device)
+    keys_h = keys.half()
+    keys_b = keys.bfloat16()
+    norms = keys.pow(2).sum(1)
+    ex = torch.tensor([0, -1, 3, 69, -1], device=device)
+    q40 = torch.randn(40, D, device=device)
+    return [
+        (q, keys, 4, "l2", None, None),
+        (q, keys, 4, "ip", norms, ex),
+        (q, keys, 100, "cos", None, ex),
+        (q.half(), keys_h, 3, "l2", norms, None),
+        (q, keys_b, 7, "cos", None, None),
+        (q40, keys_h, 8, "l2", None, None),
+        (q40.bfloat16(), keys_b, 8, "ip", None, None),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.knnfast.knn_search.default, args)
+
+
+# --------------------------------------------------------------------------- #
+# CUDA kernels (CPU <-> CUDA agreement, in-kernel value checks)               #
+# --------------------------------------------------------------------------- #
+@requires_cuda
+def test_search_row_groups_and_large_k():
+    """B > 32 on the stream plan runs in row groups; k = 2048 exercises long lists."""
+    q, keys = torch.randn(70, 24), torch.randn(3000, 24)
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 2048, "ip")
+    assert_topk_valid(s.cpu(), i.cpu(), q, keys, 2048, "ip")
+
+
+@requires_cuda
+def test_search_ties_smaller_index_and_deterministic():
+    keys = torch.zeros(1000, 8)
+    keys[::7] = 1.0  # many exact ties
+    q = torch.ones(3, 8)
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 20, "ip")
+    assert i.cpu()[:, :20].tolist() == [list(range(0, 140, 7))] * 3
+    s2, i2 = knnfast.knn_search(q.cuda(), keys.cuda(), 20, "ip")
+    assert torch.equal(s, s2) and torch.equal(i, i2)
+
+
+@requires_cuda
+def test_search_nan_keys_never_returned():
+    keys = torch.randn(500, 16)
+    keys[::3, 0] = float("nan")
+    q = torch.randn(4, 16)
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 50)
+    assert (i.cpu() % 3 != 0).all()
+
+
+# value checks inside the kernels: call(device) must raise ValueError matching `match`
+CUDA_BAD_VALUES = {
+    "exclude": (lambda d: knnfast.knn_search(torch.randn(2, 4).to(d), torch.randn(10, 4).to(d), 3,
+                                             exclude=torch.tensor([0, 10]).to(d)),
+                "exclude must hold ids"),
+    "query": (lambda d: knnfast.knn_search(torch.full((2, 4), float("nan")).to(d),
+                                           torch.randn(10, 4).to(d), 3),
+              "queries contain NaN"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_bad_values_raise(call, match):
+    """The in-kernel checks raise the same ValueError as the CPU checks."""
+    check_bad_input_cpu_and_cuda(call, match)
+
+
+@requires_cuda
+def test_bad_exclude_reports_the_absolute_row():
+    """Row groups of the stream plan report rows of the whole batch, as on CPU."""
+    q, keys = torch.randn(50, 8), torch.randn(30, 8)
+    ex = torch.full((50,), -1)
+    ex[40] = 30
+    for d in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="got 30 at row 40"):
+            knnfast.knn_search(q.to(d), keys.to(d), 3, exclude=ex.to(d))
+
+
+# =========================================================================== #
+# FORCED KERNEL PATHS (environment variables)                                 #
+# Every test below forces a path with KNNFAST_SEARCH_PATH, KNNFAST_DEBUG,     #
+# KNNFAST_CUDA_SEARCH_PATH, KNNFAST_CUDA_SEARCH_PROOF or KNNFAST_CUDA_CHECKS  #
+# (read per call); they become explicit plan= arguments.                      #
+# =========================================================================== #
+SEARCH_PATHS = ["stream", "gemm_f32"] + (["bf16"] if knnfast.build_info()["avx512_bf16"] else [])
+
+
+@pytest.fixture
+def search_path(request, monkeypatch):
+    monkeypatch.setenv("KNNFAST_SEARCH_PATH", request.param)
+    return request.param
+
+
+def _clustered_queries_keys(B, N, D, dtype, offset, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(16, D, generator=g) + offset
+    keys = centres[torch.randint(0, 16, (N,), generator=g)] + 0.5 * torch.randn(N, D, generator=g)
+    queries = centres[torch.randint(0, 16, (B,), generator=g)] + 0.5 * torch.randn(B, D, generator=g)
+    return queries, keys.to(dtype)
+
+
+@pytest.mark.parametrize("search_path", SEARCH_PATHS, indirect=True)
+@pytest.mark.parametrize("B,N,D,k", [(3, 700, 33, 5), (40, 4500, 64, 16), (33, 300, 7, 300)])
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_forced_search_path_is_exact(search_path, B, N, D, k, key_dtype, metric):
+    """CPU: tiles span several blocks (N > tile), D is odd for the bf16 pair packing, and
+    k = N makes every key a candidate; each path must return the exact top-k."""
+    q, keys = _clustered_queries_keys(B, N, D, key_dtype, offset=0.0)
+    exclude = torch.randint(-1, N, (B,))
+    s, i = knnfast.knn_search(q, keys, k, metric, exclude=exclude)
+    assert_topk_valid(s, i, q, keys, k, metric, exclude=exclude)
+    rs, ri = ref.knn_search(q, keys, k, metric, exclude=exclude)
+    torch.testing.assert_close(s, rs, rtol=1e-4, atol=1e-3 * float(rs[rs.isfinite()].abs().max()))
+
+
+@pytest.mark.parametrize("search_path", SEARCH_PATHS, indirect=True)
+@pytest.mark.parametrize("metric", METRICS)
+def test_forced_search_path_key_sq_norms(search_path, metric):
+    q, keys = _clustered_queries_keys(36, 900, 48, torch.float16, offset=1.0)
+    norms = keys.float().pow(2).sum(1)
+    s, i = knnfast.knn_search(q, keys, 9, metric, key_sq_norms=norms)
+    assert_topk_valid(s, i, q, keys, 9, metric)
+
+
+@pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("offset", [10.0, 30.0])
+def test_bf16_path_exact_with_large_common_component(monkeypatch, capfd, metric, offset):
+    """Real hidden states share a large common component; bf16 rounding alone would lose the
+    ranking there. The bounds must keep every true neighbour as a candidate."""
+    monkeypatch.setenv("KNNFAST_SEARCH_PATH", "bf16")
+    monkeypatch.setenv("KNNFAST_DEBUG", "1")
+    g = torch.Generator().manual_seed(1)
+    keys = (torch.randn(3000, 256, generator=g) + offset).to(torch.bfloat16)
+    q = torch.randn(40, 256, generator=g) + offset
+    s, i = knnfast.knn_search(q, keys, 8, metric)
+    assert_topk_valid(s, i, q, keys, 8, metric)
+    assert "candidates rescored per row" in capfd.readouterr().err
+
+
+@pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
+def test_bf16_path_rescans_rows_over_the_candidate_cap(monkeypatch, capfd):
+    """140,000 keys whose cosines to the query all agree within the bf16 error bound: every
+    key stays a candidate, the cap (65,536 per row and thread) is exceeded, and the rows must
+    be searched again exactly instead of being cut short."""
+    monkeypatch.setenv("KNNFAST_SEARCH_PATH", "bf16")
+    monkeypatch.setenv("KNNFAST_DEBUG", "1")
+    g = torch.Generator().manual_seed(2)
+    keys = 1000.0 + 1e-3 * torch.randn(140_000, 16, generator=g)
+    q = 1000.0 + 1e-3 * torch.randn(2, 16, generator=g)
+    s, i = knnfast.knn_search(q, keys, 5, "cos")
+    assert_topk_valid(s, i, q, keys, 5, "cos")
+    over_cap = re.search(r"(\d+) rows over the candidate cap", capfd.readouterr().err)
+    assert over_cap and int(over_cap.group(1)) == 2
+
+
+def _clustered_keys(N, D, dtype, seed=0):
+    """Keys in tight clusters: many near-ties, the hard case for the tensor-core proof."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(max(1, N // 500), D, generator=g) * 4
+    keys = centres[torch.randint(0, centres.shape[0], (N,), generator=g)]
+    keys = keys + 0.05 * torch.randn(N, D, generator=g)
+    return keys.to(dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("plan", ["stream", "tensor"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,N,D,k", [(1, 5000, 64, 8), (40, 3000, 96, 16), (64, 20000, 128, 64),
+                                     (70, 777, 33, 100), (3, 100, 16, 256)])
+def test_search_plans(monkeypatch, plan, metric, key_dtype, B, N, D, k):
+    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PATH", plan)
+    q = torch.randn(B, D)
+    keys = _clustered_keys(N, D, key_dtype)
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), k, metric)
+    cs, ci = knnfast.knn_search(q, keys, k, metric)
+    assert s.is_cuda and i.is_cuda
+    assert_topk_valid(s.cpu(), i.cpu(), q, keys, k, metric)
+    assert_topk_parity(s.cpu(), i.cpu(), cs, ci, q, keys, metric)
+
+
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_tensor_unproven_rows(monkeypatch, metric):
+    """Every row's proof forced to fail: all rows are searched again exactly."""
+    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PATH", "tensor")
+    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PROOF", "fail")
+    q, keys = torch.randn(48, 64), _clustered_keys(4000, 64, torch.float16)
+    ex = torch.randint(-1, 4000, (48,))
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 10, metric, exclude=ex.cuda())
+    assert_topk_valid(s.cpu(), i.cpu(), q, keys, 10, metric, exclude=ex)
+
+
+@requires_cuda
+@pytest.mark.parametrize("plan", ["stream", "tensor"])
+def test_search_cached_norms_exclude_and_padding(monkeypatch, plan):
+    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PATH", plan)
+    q, keys = torch.randn(50, 32), torch.randn(20, 32).half()
+    norms = keys.float().pow(2).sum(1)
+    ex = torch.arange(50) % 21 - 1  # -1 .. 19
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 30, "l2", key_sq_norms=norms.cuda(),
+                              exclude=ex.cuda())
+    assert_topk_valid(s.cpu(), i.cpu(), q, keys, 30, "l2", exclude=ex)
+    assert (i[:, 19:] == -1).all() and torch.isneginf(s[:, 19:]).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_checks_off_never_crash(monkeypatch, call, match):
+    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
+    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
+    call("cuda")
+    torch.cuda.synchronize()

@@ -1,4 +1,17 @@
-"""knn_rescore: exact scores of given ids, parity with the reference, bad inputs."""
+"""knn_rescore: every test of the op.
+
+Sections: exact scores of given ids and parity with knnfast.reference; properties
+(hypothesis); bad inputs (shared helper, device mismatch); opcheck; CUDA-only kernel tests.
+No kernel path of knn_rescore is forced by an environment variable.
+
+Kernel / variant -> tests:
+
+  CPU kernel (AVX-512 / portable bodies)   every [cpu] test; the portable body against
+                                            AVX-512: test_simd.py
+  CUDA knn_rescore_kernel                   test_rescore_agrees, every [cuda] test
+  CUDA status flags (indices, queries)      test_bad_values_raise, test_checks_off_never_crash,
+                                            test_rescore_nan_query_with_only_padding_ids
+"""
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -6,7 +19,17 @@ from hypothesis import given, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES, requires_cuda
-from helpers import KEY_DTYPES, METRICS, exact_scores, gather_exact, score_scale
+from helpers import (
+    KEY_DTYPES,
+    METRICS,
+    bad_input_cases,
+    check_bad_input,
+    check_bad_input_cpu_and_cuda,
+    exact_scores,
+    gather_exact,
+    on_meta,
+    score_scale,
+)
 
 
 def _check_exact(got, q, keys, idx, metric, rtol=1e-5, atol_rel=1e-5):
@@ -119,11 +142,9 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_inputs(device, case):
-    fn, match = BAD_CASES[case]
-    with pytest.raises(ValueError, match=match):
-        fn(*_ok(device))
+@pytest.mark.parametrize("call,match", bad_input_cases(BAD_CASES))
+def test_bad_inputs(device, call, match):
+    check_bad_input(call, match, *_ok(device))
 
 
 @requires_cuda
@@ -133,3 +154,75 @@ def test_device_mismatch():
         knnfast.knn_rescore(q.cuda(), k, i.cuda())
     with pytest.raises(ValueError, match="indices|queries"):
         knnfast.knn_rescore(q.cuda(), k.cuda(), i)
+
+
+def test_knn_rescore_indices_on_other_device():
+    """A tensor on the `meta` device stands in for "another device" (no GPU needed)."""
+    q, keys = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="indices is on meta"):
+        knnfast.knn_rescore(q, keys, on_meta(torch.zeros(2, 3, dtype=torch.long)))
+
+
+# --------------------------------------------------------------------------- opcheck
+def _opcheck_samples(device):
+    q = torch.randn(4, 6, device=device)
+    keys = torch.randn(30, 6, device=device)
+    idx = torch.randint(-1, 30, (4, 5), device=device)
+    return [(q, keys, idx, "l2"), (q, keys.half(), idx, "ip"), (q.bfloat16(), keys, idx, "cos")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.knnfast.knn_rescore.default, args)
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rescore_agrees(metric, key_dtype):
+    q, keys = torch.randn(9, 70), torch.randn(400, 70).to(key_dtype)
+    idx = torch.randint(-1, 400, (9, 33))
+    got = knnfast.knn_rescore(q.cuda(), keys.cuda(), idx.cuda(), metric).cpu()
+    exp = knnfast.knn_rescore(q, keys, idx, metric)
+    assert torch.equal(torch.isneginf(got), idx == -1)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-4)
+
+
+# value checks inside the kernel: call(device) must raise ValueError matching `match`
+CUDA_BAD_VALUES = {
+    "index": (lambda d: knnfast.knn_rescore(torch.randn(2, 4).to(d), torch.randn(10, 4).to(d),
+                                            torch.tensor([[0], [10]]).to(d)),
+              "indices must hold ids"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_bad_values_raise(call, match):
+    """The in-kernel checks raise the same ValueError as the CPU checks."""
+    check_bad_input_cpu_and_cuda(call, match)
+
+
+@requires_cuda
+def test_rescore_nan_query_with_only_padding_ids():
+    q, keys = torch.randn(2, 4), torch.randn(10, 4)
+    q[1, 0] = float("nan")
+    idx = torch.tensor([[0, 1], [-1, -1]])
+    for d in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="queries contain NaN"):
+            knnfast.knn_rescore(q.to(d), keys.to(d), idx.to(d))
+
+
+# =========================================================================== #
+# FORCED KERNEL PATHS (environment variables): KNNFAST_CUDA_CHECKS, read per  #
+# call; to become an explicit plan= argument.                                 #
+# =========================================================================== #
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_checks_off_never_crash(monkeypatch, call, match):
+    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
+    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
+    call("cuda")
+    torch.cuda.synchronize()

@@ -1,4 +1,16 @@
-"""knn_probs (dense) and knn_probs_sparse: parity, properties, bad inputs."""
+"""knn_probs (dense) and knn_probs_sparse: every test of the two ops.
+
+Sections: parity with knnfast.reference and hand-computed values; properties (hypothesis);
+bad inputs (shared helper, device mismatch); opcheck; CUDA-only kernel tests. No kernel path
+of these ops is forced by an environment variable except the CUDA value checks (one block at
+the end).
+
+Kernel / variant -> tests:
+
+  CPU kernels                                 every [cpu] test
+  CUDA knn_probs_kernel / knn_probs_sparse_kernel   test_probs_agree, every [cuda] test
+  CUDA status flags (scores, temperature)     test_bad_values_raise, test_checks_off_never_crash
+"""
 import math
 
 import pytest
@@ -8,7 +20,18 @@ from hypothesis import example, given, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES, requires_cuda
-from helpers import NEG_INF, rand_scores, rand_tokens
+from helpers import (
+    NEG_INF,
+    bad_input_cases,
+    check_bad_input,
+    check_bad_input_cpu_and_cuda,
+    f32_tensor,
+    neighbours_with_duplicates,
+    on_meta,
+    opcheck_neighbours,
+    rand_scores,
+    rand_tokens,
+)
 
 SHAPES = [(1, 1, 1), (3, 4, 10), (17, 64, 300), (5, 64, 7), (4, 1024, 5000), (2, 2048, 50)]
 
@@ -237,19 +260,15 @@ SPARSE_BAD = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(DENSE_BAD))
-def test_dense_bad_inputs(device, case):
-    fn, match = DENSE_BAD[case]
-    with pytest.raises(ValueError, match=match):
-        fn(*_ok(device))
+@pytest.mark.parametrize("call,match", bad_input_cases(DENSE_BAD))
+def test_dense_bad_inputs(device, call, match):
+    check_bad_input(call, match, *_ok(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(SPARSE_BAD))
-def test_sparse_bad_inputs(device, case):
-    fn, match = SPARSE_BAD[case]
-    with pytest.raises(ValueError, match=match):
-        fn(*_ok(device))
+@pytest.mark.parametrize("call,match", bad_input_cases(SPARSE_BAD))
+def test_sparse_bad_inputs(device, call, match):
+    check_bad_input(call, match, *_ok(device))
 
 
 @requires_cuda
@@ -261,3 +280,86 @@ def test_device_mismatch():
         knnfast.knn_probs(s.cuda(), t.cuda(), 6, torch.ones(3))
     with pytest.raises(ValueError, match="tokens|scores"):
         knnfast.knn_probs_sparse(s, t.cuda())
+
+
+def test_temperature_on_other_device():
+    """A tensor on the `meta` device stands in for "another device" (no GPU needed)."""
+    scores = torch.randn(2, 3)
+    tokens = torch.randint(0, 7, (2, 3))
+    with pytest.raises(ValueError, match="temperature is on meta"):
+        knnfast.knn_probs(scores, tokens, 7, temperature=on_meta(torch.rand(2)))
+
+
+# --------------------------------------------------------------------------- #
+# opcheck (the raw ops; temperature is a float32 tensor of 1 or B elements)   #
+# --------------------------------------------------------------------------- #
+def _opcheck_samples_dense(device):
+    tok, sc = opcheck_neighbours(4, 6, 11, device)
+    return [(sc, tok, 11, f32_tensor([1.0], device)),
+            (sc, tok, 11, torch.rand(4, device=device) + 0.1)]
+
+
+def _opcheck_samples_sparse(device):
+    tok, sc = opcheck_neighbours(4, 6, 5, device)
+    return [(sc, tok, f32_tensor([0.5], device)), (sc, tok, torch.rand(4, device=device) + 0.1)]
+
+
+OPCHECK_SAMPLES = {"knn_probs": _opcheck_samples_dense, "knn_probs_sparse": _opcheck_samples_sparse}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(OPCHECK_SAMPLES))
+def test_opcheck(device, name):
+    op = getattr(torch.ops.knnfast, name).default
+    for args in OPCHECK_SAMPLES[name](device):
+        torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------- #
+# CUDA kernels                                                                #
+# --------------------------------------------------------------------------- #
+@requires_cuda
+@pytest.mark.parametrize("k", [1, 8, 300])
+def test_probs_agree(k):
+    tokens, scores = neighbours_with_duplicates(7, k, 50)
+    tau = torch.rand(7) + 0.1
+    dense = knnfast.knn_probs(scores.cuda(), tokens.cuda(), 50, tau.cuda())
+    torch.testing.assert_close(dense.cpu(), knnfast.knn_probs(scores, tokens, 50, tau))
+    tu, pu = knnfast.knn_probs_sparse(scores.cuda(), tokens.cuda(), tau.cuda())
+    etu, epu = knnfast.knn_probs_sparse(scores, tokens, tau)
+    assert torch.equal(tu.cpu(), etu)
+    torch.testing.assert_close(pu.cpu(), epu)
+    again = knnfast.knn_probs(scores.cuda(), tokens.cuda(), 50, tau.cuda())
+    assert torch.equal(dense, again)
+
+
+# value checks inside the kernels: call(device) must raise ValueError matching `match`
+CUDA_BAD_VALUES = {
+    "score": (lambda d: knnfast.knn_probs(torch.tensor([[0.0, float("nan")], [0, 0]]).to(d),
+                                          torch.tensor([[1, 2], [3, -1]]).to(d), 6),
+              "scores must be finite"),
+    "temperature": (lambda d: knnfast.knn_probs(torch.tensor([[0.0, -1.0], [2.0, NEG_INF]]).to(d),
+                                                torch.tensor([[1, 2], [3, -1]]).to(d), 6,
+                                                torch.tensor([1.0, 0.0]).to(d)),
+                    "temperature must be > 0"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_bad_values_raise(call, match):
+    """The in-kernel checks raise the same ValueError as the CPU checks."""
+    check_bad_input_cpu_and_cuda(call, match)
+
+
+# =========================================================================== #
+# FORCED KERNEL PATHS (environment variables): KNNFAST_CUDA_CHECKS, read per  #
+# call; to become an explicit plan= argument.                                 #
+# =========================================================================== #
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_checks_off_never_crash(monkeypatch, call, match):
+    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
+    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
+    call("cuda")
+    torch.cuda.synchronize()

@@ -1,5 +1,22 @@
-"""knn_interpolate: parity with the knn-transformers-style reference, λ edge cases,
-properties, out=, bad inputs."""
+"""knn_interpolate: every test of the op.
+
+Sections: parity with the knn-transformers-style reference, λ edge cases; properties
+(hypothesis); out=, non-contiguous inputs; bad inputs (shared helper, device mismatch);
+opcheck (also of the .out overload); autograd (against a float64 oracle, gradcheck); CUDA-only
+kernel tests; forced kernel paths (environment variables, one block at the end).
+
+Kernel / variant -> tests:
+
+  CPU kernel (AVX-512 / portable bodies)     every [cpu] test; portable against AVX-512:
+                                              test_simd.py
+  CPU / CUDA backward (autograd)             test_interpolate_grads_match_float64_oracle,
+                                              test_scalar_lam_and_temperature_tensors_get_summed_grads,
+                                              test_empty_rows_have_zero_knn_gradient, test_gradcheck
+  CUDA knn_interpolate_kernel <T, VEC, CACHE>  test_interpolate_variants (row cache forced on/off)
+  CUDA misaligned rows, out= aliasing        test_interpolate_weights_out_alias_and_misaligned_view
+  CUDA status flags (token, weight, lam, logits)   test_bad_values_raise, test_checks_off_never_crash,
+                                              test_weights_non_finite_reported_before_negative
+"""
 import math
 
 import pytest
@@ -9,7 +26,24 @@ from hypothesis import given, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES, requires_cuda
-from helpers import NEG_INF, assert_logp_close, log_pknn64, rand_scores, rand_tokens, f32_tensor, with_value
+from helpers import (
+    NEG_INF,
+    assert_logp_close,
+    autograd_inputs,
+    bad_input_cases,
+    check_bad_input,
+    check_bad_input_cpu_and_cuda,
+    f32_tensor,
+    grads_against,
+    log_pknn64,
+    neighbours_with_duplicates,
+    on_meta,
+    opcheck_neighbours,
+    oracle_interpolate,
+    rand_scores,
+    rand_tokens,
+    with_value,
+)
 
 SHAPES = [(1, 1, 1), (3, 10, 4), (17, 300, 64), (4, 50257, 8), (2, 5000, 1024)]
 LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -257,11 +291,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_inputs(device, case):
-    fn, match = BAD[case]
-    with pytest.raises(ValueError, match=match):
-        fn(*_ok(device))
+@pytest.mark.parametrize("call,match", bad_input_cases(BAD))
+def test_bad_inputs(device, call, match):
+    check_bad_input(call, match, *_ok(device))
 
 
 @requires_cuda
@@ -275,3 +307,216 @@ def test_device_mismatch():
         KI(l.cuda(), t.cuda(), scores=s.cuda(), lam=torch.full((3,), 0.5))
     with pytest.raises(ValueError, match=r"\bout\b"):
         KI(l.cuda(), t.cuda(), scores=s.cuda(), out=torch.empty(3, 8))
+
+
+def test_arguments_on_other_device():
+    """A tensor on the `meta` device stands in for "another device" (no GPU needed)."""
+    logits = torch.randn(2, 7)
+    tokens = torch.randint(0, 7, (2, 3))
+    scores = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="tokens is on meta"):
+        knnfast.knn_interpolate(logits, on_meta(tokens), scores=scores)
+    with pytest.raises(ValueError, match="lam is on meta"):
+        knnfast.knn_interpolate(logits, tokens, scores=scores, lam=on_meta(torch.rand(2)))
+
+
+# --------------------------------------------------------------------------- #
+# opcheck (the raw op: temperature / lam are float32 tensors of 1 or B         #
+# elements, optional tensors may be None)                                      #
+# --------------------------------------------------------------------------- #
+def _opcheck_samples(device):
+    B, V, k = 4, 13, 6
+    logits = torch.randn(B, V, device=device)
+    tok, sc = opcheck_neighbours(B, k, V, device)
+    w = torch.rand(B, k, device=device)
+    return [
+        (logits, tok, sc, None, f32_tensor([1.0], device), f32_tensor([0.5], device)),
+        (logits, tok, None, w, f32_tensor([1.0], device), torch.rand(B, device=device)),
+        (logits.half(), tok, sc, None, torch.rand(B, device=device) + 0.1, f32_tensor([1.0], device)),
+        (logits.bfloat16(), tok, sc, None, f32_tensor([2.0], device), f32_tensor([0.0], device)),
+        # differentiable inputs: opcheck then also checks the autograd registration
+        (logits.clone().requires_grad_(), tok, sc.clone().requires_grad_(), None,
+         (torch.rand(B, device=device) + 0.5).requires_grad_(),
+         (torch.rand(B, device=device) * 0.8 + 0.1).requires_grad_()),
+        (logits.clone().requires_grad_(), tok, None, w.clone().requires_grad_(),
+         f32_tensor([1.0], device), f32_tensor([0.3], device).requires_grad_()),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    op = torch.ops.knnfast.knn_interpolate.default  # an OpOverload: the op also has .out
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_interpolate_out(device):
+    op = torch.ops.knnfast.knn_interpolate.out
+    for args in _opcheck_samples(device):
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            continue  # out= is inference-only
+        out = torch.empty(args[0].shape, dtype=torch.float32, device=device)
+        torch.library.opcheck(op, args, {"out": out})
+
+
+# --------------------------------------------------------------------------- #
+# autograd (logits, scores or weights, per-row lam and temperature)           #
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("mode", ["scores", "weights"])
+def test_interpolate_grads_match_float64_oracle(mode):
+    logits, tokens, scores, weights, lam, tau = autograd_inputs()
+    nbr = scores if mode == "scores" else weights
+    upstream = torch.randn(logits.shape, dtype=torch.float64)
+    ours_in = [t.clone().requires_grad_() for t in (logits, nbr, lam, tau)]
+    ref_in = [t.double().clone().requires_grad_() for t in (logits, nbr, lam, tau)]
+    kw = lambda x: {mode: x[1]}  # noqa: E731
+    ours = knnfast.knn_interpolate(ours_in[0], tokens, **kw(ours_in), temperature=ours_in[3], lam=ours_in[2])
+    want = oracle_interpolate(ref_in[0], tokens, **kw(ref_in), tau=ref_in[3], lam=ref_in[2])
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+    g_ours = grads_against(ours, upstream, ours_in if mode == "scores" else ours_in[:3])
+    g_ref = grads_against(want, upstream, ref_in if mode == "scores" else ref_in[:3])
+    for name, a, b in zip(("logits", mode, "lam", "temperature"), g_ours, g_ref):
+        assert a is not None, name
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_scalar_lam_and_temperature_tensors_get_summed_grads():
+    logits, tokens, scores, _, _, _ = autograd_inputs()
+    lam = torch.tensor(0.3, requires_grad=True)
+    tau = torch.tensor([2.0], requires_grad=True)
+    knnfast.knn_interpolate(logits, tokens, scores=scores, temperature=tau, lam=lam).sum().backward()
+    lam64 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    tau64 = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    oracle_interpolate(logits, tokens, scores=scores, tau=tau64, lam=lam64).sum().backward()
+    assert lam.grad.shape == lam.shape and tau.grad.shape == tau.shape
+    torch.testing.assert_close(lam.grad.double(), lam64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tau.grad.double(), tau64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_rows_have_zero_knn_gradient():
+    logits, tokens, scores, _, lam, _ = autograd_inputs()
+    tokens[1] = -1
+    scores.requires_grad_()
+    lam.requires_grad_()
+    knnfast.knn_interpolate(logits, tokens, scores=scores, lam=lam).sum().backward()
+    assert (scores.grad[1] == 0).all() and lam.grad[1] == 0
+
+
+def test_gradcheck():
+    """torch.autograd.gradcheck on the fused op (float32 kernels, so loose tolerances)."""
+    logits, tokens, scores, _, lam, tau = autograd_inputs(B=3, V=12, k=4, seed=3)
+    inputs = tuple(t.double().requires_grad_() for t in (logits, scores, lam, tau))
+
+    def fn(lg, sc, lm, tu):
+        return knnfast.knn_interpolate(lg, tokens, scores=sc.float(), temperature=tu.float(),
+                                       lam=lm.float()).double()
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+def test_out_buffer_refuses_gradients():
+    logits, tokens, scores, _, _, _ = autograd_inputs()
+    logits.requires_grad_()
+    with pytest.raises(ValueError, match="out= is not differentiable"):
+        knnfast.knn_interpolate(logits, tokens, scores=scores, out=torch.empty(logits.shape))
+
+
+# --------------------------------------------------------------------------- #
+# CUDA kernels (CPU <-> CUDA agreement, in-kernel value checks)               #
+# --------------------------------------------------------------------------- #
+@requires_cuda
+def test_interpolate_weights_out_alias_and_misaligned_view():
+    logits = torch.randn(5, 1025)
+    tokens, _ = neighbours_with_duplicates(5, 9, 1024)
+    w = torch.rand(5, 9)
+    exp = knnfast.knn_interpolate(logits[:, 1:], tokens, weights=w, lam=0.3)
+    view = logits.cuda()[:, 1:]  # non-contiguous, and its rows start off 16-byte alignment
+    got = knnfast.knn_interpolate(view, tokens.cuda(), weights=w.cuda(), lam=0.3)
+    assert_logp_close(got, exp)
+    buf = logits[:, 1:].contiguous().cuda()
+    knnfast.knn_interpolate(buf, tokens.cuda(), weights=w.cuda(), lam=0.3, out=buf)
+    assert_logp_close(buf, exp)
+
+
+def _nan_logits():
+    logits = torch.randn(2, 6)
+    logits[1, 3] = float("nan")
+    return logits
+
+
+_T = [[1, 2], [3, -1]]                    # neighbour tokens of the value-check cases
+_S = [[0.0, -1.0], [2.0, NEG_INF]]        # their scores
+
+# value checks inside the kernel: call(device) must raise ValueError matching `match`
+CUDA_BAD_VALUES = {
+    "lam": (lambda d: knnfast.knn_interpolate(torch.randn(2, 6).to(d), torch.tensor(_T).to(d),
+                                              scores=torch.tensor(_S).to(d),
+                                              lam=torch.tensor([0.5, 1.5]).to(d)),
+            r"lam must be in \[0, 1\]"),
+    "logits": (lambda d: knnfast.knn_interpolate(_nan_logits().to(d), torch.tensor(_T).to(d),
+                                                 scores=torch.tensor(_S).to(d)),
+               "logits row 1 contains NaN"),
+    "token": (lambda d: knnfast.knn_interpolate(torch.randn(2, 6).to(d),
+                                                torch.tensor([[1, 6], [0, 0]]).to(d),
+                                                scores=torch.tensor(_S).to(d)),
+              "tokens must hold ids"),
+    "weight": (lambda d: knnfast.knn_interpolate(torch.randn(2, 6).to(d), torch.tensor(_T).to(d),
+                                                 weights=torch.tensor([[0.5, -1.0], [1, 0]]).to(d)),
+               "weights must be finite and >= 0"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_bad_values_raise(call, match):
+    """The in-kernel checks raise the same ValueError as the CPU checks."""
+    check_bad_input_cpu_and_cuda(call, match)
+
+
+@requires_cuda
+def test_weights_non_finite_reported_before_negative():
+    l, t = torch.randn(1, 6), torch.tensor([[1, 2, 3, 4]])
+    w = torch.tensor([[-1.0, 0.5, 0.5, float("nan")]])
+    for d in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="weights must be finite or -inf"):
+            knnfast.knn_interpolate(l.to(d), t.to(d), weights=w.to(d))
+
+
+@requires_cuda
+def test_direct_op_call_with_a_cpu_tensor_is_a_value_error():
+    l, t, s = torch.randn(2, 6), torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 2)
+    tau, lam = torch.ones(1), torch.full((1,), 0.5)
+    with pytest.raises(ValueError, match="logits must be on the same device"):
+        torch.ops.knnfast.knn_interpolate(l, t.cuda(), s.cuda(), None, tau.cuda(), lam.cuda())
+
+
+# =========================================================================== #
+# FORCED KERNEL PATHS (environment variables)                                 #
+# KNNFAST_CUDA_ROW_CACHE and KNNFAST_CUDA_CHECKS are read per call; they      #
+# become explicit plan= arguments.                                            #
+# =========================================================================== #
+@requires_cuda
+@pytest.mark.parametrize("row_cache", ["1", "0"])
+@pytest.mark.parametrize("V", [1, 7, 1000, 42024, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+def test_interpolate_variants(monkeypatch, row_cache, V, dtype):
+    """Vector (V % 8 == 0) and scalar rows, rows kept in shared memory or re-read."""
+    monkeypatch.setenv("KNNFAST_CUDA_ROW_CACHE", row_cache)
+    logits = (torch.randn(6, V) * 4).to(dtype)
+    tokens, scores = neighbours_with_duplicates(6, 12, V)
+    lam = torch.rand(6)
+    got = knnfast.knn_interpolate(logits.cuda(), tokens.cuda(), scores=scores.cuda(),
+                                  temperature=2.0, lam=lam.cuda())
+    exp = knnfast.knn_interpolate(logits, tokens, scores=scores, temperature=2.0, lam=lam)
+    assert_logp_close(got, exp, atol=2e-5, rtol=2e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_checks_off_never_crash(monkeypatch, call, match):
+    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
+    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
+    call("cuda")
+    torch.cuda.synchronize()

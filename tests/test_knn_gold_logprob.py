@@ -1,4 +1,19 @@
-"""knn_gold_logprob: parity, equality with knn_interpolate at the targets, bad inputs."""
+"""knn_gold_logprob: every test of the op.
+
+Sections: parity with knnfast.reference and equality with knn_interpolate at the targets;
+properties (hypothesis); bad inputs (shared helper, device mismatch); opcheck; autograd
+(against a float64 oracle); CUDA-only kernel tests; the CUDA value checks switched off by an
+environment variable (one block at the end).
+
+Kernel / variant -> tests:
+
+  CPU kernel (AVX-512 / portable bodies)   every [cpu] test; portable against AVX-512:
+                                            test_simd.py
+  CPU / CUDA backward (autograd)           test_gold_logprob_grads_match_float64_oracle,
+                                            test_gradients_finite_at_lam_edges
+  CUDA knn_gold_logprob_kernel <T, VEC>    test_gold_logprob_variants, every [cuda] test
+  CUDA status flags (targets)              test_bad_values_raise, test_checks_off_never_crash
+"""
 import math
 
 import pytest
@@ -8,7 +23,23 @@ from hypothesis import given, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES, requires_cuda
-from helpers import NEG_INF, assert_logp_close, rand_scores, rand_tokens, f32_tensor, with_value
+from helpers import (
+    NEG_INF,
+    assert_logp_close,
+    autograd_inputs,
+    bad_input_cases,
+    check_bad_input,
+    check_bad_input_cpu_and_cuda,
+    f32_tensor,
+    grads_against,
+    neighbours_with_duplicates,
+    on_meta,
+    opcheck_neighbours,
+    oracle_interpolate,
+    rand_scores,
+    rand_tokens,
+    with_value,
+)
 
 SHAPES = [(1, 1, 1), (3, 10, 4), (17, 300, 64), (4, 50257, 8), (2, 5000, 1024)]
 
@@ -160,11 +191,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_inputs(device, case):
-    fn, match = BAD[case]
-    with pytest.raises(ValueError, match=match):
-        fn(*_ok(device))
+@pytest.mark.parametrize("call,match", bad_input_cases(BAD))
+def test_bad_inputs(device, call, match):
+    check_bad_input(call, match, *_ok(device))
 
 
 @requires_cuda
@@ -172,3 +201,125 @@ def test_device_mismatch():
     l, y, t, s = _ok("cpu")
     with pytest.raises(ValueError, match="targets|logits"):
         GL(l.cuda(), y, t.cuda(), scores=s.cuda())
+
+
+def test_scores_on_other_device():
+    """A tensor on the `meta` device stands in for "another device" (no GPU needed)."""
+    logits = torch.randn(2, 7)
+    tokens = torch.randint(0, 7, (2, 3))
+    scores = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="scores is on meta"):
+        knnfast.knn_gold_logprob(logits, tokens[:, 0], tokens, scores=on_meta(scores))
+
+
+# --------------------------------------------------------------------------- opcheck
+def _opcheck_samples(device):
+    B, V, k = 4, 13, 6
+    logits = torch.randn(B, V, device=device)
+    tok, sc = opcheck_neighbours(B, k, V, device)
+    targets = torch.tensor([0, 12, -100, 3], device=device)
+    w = torch.rand(B, k, device=device)
+    one = f32_tensor([1.0], device)
+    return [
+        (logits, targets, tok, sc, None, one, f32_tensor([0.5], device), -100),
+        (logits, targets, tok, None, w, one, torch.rand(B, device=device), -100),
+        (logits.half(), targets, tok, sc, None, torch.rand(B, device=device) + 0.1, one, -100),
+        (logits.clone().requires_grad_(), targets, tok, sc.clone().requires_grad_(), None,
+         (torch.rand(B, device=device) + 0.5).requires_grad_(),
+         (torch.rand(B, device=device) * 0.8 + 0.1).requires_grad_(), -100),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.knnfast.knn_gold_logprob.default, args)
+
+
+# --------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("mode", ["scores", "weights"])
+def test_gold_logprob_grads_match_float64_oracle(mode):
+    logits, tokens, scores, weights, lam, tau = autograd_inputs(seed=1)
+    targets = tokens[:, 0].clone()
+    targets[2] = 7                          # gold token maybe outside the neighbours
+    targets[3] = -100                       # ignored row: zero gradient
+    nbr = scores if mode == "scores" else weights
+    upstream = torch.randn(logits.shape[0], dtype=torch.float64)
+    ours_in = [t.clone().requires_grad_() for t in (logits, nbr, lam, tau)]
+    ref_in = [t.double().clone().requires_grad_() for t in (logits, nbr, lam, tau)]
+    ours = knnfast.knn_gold_logprob(ours_in[0], targets, tokens, **{mode: ours_in[1]},
+                                    temperature=ours_in[3], lam=ours_in[2])
+    full = oracle_interpolate(ref_in[0], tokens, **{mode: ref_in[1]}, tau=ref_in[3], lam=ref_in[2])
+    live = targets != -100
+    want = torch.where(live, full.gather(1, targets.clamp(min=0)[:, None])[:, 0], torch.zeros(()).double())
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+    n = 4 if mode == "scores" else 3
+    g_ours = grads_against(ours, upstream, ours_in[:n])
+    g_ref = grads_against(want, upstream, ref_in[:n])
+    for name, a, b in zip(("logits", mode, "lam", "temperature"), g_ours, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+    assert (g_ours[0][3] == 0).all()
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_gradients_finite_at_lam_edges(lam):
+    """lam = 1 makes off-neighbour log-probs -inf; a loss that only reads the gold/neighbour
+    entries must still get finite gradients (no NaN leaking from the -inf entries), from
+    knn_gold_logprob and from knn_interpolate gathered at the targets."""
+    logits, tokens, scores, _, _, _ = autograd_inputs()
+    logits.requires_grad_()
+    scores.requires_grad_()
+    targets = tokens[:, 0]
+    out = knnfast.knn_gold_logprob(logits, targets, tokens, scores=scores, lam=lam)
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(scores.grad).all()
+    logp = knnfast.knn_interpolate(logits, tokens, scores=scores, lam=lam)
+    g_logits, g_scores = torch.autograd.grad(logp.gather(1, targets[:, None]).sum(), (logits, scores))
+    assert torch.isfinite(g_logits).all() and torch.isfinite(g_scores).all()
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("V", [9, 4096])
+def test_gold_logprob_variants(dtype, V):
+    logits = (torch.randn(20, V) * 3).to(dtype)
+    tokens, scores = neighbours_with_duplicates(20, 16, V)
+    targets = torch.randint(0, V, (20,))
+    targets[:: 5] = tokens[:: 5, 0].clamp(min=0)
+    targets[3] = -100
+    got = knnfast.knn_gold_logprob(logits.cuda(), targets.cuda(), tokens.cuda(),
+                                   scores=scores.cuda(), lam=0.4, temperature=3.0)
+    exp = knnfast.knn_gold_logprob(logits, targets, tokens, scores=scores, lam=0.4,
+                                   temperature=3.0)
+    assert_logp_close(got, exp)
+    assert got[3].item() == 0.0
+
+
+# value checks inside the kernel: call(device) must raise ValueError matching `match`
+CUDA_BAD_VALUES = {
+    "target": (lambda d: knnfast.knn_gold_logprob(torch.randn(2, 6).to(d), torch.tensor([1, 9]).to(d),
+                                                  torch.tensor([[1, 2], [3, -1]]).to(d),
+                                                  scores=torch.tensor([[0.0, -1.0], [2.0, NEG_INF]]).to(d)),
+               "targets must be in"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_bad_values_raise(call, match):
+    """The in-kernel checks raise the same ValueError as the CPU checks."""
+    check_bad_input_cpu_and_cuda(call, match)
+
+
+# =========================================================================== #
+# FORCED KERNEL PATHS (environment variables): KNNFAST_CUDA_CHECKS, read per  #
+# call; to become an explicit plan= argument.                                 #
+# =========================================================================== #
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_checks_off_never_crash(monkeypatch, call, match):
+    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
+    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
+    call("cuda")
+    torch.cuda.synchronize()

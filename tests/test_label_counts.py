@@ -1,12 +1,23 @@
-"""label_counts: distinct valid tokens among the first j+1 neighbours."""
+"""label_counts (distinct valid tokens among the first j+1 neighbours): every test of the op.
+
+Sections: parity with knnfast.reference and a Python loop; properties (hypothesis); bad
+inputs (shared helper); opcheck; CUDA-only kernel tests; the CUDA value checks switched off
+by an environment variable (one block at the end).
+
+Kernel / variant -> tests:
+
+  CPU kernel                         every [cpu] test
+  CUDA label_counts_kernel           test_label_counts_agree, every [cuda] test
+  CUDA status flags (tokens)         test_bad_values_raise, test_checks_off_never_crash
+"""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
-from conftest import DEVICES
-from helpers import rand_tokens
+from conftest import DEVICES, requires_cuda
+from helpers import bad_input_cases, check_bad_input, check_bad_input_cpu_and_cuda, rand_tokens
 
 
 def _python_counts(tokens):
@@ -75,5 +86,51 @@ def test_non_contiguous(device):
     (lambda d: torch.zeros(2, 3, device=d), "tokens"),
 ], ids=["1d", "3d", "below_minus_one", "float"])
 def test_bad_inputs(device, bad, match):
-    with pytest.raises(ValueError, match=match):
-        knnfast.label_counts(bad(device))
+    check_bad_input(lambda: knnfast.label_counts(bad(device)), match)
+
+
+# --------------------------------------------------------------------------- opcheck
+def _opcheck_samples(device):
+    return [(torch.randint(-1, 5, (4, 9), device=device),),
+            (torch.tensor([[0, 0, -1, 3]], device=device),)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.knnfast.label_counts.default, args)
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+@requires_cuda
+@pytest.mark.parametrize("k", [1, 5, 128, 300])
+def test_label_counts_agree(k):
+    tokens = torch.randint(-1, 6, (11, k))
+    got = knnfast.label_counts(tokens.cuda())
+    assert torch.equal(got.cpu(), knnfast.label_counts(tokens))
+
+
+# value checks inside the kernel: call(device) must raise ValueError matching `match`
+CUDA_BAD_VALUES = {
+    "label": (lambda d: knnfast.label_counts(torch.tensor([[0, -2]]).to(d)), "tokens must hold ids"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_bad_values_raise(call, match):
+    """The in-kernel checks raise the same ValueError as the CPU checks."""
+    check_bad_input_cpu_and_cuda(call, match)
+
+
+# =========================================================================== #
+# FORCED KERNEL PATHS (environment variables): KNNFAST_CUDA_CHECKS, read per  #
+# call; to become an explicit plan= argument.                                 #
+# =========================================================================== #
+@requires_cuda
+@pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
+def test_checks_off_never_crash(monkeypatch, call, match):
+    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
+    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
+    call("cuda")
+    torch.cuda.synchronize()

@@ -1,12 +1,27 @@
-"""knn_kd_loss, reference twin (knnfast.reference): the oracle the fused kernels of issue 5
-will be tested against. Checked here against a per-row loop written from the paper's
-formulas, with gradcheck in double, padding, duplicate teacher tokens and bad inputs."""
+"""knn_kd_loss and its raw backward ops (knn_kd_loss_backward, knn_kd_loss_grad_): every
+test of the op.
+
+Sections: the reference twin (knnfast.reference.knn_kd_loss) against a per-row loop written
+from the paper's formulas, with gradcheck in double, padding, duplicate teacher tokens and bad
+inputs; the fused CPU op against the reference (values, gradients, gradcheck, opcheck, bad
+inputs, the in-place gradient op); CUDA-only kernel tests. No kernel path of knn_kd_loss is
+forced by an environment variable.
+
+Kernel / variant -> tests:
+
+  CPU knn_kd_loss / knn_kd_loss_backward     test_fused_*
+  CPU knn_kd_loss_grad_ (in place)           test_in_place_gradient_equals_backward_op
+  CUDA knn_kd_loss_kernel / _backward_kernel <T, VEC>   test_kd_loss_variants
+  CUDA status flags                          test_kd_loss_bad_values
+"""
 import math
 
 import pytest
 import torch
 
 import knnfast.reference as ref
+from conftest import requires_cuda
+from helpers import check_bad_input, neighbours_with_duplicates
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -141,8 +156,7 @@ def test_bad_inputs(change, match):
               teacher_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]),
               teacher_scores=torch.zeros(3, 2), temperature=1.0)
     kw.update(change)
-    with pytest.raises(ValueError, match=match):
-        ref.knn_kd_loss(**kw)
+    check_bad_input(ref.knn_kd_loss, match, **kw)
 
 
 # --------------------------------------------------------------------------- fused (CPU)
@@ -228,8 +242,7 @@ def test_fused_bad_inputs(change, match):
               teacher_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]),
               teacher_scores=torch.zeros(3, 2), temperature=1.0)
     kw.update(change)
-    with pytest.raises(ValueError, match=match):
-        knnfast.knn_kd_loss(**kw)
+    check_bad_input(knnfast.knn_kd_loss, match, **kw)
 
 
 def test_in_place_gradient_equals_backward_op():
@@ -243,3 +256,55 @@ def test_in_place_gradient_equals_backward_op():
     torch.testing.assert_close(buf, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="float32 logits"):
         torch.ops.knnfast.knn_kd_loss_grad_(logits.double(), g, *args)
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+@requires_cuda
+@pytest.mark.parametrize("V", [7, 1000, 42024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("kd", ["ce", "kl"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_kd_loss_variants(V, dtype, kd, probs):
+    B, k = 37, 24
+    g = torch.Generator().manual_seed(V)
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, V, (B,), generator=g)
+    targets[::7] = -100
+    tokens, scores = neighbours_with_duplicates(B, k, V, seed=V)
+    tokens[3] = -1
+    teacher = dict(teacher_scores=scores, temperature=10.0)
+    if probs:
+        w = torch.softmax((scores / 10.0).masked_fill(tokens < 0, float("-inf")), 1).nan_to_num(0.0)
+        teacher = dict(teacher_probs=w)
+    kw = dict(ce_weight=0.7, kd_weight=0.5, label_smoothing=0.1, kd=kd, reduction="none")
+    outs, grads = [], []
+    for dev in ("cpu", "cuda"):
+        x = logits.to(dev).requires_grad_()
+        t = {n: (v.to(dev) if isinstance(v, torch.Tensor) else v) for n, v in teacher.items()}
+        loss = knnfast.knn_kd_loss(x, targets.to(dev), tokens.to(dev), **t, **kw)
+        (loss * torch.linspace(0.5, 1.5, B, device=dev)).sum().backward()
+        outs.append(loss.cpu())
+        grads.append(x.grad.float().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    again = knnfast.knn_kd_loss(logits.cuda(), targets.cuda(), tokens.cuda(),
+                                **{n: (v.cuda() if isinstance(v, torch.Tensor) else v)
+                                   for n, v in teacher.items()}, **kw)
+    assert torch.equal(again.cpu(), outs[1])          # deterministic
+
+
+@requires_cuda
+@pytest.mark.parametrize("change,match", [
+    (dict(targets=torch.tensor([0, 99, 1])), "targets"),
+    (dict(teacher_tokens=torch.tensor([[0, 50], [1, 2], [3, 4]])), "tokens"),
+    (dict(teacher_scores=torch.tensor([[0.0, float("nan")], [0.0, 0.0], [0.0, 0.0]])), "scores"),
+    (dict(logits=torch.full((3, 10), float("nan"))), "NaN"),
+])
+def test_kd_loss_bad_values(change, match):
+    kw = dict(logits=torch.randn(3, 10), targets=torch.tensor([0, 1, 2]),
+              teacher_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]),
+              teacher_scores=torch.zeros(3, 2))
+    kw.update(change)
+    kw = {n: v.cuda() for n, v in kw.items()}
+    check_bad_input(knnfast.knn_kd_loss, match, **kw, temperature=1.0)

@@ -15,7 +15,7 @@ import torch
 import knnfast.datastore as dsmod
 import knnfast.reference as ref
 from knnfast import Datastore, DatastoreError
-from helpers import assert_topk_parity, exact_scores
+from helpers import assert_topk_parity, check_bad_input, exact_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 50
@@ -324,8 +324,7 @@ def test_finalize_empty_raises(tmp_path):
 def test_create_bad_args(tmp_path, kw, match):
     args = dict(dim=4)
     args.update(kw)
-    with pytest.raises(ValueError, match=match):
-        Datastore.create(tmp_path / "ds", progress=False, **args)
+    check_bad_input(Datastore.create, match, tmp_path / "ds", progress=False, **args)
 
 
 # --------------------------------------------------------------------------- exact search

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import knnfast.reference as ref
+from helpers import check_bad_input
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -127,8 +128,7 @@ def test_bad_inputs(change, match):
               targets=torch.tensor([0, 1, 2]), nbr_keys=torch.randn(3, 2, 4),
               nbr_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]))
     kw.update(change)
-    with pytest.raises(ValueError, match=match):
-        ref.ink_loss(**kw)
+    check_bad_input(ref.ink_loss, match, **kw)
 
 
 # --------------------------------------------------------------------------- fused

@@ -10,6 +10,8 @@ import knnfast
 import knnfast.hf as H
 from knnfast.kd import TeacherStore, _TeacherWriter
 
+from helpers import check_bad_input
+
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 61
 
@@ -156,8 +158,7 @@ def test_compact_form(marian, pairs, ds, tmp_path):
 def test_bad_arguments(marian, pairs, ds, tmp_path, kw, match):
     args = dict(k=4, progress=False)
     args.update(kw)
-    with pytest.raises(ValueError, match=match):
-        TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), **args)
+    check_bad_input(TeacherStore.build, match, marian, ds, pairs, str(tmp_path / "t"), **args)
 
 
 def test_open_detects_truncation(marian, pairs, ds, tmp_path):

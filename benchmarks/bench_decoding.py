@@ -37,7 +37,7 @@ SEED = 3
 def _demo_assets():
     """(model, datastore with IVF index, source id lists, assets label)."""
     import knnfast
-    from knnfast import demo
+    from knnfast.app import demo
     if (DEMO_CACHE / "datastore" / "index.faiss").exists() and not QUICK:
         model, codec = demo.load_cached_model(DEMO_CACHE)
         ds = knnfast.Datastore.open(DEMO_CACHE / "datastore")
@@ -72,7 +72,7 @@ def assets():
 
 
 def _generate_all(model, sources, decoder, fixed_steps: bool):
-    from knnfast import hf
+    from knnfast.integrations import hf
     out = []
     for s in range(0, len(sources), BATCH):
         rows = sources[s:s + BATCH]

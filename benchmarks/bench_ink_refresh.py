@@ -1,5 +1,5 @@
 """INK datastore refresh between epochs (issue #6): re-encoding a 1M-entry datastore with the
-current model (knnfast.hf.build_datastore: teacher-forced forward + fp16 append/fsync +
+current model (knnfast.integrations.hf.build_datastore: teacher-forced forward + fp16 append/fsync +
 finalize with |k|^2), against the teacher-forced forward passes alone over the same corpus.
 Report: refresh time, and the share knnfast adds on top of the model's forward passes.
 
@@ -21,7 +21,7 @@ SEED = 9
 
 @pytest.fixture(scope="module")
 def setup():
-    from knnfast import demo
+    from knnfast.app import demo
     cfg = demo.BaseModelConfig()
     torch.manual_seed(SEED)
     model = demo.build_marian(8000, cfg.d_model, cfg.layers, cfg.heads, cfg.ffn_dim, 0.0,
@@ -34,7 +34,7 @@ def setup():
 
 @pytest.mark.parametrize("impl", ["forward_only", "refresh"])
 def test_ink_refresh(kb, setup, tmp_path, impl):
-    from knnfast import hf
+    from knnfast.integrations import hf
     model, pairs = setup
 
     def forward_only():

@@ -35,12 +35,13 @@ SEED = 4
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     import knnfast
-    from knnfast import demo, hf
-    from knnfast.kd import TeacherStore
+    from knnfast.app import demo
+    from knnfast.integrations import hf
+    from knnfast.methods.kd import TeacherStore
     if (DEMO_CACHE / "datastore" / "meta.json").exists() and not QUICK:
         model, codec = demo.load_cached_model(DEMO_CACHE)
         split = demo.load_split()
-        pairs = demo._examples(codec, split.in_train[:N_PAIRS], model.config.max_position_embeddings)
+        pairs = demo.pair_examples(codec, split.in_train[:N_PAIRS], model.config.max_position_embeddings)
         label = "demo cache (trained model, in_train pairs)"
     else:
         cfg = demo.BaseModelConfig()
@@ -60,7 +61,7 @@ def assets(tmp_path_factory):
 
 
 def _update(model, opt, pairs, ids, store):
-    from knnfast.kd import distillation_loss, seq2seq_batch
+    from knnfast.methods.kd import distillation_loss, seq2seq_batch
     batch = seq2seq_batch(pairs, ids)
     labels = batch.pop("labels")
     with torch.enable_grad():
@@ -100,7 +101,7 @@ def test_kd_train_step(kb, assets, impl):
 @pytest.mark.parametrize("impl", ["exact", "faiss"])
 def test_teacher_build(kb, assets, impl):
     model, pairs, ds, store, work, label, knnfast = assets
-    from knnfast.kd import TeacherStore
+    from knnfast.methods.kd import TeacherStore
     if impl == "faiss" and not ds.has_saved_index():
         ds.build_index(f"IVF{max(1, int(len(ds) ** 0.5))},Flat", nprobe=16, progress=False)
     runs = {"n": 0}

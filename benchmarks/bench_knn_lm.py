@@ -1,4 +1,4 @@
-"""kNN-LM evaluation throughput (tokens/s): knnfast.hf.evaluate_lm with exact search over a
+"""kNN-LM evaluation throughput (tokens/s): knnfast.integrations.hf.evaluate_lm with exact search over a
 1M-entry fp16 datastore, fused path vs the pure-PyTorch reference path (reference
 knn_search = chunked matmul + topk, reference knn_gold_logprob), in one run.
 
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_knn_lm_eval(kb, setup, impl):
     import knnfast
-    from knnfast import hf
+    from knnfast.integrations import hf
     model, ds, examples = setup
     dec = knnfast.KNNDecoder(ds, k=K, temperature=1.0, lam=0.25, exact=True, backend=impl)
     fn = lambda: hf.evaluate_lm(model, examples, dec, batch_size=SEQS, progress=False)  # noqa: E731

@@ -514,7 +514,7 @@ def section_decoding(rows, targets):
                         fmt_ratio(rr), mark(ok), info.get("index", "?"), info.get("assets", "?")))
         hdr = ["sentences", "batch×beam", "k", "bare sent/s", "kNN-MT fused sent/s", "kNN-MT reference sent/s",
                f"fused/bare (≥{KNNMT_MIN_SPEED:g}×)", "reference/bare", "target", "index", "assets"]
-        parts += ["End-to-end beam search (HF `generate` + `knnfast.hf`), FAISS IVF search every step.", "",
+        parts += ["End-to-end beam search (HF `generate` + `knnfast.integrations.hf`), FAISS IVF search every step.", "",
                   table(hdr, out)]
     targets.add(f"kNN-MT step: kNN work after the search ≤ {100 * DECODE_MAX_SHARE:g}% of a bare step", t_share)
     targets.add(f"kNN-MT decoding through FAISS IVF: ≥ {KNNMT_MIN_SPEED:g}× bare sentences/s", t_speed)
@@ -537,7 +537,7 @@ def section_knn_lm(rows, targets):
     targets.add(f"kNN-LM eval, exact search over 1M fp16: ≥ {KNNLM_MIN_SPEEDUP:g}× the reference tokens/s", t)
     hdr = ["N", "D", "V", "k", "tokens", "fused ms", "reference ms", "fused tok/s", "reference tok/s",
            f"fused/ref (≥{KNNLM_MIN_SPEEDUP:g}×)", "target"]
-    return ("## kNN-LM evaluation (issue #4)\n\n`knnfast.hf.evaluate_lm` (one forward pass per batch, exact "
+    return ("## kNN-LM evaluation (issue #4)\n\n`knnfast.integrations.hf.evaluate_lm` (one forward pass per batch, exact "
             "search over a memmapped fp16 datastore, base/kNN/oracle perplexity), GPT-2-shaped model with random "
             "weights; reference = the same loop through `knnfast.reference`.\n\n" + table(hdr, out))
 
@@ -647,7 +647,7 @@ def section_ink_refresh(rows, targets):
                     "—" if share is None else ("forward-dominated" if share < 0.5 else "knnfast-dominated")))
     hdr = ["entries", "D", "refresh ms", "model forward only ms", "knnfast share", "verdict"]
     return ("## INK datastore refresh (issue #6)\n\nRe-encoding the datastore between INK epochs "
-            "(`knnfast.hf.build_datastore`) against the teacher-forced forward passes alone over the same "
+            "(`knnfast.integrations.hf.build_datastore`) against the teacher-forced forward passes alone over the same "
             "corpus; knnfast share = (refresh − forward) / refresh.\n\n" + table(hdr, out))
 
 

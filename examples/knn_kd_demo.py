@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import knnfast
-from knnfast import demo
-from knnfast.kd import TeacherStore, knn_kd_trainer_class, seq2seq_batch, train_step
+from knnfast.app import demo
+from knnfast.methods.kd import TeacherStore, knn_kd_trainer_class, seq2seq_batch, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         sys.exit(f"{e}")
     split = demo.load_split()
     max_len = model.config.max_position_embeddings
-    pairs = demo._examples(codec, split.in_train, max_len)
+    pairs = demo.pair_examples(codec, split.in_train, max_len)
     ds = knnfast.Datastore.open(cache / "datastore")   # captured from these pairs by make demo
 
     t0 = time.perf_counter()

@@ -7,13 +7,17 @@
 
 Every op is registered as ``torch.ops.knnfast.<op>`` (works with torch.compile and
 torch.library.opcheck) and has a pure-PyTorch twin in ``knnfast.reference``.
+
+Layers (each imports only those above it): ``ops`` / ``reference`` (kernels), ``storage``
+(datastore), ``methods`` (decoders, kNN-KD, INK), ``integrations.hf``; ``app`` (CLI, demo) is
+the application and is never imported by the library.
 """
 from ._version import __version__
 from . import ops  # noqa: F401  (loads the library, registers fake kernels)
 from .ops import *  # noqa: F401,F403  (the ops, build_info)
-from .datastore import Datastore, DatastoreError, DatastoreWriter
-from .decoding import AdaptiveKNNDecoder, KNNDecoder, Neighbours
-from .ink import ink_loss
+from .storage import Datastore, DatastoreError, DatastoreWriter
+from .methods.decoding import AdaptiveKNNDecoder, KNNDecoder, Neighbours
+from .methods.ink.loss import ink_loss
 
 __all__ = ["__version__", *ops.__all__, "Datastore", "DatastoreError", "DatastoreWriter",
            "KNNDecoder", "AdaptiveKNNDecoder", "Neighbours", "ink_loss"]

@@ -1,11 +1,13 @@
-"""knnfast.analysis on a tiny GPT-2 built in the test: frequency buckets, retrieval accuracy
+"""knnfast.methods.analysis on a tiny GPT-2 built in the test: frequency buckets, retrieval accuracy
 and recall, the mask/score grid, the size sweep, and the plots."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import knnfast.hf as H
-from knnfast import analysis
+import knnfast.integrations.hf as H
+from knnfast import KNNDecoder
+from knnfast.app import plots
+from knnfast.methods import analysis
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 41
@@ -45,12 +47,12 @@ def test_retrieval_on_the_training_set_finds_itself(setup, tmp_path):
             assert b.recall == 1.0                     # the self-match is always retrieved
             assert 0.25 <= b.knn_accuracy <= 1.0
     # a hand computation for one bucket
-    feats = H.collect_gold_features(model, train, H.KNNDecoder(ds, k=4, exact=True), 4)
+    feats = H.collect_gold_features(model, train, KNNDecoder(ds, k=4, exact=True), 4)
     freq = torch.tensor([counts[int(t)] for t in feats.targets])
     sel = freq >= 4
     want = ((feats.neighbours.tokens == feats.targets[:, None]).float().mean(1))[sel].mean()
     assert buckets[-1].knn_accuracy == pytest.approx(float(want))
-    analysis.plot_buckets(buckets, str(tmp_path / "b.png"), "test")
+    plots.plot_buckets(buckets, str(tmp_path / "b.png"), "test")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -59,7 +61,7 @@ def test_mask_score_grid(setup):
     grid = analysis.mask_score_grid(model, train[:8], ds, k=4, temperature=1.0, lam=0.5)
     assert set(grid) == {"base", "real mask, real score", "real mask, approx score",
                          "approx mask, real score", "approx mask, approx score"}
-    exact = H.evaluate_lm(model, train[:8], H.KNNDecoder(ds, k=4, temperature=1.0, lam=0.5,
+    exact = H.evaluate_lm(model, train[:8], KNNDecoder(ds, k=4, temperature=1.0, lam=0.5,
                                                          exact=True), progress=False)
     assert grid["real mask, real score"] == pytest.approx(exact.knn_ppl)
     assert grid["base"] == pytest.approx(exact.base_ppl)
@@ -71,5 +73,5 @@ def test_size_sweep(setup, tmp_path):
     points = analysis.size_sweep(model, train[:8], ds, fractions=(0.2, 1.0), k=4)
     assert points[0][0] == round(0.2 * len(ds)) and points[1][0] == len(ds)
     assert points[1][1] < points[0][1]                 # the full datastore contains the test set
-    analysis.plot_curve(points, str(tmp_path / "s.png"), "entries", "ppl", logx=True)
+    plots.plot_curve(points, str(tmp_path / "s.png"), "entries", "ppl", logx=True)
     assert (tmp_path / "s.png").exists()

@@ -1,9 +1,9 @@
-"""Smoke tests of the ``knnfast`` command (knnfast.cli) on tiny models built in the test.
+"""Smoke tests of the ``knnfast`` command (knnfast.app.cli) on tiny models built in the test.
 
 A WordLevel tokenizer is trained on a few dozen English/German sentences written here and
 saved, as a transformers tokenizer, next to a tiny random MarianMTModel (seq2seq path) and
 a tiny random GPT2LMHeadModel (causal path). Commands run in-process through
-``knnfast.cli.main`` (their JSON is read back from stdout / stderr); one subprocess test
+``knnfast.app.cli.main`` (their JSON is read back from stdout / stderr); one subprocess test
 checks ``python -m knnfast --help`` and a sub-command's examples epilog.
 """
 import contextlib
@@ -27,7 +27,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTMod
                           PreTrainedTokenizerFast)
 
 from knnfast import Datastore  # noqa: E402
-from knnfast.cli import main  # noqa: E402
+from knnfast.app.cli import main  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,9 +1,9 @@
-"""knnfast.corpus: .mo reader, cleaning, catalog loading, domain split, tokenizer."""
+"""knnfast.app.corpus: .mo reader, cleaning, catalog loading, domain split, tokenizer."""
 import struct
 
 import pytest
 
-from knnfast.corpus import (INSTALL_HINT, TextCodec, clean_pairs, is_postgres, load_catalogs,
+from knnfast.app.corpus import (INSTALL_HINT, TextCodec, clean_pairs, is_postgres, load_catalogs,
                             read_mo, round_trip_fraction, split_domains, train_tokenizer)
 
 

@@ -12,9 +12,11 @@ import textwrap
 import pytest
 import torch
 
-import knnfast.datastore as dsmod
+import knnfast.storage.files as dsfiles
+import knnfast.storage.search as dssearch
 import knnfast.reference as ref
 from knnfast import Datastore, DatastoreError
+from knnfast.storage import FORMAT_VERSION
 from helpers import assert_topk_parity, check_bad_input, exact_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +77,7 @@ def test_round_trip(tmp_path, key_dtype):
     assert ds.values.dtype == torch.int32
     assert len(ds) == 103 and ds.dim == 12 and ds.vocab_size == V and ds.metric == "ip"
     m = ds.meta
-    assert m["format_version"] == dsmod.FORMAT_VERSION == 1
+    assert m["format_version"] == FORMAT_VERSION == 1
     assert m["size"] == 103 and m["dim"] == 12 and m["vocab_size"] == V
     assert m["metric"] == "ip" and m["hidden"] == "att" and m["model_id"] == "tiny"
     assert m["key_dtype"] == {torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -234,8 +236,10 @@ _KILL_SCRIPT = textwrap.dedent("""
     for s, e in [(0, 17), (17, 40), (40, 71)]:
         w.add(keys[s:e], values[s:e], cursor=e)
     # start the next chunk but die before it is committed
-    w._keys_f.write(keys[71:80].half().numpy().tobytes()[:100]); w._keys_f.flush()
-    w._values_f.write(values[71:80].int().numpy().tobytes()[:13]); w._values_f.flush()
+    with open(os.path.join(w.tmp_dir, "keys"), "ab") as f:
+        f.write(keys[71:80].half().numpy().tobytes()[:100])
+    with open(os.path.join(w.tmp_dir, "values"), "ab") as f:
+        f.write(values[71:80].int().numpy().tobytes()[:13])
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
@@ -364,14 +368,14 @@ def test_streamed_search_equals_in_ram(tmp_path, monkeypatch, metric):
     for kk in (1, 8, 250):
         want[kk] = (ram.search(q, kk), ram.search(q, kk, exclude=exclude))
     calls = []
-    real = dsmod.ops.knn_search
+    real = dssearch.ops.knn_search
 
     def spy(q_, keys_, *a, **kw):
         calls.append(keys_.shape[0])
         return real(q_, keys_, *a, **kw)
 
-    monkeypatch.setattr(dsmod.ops, "knn_search", spy)
-    monkeypatch.setattr(dsmod, "_CHUNK_BYTES", 16 * 2 * 23 // 4 + 1)  # 23-row chunks
+    monkeypatch.setattr(dssearch.ops, "knn_search", spy)
+    monkeypatch.setattr(dsfiles, "CHUNK_BYTES", 16 * 2 * 23 // 4 + 1)  # 23-row chunks
     for kk in (1, 8, 250):
         calls.clear()
         (s, i), (se, ie) = ds.search(q, kk), ds.search(q, kk, exclude=exclude)

@@ -1,4 +1,4 @@
-"""knnfast.decoding: KNNDecoder (fused vs reference backend vs a float64 hand computation,
+"""knnfast.methods.decoding: KNNDecoder (fused vs reference backend vs a float64 hand computation,
 hand-rolled greedy and beam loops), gold_two_column, AdaptiveKNNDecoder / MetaKNetwork
 (mixture math, λ, empty rows, training, save/load), bad inputs."""
 import math
@@ -9,7 +9,7 @@ import torch
 import knnfast
 import knnfast.reference as ref
 from knnfast import AdaptiveKNNDecoder, Datastore, KNNDecoder, Neighbours
-from knnfast.decoding import MetaKNetwork, gold_two_column
+from knnfast.methods.decoding import MetaKNetwork, gold_two_column
 from helpers import assert_logp_close
 
 V, D, N = 40, 16, 600

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from knnfast import demo
-from knnfast.corpus import DemoSplit, TextCodec, train_tokenizer
+from knnfast.app import demo
+from knnfast.app.corpus import DemoSplit, TextCodec, train_tokenizer
 
 WORDS_EN = "could not open read write file table index role schema server".split()
 WORDS_DE = "konnte nicht öffnen lesen schreiben Datei Tabelle Index Rolle Schema Server".split()

@@ -39,7 +39,7 @@ def test_readme_datastore_example_runs(tmp_path, monkeypatch):
 
 
 def test_datastore_docstring_example():
-    import knnfast.datastore
-    result = doctest.testmod(knnfast.datastore, optionflags=doctest.NORMALIZE_WHITESPACE)
+    import knnfast.storage.datastore
+    result = doctest.testmod(knnfast.storage.datastore, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0

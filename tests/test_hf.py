@@ -1,4 +1,4 @@
-"""knnfast.hf on tiny random GPT-2 / Marian models built from configs (no downloads):
+"""knnfast.integrations.hf on tiny random GPT-2 / Marian models built from configs (no downloads):
 layer lookup, datastore capture (keys == the model's hidden states), resumable capture,
 kNN-LM evaluation, kNN generate (greedy / beam, vs hand-rolled loops and the reference
 backend), KNNModel, λ/τ/k tuning."""
@@ -12,7 +12,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LogitsProcessorList, Mari
                           MarianMTModel)
 
 import knnfast  # noqa: E402
-import knnfast.hf as H  # noqa: E402
+import knnfast.integrations.hf as H  # noqa: E402
 import knnfast.reference as ref  # noqa: E402
 from knnfast import Datastore, DatastoreWriter, KNNDecoder  # noqa: E402
 from helpers import assert_logp_close  # noqa: E402
@@ -272,7 +272,7 @@ def test_evaluate_lm_seq2seq(marian, marian_ds, mt_data):
 def test_base_gold_logprob_follows_logits_device():
     logits = torch.randn(4, 10, device="meta")
     targets = torch.zeros(4, dtype=torch.long, device="meta")
-    out = H._base_gold_logprob(logits, targets)          # fake kernel: shapes only
+    out = H.base_gold_logprob(logits, targets)          # fake kernel: shapes only
     assert out.shape == (4,) and out.device.type == "meta"
 
 
@@ -297,7 +297,7 @@ def _greedy_marian(model, decoder, src, mask, steps):
 
 
 def _src_batch(mt_data):
-    return H._pad([mt_data[0][0], mt_data[5][0], [7, 8, 9]], PAD)
+    return H.pad_batch([mt_data[0][0], mt_data[5][0], [7, 8, 9]], PAD)
 
 
 def test_generate_greedy_marian_equals_hand_loop(marian, marian_ds, mt_data):

@@ -1,9 +1,10 @@
-"""knnfast.ink adapters and the OPL baseline on tiny GPT-2 / Marian built in the test."""
+"""knnfast.methods.ink adapters and the OPL baseline on tiny GPT-2 / Marian built in the test."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
-from knnfast import ink
+from knnfast.methods import ink
+from knnfast.methods.multi_embedding import MultiEmbeddingSoftmax
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 53
@@ -102,7 +103,7 @@ def test_multi_embedding_softmax():
     T, D, Vs = 400, 8, 11
     hidden = torch.randn(T, D)
     targets = (hidden[:, 0] > 0).long() * 3 + (hidden[:, 1] > 0).long()   # learnable
-    mes = ink.MultiEmbeddingSoftmax(D, Vs, n=3)
+    mes = MultiEmbeddingSoftmax(D, Vs, n=3)
     logp = mes(hidden)
     torch.testing.assert_close(logp.exp().sum(1), torch.ones(T))
     # by hand: sum of the n embeddings' softmax mass per word
@@ -111,7 +112,7 @@ def test_multi_embedding_softmax():
     torch.testing.assert_close(logp, p.log(), rtol=1e-5, atol=1e-5)
     losses = mes.fit(hidden, targets, epochs=30, batch_size=100, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
-    one = ink.MultiEmbeddingSoftmax(D, Vs, n=1)
+    one = MultiEmbeddingSoftmax(D, Vs, n=1)
     torch.testing.assert_close(one(hidden), torch.log_softmax(hidden @ one.weight.T + one.bias, 1))
 
 
@@ -119,7 +120,7 @@ def test_multi_embedding_interpolated_loss():
     torch.manual_seed(1)
     hidden = torch.randn(50, 4)
     targets = torch.randint(0, 5, (50,))
-    mes = ink.MultiEmbeddingSoftmax(4, 5, n=2)
+    mes = MultiEmbeddingSoftmax(4, 5, n=2)
     base = torch.full((50,), -1.0)
     got = mes.loss(hidden, targets, base, lam=0.3)
     p = mes(hidden).gather(1, targets[:, None]).squeeze(1).exp()
@@ -178,7 +179,7 @@ def test_ink_training_loop_refines_only_adapters_and_resumes(tmp_path):
     assert len(ds) == sum(len(t) for _, t in pairs)
     # afterwards: plain decoding, or hybrid with the refreshed datastore
     import knnfast
-    import knnfast.hf as H
+    import knnfast.integrations.hf as H
     src = torch.tensor([pairs[0][0]])
     plain = H.generate(straight, None, input_ids=src, num_beams=2, max_new_tokens=6)
     final_ds = H.build_datastore(straight, pairs, str(tmp_path / "hybrid"), progress=False)

@@ -132,7 +132,7 @@ def test_bad_inputs(change, match):
 
 
 # --------------------------------------------------------------------------- fused
-from knnfast import ink  # noqa: E402
+from knnfast.methods import ink  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])

@@ -1,4 +1,4 @@
-"""knnfast.kd.TeacherStore on a tiny random Marian built in the test: round trip, alignment
+"""knnfast.methods.kd.TeacherStore on a tiny random Marian built in the test: round trip, alignment
 (the stored neighbours of position t are those of the context y_<t), self-match kept or
 excluded, resume after a failure, the compact form, batch() padding, bad inputs, and the
 loss on a stored batch."""
@@ -7,8 +7,8 @@ import torch
 from transformers import MarianConfig, MarianMTModel
 
 import knnfast
-import knnfast.hf as H
-from knnfast.kd import TeacherStore, _TeacherWriter
+import knnfast.integrations.hf as H
+from knnfast.methods.kd import TeacherStore, TeacherWriter
 
 from helpers import check_bad_input
 
@@ -90,7 +90,7 @@ def test_exclude_self(marian, pairs, ds, tmp_path):
 def test_resume_after_failure_equals_one_go(marian, pairs, ds, tmp_path, monkeypatch):
     whole = TeacherStore.build(marian, ds, pairs, str(tmp_path / "whole"), k=4, batch_size=3,
                                progress=False)
-    real = _TeacherWriter.add
+    real = TeacherWriter.add
     calls = []
 
     def flaky(self, *a):
@@ -99,10 +99,10 @@ def test_resume_after_failure_equals_one_go(marian, pairs, ds, tmp_path, monkeyp
             raise RuntimeError("killed")
         return real(self, *a)
 
-    monkeypatch.setattr(_TeacherWriter, "add", flaky)
+    monkeypatch.setattr(TeacherWriter, "add", flaky)
     with pytest.raises(RuntimeError, match="killed"):
         TeacherStore.build(marian, ds, pairs, str(tmp_path / "t"), k=4, batch_size=3, progress=False)
-    monkeypatch.setattr(_TeacherWriter, "add", real)
+    monkeypatch.setattr(TeacherWriter, "add", real)
     with open(str(tmp_path / "t.building" / "tokens"), "ab") as f:
         f.write(b"\x07" * 10)                              # half-written bytes of the killed chunk
     with pytest.raises(knnfast.DatastoreError, match="resume=True"):
@@ -170,7 +170,7 @@ def test_open_detects_truncation(marian, pairs, ds, tmp_path):
 
 
 # --------------------------------------------------------------------------- training
-from knnfast.kd import distillation_loss, knn_kd_trainer_class, seq2seq_batch, train_step  # noqa: E402
+from knnfast.methods.kd import distillation_loss, knn_kd_trainer_class, seq2seq_batch, train_step  # noqa: E402
 
 
 def test_distillation_loss_is_the_flat_op_and_checks_shapes(marian, pairs, ds, tmp_path):
@@ -255,17 +255,17 @@ def test_resume_after_a_real_kill(marian, pairs, ds, tmp_path):
 import json, os, signal, torch
 from transformers import MarianMTModel
 import knnfast
-from knnfast.kd import TeacherStore, _TeacherWriter
+from knnfast.methods.kd import TeacherStore, TeacherWriter
 torch.set_num_threads(1)
 model = MarianMTModel.from_pretrained({str(tmp_path / "model")!r}).eval()
 pairs = [tuple(p) for p in json.load(open({str(tmp_path / "pairs.json")!r}))]
-real, calls = _TeacherWriter.add, []
+real, calls = TeacherWriter.add, []
 def add(self, *a):
     calls.append(1)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, *a)
-_TeacherWriter.add = add
+TeacherWriter.add = add
 TeacherStore.build(model, knnfast.Datastore.open({ds.path!r}), pairs, {str(tmp_path / "t")!r},
                    k=4, batch_size=3, progress=False)
 """

@@ -1,9 +1,9 @@
 """kNN-KD (Yang et al. 2022): teacher tensors searched once, offline, for every target position
 of a training corpus, and the fused distillation loss (``knnfast.knn_kd_loss``).
 
-    import knnfast.kd                                            # needs transformers
-    store = knnfast.kd.TeacherStore.build(model, datastore, train_examples, "teacher/", k=64)
-    store = knnfast.kd.TeacherStore.open("teacher/")            # memmap
+    from knnfast.methods.kd import TeacherStore                 # needs transformers
+    store = TeacherStore.build(model, datastore, train_examples, "teacher/", k=64)
+    store = TeacherStore.open("teacher/")                       # memmap
     tokens, scores = store.batch([3, 17, 4])                     # [3, T_max, k], pads = -1
     loss = knnfast.knn_kd_loss(logits.flatten(0, 1), labels.flatten(),
                                tokens.flatten(0, 1), scores.flatten(0, 1), temperature=100.0)
@@ -19,15 +19,14 @@ On-disk format (version 1), a directory:
     meta.json   format_version, k, positions T, sentences S, exclude_self, compact_temperature,
                 datastore (path, size, metric, hidden), model_id, corpus_sha256, byte sizes
 
-Rows follow the corpus order (sentence 0 first), whatever order the build ran in. Building is
-resumable like a Datastore build: chunks are appended, fsynced and committed; a killed build
+Rows follow the corpus order (sentence 0 first), whatever order the build ran in. Building
+goes through the same resumable chunk writer as a Datastore build
+(``knnfast.storage.building``): chunks are appended, fsynced and committed; a killed build
 continues with ``resume=True`` (nothing lost or duplicated).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,17 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .datastore import Datastore, DatastoreError, _fsync_dir, _fsync_write_json, _memmap
-from .hf import Example, HiddenSpec, corpus_fingerprint, length_order, teacher_forced
+from .. import ops
+from ..defaults import MAX_K
+from ..integrations.hf import (Example, HiddenSpec, corpus_fingerprint, length_order,
+                               target_length, teacher_forced)
+from ..storage import Datastore
+from ..storage.building import ChunkedBuild
+from ..storage.files import fsync_file, memmap, read_checked_meta
 
 FORMAT_VERSION = 1
 FILES = ("tokens", "scores", "offsets")
-
-
-def _target_length(example: Example) -> int:
-    """Target positions of an example (causal LM: len - 1, seq2seq: len(target))."""
-    return len(example[1]) if isinstance(example, tuple) else len(example) - 1
 
 
 class TeacherStore:
@@ -73,8 +71,8 @@ class TeacherStore:
         """
         from tqdm.auto import tqdm
         path = os.fspath(path)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ops.MAX_K:
-            raise ValueError(f"TeacherStore.build: k must be an int in [1, {ops.MAX_K}], got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"TeacherStore.build: k must be an int in [1, {MAX_K}], got {k!r}")
         if compact_temperature is not None and not compact_temperature > 0:
             raise ValueError(f"TeacherStore.build: compact_temperature must be > 0, "
                              f"got {compact_temperature!r}")
@@ -92,11 +90,11 @@ class TeacherStore:
                 "model_id": getattr(getattr(model, "config", None), "name_or_path", None)
                 or type(model).__name__,
                 "corpus_sha256": fingerprint}
-        writer = _TeacherWriter(path, meta, resume, overwrite)
+        writer = TeacherWriter(path, meta, resume=resume, overwrite=overwrite)
         order = length_order(examples)
         bar = tqdm(total=len(examples), initial=writer.sentences, desc="teacher", unit="ex",
                    disable=not progress, leave=False)
-        entry = sum(_target_length(examples[i]) for i in order[:writer.sentences])
+        entry = sum(target_length(examples[i]) for i in order[:writer.sentences])
         done = writer.sentences
         for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size,
                                  start=done, order=order):
@@ -121,24 +119,13 @@ class TeacherStore:
     def open(cls, path: str) -> "TeacherStore":
         """Memmap a finished store, checking file sizes against meta.json."""
         path = os.fspath(path)
-        meta_file = os.path.join(path, "meta.json")
-        if not os.path.exists(meta_file):
-            raise DatastoreError(f"TeacherStore.open: {meta_file} not found")
-        with open(meta_file) as f:
-            meta = json.load(f)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DatastoreError(f"TeacherStore.open: format version {meta.get('format_version')!r}, "
-                                 f"this knnfast reads {FORMAT_VERSION}")
-        for name in FILES:
-            f = os.path.join(path, name)
-            have = os.path.getsize(f) if os.path.exists(f) else None
-            if have != meta["bytes"][name]:
-                raise DatastoreError(f"TeacherStore.open: {f} has {have} bytes but meta.json says "
-                                     f"{meta['bytes'][name]}: truncated or modified")
+        meta = read_checked_meta(path, "TeacherStore.open", FORMAT_VERSION, FILES,
+                                 ("positions", "k", "sentences"),
+                                 "TeacherStore.build(..., resume=True)")
         T, k, S = meta["positions"], meta["k"], meta["sentences"]
-        return cls(path, meta, _memmap(os.path.join(path, "tokens"), np.int32, (T, k)),
-                   _memmap(os.path.join(path, "scores"), np.float16, (T, k)),
-                   _memmap(os.path.join(path, "offsets"), np.int64, (S + 1,)))
+        return cls(path, meta, memmap(os.path.join(path, "tokens"), np.int32, (T, k)),
+                   memmap(os.path.join(path, "scores"), np.float16, (T, k)),
+                   memmap(os.path.join(path, "offsets"), np.int64, (S + 1,)))
 
     def __len__(self) -> int:
         return int(self.meta["sentences"])
@@ -177,68 +164,37 @@ class TeacherStore:
         return tokens, scores
 
 
-class _TeacherWriter:
-    """Appends per-sentence teachers in build order; finalize writes them in corpus order."""
+class TeacherWriter:
+    """Appends per-sentence teachers in build order through the shared resumable chunk writer
+    (``knnfast.storage.building.ChunkedBuild``; its cursor is the list of sentence ids done);
+    ``finalize`` writes them in corpus order. Made by ``TeacherStore.build``."""
 
-    def __init__(self, path: str, meta: dict, resume: bool, overwrite: bool):
-        self.path, self.tmp, self.meta = path, path + ".building", meta
-        if overwrite:
-            for p in (path, self.tmp):
-                if os.path.exists(p):
-                    shutil.rmtree(p)
-        if os.path.exists(path):
-            raise FileExistsError(f"TeacherStore.build: {path} already exists; pass overwrite=True")
-        self.sentences, self.rows, self.done_ids = 0, 0, []
-        progress = os.path.join(self.tmp, "progress.json")
-        if os.path.exists(self.tmp):
-            with open(progress) as f:
-                state = json.load(f)
-            if not resume:
-                raise DatastoreError(f"an interrupted teacher build exists at {self.tmp}; pass "
-                                     f"resume=True to continue it or overwrite=True to start over")
-            diff = sorted(k for k in set(meta) | set(state["meta"])
-                          if meta.get(k) != state["meta"].get(k))
-            if diff:
-                raise DatastoreError(f"cannot resume {self.tmp}: it was started with different "
-                                     f"settings ({', '.join(diff)}); pass overwrite=True to "
-                                     f"start over")
-            self.sentences, self.rows, self.done_ids = state["sentences"], state["rows"], state["ids"]
-        else:
-            os.makedirs(self.tmp)
-            self._commit()
+    def __init__(self, path: str, meta: dict, *, resume: bool, overwrite: bool):
+        self.path, self.meta = path, meta
         k = meta["k"]
-        for name, row_bytes in (("tokens", 4 * k), ("scores", 2 * k)):
-            f = os.path.join(self.tmp, name)
-            if not os.path.exists(f):
-                open(f, "wb").close()
-            if os.path.getsize(f) < self.rows * row_bytes:
-                raise DatastoreError(f"interrupted teacher build {self.tmp} is corrupt ({name})")
-            os.truncate(f, self.rows * row_bytes)  # drop bytes past the last commit
+        self._build = ChunkedBuild(path, meta, {"tokens": 4 * k, "scores": 2 * k},
+                                   owner="TeacherStore.build", resume=resume, overwrite=overwrite)
+        self.done_ids: List[int] = list(self._build.cursor or [])
 
-    def _commit(self) -> None:
-        _fsync_write_json(os.path.join(self.tmp, "progress.json"),
-                          {"sentences": self.sentences, "rows": self.rows, "ids": self.done_ids,
-                           "meta": self.meta})
+    @property
+    def sentences(self) -> int:
+        """Sentences committed so far."""
+        return len(self.done_ids)
 
     def add(self, sentence_ids: List[int], tokens: Tensor, scores: Tensor) -> None:
-        for name, data in (("tokens", tokens.to(torch.int32)), ("scores", scores.to(torch.float16))):
-            with open(os.path.join(self.tmp, name), "ab") as f:
-                f.write(data.contiguous().cpu().numpy().tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-        self.sentences += len(sentence_ids)
-        self.rows += tokens.shape[0]
-        self.done_ids += [int(i) for i in sentence_ids]
-        self._commit()
+        """Append the teachers (tokens / scores [n, k]) of these sentences' positions."""
+        done = self.done_ids + [int(i) for i in sentence_ids]
+        self._build.append({"tokens": tokens.to(torch.int32).contiguous().cpu().numpy().tobytes(),
+                            "scores": scores.to(torch.float16).contiguous().cpu().numpy().tobytes()},
+                           tokens.shape[0], cursor=done)
+        self.done_ids = done
 
     def finalize(self, examples: Sequence[Example]) -> TeacherStore:
         """Reorder the rows into corpus order, write offsets and meta.json, move into place."""
-        k, T, S = self.meta["k"], self.rows, len(examples)
-        built = TeacherStore(self.tmp, self.meta,
-                             _memmap(os.path.join(self.tmp, "tokens"), np.int32, (T, k)),
-                             _memmap(os.path.join(self.tmp, "scores"), np.float16, (T, k)),
-                             torch.zeros(1, dtype=torch.int64))
-        lengths = torch.tensor([_target_length(e) for e in examples], dtype=torch.int64)
+        k, T, S = self.meta["k"], self._build.count, len(examples)
+        tokens = memmap(self._build.file("tokens"), np.int32, (T, k))
+        scores = memmap(self._build.file("scores"), np.float16, (T, k))
+        lengths = torch.tensor([target_length(e) for e in examples], dtype=torch.int64)
         offsets = torch.zeros(S + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(lengths, 0)
         build_start = torch.zeros(S, dtype=torch.int64)
@@ -246,24 +202,19 @@ class _TeacherWriter:
             lengths[self.done_ids], 0) - lengths[self.done_ids]
         rows = torch.cat([torch.arange(build_start[i], build_start[i] + lengths[i])
                           for i in range(S)]) if S else torch.zeros(0, dtype=torch.int64)
-        out_dir = self.tmp + ".final"
+        out_dir = self._build.tmp + ".final"
         os.makedirs(out_dir, exist_ok=True)
-        for name, src in (("tokens", built.tokens), ("scores", built.scores)):
+        for name, src in (("tokens", tokens), ("scores", scores)):
             with open(os.path.join(out_dir, name), "wb") as f:
                 for s in range(0, T, 1 << 16):
                     f.write(src[rows[s:s + (1 << 16)]].numpy().tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+                fsync_file(f)
         with open(os.path.join(out_dir, "offsets"), "wb") as f:
             f.write(offsets.numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
         meta = dict(self.meta, positions=T, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     bytes={"tokens": T * k * 4, "scores": T * k * 2, "offsets": (S + 1) * 8})
-        _fsync_write_json(os.path.join(out_dir, "meta.json"), meta)
-        os.replace(out_dir, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        shutil.rmtree(self.tmp)
+        self._build.publish(meta, out_dir)
         return TeacherStore.open(self.path)
 
 
@@ -335,7 +286,7 @@ def knn_kd_trainer_class(base=None):
     the teacher store: the dataset yields dicts with a ``sentence_ids`` entry, and the
     trainer needs ``remove_unused_columns=False``.
 
-        Trainer = knnfast.kd.knn_kd_trainer_class()
+        Trainer = knnfast.methods.kd.knn_kd_trainer_class()
         trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate,
                           teacher_store=store, kd_kwargs=dict(temperature=100.0))
     """

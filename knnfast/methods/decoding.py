@@ -27,8 +27,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
-from .datastore import Datastore
+from .. import ops, reference
+from ..defaults import KNN_MT, MAX_K, OPS
+from ..storage import Datastore
 
 Scalar = Union[float, Tensor]
 
@@ -61,13 +62,13 @@ class KNNDecoder:
         backend: "fused" (knnfast ops) or "reference" (pure PyTorch twin).
     """
 
-    def __init__(self, datastore: Datastore, k: int = 8, temperature: Scalar = 10.0,
-                 lam: Scalar = 0.7, metric: Optional[str] = None, exact: Optional[bool] = None,
+    def __init__(self, datastore: Datastore, k: int = KNN_MT.k,
+                 temperature: Scalar = KNN_MT.temperature, lam: Scalar = KNN_MT.lam, metric: Optional[str] = None, exact: Optional[bool] = None,
                  rescore: Optional[bool] = None, nprobe: Optional[int] = None,
                  backend: str = "fused"):
         _check_backend(backend)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ops.MAX_K:
-            raise ValueError(f"KNNDecoder: k must be an int in [1, {ops.MAX_K}], got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"KNNDecoder: k must be an int in [1, {MAX_K}], got {k!r}")
         self.datastore = datastore
         self.k = k
         self.temperature = temperature
@@ -85,7 +86,7 @@ class KNNDecoder:
             raise ValueError(f"hidden must be [B, D] (flatten batch x beam first), "
                              f"got {tuple(hidden.shape)}")
         ds = self.datastore
-        if self.backend == "reference" and (self.exact or (self.exact is None and not _has_index(ds))):
+        if self.backend == "reference" and (self.exact or (self.exact is None and not ds.has_index())):
             q = hidden.detach().to(ds.keys.device)
             scores, ids = reference.knn_search(q, ds.keys, k, self.metric)
             scores, ids = scores.to(hidden.device), ids.to(hidden.device)
@@ -118,10 +119,6 @@ class KNNDecoder:
                   scores=nbrs.scores.to(logits.device),
                   temperature=self.temperature if temperature is None else temperature,
                   lam=self.lam if lam is None else lam, ignore_index=ignore_index)
-
-
-def _has_index(ds: Datastore) -> bool:
-    return ds._index is not None or ds.has_saved_index()
 
 
 # --------------------------------------------------------------------------- gold-only math
@@ -199,11 +196,12 @@ class AdaptiveKNNDecoder(KNNDecoder):
         hidden: width of the meta-k network.
     """
 
-    def __init__(self, datastore: Datastore, max_k: int = 8, temperature: Scalar = 10.0,
-                 hidden: int = 32, metric: Optional[str] = None, exact: Optional[bool] = None,
+    def __init__(self, datastore: Datastore, max_k: int = KNN_MT.k,
+                 temperature: Scalar = KNN_MT.temperature, hidden: int = 32, metric: Optional[str] = None, exact: Optional[bool] = None,
                  rescore: Optional[bool] = None, nprobe: Optional[int] = None,
                  backend: str = "fused"):
-        super().__init__(datastore, k=max_k, temperature=temperature, lam=0.5, metric=metric,
+        # lam is a placeholder: the meta-k network predicts λ per row
+        super().__init__(datastore, k=max_k, temperature=temperature, lam=OPS.lam, metric=metric,
                          exact=exact, rescore=rescore, nprobe=nprobe, backend=backend)
         self.network = MetaKNetwork(max_k, hidden)
 

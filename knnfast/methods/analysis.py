@@ -1,5 +1,9 @@
 """Analysis tools of the source papers, on a model + datastore + evaluation corpus.
 
+These are computations a user calls from Python (they return numbers, not files), so they
+stay in the library; drawing them is the application's job (``knnfast.app.plots``, used by
+``knnfast analyze``).
+
 - ``frequency_buckets``: gold-token frequency buckets over the training targets.
 - ``retrieval_by_frequency``: per bucket, the mean kNN accuracy (share of the k neighbours whose
   token is the gold token; INK Table 3) and the recall of the gold token in the top k
@@ -7,9 +11,9 @@
 - ``mask_score_grid``: perplexity under the four "mask / score" combinations of Xu et al.
   (exact or approximate neighbours x exact or approximate scores), plus the base model's.
 - ``size_sweep``: kNN-LM perplexity against datastore size (seeded subsamples).
-- ``plot_buckets`` / ``plot_curve``: PNG plots of the above.
 
-Oracle perplexity and λ/τ sweeps are ``knnfast.hf.evaluate_lm`` and ``knnfast.hf.tune``.
+Oracle perplexity and λ/τ sweeps are ``knnfast.integrations.hf.evaluate_lm`` and ``tune``.
+Defaults: k of the kNN-MT preset (a few neighbours), τ and λ of the kNN-LM preset.
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .datastore import Datastore
+from ..defaults import KNN_LM, KNN_MT
+from ..integrations.hf import Example, HiddenSpec, collect_gold_features, evaluate_lm
+from ..storage import Datastore
 from .decoding import KNNDecoder
-from .hf import Example, HiddenSpec, collect_gold_features, evaluate_lm
 
 
 @dataclass
@@ -55,7 +60,7 @@ def frequency_buckets(edges: Sequence[int] = (0, 10, 100, 1000)) -> List[Bucket]
 
 
 def retrieval_by_frequency(model, examples: Sequence[Example], datastore: Datastore,
-                           train_counts: Counter, k: int = 8, *,
+                           train_counts: Counter, k: int = KNN_MT.k, *,
                            edges: Sequence[int] = (0, 10, 100, 1000),
                            hidden: HiddenSpec = "ffn", exact: Optional[bool] = None,
                            batch_size: int = 16, progress: bool = False) -> List[Bucket]:
@@ -78,8 +83,9 @@ def retrieval_by_frequency(model, examples: Sequence[Example], datastore: Datast
     return buckets
 
 
-def mask_score_grid(model, examples: Sequence[Example], datastore: Datastore, *, k: int = 8,
-                    temperature: float = 1.0, lam: float = 0.25, hidden: HiddenSpec = "ffn",
+def mask_score_grid(model, examples: Sequence[Example], datastore: Datastore, *,
+                    k: int = KNN_MT.k, temperature: float = KNN_LM.temperature,
+                    lam: float = KNN_LM.lam, hidden: HiddenSpec = "ffn",
                     batch_size: int = 16) -> Dict[str, float]:
     """kNN-LM perplexity for exact/approximate neighbours ("mask") x exact/approximate scores
     (Xu et al. §3); the datastore needs an index for the approximate parts."""
@@ -98,8 +104,8 @@ def mask_score_grid(model, examples: Sequence[Example], datastore: Datastore, *,
 
 
 def size_sweep(model, examples: Sequence[Example], datastore: Datastore,
-               fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0), *, k: int = 8,
-               temperature: float = 1.0, lam: float = 0.25, seed: int = 0,
+               fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0), *, k: int = KNN_MT.k,
+               temperature: float = KNN_LM.temperature, lam: float = KNN_LM.lam, seed: int = 0,
                hidden: HiddenSpec = "ffn", batch_size: int = 16) -> List[Tuple[int, float]]:
     """(datastore size, kNN-LM perplexity) for seeded subsamples of the datastore."""
     points = []
@@ -110,43 +116,3 @@ def size_sweep(model, examples: Sequence[Example], datastore: Datastore,
                           progress=False)
         points.append((len(ds), res.knn_ppl))
     return points
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_buckets(buckets: Sequence[Bucket], path: str, title: str = "") -> None:
-    """Grouped bars of kNN accuracy and recall per frequency bucket."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    x = range(len(buckets))
-    ax.bar([i - 0.2 for i in x], [b.knn_accuracy for b in buckets], width=0.4, label="kNN accuracy")
-    ax.bar([i + 0.2 for i in x], [b.recall for b in buckets], width=0.4, label="recall@k")
-    ax.set_xticks(list(x), [f"{b.label}\n(n={b.positions})" for b in buckets])
-    ax.set_xlabel("gold-token frequency in the datastore corpus")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_curve(points: Sequence[Tuple[float, float]], path: str, xlabel: str, ylabel: str,
-               title: str = "", logx: bool = False) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

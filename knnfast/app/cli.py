@@ -14,6 +14,9 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from ..defaults import KNN_LM, KNN_MT, METRICS
+from ..storage.format import KEY_DTYPES
+
 EXAMPLES = {
     "build-datastore": """examples:
   knnfast build-datastore --model .cache/demo/model --corpus in_train.tsv --out ds/postgres
@@ -94,7 +97,7 @@ def read_corpus(path: str, model, tokenizer, limit: Optional[int] = None):
 
 
 def open_datastore(path: str):
-    from .datastore import Datastore, DatastoreError
+    from ..storage import Datastore, DatastoreError
     try:
         return Datastore.open(path)
     except (DatastoreError, OSError) as e:
@@ -105,7 +108,7 @@ def make_decoder(args, datastore):
     if getattr(args, "index", False) and not datastore.has_saved_index():
         raise SystemExit(f"knnfast: --index given but {datastore.path} has no index; run "
                          f"`knnfast build-index {datastore.path}` first")
-    from .decoding import AdaptiveKNNDecoder, KNNDecoder
+    from ..methods.decoding import AdaptiveKNNDecoder, KNNDecoder
     # --index: the FAISS index; otherwise exact search, even when index.faiss exists
     exact = not getattr(args, "index", False)
     if getattr(args, "adaptive", None):
@@ -118,13 +121,12 @@ def make_decoder(args, datastore):
 
 
 def cmd_build_datastore(args) -> None:
-    import torch
-    from . import hf
+    from ..integrations import hf
     model, tok = load_model(args.model)
     examples = read_corpus(args.corpus, model, tok, args.limit)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.key_dtype]
+    dtype = KEY_DTYPES[args.key_dtype]
     t0 = time.perf_counter()
-    from .datastore import DatastoreError
+    from ..storage import DatastoreError
     try:
         ds = hf.build_datastore(model, examples, args.out, hidden=args.hidden,
                                 batch_size=args.batch_size, key_dtype=dtype, metric=args.metric,
@@ -151,7 +153,7 @@ def cmd_build_index(args) -> None:
 
 
 def cmd_eval_ppl(args) -> None:
-    from . import hf
+    from ..integrations import hf
     model, tok = load_model(args.model)
     examples = read_corpus(args.corpus, model, tok, args.limit)
     ds = open_datastore(args.datastore)
@@ -162,7 +164,7 @@ def cmd_eval_ppl(args) -> None:
 
 
 def cmd_translate(args) -> None:
-    from . import hf
+    from ..integrations import hf
     model, tok = load_model(args.model)
     if args.input == "-":
         lines = [line.rstrip("\r\n") for line in sys.stdin]
@@ -194,7 +196,7 @@ def cmd_translate(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from . import hf
+    from ..integrations import hf
     model, tok = load_model(args.model)
     examples = read_corpus(args.corpus, model, tok, args.limit)
     ds = open_datastore(args.datastore)
@@ -213,7 +215,7 @@ def cmd_tune(args) -> None:
 def cmd_bench(args) -> None:
     import torch
     from torch.utils import benchmark
-    from . import ops, reference
+    from .. import ops, reference
     torch.manual_seed(0)
     B, V, k = args.rows, args.vocab, args.k
     logits = torch.randn(B, V)
@@ -238,7 +240,9 @@ def cmd_bench(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from . import analysis, hf
+    from ..integrations import hf
+    from ..methods import analysis
+    from . import plots
     model, tok = load_model(args.model)
     examples = read_corpus(args.corpus, model, tok, args.limit)
     ds = open_datastore(args.datastore)
@@ -248,7 +252,7 @@ def cmd_analyze(args) -> None:
         buckets = analysis.retrieval_by_frequency(model, examples, ds, analysis.target_counts(train),
                                                   k=args.k, edges=_ints(args.edges), hidden=hidden)
         if args.plot:
-            analysis.plot_buckets(buckets, args.plot, "kNN accuracy and recall by frequency")
+            plots.plot_buckets(buckets, args.plot, "kNN accuracy and recall by frequency")
         _print([{"bucket": b.label, "positions": b.positions, "knn_accuracy": b.knn_accuracy,
                  "recall": b.recall} for b in buckets])
     elif args.kind == "mask-score":
@@ -258,7 +262,7 @@ def cmd_analyze(args) -> None:
         points = analysis.size_sweep(model, examples, ds, _floats(args.fractions), k=args.k,
                                      temperature=args.temperature, lam=args.lam, hidden=hidden)
         if args.plot:
-            analysis.plot_curve(points, args.plot, "datastore entries", "kNN-LM perplexity",
+            plots.plot_curve(points, args.plot, "datastore entries", "kNN-LM perplexity",
                                 "perplexity against datastore size", logx=True)
         _print([{"entries": n, "knn_ppl": p} for n, p in points])
     else:  # lambda
@@ -266,7 +270,7 @@ def cmd_analyze(args) -> None:
                       lams=_floats(args.lams), hidden=hidden, progress=False)
         points = [(g["lam"], g["ppl"]) for g in res.grid]
         if args.plot:
-            analysis.plot_curve(points, args.plot, "λ", "perplexity (gold-token NLL)",
+            plots.plot_curve(points, args.plot, "λ", "perplexity (gold-token NLL)",
                                 f"k={args.k}, τ={args.temperature:g}")
         _print({"base_ppl": math.exp(res.base_nll),
                 "points": [{"lam": a, "ppl": b} for a, b in points]})
@@ -281,8 +285,7 @@ def cmd_demo(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
-def _add_knn_args(p: argparse.ArgumentParser, k: int = 8, temperature: float = 10.0,
-                  lam: float = 0.5) -> None:
+def _add_knn_args(p: argparse.ArgumentParser, k: int, temperature: float, lam: float) -> None:
     p.add_argument("--k", type=int, default=k, help=f"neighbours per step (default {k})")
     p.add_argument("--temperature", type=float, default=temperature,
                    help=f"softmax temperature over -squared L2 (default {temperature})")
@@ -293,47 +296,43 @@ def _add_knn_args(p: argparse.ArgumentParser, k: int = 8, temperature: float = 1
                    help="knnfast kernels or the pure-PyTorch reference path")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knnfast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+def _add_model_data(p: argparse.ArgumentParser, corpus_help: Optional[str] = None) -> None:
+    """--model, --datastore, --corpus (all required)."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--datastore", required=True)
+    p.add_argument("--corpus", required=True, help=corpus_help)
 
-    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
-        return p
 
-    p = add("build-datastore", cmd_build_datastore,
-            "capture a datastore (hidden state -> next token) from a model and a corpus")
+def _build_datastore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local HF model directory")
     p.add_argument("--corpus", required=True, help="text lines (causal) or source<TAB>target (seq2seq)")
     p.add_argument("--out", required=True, help="datastore directory to create")
     p.add_argument("--hidden", default="ffn", help="'ffn' (LM-head input), 'att' or a module path")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--key-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--metric", choices=("l2", "ip", "cos"), default="l2")
+    p.add_argument("--key-dtype", choices=tuple(KEY_DTYPES), default="float16")
+    p.add_argument("--metric", choices=METRICS, default="l2")
     p.add_argument("--limit", type=int, help="use only the first N corpus lines")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build")
     p.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
 
-    p = add("build-index", cmd_build_index, "train and fill a FAISS index over a datastore")
+
+def _build_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("datastore")
     p.add_argument("--factory", help="faiss index_factory string (default: by size)")
-    p.add_argument("--metric", choices=("l2", "ip", "cos"))
+    p.add_argument("--metric", choices=METRICS)
     p.add_argument("--train-size", type=int, default=1_000_000)
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
-    p = add("eval-ppl", cmd_eval_ppl, "perplexity of the base model, kNN-LM and the oracle")
-    p.add_argument("--model", required=True)
-    p.add_argument("--datastore", required=True)
-    p.add_argument("--corpus", required=True)
+
+def _eval_ppl_args(p: argparse.ArgumentParser) -> None:
+    _add_model_data(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int)
-    _add_knn_args(p, k=1024, temperature=1.0, lam=0.25)
+    _add_knn_args(p, KNN_LM.k, KNN_LM.temperature, KNN_LM.lam)
 
-    p = add("translate", cmd_translate, "generate with kNN (kNN-MT / kNN-LM), beam or greedy")
+
+def _translate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--datastore", help="omit for the bare model")
     p.add_argument("--input", default="-", help="source lines (default stdin)")
@@ -342,12 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--adaptive", help="directory of a trained AdaptiveKNNDecoder (meta-k network)")
-    _add_knn_args(p, k=8, temperature=10.0, lam=0.7)
+    _add_knn_args(p, KNN_MT.k, KNN_MT.temperature, KNN_MT.lam)
 
-    p = add("tune", cmd_tune, "grid-search k, temperature and λ on a dev set from one retrieval")
-    p.add_argument("--model", required=True)
-    p.add_argument("--datastore", required=True)
-    p.add_argument("--corpus", required=True)
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    _add_model_data(p)
     p.add_argument("--ks", default="4,8,16,32")
     p.add_argument("--temperatures", default="1,10,100")
     p.add_argument("--lams", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
@@ -356,35 +354,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", action="store_true", help="retrieve through the FAISS index")
     p.add_argument("--grid-out", help="write every grid cell as JSON here")
 
-    p = add("bench", cmd_bench, "time fused ops against the pure-PyTorch reference")
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=64, help="B = batch x beam (default 16 x 4)")
     p.add_argument("--vocab", type=int, default=42_024)
-    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--k", type=int, default=KNN_MT.k)
     p.add_argument("--keys", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--seconds", type=float, default=1.0, help="minimum run time per case")
 
-    p = add("analyze", cmd_analyze, "retrieval analyses of the source papers (JSON + PNG)")
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=("frequency", "mask-score", "size", "lambda"))
-    p.add_argument("--model", required=True)
-    p.add_argument("--datastore", required=True)
-    p.add_argument("--corpus", required=True, help="the evaluation corpus")
+    _add_model_data(p, "the evaluation corpus")
     p.add_argument("--train-corpus", help="frequency: the datastore's corpus (default --corpus)")
     p.add_argument("--limit", type=int)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=10.0)
-    p.add_argument("--lam", type=float, default=0.25)
+    # k and τ of kNN-MT, λ of kNN-LM (what these analyses have always defaulted to)
+    p.add_argument("--k", type=int, default=KNN_MT.k)
+    p.add_argument("--temperature", type=float, default=KNN_MT.temperature)
+    p.add_argument("--lam", type=float, default=KNN_LM.lam)
     p.add_argument("--edges", default="0,10,100,1000", help="frequency bucket edges")
     p.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="size: datastore fractions")
     p.add_argument("--lams", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")
     p.add_argument("--plot", help="write a PNG here")
 
-    p = add("demo", cmd_demo, "English->German kNN-MT demo on the system's gettext catalogs")
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=".cache/demo", help="model/datastore cache directory")
     p.add_argument("--out", default="demo-results", help="where results and plots go")
     p.add_argument("--time-budget", type=float, default=240.0, help="base-model training seconds")
     p.add_argument("--locale-dir", help="German gettext catalogs (default "
                    "/usr/share/locale/de/LC_MESSAGES; missing -> kNN-LM fallback demo)")
+
+
+#: (name, function, help, arguments) of every command, in --help order.
+COMMANDS = (
+    ("build-datastore", cmd_build_datastore,
+     "capture a datastore (hidden state -> next token) from a model and a corpus",
+     _build_datastore_args),
+    ("build-index", cmd_build_index, "train and fill a FAISS index over a datastore",
+     _build_index_args),
+    ("eval-ppl", cmd_eval_ppl, "perplexity of the base model, kNN-LM and the oracle",
+     _eval_ppl_args),
+    ("translate", cmd_translate, "generate with kNN (kNN-MT / kNN-LM), beam or greedy",
+     _translate_args),
+    ("tune", cmd_tune, "grid-search k, temperature and λ on a dev set from one retrieval",
+     _tune_args),
+    ("bench", cmd_bench, "time fused ops against the pure-PyTorch reference", _bench_args),
+    ("analyze", cmd_analyze, "retrieval analyses of the source papers (JSON + PNG)",
+     _analyze_args),
+    ("demo", cmd_demo, "English->German kNN-MT demo on the system's gettext catalogs",
+     _demo_args),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knnfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, func, help_, add_arguments in COMMANDS:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        add_arguments(p)
     return parser
 
 

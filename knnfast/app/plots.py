@@ -1,0 +1,59 @@
+"""PNG plots of the application (``knnfast analyze --plot``, the demo's BLEU against λ);
+matplotlib with the Agg backend, imported only when a plot is drawn."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+
+def _axes(figsize: Tuple[float, float]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=figsize, dpi=120)
+    return plt, fig, ax
+
+
+def _finish(plt, fig, ax, path, xlabel: str, ylabel: str, title: str, grid: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_buckets(buckets: Sequence, path: str, title: str = "") -> None:
+    """Grouped bars of kNN accuracy and recall per frequency bucket
+    (``knnfast.methods.analysis.Bucket``)."""
+    plt, fig, ax = _axes((6, 3.6))
+    x = range(len(buckets))
+    ax.bar([i - 0.2 for i in x], [b.knn_accuracy for b in buckets], width=0.4, label="kNN accuracy")
+    ax.bar([i + 0.2 for i in x], [b.recall for b in buckets], width=0.4, label="recall@k")
+    ax.set_xticks(list(x), [f"{b.label}\n(n={b.positions})" for b in buckets])
+    ax.set_ylim(0, 1)
+    ax.legend()
+    _finish(plt, fig, ax, path, "gold-token frequency in the datastore corpus", "", title,
+            grid=False)
+
+
+def plot_curve(points: Sequence[Tuple[float, float]], path: str, xlabel: str, ylabel: str,
+               title: str = "", logx: bool = False) -> None:
+    """One line of (x, y) points."""
+    plt, fig, ax = _axes((6, 3.6))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+    if logx:
+        ax.set_xscale("log")
+    _finish(plt, fig, ax, path, xlabel, ylabel, title)
+
+
+def plot_bleu_vs_lambda(points: Sequence[Tuple[float, float]], base_bleu: float, path,
+                        title: str) -> None:
+    """The demo's BLEU against λ, with the base model's BLEU as a dashed line."""
+    plt, fig, ax = _axes((6, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="kNN-MT")
+    ax.axhline(base_bleu, color="gray", ls="--", label=f"base model ({base_bleu:.1f})")
+    ax.legend()
+    _finish(plt, fig, ax, path, "λ (kNN weight)", "BLEU", title)

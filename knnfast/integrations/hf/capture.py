@@ -1,0 +1,266 @@
+"""Where the key comes from and how a corpus is run teacher forced: locating the LM head,
+decoder blocks and FFN sub-layers of any HF model, the forward pre-hook that captures a
+hidden state, batching/padding of examples, and datastore capture (``build_datastore``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ...storage import Datastore
+
+HiddenSpec = Union[str, Callable[[nn.Module], nn.Module]]
+Example = Union[Sequence[int], Tuple[Sequence[int], Sequence[int]]]
+
+# Names of the feed-forward sub-layer (or its first projection) across HF architectures;
+# the first one found inside the last decoder block wins. Its *input* is the "att" state.
+_FFN_NAMES = ("mlp", "feed_forward", "ffn", "DenseReluDense", "fc1", "c_fc",
+              "dense_h_to_4h", "w1", "intermediate")
+
+
+# --------------------------------------------------------------------------- locating layers
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() "
+                         f"is None); pass hidden=<module path> to pick the key layer")
+    return head
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder's list of transformer blocks: the ModuleList holding most parameters
+    (inside ``get_decoder()`` for encoder-decoders, so encoder blocks are never picked)."""
+    root = model
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_decoder"):
+        root = model.get_decoder()
+    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and len({type(b) for b in m}) == 1]
+    if not lists:
+        raise ValueError(f"no list of decoder blocks found in {type(model).__name__}; pass "
+                         f"hidden=<module path> (e.g. 'model.decoder.layers.5.fc1')")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def ffn_module(block: nn.Module) -> nn.Module:
+    """The feed-forward sub-layer (or its first projection) of one block."""
+    named = dict(block.named_modules())
+    for want in _FFN_NAMES:
+        for name, mod in named.items():
+            if name.split(".")[-1] == want:
+                return mod
+    raise ValueError(f"no feed-forward sub-layer ({', '.join(_FFN_NAMES)}) in "
+                     f"{type(block).__name__}; pass hidden=<module path>")
+
+
+def hidden_module(model: nn.Module, hidden: HiddenSpec = "ffn") -> nn.Module:
+    """Resolve a hidden-state spec to the module whose input is captured."""
+    if callable(hidden) and not isinstance(hidden, str):
+        return hidden(model)
+    if hidden == "ffn":
+        return lm_head(model)
+    if hidden == "att":
+        return ffn_module(decoder_blocks(model)[-1])
+    try:
+        return model.get_submodule(hidden)
+    except AttributeError:
+        raise ValueError(f"hidden must be 'ffn', 'att', a module path of {type(model).__name__} "
+                         f"or a callable, got {hidden!r}") from None
+
+
+class HiddenCapture:
+    """Forward pre-hook that keeps the last input of a module ([B, T, D])."""
+
+    def __init__(self, model: nn.Module, hidden: HiddenSpec = "ffn"):
+        self.module = hidden_module(model, hidden)
+        self.last: Optional[Tensor] = None
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        self.last = x
+
+    def __enter__(self) -> "HiddenCapture":
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None
+        self.last = None
+
+    def step(self) -> Tensor:
+        """Hidden state of the newest position of every row, [B, D]."""
+        if self.last is None:
+            raise RuntimeError("HiddenCapture: the hooked module has not run yet")
+        return self.last[:, -1, :]
+
+
+# --------------------------------------------------------------------------- teacher forcing
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    """True for encoder-decoders (examples are (source ids, target ids) pairs)."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def pad_batch(rows: List[Sequence[int]], pad: int) -> Tuple[Tensor, Tensor]:
+    """Right-padded ids [B, T] int64 and the attention mask [B, T] (1 = token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def pad_id(model: nn.Module) -> int:
+    """The model's pad id (else its EOS id, else 0)."""
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    return 0 if pad is None else int(pad)
+
+
+@dataclass
+class TeacherForcedBatch:
+    """Non-pad target positions of a batch: hidden [n, D], logits [n, V], targets [n]."""
+    hidden: Tensor
+    logits: Tensor
+    targets: Tensor
+    examples: int
+
+
+def target_length(example: Example) -> int:
+    """Target positions of an example (causal LM: len - 1, seq2seq: len(target))."""
+    return len(example[1]) if isinstance(example, tuple) else len(example) - 1
+
+
+def length_order(examples: Sequence[Example]) -> List[int]:
+    """Deterministic shortest-first order (less padding per batch)."""
+    def length(i):
+        e = examples[i]
+        return len(e[1]) if isinstance(e, tuple) else len(e)
+    return sorted(range(len(examples)), key=lambda i: (length(i), i))
+
+
+@torch.no_grad()
+def teacher_forced(model: nn.Module, examples: Sequence[Example], *, hidden: HiddenSpec = "ffn",
+                   batch_size: int = 16, start: int = 0, order: Optional[List[int]] = None,
+                   device: Optional[torch.device] = None) -> Iterator[TeacherForcedBatch]:
+    """Run the model teacher forced over ``examples`` (in ``order``, from ``start``) and
+    yield the key hidden state, the logits and the gold next token of every non-pad
+    position. Causal LM: example = token ids, position t predicts ids[t+1]. Encoder-decoder:
+    example = (source ids, target ids), position t predicts target[t] from target[:t]."""
+    device = device or next(model.parameters()).device
+    order = list(range(len(examples))) if order is None else order
+    seq2seq, pad = is_seq2seq(model), pad_id(model)
+    model.eval()
+    with HiddenCapture(model, hidden) as cap:
+        for s in range(start, len(order), batch_size):
+            batch = [examples[i] for i in order[s:s + batch_size]]
+            out, targets, mask = forward_batch(model, batch, pad, device, seq2seq)
+            keep = mask.bool()
+            yield TeacherForcedBatch(cap.last[keep], out.logits[keep], targets[keep], len(batch))
+
+
+def forward_batch(model: nn.Module, batch: Sequence[Example], pad: int, device,
+                  seq2seq: Optional[bool] = None):
+    """Teacher-forced forward pass of one batch of examples: (model output, targets [B, T],
+    target mask [B, T]); position t of row b predicts targets[b, t] where the mask is 1."""
+    seq2seq = is_seq2seq(model) if seq2seq is None else seq2seq
+    return (_seq2seq_forward if seq2seq else _causal_forward)(model, batch, pad, device)
+
+
+def _causal_forward(model, batch, pad, device):
+    for e in batch:
+        if isinstance(e, tuple) or len(e) < 2:
+            raise ValueError("causal LM examples must be token-id lists of length >= 2, got "
+                             f"{e if isinstance(e, tuple) else len(e)}")
+    ids, mask = pad_batch(batch, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(input_ids=ids, attention_mask=mask)
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], pad)], 1)
+    tmask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+    return out, targets, tmask
+
+
+def _seq2seq_forward(model, batch, pad, device):
+    for e in batch:
+        if not (isinstance(e, tuple) and len(e) == 2 and len(e[0]) and len(e[1])):
+            raise ValueError("encoder-decoder examples must be (source_ids, target_ids) tuples "
+                             "of non-empty token-id lists")
+    src, src_mask = pad_batch([e[0] for e in batch], pad)
+    tgt, tgt_mask = pad_batch([e[1] for e in batch], pad)
+    start = model.config.decoder_start_token_id
+    start = pad if start is None else start
+    dec_in = torch.cat([torch.full_like(tgt[:, :1], start), tgt[:, :-1]], 1)
+    out = model(input_ids=src.to(device), attention_mask=src_mask.to(device),
+                decoder_input_ids=dec_in.to(device), decoder_attention_mask=tgt_mask.to(device))
+    return out, tgt.to(device), tgt_mask.to(device)
+
+
+# --------------------------------------------------------------------------- (a) capture
+
+
+def build_datastore(model: nn.Module, examples: Sequence[Example], path: str, *,
+                    hidden: HiddenSpec = "ffn", batch_size: int = 16,
+                    key_dtype: torch.dtype = torch.float16, metric: str = "l2",
+                    model_id: Optional[str] = None, resume: bool = True,
+                    overwrite: bool = False, progress: bool = True) -> Datastore:
+    """Capture a datastore (key = hidden state before target t, value = target t) from a
+    model and a corpus, teacher forced, pad positions dropped.
+
+    Examples are processed shortest first (``length_order``); every committed chunk records
+    how many were consumed, so a killed build resumes where it stopped (``resume=True``)
+    without losing or duplicating entries.
+    """
+    from tqdm.auto import tqdm
+    d_model = _hidden_dim(model, examples, hidden)
+    order = length_order(examples)
+    vocab = int(lm_head(model).weight.shape[0]) if hasattr(lm_head(model), "weight") else None
+    name = hidden if isinstance(hidden, str) else getattr(hidden, "__name__", "custom")
+    writer = Datastore.create(path, d_model, key_dtype, vocab, metric, hidden=name,
+                              model_id=model_id or getattr(model.config, "name_or_path", None) or
+                              type(model).__name__,
+                              extra={"examples": len(examples), "causal": not is_seq2seq(model),
+                                     "corpus_sha256": corpus_fingerprint(examples)},
+                              resume=resume, overwrite=overwrite, progress=False)
+    start = int(writer.cursor or 0)
+    bar = tqdm(total=len(examples), initial=start, desc="capture", unit="ex",
+               disable=not progress, leave=False)
+    with writer:
+        done = start
+        for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size,
+                                 start=start, order=order):
+            done += tf.examples
+            writer.add(tf.hidden, tf.targets, cursor=done)
+            bar.update(tf.examples)
+            bar.set_postfix(entries=writer.count)
+    bar.close()
+    return writer.datastore
+
+
+def corpus_fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of every token id, so that a resumed capture refuses a different corpus."""
+    import hashlib
+    h = hashlib.sha256()
+    for e in examples:
+        for part in (e if isinstance(e, tuple) else (e,)):
+            h.update(",".join(map(str, part)).encode())
+            h.update(b";")
+    return h.hexdigest()
+
+
+def _hidden_dim(model: nn.Module, examples: Sequence[Example], hidden: HiddenSpec) -> int:
+    """Width of the captured state, read off a forward pass over the first example."""
+    if not len(examples):
+        raise ValueError("build_datastore: examples is empty")
+    first = next(teacher_forced(model, [examples[0]], hidden=hidden, batch_size=1))
+    return int(first.hidden.shape[-1])

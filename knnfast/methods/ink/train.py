@@ -1,0 +1,182 @@
+"""INK's training loop (2023): refine the representation space with adapters against kNN
+knowledge, with the datastore re-encoded every epoch. HF models only (through
+``knnfast.integrations.hf``, imported when the loop runs)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...storage import Datastore
+from ...storage import index as faiss_index
+from .adapters import ADAPTERS_ATTR, add_adapters
+from .loss import ink_loss
+
+PARTS = ("align", "kd", "refine")
+
+
+def _output_layer(model: nn.Module):
+    """(output weight [V, D], output bias [V] or None) of the LM head, frozen."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    extra = getattr(model, "final_logits_bias", None)  # Marian / BART add it to the logits
+    if extra is not None:
+        extra = extra.reshape(-1)
+        bias = extra if bias is None else bias + extra
+    return head.weight.detach(), None if bias is None else bias.detach()
+
+
+@dataclass
+class _Settings:
+    """What one INK update needs besides the batch."""
+    k: int
+    alpha: float
+    beta: float
+    variant: str
+    exact: bool
+
+
+class _EntryIds:
+    """Datastore entry ids of each example's positions: ``build_datastore`` captures the
+    examples in length order, so example ``order[s]`` owns a contiguous run of entries."""
+
+    def __init__(self, examples: Sequence, order: List[int]):
+        from ...integrations.hf import target_length
+        self.lengths = [target_length(examples[i]) for i in order]
+        self.start = [0]
+        for n in self.lengths[:-1]:
+            self.start.append(self.start[-1] + n)
+
+    def of(self, slots: List[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(self.start[s], self.start[s] + self.lengths[s])
+                          for s in slots])
+
+
+def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
+              batch_size: int = 16, k: int = 32, alpha: float = 0.1, beta: float = 0.1,
+              lr: float = 1e-3, adapter_size: int = 64, dropout: float = 0.1,
+              variant: str = "paper", seed: int = 0, index_factory: str = None,
+              nprobe: int = 16, progress: bool = True, log=print):
+    """INK (2023): refine the representation space with adapters against kNN knowledge.
+
+    Every epoch re-encodes the datastore keys with the current adapters (teacher-forced
+    capture of ``examples``, the "ffn" state), then for every training batch retrieves the k
+    nearest entries of each position with its own entry excluded and minimizes ink_loss with
+    only the adapters trainable. A checkpoint (adapters, optimizer, epoch) is written after
+    each epoch to ``workdir/ink_ckpt.pt``; calling again with more epochs resumes there.
+    With ``index_factory`` (e.g. "IVF1024,PQ32") retrieval goes through FAISS (exact scores
+    of the candidates): the quantizers are trained once, on the first epoch's keys, and reused
+    for every refreshed datastore (INK's released code does the same). Returns a per-epoch log.
+    Afterwards the model decodes with no datastore, or with one
+    (``knnfast.integrations.hf.build_datastore`` on the adapted model + a KNNDecoder: hybrid).
+    """
+    from ...integrations import hf
+    os.makedirs(workdir, exist_ok=True)
+    if not hasattr(model, ADAPTERS_ATTR):
+        add_adapters(model, size=adapter_size, dropout=dropout)
+    adapters = getattr(model, ADAPTERS_ATTR)
+    opt = torch.optim.Adam(adapters.parameters(), lr=lr)
+    ckpt_path = os.path.join(workdir, "ink_ckpt.pt")
+    history, start = _resume(ckpt_path, adapters, opt, log)
+    order = hf.length_order(examples)
+    entries = _EntryIds(examples, order)
+    settings = _Settings(k, alpha, beta, variant, exact=not index_factory)
+    for epoch in range(start, epochs):
+        model.eval()
+        ds = hf.build_datastore(model, examples, os.path.join(workdir, "datastore"),
+                                overwrite=True, resume=False, progress=False)
+        if index_factory:
+            _refresh_index(ds, index_factory, nprobe, os.path.join(workdir, "ink_index.faiss"))
+        gen = torch.Generator().manual_seed(seed + epoch)
+        batches = [list(range(s, min(s + batch_size, len(order))))
+                   for s in range(0, len(order), batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        entry = _train_epoch(model, [[examples[order[s]] for s in b] for b in batches],
+                             [entries.of(b) for b in batches], ds, opt, settings,
+                             f"INK epoch {epoch + 1}", progress)
+        entry["epoch"] = epoch + 1
+        history.append(entry)
+        log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align {entry['align']:.4f}, "
+            f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
+        _save(ckpt_path, adapters, opt, epoch + 1, history)
+    return history
+
+
+def _train_epoch(model: nn.Module, batches: List[list], entry_ids: List[torch.Tensor],
+                 ds: Datastore, opt: torch.optim.Optimizer, settings: _Settings, desc: str,
+                 progress: bool) -> dict:
+    """One pass over the batches (examples, and their positions' datastore entry ids);
+    returns the mean loss and parts."""
+    from tqdm.auto import tqdm
+    model.train()
+    weight, bias = _output_layer(model)
+    sums = dict.fromkeys(("loss",) + PARTS, 0.0)
+    bar = tqdm(range(len(batches)), desc=desc, disable=not progress, leave=False)
+    for b in bar:
+        loss, parts = _ink_step(model, batches[b], entry_ids[b], ds, weight, bias, settings)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sums["loss"] += float(loss.detach())
+        for name in PARTS:
+            sums[name] += parts[name]
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    model.eval()
+    return {name: v / max(1, len(batches)) for name, v in sums.items()}
+
+
+def _ink_step(model: nn.Module, batch: list, ids: torch.Tensor, ds: Datastore,
+              weight: torch.Tensor, bias: Optional[torch.Tensor], settings: _Settings):
+    """ink_loss of one batch: capture the "ffn" states, retrieve each position's k
+    neighbours with its own entry excluded."""
+    from ...integrations import hf
+    with hf.HiddenCapture(model, "ffn") as cap:
+        _, targets, mask = hf.forward_batch(model, batch, hf.pad_id(model), weight.device)
+        keep = mask.bool()
+        hidden = cap.last[keep]
+    targets = targets[keep]
+    # ids: entry ids of these positions in the datastore (same length order as the capture)
+    _, nbr = ds.search(hidden.detach(), settings.k, exact=settings.exact, rescore=True,
+                       exclude=ids)
+    tokens = ds.lookup(nbr, check=False)
+    keys = ds.keys[nbr.clamp(min=0)].float()
+    return ink_loss(hidden, weight, targets, keys, tokens, alpha=settings.alpha,
+                    beta=settings.beta, out_bias=bias, variant=settings.variant)
+
+
+def _resume(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer,
+            log: Callable[[str], None]):
+    """(history, epochs done) of an earlier run's checkpoint, restored into adapters + opt."""
+    if not os.path.exists(ckpt_path):
+        return [], 0
+    state = torch.load(ckpt_path, weights_only=False)
+    adapters.load_state_dict(state["adapters"])
+    opt.load_state_dict(state["optimizer"])
+    log(f"INK: resuming after epoch {state['epoch']}")
+    return state["history"], state["epoch"]
+
+
+def _save(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer, epoch: int,
+          history: list) -> None:
+    tmp = ckpt_path + ".tmp"
+    torch.save({"adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
+                "epoch": epoch, "history": history}, tmp)
+    os.replace(tmp, ckpt_path)
+
+
+def _refresh_index(ds: Datastore, factory: str, nprobe: int, template_path: str) -> None:
+    """Fill the datastore's index from a template trained once (first call trains it)."""
+    import faiss
+    if not os.path.exists(template_path):
+        ds.build_index(factory, nprobe=nprobe, save=False, progress=False)
+        template = faiss.clone_index(ds.index)
+        template.reset()
+        faiss.write_index(template, template_path)
+    index = faiss.read_index(template_path)
+    faiss_index.add_keys(index, ds.keys, ds.metric)
+    faiss_index.set_nprobe(index, nprobe)
+    ds.use_index(index, {"factory": factory, "metric": ds.metric, "ntotal": len(ds),
+                         "nprobe": nprobe})

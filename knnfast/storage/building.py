@@ -1,0 +1,139 @@
+"""The resumable chunk writer shared by every knnfast store (``Datastore``, ``TeacherStore``).
+
+A build lives in ``<path>.building/``: append-only files of fixed-size rows plus
+``progress.json``. Every ``append`` writes and fsyncs each file, then commits the row count,
+an optional caller cursor (any JSON value) and the build's settings to ``progress.json`` with
+an atomic rename. A killed build therefore holds an exact prefix of what was appended; it
+resumes with ``resume=True`` (bytes past the last commit are dropped) or fails with a message
+naming both ``resume=True`` and ``overwrite=True``. ``publish`` writes ``meta.json`` and
+renames the finished directory into place, so ``<path>`` exists only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping, Optional
+
+from .files import DatastoreError, PathLike, fsync_dir, fsync_file, fsync_write_json
+
+PROGRESS = "progress.json"
+
+
+def building_cursor(path: PathLike) -> Optional[Any]:
+    """The cursor committed by an interrupted build of ``path`` (None if there is none)."""
+    progress_file = os.path.join(os.fspath(path) + ".building", PROGRESS)
+    if not os.path.exists(progress_file):
+        return None
+    with open(progress_file) as f:
+        return json.load(f).get("cursor")
+
+
+class ChunkedBuild:
+    """One resumable build of the files ``row_bytes`` names (file name -> bytes per row).
+
+    Args:
+        path: the finished store's directory; the build runs in ``<path>.building``.
+        meta: the build's settings; resuming with different settings fails.
+        owner: who builds, for messages (e.g. "Datastore.create").
+        resume, overwrite: continue an interrupted build / delete an existing store or build.
+        exists_hint: advice put before "pass overwrite=True" when ``path`` already exists.
+
+    ``count`` (committed rows) and ``cursor`` (the last committed cursor) are read back on
+    resume.
+    """
+
+    def __init__(self, path: PathLike, meta: dict, row_bytes: Mapping[str, int], *, owner: str,
+                 resume: bool, overwrite: bool, exists_hint: str = ""):
+        self.path = os.fspath(path)
+        self.tmp = self.path + ".building"
+        self.meta, self.owner = meta, owner
+        self.row_bytes = dict(row_bytes)
+        if overwrite:
+            for p in (self.path, self.tmp):
+                if os.path.exists(p):
+                    shutil.rmtree(p)
+        if os.path.exists(self.path):
+            raise FileExistsError(f"{owner}: {self.path} already exists; {exists_hint}"
+                                  f"pass overwrite=True")
+        state = self._resume_state(resume)
+        self.count, self.cursor = 0, None
+        if state is None:
+            os.makedirs(self.tmp)
+            self._commit()
+        else:
+            self.count, self.cursor = int(state["count"]), state.get("cursor")
+        self._truncate_to_commit()
+
+    def file(self, name: str) -> str:
+        """Path of one of the build's files."""
+        return os.path.join(self.tmp, name)
+
+    def _resume_state(self, resume: bool) -> Optional[dict]:
+        if not os.path.exists(self.tmp):
+            return None
+        try:
+            with open(self.file(PROGRESS)) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DatastoreError(f"interrupted build at {self.tmp} has no readable {PROGRESS} "
+                                 f"({e}); delete it or pass overwrite=True") from None
+        if not resume:
+            raise DatastoreError(
+                f"an interrupted build exists at {self.tmp} ({state['count']} entries "
+                f"committed); pass resume=True to continue it or overwrite=True to start over")
+        was = state["meta"]
+        diff = {k: (was.get(k), self.meta.get(k)) for k in sorted(set(was) | set(self.meta))
+                if was.get(k) != self.meta.get(k)}
+        if diff:
+            raise DatastoreError(f"cannot resume {self.tmp}: it was started with different "
+                                 f"settings (was, now): {diff}; pass overwrite=True to start over")
+        return state
+
+    # The committed count is the truth: bytes beyond it were written by a killed process.
+    def _truncate_to_commit(self) -> None:
+        for name, row in self.row_bytes.items():
+            f = self.file(name)
+            if not os.path.exists(f):
+                open(f, "wb").close()
+            have, want = os.path.getsize(f), self.count * row
+            if have < want:
+                raise DatastoreError(
+                    f"interrupted build at {self.tmp} is corrupt: {name} has {have} bytes "
+                    f"but {self.count} committed entries need {want}; delete it or pass "
+                    f"overwrite=True")
+            if have > want:
+                os.truncate(f, want)
+
+    def _commit(self) -> None:
+        fsync_write_json(self.file(PROGRESS),
+                         {"count": self.count, "cursor": self.cursor, "meta": self.meta})
+
+    def append(self, chunks: Mapping[str, bytes], rows: int, cursor: Any = None) -> None:
+        """Append ``rows`` rows (the bytes of each file), fsync, then commit count + cursor."""
+        for name, data in chunks.items():
+            if len(data) != rows * self.row_bytes[name]:
+                raise ValueError(f"{self.owner}: {len(data)} bytes for {rows} rows of {name}")
+            with open(self.file(name), "ab") as f:
+                f.write(data)
+                fsync_file(f)
+        self.count += rows
+        self.cursor = cursor
+        self._commit()
+
+    def publish(self, meta: dict, directory: Optional[str] = None) -> None:
+        """Write ``meta.json`` into ``directory`` (default: the build directory, else a
+        finished copy next to it) and rename it to ``path`` atomically."""
+        directory = directory or self.tmp
+        fsync_write_json(os.path.join(directory, "meta.json"), meta)
+        if os.path.exists(self.path):
+            raise DatastoreError(f"{self.owner}: {self.path} appeared during the build; "
+                                 f"the finished build stays in {directory}")
+        # Rename first: a kill at any point leaves either a resumable build or a complete
+        # store (with a stray progress.json that nothing reads).
+        os.replace(directory, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        if directory == self.tmp:
+            os.remove(os.path.join(self.path, PROGRESS))
+        else:
+            shutil.rmtree(self.tmp)

@@ -1,0 +1,291 @@
+"""On-disk kNN datastore: fp16/bf16/fp32 keys + int32 values, memmapped, with FAISS indexes.
+
+A datastore is a directory (``knnfast.storage.format``: keys, values, key_sq_norms,
+meta.json, optional index.faiss + index.json).
+
+Building writes into ``<path>.building/`` through the resumable chunk writer
+(``knnfast.storage.building``): a killed build holds an exact prefix of what was added; it
+resumes with ``create(..., resume=True)`` or fails with a message naming both options.
+``finalize`` renames the whole directory into place, so ``<path>`` exists only when complete.
+
+Example:
+    >>> import tempfile, torch, knnfast
+    >>> path = tempfile.mkdtemp() + "/ds"
+    >>> with knnfast.Datastore.create(path, dim=4, vocab_size=10, progress=False) as w:
+    ...     w.add(torch.eye(4), torch.tensor([1, 2, 3, 4]))
+    >>> ds = knnfast.Datastore.open(path)
+    >>> scores, ids = ds.search(torch.eye(4)[:2], k=1)
+    >>> ds.lookup(ids).tolist()
+    [[1], [2]]
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..defaults import METRICS
+from . import index as faiss_index
+from . import search as exact_search
+from .building import building_cursor
+from .files import PathLike, fsync_write_json, memmap, read_checked_meta, row_chunks
+from .format import FILES, FORMAT_VERSION, KEY_DTYPES, dtype_name, memmap_keys
+from .writer import DatastoreWriter
+
+
+def _check_metric(where: str, metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"Datastore.{where}: metric must be one of {METRICS}, got {metric!r}")
+
+
+class Datastore:
+    """An opened datastore: ``keys`` [N, D] and ``values`` [N] (memmapped until ``to``)."""
+
+    def __init__(self, path: Optional[str], meta: dict, keys: Tensor, values: Tensor,
+                 key_sq_norms: Tensor, memmapped: bool = False):
+        self.path = path
+        self.meta = meta
+        self.keys = keys
+        self.values = values
+        self.key_sq_norms = key_sq_norms
+        self._index: Optional[faiss_index.FaissIndex] = None
+        self._memmapped = memmapped
+
+    # ---- construction
+
+    @classmethod
+    def create(cls, path: PathLike, dim: int, key_dtype: torch.dtype = torch.float16,
+               vocab_size: Optional[int] = None, metric: str = "l2", *,
+               hidden: str = "unknown", model_id: Optional[str] = None,
+               extra: Optional[dict] = None, resume: bool = False, overwrite: bool = False,
+               expected_size: Optional[int] = None, progress: bool = True) -> DatastoreWriter:
+        """Start (or with ``resume=True`` continue) building a datastore at ``path``.
+
+        Args:
+            dim: key dimension D. key_dtype: float16 (default), bfloat16 or float32.
+            vocab_size: values are checked to lie in [0, vocab_size).
+            metric: the metric the keys are meant for ("l2", "ip", "cos"); the default of
+                ``search`` and ``build_index``.
+            hidden: which hidden state the keys are ("ffn", "att", ...), recorded in meta.
+            resume: continue an interrupted build of the same shape; its ``cursor``
+                (what the caller committed with the last ``add``) is on the writer.
+            overwrite: delete an existing datastore or interrupted build at ``path`` first.
+            expected_size: total entries, for the progress bar only.
+        """
+        path = os.fspath(path)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"Datastore.create: dim must be a positive int, got {dim!r}")
+        _check_metric("create", metric)
+        meta = {"format_version": FORMAT_VERSION, "dim": dim, "key_dtype": dtype_name(key_dtype),
+                "value_dtype": "int32", "vocab_size": vocab_size, "metric": metric,
+                "hidden": hidden, "model_id": model_id, "extra": extra or {}}
+        return DatastoreWriter(path, meta, resume=resume, overwrite=overwrite, progress=progress,
+                               expected_size=expected_size)
+
+    @classmethod
+    def building_cursor(cls, path: PathLike) -> Optional[Any]:
+        """The cursor committed by an interrupted build at ``path`` (None if there is none)."""
+        return building_cursor(path)
+
+    @classmethod
+    def open(cls, path: PathLike) -> "Datastore":
+        """Memmap a finalized datastore, checking every file against meta.json."""
+        path = os.fspath(path)
+        meta = read_checked_meta(path, "Datastore.open", FORMAT_VERSION, FILES, ("size", "dim"),
+                                 "Datastore.create(..., resume=True)")
+        n, d, key_dtype = meta["size"], meta["dim"], KEY_DTYPES[meta["key_dtype"]]
+        keys = memmap_keys(path, n, d, key_dtype)
+        values = memmap(os.path.join(path, "values"), np.int32, (n,))
+        norms = memmap(os.path.join(path, "key_sq_norms"), np.float32, (n,))
+        return cls(path, meta, keys, values, norms, memmapped=True)
+
+    def update_extra(self, **items: Any) -> None:
+        """Add entries to ``meta["extra"]`` and rewrite meta.json atomically (e.g. a stamp
+        saying what the datastore was built from)."""
+        self.meta.setdefault("extra", {}).update(items)
+        if self.path is not None:
+            fsync_write_json(os.path.join(self.path, "meta.json"), self.meta)
+
+    # ---- properties
+
+    def __len__(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        return self.meta.get("vocab_size")
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def is_memmapped(self) -> bool:
+        """True while the keys are read from disk (not yet moved with ``to``)."""
+        return self._memmapped
+
+    def __repr__(self) -> str:
+        return (f"Datastore({self.path!r}, N={len(self)}, D={self.dim}, "
+                f"keys={self.meta['key_dtype']}, metric={self.metric!r}, device={self.device})")
+
+    def to(self, device: Union[str, torch.device]) -> "Datastore":
+        """A datastore whose keys, values and |k|^2 live on ``device`` (copied in chunks;
+        ``to("cpu")`` loads a memmapped datastore into RAM). The index is shared."""
+        device = torch.device(device)
+        keys = torch.empty(self.keys.shape, dtype=self.keys.dtype, device=device)
+        row_bytes = self.keys.shape[1] * self.keys.element_size()
+        for s, e in row_chunks(len(self), row_bytes):
+            keys[s:e].copy_(self.keys[s:e])
+        other = Datastore(self.path, self.meta, keys, self.values.to(device, copy=True),
+                          self.key_sq_norms.to(device, copy=True))
+        other._index = self._index
+        return other
+
+    # ---- lookup
+
+    def lookup(self, indices: Tensor, *, check: bool = True) -> Tensor:
+        """Values (token ids, int64) of entry ids ``indices``; -1 stays -1. Same device as
+        ``indices``. ``check=False`` skips the range check (two reductions and, on a GPU, a
+        host sync) for ids that come from ``search``."""
+        if indices.is_floating_point():
+            raise ValueError(f"Datastore.lookup: indices must be integer, got {indices.dtype}")
+        if check and indices.numel() and (int(indices.max()) >= len(self) or int(indices.min()) < -1):
+            raise ValueError(f"Datastore.lookup: indices must lie in [-1, {len(self)}), got "
+                             f"min {int(indices.min())} max {int(indices.max())}")
+        idx = indices.to(self.values.device)
+        tokens = self.values[idx.clamp(min=0)].to(torch.int64)
+        return tokens.masked_fill_(idx < 0, -1).to(indices.device)
+
+    # ---- search
+
+    def search(self, queries: Tensor, k: int, exact: Optional[bool] = None,
+               rescore: Optional[bool] = None, *, metric: Optional[str] = None,
+               exclude: Optional[Tensor] = None, nprobe: Optional[int] = None
+               ) -> Tuple[Tensor, Tensor]:
+        """k nearest entries of each query: (scores [B, k] float32 descending, ids [B, k]).
+
+        ``exact`` picks the neighbours, ``rescore`` the scores (DESIGN §4):
+
+        ==========  =========  ==================================================
+        exact       rescore    result
+        ==========  =========  ==================================================
+        True        True       exact neighbours, exact scores (knn_search)
+        True        False      exact neighbours, scores as the index computes them
+        False       False      the index's neighbours and scores (FAISS)
+        False       True       the index's neighbours, exact scores, re-sorted
+        ==========  =========  ==================================================
+
+        Defaults: ``exact`` is True when there is no index, ``rescore`` follows ``exact``.
+        Exact search runs on the keys' device and streams a memmap in chunks, so
+        datastores larger than RAM work. Results are on the queries' device.
+        """
+        metric = metric or self.metric
+        _check_metric("search", metric)
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"Datastore.search: queries must have shape [B, {self.dim}], "
+                             f"got {tuple(queries.shape)}")
+        if exact is None:
+            exact = not self.has_index()
+        rescore = exact if rescore is None else rescore
+        if exact:
+            scores, ids = exact_search.exact_search(queries, self.keys, self.key_sq_norms, k, metric,
+                                             exclude, streamed=self.is_memmapped)
+            if not rescore:
+                scores = faiss_index.reconstructed_scores(self.index, queries, ids, metric)
+        else:
+            scores, ids = faiss_index.search(self._faiss(), queries, k, metric, exclude, nprobe)
+            if rescore:
+                scores, ids = exact_search.rescore(queries, self.keys, ids, metric)
+        return scores.to(queries.device), ids.to(queries.device)
+
+    # ---- FAISS index
+
+    def has_saved_index(self) -> bool:
+        """True when ``index.faiss`` exists next to the datastore."""
+        return faiss_index.has_saved(self.path)
+
+    def has_index(self) -> bool:
+        """True when an index is loaded, attached or saved (``search`` then defaults to it)."""
+        return self._index is not None or self.has_saved_index()
+
+    def build_index(self, factory: Optional[str] = None, metric: Optional[str] = None,
+                    train_size: int = 1_000_000, device: str = "auto", *, nprobe: int = 32,
+                    seed: int = 0, save: bool = True, progress: bool = True) -> Any:
+        """Train and fill a FAISS index over the keys (saved as ``index.faiss``).
+
+        Args:
+            factory: any ``faiss.index_factory`` string. Default: "Flat" below 1M entries,
+                "IVF4096,PQ64" from 1M on (PQ sub-quantizers reduced to divide D).
+            metric: "l2" or "ip"; "cos" indexes normalized keys with inner product.
+            train_size: keys sampled (seeded) to train the quantizers.
+            device: "auto" (GPU when faiss has GPUs and torch sees CUDA), "cpu" or "cuda".
+            nprobe: IVF lists visited per query (stored, overridable in ``search``).
+        """
+        metric = metric or self.metric
+        _check_metric("build_index", metric)
+        factory = factory or faiss_index.default_factory(len(self), self.dim)
+        built, cpu_index = faiss_index.build(self.keys, factory, metric, train_size=train_size,
+                                             device=device, nprobe=nprobe, seed=seed,
+                                             progress=progress)
+        self._index = built
+        if save and self.path is not None:
+            faiss_index.save(self.path, cpu_index, built.info)
+        return built.index
+
+    def load_index(self, device: str = "auto") -> Any:
+        """Load ``index.faiss`` (onto the GPU when ``device`` allows)."""
+        self._index = faiss_index.load(self.path, len(self), device)
+        return self._index.index
+
+    def use_index(self, index: Any, info: dict) -> None:
+        """Search through a FAISS index filled elsewhere over exactly these keys, in order
+        (``info`` as ``index.json``: at least ``metric``). Not saved."""
+        self._index = faiss_index.FaissIndex(index, info)
+
+    def _faiss(self) -> faiss_index.FaissIndex:
+        if self._index is None:
+            self.load_index()
+        return self._index
+
+    @property
+    def index(self) -> Any:
+        """The FAISS index (loaded from disk on first use)."""
+        return self._faiss().index
+
+    # ---- subsampling
+
+    def subsample(self, frac: float, seed: int = 0, path: Optional[PathLike] = None, *,
+                  progress: bool = True) -> "Datastore":
+        """A datastore of round(frac * N) entries drawn without replacement (seeded), in
+        their original order. Written to ``path`` (default ``<path>.sub<frac>-s<seed>``)."""
+        if not 0.0 < frac <= 1.0:
+            raise ValueError(f"Datastore.subsample: frac must be in (0, 1], got {frac!r}")
+        n = max(1, round(frac * len(self)))
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(self), generator=gen)[:n].sort().values
+        if path is None:
+            if self.path is None:
+                raise ValueError("Datastore.subsample: pass path= for a datastore without one")
+            path = f"{self.path}.sub{frac:g}-s{seed}"
+        meta = self.meta
+        extra = dict(meta.get("extra", {}), subsampled_from=self.path, frac=frac, seed=seed)
+        writer = Datastore.create(path, self.dim, KEY_DTYPES[meta["key_dtype"]], meta.get("vocab_size"),
+                                  meta["metric"], hidden=meta.get("hidden", "unknown"),
+                                  model_id=meta.get("model_id"), extra=extra, overwrite=True,
+                                  expected_size=n, progress=progress)
+        with writer:
+            for s, e in row_chunks(n, self.dim * self.keys.element_size()):
+                rows = pick[s:e].to(self.keys.device)
+                writer.add(self.keys[rows], self.values[rows])
+        return writer.datastore

@@ -303,3 +303,12 @@ def check_bad_input_cpu_and_cuda(call, match):
 
     check_bad_input(on_cuda, match)
 
+
+
+def check_off_never_crashes(call):
+    """With the CUDA value checks switched off, a call with bad values reports nothing but
+    never reads or writes out of bounds (synchronized, so a fault surfaces here)."""
+    from knnfast.ops.settings import override
+    with override(cuda_checks=False):
+        call("cuda")
+        torch.cuda.synchronize()

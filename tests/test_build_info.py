@@ -1,4 +1,5 @@
 """build_info(): the keys API.md promises, with sensible types."""
+import pytest
 import torch
 
 import knnfast
@@ -35,3 +36,46 @@ def test_ops_registered():
                  "knn_interpolate", "knn_gold_logprob", "label_counts"):
         assert callable(getattr(knnfast, name)), name
         assert hasattr(torch.ops.knnfast, name), f"torch.ops.knnfast.{name} is not registered"
+
+
+def test_limits_agree_between_python_and_cpp():
+    """MAX_K is defined once per language (knnfast/defaults.py, csrc/common/limits.h)."""
+    from knnfast.defaults import MAX_K
+    assert knnfast.build_info()["max_k"] == MAX_K
+
+
+def test_cpu_plans_reported_and_accepted():
+    plans = knnfast.build_info()["cpu_plans"]
+    assert plans[0] == "auto" and {"stream", "gemm_f32"} <= set(plans)
+    q = torch.randn(4, 8)
+    for plan in plans:
+        s, i = knnfast.knn_search(q, q, 1, plan=plan)
+        assert i[:, 0].tolist() == [0, 1, 2, 3], plan
+
+
+def test_settings_configure_and_override():
+    from knnfast.ops import settings
+    before = settings.configure("debug", False)
+    try:
+        with settings.override(debug=True, cuda_checks=False):
+            assert settings.configure("debug", True) is True
+            assert settings.configure("cuda_checks", False) is False
+        assert settings.configure("debug", False) is False
+        assert settings.configure("cuda_checks", True) is True
+    finally:
+        settings.configure("debug", before)
+    with pytest.raises(ValueError, match="name must be one of"):
+        settings.configure("simd", True)
+    with pytest.raises(ValueError, match="cuda_checks"):  # the C++ side names its settings too
+        torch.ops.knnfast.configure("nope", 1)
+
+
+def test_settings_read_from_the_environment_once_at_import():
+    import subprocess
+    import sys
+    code = ("import knnfast, torch; from knnfast.ops import settings; "
+            "print(settings.configure('debug', False), settings.configure('cuda_checks', True))")
+    env = dict(__import__("os").environ, KNNFAST_DEBUG="1", KNNFAST_CUDA_CHECKS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["True", "False"]

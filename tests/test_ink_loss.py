@@ -117,7 +117,7 @@ def test_detach_knn_stops_the_gradient_through_p_knn():
 
 @pytest.mark.parametrize("change,match", [
     (dict(targets=torch.tensor([0, 99, 1])), "targets must be in"),
-    (dict(nbr_tokens=torch.tensor([[0, 50], [1, 2], [3, 4]])), "nbr_tokens must be in"),
+    (dict(nbr_tokens=torch.tensor([[0, 50], [1, 2], [3, 4]])), "nbr_tokens must hold ids in"),
     (dict(nbr_keys=torch.zeros(3, 2, 5)), "nbr_keys must have shape"),
     (dict(out_weight=torch.zeros(10, 5)), "out_weight must have shape"),
     (dict(variant="robust"), "variant"),

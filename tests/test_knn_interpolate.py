@@ -42,8 +42,7 @@ from helpers import (
     oracle_interpolate,
     rand_scores,
     rand_tokens,
-    with_value,
-)
+    with_value, check_off_never_crashes)
 
 SHAPES = [(1, 1, 1), (3, 10, 4), (17, 300, 64), (4, 50257, 8), (2, 5000, 1024)]
 LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -492,31 +491,27 @@ def test_direct_op_call_with_a_cpu_tensor_is_a_value_error():
 
 
 # =========================================================================== #
-# FORCED KERNEL PATHS (environment variables)                                 #
-# KNNFAST_CUDA_ROW_CACHE and KNNFAST_CUDA_CHECKS are read per call; they      #
-# become explicit plan= arguments.                                            #
+# FORCED KERNEL PATHS                                                         #
+# plan= row_cache / global (CUDA), and value checks switched off              #
+# (settings.override).                                                        #
 # =========================================================================== #
 @requires_cuda
-@pytest.mark.parametrize("row_cache", ["1", "0"])
+@pytest.mark.parametrize("plan", ["row_cache", "global"])
 @pytest.mark.parametrize("V", [1, 7, 1000, 42024, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=str)
-def test_interpolate_variants(monkeypatch, row_cache, V, dtype):
+def test_interpolate_variants(plan, V, dtype):
     """Vector (V % 8 == 0) and scalar rows, rows kept in shared memory or re-read."""
-    monkeypatch.setenv("KNNFAST_CUDA_ROW_CACHE", row_cache)
     logits = (torch.randn(6, V) * 4).to(dtype)
     tokens, scores = neighbours_with_duplicates(6, 12, V)
     lam = torch.rand(6)
     got = knnfast.knn_interpolate(logits.cuda(), tokens.cuda(), scores=scores.cuda(),
-                                  temperature=2.0, lam=lam.cuda())
+                                  temperature=2.0, lam=lam.cuda(), plan=plan)
     exp = knnfast.knn_interpolate(logits, tokens, scores=scores, temperature=2.0, lam=lam)
     assert_logp_close(got, exp, atol=2e-5, rtol=2e-5)
 
 
 @requires_cuda
 @pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
-def test_checks_off_never_crash(monkeypatch, call, match):
-    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
-    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
-    call("cuda")
-    torch.cuda.synchronize()
+def test_checks_off_never_crash(call, match):
+    check_off_never_crashes(call)

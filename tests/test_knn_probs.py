@@ -30,8 +30,7 @@ from helpers import (
     on_meta,
     opcheck_neighbours,
     rand_scores,
-    rand_tokens,
-)
+    rand_tokens, check_off_never_crashes)
 
 SHAPES = [(1, 1, 1), (3, 4, 10), (17, 64, 300), (5, 64, 7), (4, 1024, 5000), (2, 2048, 50)]
 
@@ -353,13 +352,9 @@ def test_bad_values_raise(call, match):
 
 
 # =========================================================================== #
-# FORCED KERNEL PATHS (environment variables): KNNFAST_CUDA_CHECKS, read per  #
-# call; to become an explicit plan= argument.                                 #
+# FORCED KERNEL PATHS: value checks switched off (settings.override)        #
 # =========================================================================== #
 @requires_cuda
 @pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
-def test_checks_off_never_crash(monkeypatch, call, match):
-    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
-    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
-    call("cuda")
-    torch.cuda.synchronize()
+def test_checks_off_never_crash(call, match):
+    check_off_never_crashes(call)

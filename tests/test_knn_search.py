@@ -28,6 +28,7 @@ from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
+from knnfast.ops.settings import override
 from conftest import DEVICES, requires_cuda
 from helpers import (
     KEY_DTYPES,
@@ -38,8 +39,7 @@ from helpers import (
     check_bad_input,
     check_bad_input_cpu_and_cuda,
     exact_scores,
-    on_meta,
-)
+    on_meta, check_off_never_crashes)
 
 
 def _grid():
@@ -471,17 +471,16 @@ def test_bad_exclude_reports_the_absolute_row():
 
 
 # =========================================================================== #
-# FORCED KERNEL PATHS (environment variables)                                 #
-# Every test below forces a path with KNNFAST_SEARCH_PATH, KNNFAST_DEBUG,     #
-# KNNFAST_CUDA_SEARCH_PATH, KNNFAST_CUDA_SEARCH_PROOF or KNNFAST_CUDA_CHECKS  #
-# (read per call); they become explicit plan= arguments.                      #
+# FORCED KERNEL PATHS                                                         #
+# Every test below forces a kernel variant with plan= (CPU stream, gemm_f32,  #
+# bf16; CUDA stream, tensor, tensor_recheck) or a setting with                #
+# knnfast.ops.settings.override (debug, cuda_checks).                        #
 # =========================================================================== #
 SEARCH_PATHS = ["stream", "gemm_f32"] + (["bf16"] if knnfast.build_info()["avx512_bf16"] else [])
 
 
 @pytest.fixture
-def search_path(request, monkeypatch):
-    monkeypatch.setenv("KNNFAST_SEARCH_PATH", request.param)
+def search_path(request):
     return request.param
 
 
@@ -502,7 +501,7 @@ def test_forced_search_path_is_exact(search_path, B, N, D, k, key_dtype, metric)
     k = N makes every key a candidate; each path must return the exact top-k."""
     q, keys = _clustered_queries_keys(B, N, D, key_dtype, offset=0.0)
     exclude = torch.randint(-1, N, (B,))
-    s, i = knnfast.knn_search(q, keys, k, metric, exclude=exclude)
+    s, i = knnfast.knn_search(q, keys, k, metric, exclude=exclude, plan=search_path)
     assert_topk_valid(s, i, q, keys, k, metric, exclude=exclude)
     rs, ri = ref.knn_search(q, keys, k, metric, exclude=exclude)
     torch.testing.assert_close(s, rs, rtol=1e-4, atol=1e-3 * float(rs[rs.isfinite()].abs().max()))
@@ -513,37 +512,35 @@ def test_forced_search_path_is_exact(search_path, B, N, D, k, key_dtype, metric)
 def test_forced_search_path_key_sq_norms(search_path, metric):
     q, keys = _clustered_queries_keys(36, 900, 48, torch.float16, offset=1.0)
     norms = keys.float().pow(2).sum(1)
-    s, i = knnfast.knn_search(q, keys, 9, metric, key_sq_norms=norms)
+    s, i = knnfast.knn_search(q, keys, 9, metric, key_sq_norms=norms, plan=search_path)
     assert_topk_valid(s, i, q, keys, 9, metric)
 
 
 @pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("offset", [10.0, 30.0])
-def test_bf16_path_exact_with_large_common_component(monkeypatch, capfd, metric, offset):
+def test_bf16_path_exact_with_large_common_component(capfd, metric, offset):
     """Real hidden states share a large common component; bf16 rounding alone would lose the
     ranking there. The bounds must keep every true neighbour as a candidate."""
-    monkeypatch.setenv("KNNFAST_SEARCH_PATH", "bf16")
-    monkeypatch.setenv("KNNFAST_DEBUG", "1")
     g = torch.Generator().manual_seed(1)
     keys = (torch.randn(3000, 256, generator=g) + offset).to(torch.bfloat16)
     q = torch.randn(40, 256, generator=g) + offset
-    s, i = knnfast.knn_search(q, keys, 8, metric)
+    with override(debug=True):
+        s, i = knnfast.knn_search(q, keys, 8, metric, plan="bf16")
     assert_topk_valid(s, i, q, keys, 8, metric)
     assert "candidates rescored per row" in capfd.readouterr().err
 
 
 @pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
-def test_bf16_path_rescans_rows_over_the_candidate_cap(monkeypatch, capfd):
+def test_bf16_path_rescans_rows_over_the_candidate_cap(capfd):
     """140,000 keys whose cosines to the query all agree within the bf16 error bound: every
     key stays a candidate, the cap (65,536 per row and thread) is exceeded, and the rows must
     be searched again exactly instead of being cut short."""
-    monkeypatch.setenv("KNNFAST_SEARCH_PATH", "bf16")
-    monkeypatch.setenv("KNNFAST_DEBUG", "1")
     g = torch.Generator().manual_seed(2)
     keys = 1000.0 + 1e-3 * torch.randn(140_000, 16, generator=g)
     q = 1000.0 + 1e-3 * torch.randn(2, 16, generator=g)
-    s, i = knnfast.knn_search(q, keys, 5, "cos")
+    with override(debug=True):
+        s, i = knnfast.knn_search(q, keys, 5, "cos", plan="bf16")
     assert_topk_valid(s, i, q, keys, 5, "cos")
     over_cap = re.search(r"(\d+) rows over the candidate cap", capfd.readouterr().err)
     assert over_cap and int(over_cap.group(1)) == 2
@@ -564,11 +561,10 @@ def _clustered_keys(N, D, dtype, seed=0):
 @pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,N,D,k", [(1, 5000, 64, 8), (40, 3000, 96, 16), (64, 20000, 128, 64),
                                      (70, 777, 33, 100), (3, 100, 16, 256)])
-def test_search_plans(monkeypatch, plan, metric, key_dtype, B, N, D, k):
-    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PATH", plan)
+def test_search_plans(plan, metric, key_dtype, B, N, D, k):
     q = torch.randn(B, D)
     keys = _clustered_keys(N, D, key_dtype)
-    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), k, metric)
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), k, metric, plan=plan)
     cs, ci = knnfast.knn_search(q, keys, k, metric)
     assert s.is_cuda and i.is_cuda
     assert_topk_valid(s.cpu(), i.cpu(), q, keys, k, metric)
@@ -577,33 +573,51 @@ def test_search_plans(monkeypatch, plan, metric, key_dtype, B, N, D, k):
 
 @requires_cuda
 @pytest.mark.parametrize("metric", METRICS)
-def test_search_tensor_unproven_rows(monkeypatch, metric):
-    """Every row's proof forced to fail: all rows are searched again exactly."""
-    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PATH", "tensor")
-    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PROOF", "fail")
+def test_search_tensor_unproven_rows(metric):
+    """Every row's proof forced to fail (plan tensor_recheck): all rows are searched again
+    exactly."""
     q, keys = torch.randn(48, 64), _clustered_keys(4000, 64, torch.float16)
     ex = torch.randint(-1, 4000, (48,))
-    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 10, metric, exclude=ex.cuda())
+    s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 10, metric, exclude=ex.cuda(),
+                              plan="tensor_recheck")
     assert_topk_valid(s.cpu(), i.cpu(), q, keys, 10, metric, exclude=ex)
 
 
 @requires_cuda
 @pytest.mark.parametrize("plan", ["stream", "tensor"])
-def test_search_cached_norms_exclude_and_padding(monkeypatch, plan):
-    monkeypatch.setenv("KNNFAST_CUDA_SEARCH_PATH", plan)
+def test_search_cached_norms_exclude_and_padding(plan):
     q, keys = torch.randn(50, 32), torch.randn(20, 32).half()
     norms = keys.float().pow(2).sum(1)
     ex = torch.arange(50) % 21 - 1  # -1 .. 19
     s, i = knnfast.knn_search(q.cuda(), keys.cuda(), 30, "l2", key_sq_norms=norms.cuda(),
-                              exclude=ex.cuda())
+                              exclude=ex.cuda(), plan=plan)
     assert_topk_valid(s.cpu(), i.cpu(), q, keys, 30, "l2", exclude=ex)
     assert (i[:, 19:] == -1).all() and torch.isneginf(s[:, 19:]).all()
 
 
 @requires_cuda
 @pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
-def test_checks_off_never_crash(monkeypatch, call, match):
-    """KNNFAST_CUDA_CHECKS=0: no report, but no out-of-bounds access either."""
-    monkeypatch.setenv("KNNFAST_CUDA_CHECKS", "0")
-    call("cuda")
-    torch.cuda.synchronize()
+def test_checks_off_never_crash(call, match):
+    check_off_never_crashes(call)
+
+
+@pytest.mark.parametrize("plan", ["tensor", "nope", "AUTO"])
+def test_plan_must_be_one_of_the_devices_plans(plan):
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="knn_search: plan"):
+        knnfast.knn_search(q, q, 1, plan=plan)
+    with pytest.raises(ValueError, match="plan"):  # the C++ check, for direct torch.ops calls
+        torch.ops.knnfast.knn_search(q, q, 1, "l2", None, None, plan)
+
+
+@pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
+def test_forced_plan_is_the_plan_that_runs(capfd):
+    """B = 40 would take the bf16 plan on its own; plan="stream" must not, plan="bf16" must."""
+    q, keys = _clustered_queries_keys(40, 500, 32, torch.float16, offset=0.0)
+    with override(debug=True):
+        knnfast.knn_search(q, keys, 4, plan="stream")
+        assert "candidates rescored" not in capfd.readouterr().err
+        knnfast.knn_search(q, keys, 4, plan="bf16")
+        assert "candidates rescored" in capfd.readouterr().err
+        knnfast.knn_search(q, keys, 4)
+        assert "candidates rescored" in capfd.readouterr().err

@@ -1,0 +1,32 @@
+"""The kernels layer: one module per op, each holding the op's Python wrapper, its fake
+kernel (metadata checks for torch.compile / meta tensors) and its autograd, side by side.
+
+    knnfast/ops/<op>.py        wrapper + fake kernel + autograd (ARCHITECTURE.md lists all seven
+                               places an op lives)
+    knnfast/ops/args.py        the Python-side argument rules, shared with knnfast.reference
+    knnfast/ops/library.py     loads knnfast/_C*.so; build_info()
+
+Every op is registered as ``torch.ops.knnfast.<op>``; C++ checks every argument on the data,
+so the wrappers only check what C++ cannot see (Python scalar types, float -> tensor).
+"""
+from . import library
+from .library import build_info
+from .knn_search import knn_search
+from .knn_rescore import knn_rescore
+from .knn_probs import knn_probs, knn_probs_sparse
+from .knn_interpolate import knn_interpolate
+from .knn_gold_logprob import knn_gold_logprob
+from .label_counts import label_counts
+from .knn_kd_loss import knn_kd_loss
+
+__all__ = [
+    "build_info",
+    "knn_search",
+    "knn_rescore",
+    "knn_probs",
+    "knn_probs_sparse",
+    "knn_interpolate",
+    "knn_gold_logprob",
+    "label_counts",
+    "knn_kd_loss",
+]

@@ -36,19 +36,12 @@ Choices where the contract is silent (the kernels match them):
   score -inf simply gets weight 0 (so a row whose valid slots are all -inf is
   treated as having no valid neighbour).
 """
+from ..ops import __all__ as ops_all
 from .common import COS_EPS
 from .losses import ink_loss, knn_kd_loss
 from .probs import knn_gold_logprob, knn_interpolate, knn_probs, knn_probs_sparse, label_counts
 from .search import KEY_TILE, knn_rescore, knn_search
 
-__all__ = [
-    "knn_search",
-    "knn_rescore",
-    "knn_probs",
-    "knn_probs_sparse",
-    "knn_interpolate",
-    "knn_gold_logprob",
-    "label_counts",
-    "knn_kd_loss",
-    "ink_loss",
-]
+# the ops' names (knnfast.ops.__all__ less build_info) plus ink_loss, whose fused twin is a
+# method (knnfast.methods.ink), not an op
+__all__ = [name for name in ops_all if name != "build_info"] + ["ink_loss"]

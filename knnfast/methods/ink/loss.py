@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from ... import ops, reference
+from ...reference import COS_EPS
+from ...reference.losses import check_ink_loss_args, ink_knn_weights, ink_refine
 
 
 class _LogitsLoss(torch.autograd.Function):
@@ -56,35 +58,23 @@ def ink_loss(hidden: torch.Tensor, out_weight: torch.Tensor, targets: torch.Tens
     ([B, k] cosine kernels, p_kNN merged per token, L_r) is small PyTorch code; the gradient
     through p_kNN enters via a surrogate with the value 0. Returns (loss, {"align", "kd",
     "refine"}) with the parts detached."""
-    if variant not in ("paper", "reference"):
-        raise ValueError(f"ink_loss: variant must be 'paper' or 'reference', got {variant!r}")
+    targets, ignored = check_ink_loss_args(hidden, out_weight, targets, nbr_keys, nbr_tokens,
+                                           alpha, beta, ignore_index, variant, "mean")
     if hidden.dtype != torch.float32 or out_weight.dtype != torch.float32:
         # the fused path works in float32; other dtypes take the reference path
         return reference.ink_loss(hidden, out_weight, targets, nbr_keys, nbr_tokens, alpha=alpha,
                                   beta=beta, out_bias=out_bias, ignore_index=ignore_index,
                                   variant=variant, detach_knn=detach_knn, reference_k=reference_k)
-    B = hidden.shape[0]
-    if nbr_keys.dim() != 3 or nbr_keys.shape[:2] != nbr_tokens.shape or nbr_keys.shape[2] != hidden.shape[1]:
-        raise ValueError(f"ink_loss: nbr_keys must have shape [{B}, k, {hidden.shape[1]}] "
-                         f"matching nbr_tokens, got {tuple(nbr_keys.shape)} and {tuple(nbr_tokens.shape)}")
-    for name, val in (("alpha", alpha), ("beta", beta)):
-        if not float(val) >= 0:
-            raise ValueError(f"ink_loss: {name} must be a finite number >= 0, got {val}")
-    targets = targets.long()
     tokens = nbr_tokens.long()
-    live = targets != ignore_index
+    live = ~ignored
     count = live.sum().clamp(min=1).float()
     eps = 0.1 if variant == "reference" else 0.0
 
     valid = tokens >= 0
     cos = torch.nn.functional.cosine_similarity(hidden[:, None, :], nbr_keys.float(), dim=-1,
-                                                eps=1e-8)
-    z = cos if variant == "paper" else torch.exp(cos)
-    kd_valid = valid.clone()
-    if variant == "reference":
-        kd_valid[:, reference_k:] = False
-    has = kd_valid.any(dim=1, keepdim=True)
-    w = torch.softmax(torch.where(has, z.masked_fill(~kd_valid, float("-inf")), 0.0), 1) * kd_valid
+                                                eps=COS_EPS)
+    w = ink_knn_weights(cos, valid, variant, reference_k)
+    kd_valid = w > 0  # softmax weights of cosines never underflow: > 0 exactly on the used slots
 
     loss_ai, logp_nbr = _LogitsLoss.apply(hidden, out_weight, out_bias, targets, tokens,
                                           w.detach(), float(alpha), eps, ignore_index, count)
@@ -99,10 +89,7 @@ def ink_loss(hidden: torch.Tensor, out_weight: torch.Tensor, targets: torch.Tens
         surrogate = alpha * ((w * coef).sum() - (w * coef).sum().detach()) / count
 
     match = valid & (tokens == targets.masked_fill(~live, 0)[:, None])
-    any_match = match.any(dim=1, keepdim=True)
-    den = torch.logsumexp(torch.where(any_match, cos.masked_fill(~valid, float("-inf")), 0.0), 1)
-    num = torch.logsumexp(torch.where(any_match, cos.masked_fill(~match, float("-inf")), 0.0), 1)
-    refine = torch.where(any_match[:, 0] & live, den - num, torch.zeros_like(den))
+    refine = ink_refine(cos, valid, match).masked_fill(~live, 0.0)
     loss = loss_ai + surrogate + beta * refine.sum() / count
     kd_mean = float((kd_part * live).sum() / count)
     parts = {"kd": kd_mean, "refine": float(refine.detach().sum() / count),

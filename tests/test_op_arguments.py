@@ -218,3 +218,28 @@ def test_ops_and_reference_accept_the_same_calls(op, name, change, expected):
             assert message is not None, f"{label} accepted an invalid call ({name})"
             assert message.startswith(f"{op}: "), message
             assert expected in message, f"{label}: {message!r} does not name {expected!r}"
+
+
+# Rejections decided by metadata alone (dims, shapes, dtypes): the fake kernels must make them
+# too, so that torch.compile / meta tensors fail as clearly as the real kernels.
+META_CASES = ("queries 1-D", "queries int", "keys D", "keys N=0", "norms shape", "exclude shape",
+              "exclude float", "indices rows", "indices float", "tokens float", "tokens rows",
+              "scores int", "scores k", "temperature [B+1]", "lam [2]", "logits int",
+              "logits 1-D", "targets rows", "targets float", "teacher_scores shape", "float",
+              "1-D")
+
+
+def to_meta(x):
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
+@pytest.mark.parametrize("op,name,change,expected",
+                         [c for c in CASES if c[1] in META_CASES and c[3] is not None],
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES if c[1] in META_CASES and c[3]])
+def test_fake_kernels_reject_bad_metadata(op, name, change, expected):
+    a, kw = base_call(op)
+    change(a, kw)
+    a = [to_meta(x) for x in a]
+    kw = {key: to_meta(x) for key, x in kw.items()}
+    with pytest.raises(ValueError, match=f"{op}: .*{expected}"):
+        getattr(knnfast, op)(*a, **kw)

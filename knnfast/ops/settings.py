@@ -6,6 +6,7 @@
 | ``KNNFAST_DEBUG``        | once, at ``import knnfast`` | ``1``: the bf16 CPU search prints its candidate counts to stderr. Default ``0``. |
 | ``KNNFAST_SIMD``         | once, when the library loads | ``generic``: the CPU kernels use the portable code instead of AVX-512. |
 | ``KNNFAST_CUDA``, ``KNNFAST_BUILD_TYPE``, ``MAX_JOBS`` | at build time (setup.py) | build switches, see README. |
+| ``KNNFAST_BENCH_QUICK``, ``KNNFAST_DEMO_CACHE`` | by the benchmark suites (benchmarks/), never by the library | shrink every benchmark shape; where the demo's cached model lives. |
 
 Kernel variants are not settings: they are the ``plan=`` argument of the ops that have more
 than one (``knn_search``, ``knn_interpolate``). Change a setting at run time with

@@ -318,3 +318,24 @@ def test_bad_values_raise(call, match):
 @pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
 def test_checks_off_never_crash(call, match):
     check_off_never_crashes(call)
+
+
+@pytest.mark.parametrize("logits_grad", [False, True])
+def test_autograd_saves_logits_only_for_their_gradient(logits_grad):
+    B, V, k = 4, 1000, 6
+    logits = torch.randn(B, V, requires_grad=logits_grad)
+    tokens = torch.randint(-1, V, (B, k))
+    lam = torch.full((B,), 0.3, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = knnfast.knn_gold_logprob(logits, torch.randint(0, V, (B,)), tokens,
+                                       scores=torch.randn(B, k), lam=lam)
+    dense = [t for t in saved if t.numel() >= B * V]
+    assert len(dense) == int(logits_grad)
+    out.sum().backward()
+    assert lam.grad is not None

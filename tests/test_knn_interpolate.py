@@ -515,3 +515,39 @@ def test_interpolate_variants(plan, V, dtype):
 @pytest.mark.parametrize("call,match", bad_input_cases(CUDA_BAD_VALUES))
 def test_checks_off_never_crash(call, match):
     check_off_never_crashes(call)
+
+
+# =========================================================================== #
+# WHAT AUTOGRAD SAVES                                                         #
+# =========================================================================== #
+def saved_tensors_of(fn):
+    """The tensors autograd saves while `fn()` runs its forward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("logits_grad", [False, True])
+def test_autograd_saves_no_dense_output(logits_grad):
+    """Only the [B] log-sum-exp and [B, k] values are saved; the [B, V] logits only when
+    their gradient is needed (then the input itself, not a copy), never the [B, V] output."""
+    B, V, k = 4, 1000, 6
+    logits = torch.randn(B, V, requires_grad=logits_grad)
+    tokens = torch.randint(-1, V, (B, k))
+    scores = torch.randn(B, k, requires_grad=True)
+    out, saved = saved_tensors_of(lambda: knnfast.knn_interpolate(
+        logits, tokens, scores=scores, temperature=2.0, lam=torch.full((B,), 0.3)))
+    dense = [t for t in saved if t.numel() >= B * V]
+    if logits_grad:
+        assert len(dense) == 1 and dense[0].data_ptr() == logits.data_ptr()
+    else:
+        assert dense == []
+    assert all(t.data_ptr() != out.data_ptr() for t in saved)
+    out.sum().backward()
+    assert scores.grad is not None and (logits.grad is not None) == logits_grad

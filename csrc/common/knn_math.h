@@ -20,6 +20,30 @@ constexpr float kNormEps = 1e-8f;  // cos: s = q.k / (max(|q|, eps) * max(|k|, e
 
 KNNFAST_HD float neg_inf() { return -INFINITY; }
 
+// ---- value rules (DESIGN §2), checked on the host by the CPU wrappers and inside the CUDA
+// kernels; common/messages.h words the error for each.
+
+// A token / entry id: -1 (none) or in [0, bound); bound < 0: no upper bound.
+KNNFAST_HD bool valid_id(int64_t id, int64_t bound) { return id >= -1 && (bound < 0 || id < bound); }
+
+// A target: ignore_index or a token in [0, vocab).
+KNNFAST_HD bool valid_target(int64_t y, int64_t vocab, int64_t ignore_index) {
+  return y == ignore_index || (y >= 0 && y < vocab);
+}
+
+// A neighbour score (or weight, before the sign check): finite or -inf (an invalid slot).
+// NaN / +inf would make the kNN softmax undefined.
+KNNFAST_HD bool valid_score(float s) { return s == s && s != INFINITY; }
+
+// A given neighbour weight: finite and >= 0 (NaN fails).
+KNNFAST_HD bool valid_weight(float w) { return w >= 0.0f && w < INFINITY; }
+
+// temperature: > 0 and finite (NaN fails).
+KNNFAST_HD bool valid_temperature(float t) { return t > 0.0f && t < INFINITY; }
+
+// lam: in [0, 1] (NaN fails).
+KNNFAST_HD bool valid_lam(float lam) { return lam >= 0.0f && lam <= 1.0f; }
+
 // log(exp(a) + exp(b)) without overflow; exact when one side is -inf (so -inf + -inf = -inf,
 // never NaN, and logaddexp(x, -inf) == x bitwise).
 KNNFAST_HD float logaddexp(float a, float b) {

@@ -1,6 +1,7 @@
-// Argument checks and small helpers shared by the CPU kernels. Every check names the op and
-// the argument and raises ValueError in Python (TORCH_CHECK_VALUE), so direct
-// torch.ops.knnfast.* calls fail as clearly as the Python wrappers do.
+// Value checks and small helpers shared by the CPU kernels. The argument checks (devices,
+// shapes, dtypes) come first, from common/op_checks.h; the loops here then check the values
+// with the rules of common/knn_math.h and raise the texts of common/messages.h (the CUDA
+// backend raises the same texts after its kernels report a bad value).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,17 +15,14 @@
 #include <vector>
 
 #include "common/knn_math.h"
+#include "common/messages.h"
+#include "common/op_checks.h"
 #include "common/torch_checks.h"
 
 namespace knnfast::cpu {
 
 using knnfast::as_float32;
 using knnfast::as_int64;
-using knnfast::check_dim;
-using knnfast::check_floating;
-using knnfast::check_integer;
-using knnfast::check_logits;
-using knnfast::parse_metric;
 
 // Row r of a [B, V] logits tensor as float32: a pointer into it when it is float32, else
 // converted into `buffer` (V floats).
@@ -35,47 +33,45 @@ inline const float* logits_row_f32(const at::Tensor& logits, int64_t r, float* b
   return buffer;
 }
 
-inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name,
-                    " must be on the same device as the other inputs (cpu), got ", t.device());
-}
-
-// Targets [rows] -> int64 contiguous, every id in [0, vocab) or == ignore_index (the checks
-// knn_gold_logprob and knn_kd_loss share; the caller has checked the dtype).
-inline at::Tensor checked_targets(const at::Tensor& targets_in, int64_t rows, int64_t vocab,
+// Targets [B] -> int64 contiguous, every id valid_target (in [0, vocab) or ignore_index).
+inline at::Tensor checked_targets(const at::Tensor& targets_in, int64_t vocab,
                                   int64_t ignore_index, const char* op) {
-  TORCH_CHECK_VALUE(targets_in.size(0) == rows, op, ": targets must have shape [", rows,
-                    "], got ", targets_in.sizes());
   at::Tensor targets = as_int64(targets_in);
   const int64_t* tgt = targets.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK_VALUE(tgt[r] == ignore_index || (tgt[r] >= 0 && tgt[r] < vocab), op,
-                      ": targets must be in [0, ", vocab, ") or ignore_index (", ignore_index,
-                      "), got ", tgt[r], " at row ", r);
-  }
+  for (int64_t r = 0; r < targets.numel(); ++r)
+    if (!valid_target(tgt[r], vocab, ignore_index))
+      raise_bad_target(op, vocab, ignore_index, tgt[r], r);
   return targets;
 }
 
-// Neighbour tokens [B, k]: int64 contiguous, every id in [-1, vocab) (vocab < 0: no bound).
-inline at::Tensor checked_tokens(const at::Tensor& tokens, int64_t rows, int64_t vocab,
-                                 const char* op, const char* name = "tokens") {
-  check_cpu(tokens, op, name);
-  check_dim(tokens, 2, op, name);
-  check_integer(tokens, op, name);
-  TORCH_CHECK_VALUE(tokens.size(0) == rows, op, ": ", name, " must have ", rows,
-                    " rows (one per logits/scores row), got shape ", tokens.sizes());
-  at::Tensor t = as_int64(tokens);
+// Ids (neighbour tokens, candidate indices) -> int64 contiguous, every id valid_id: in
+// [-1, bound) (bound < 0: no upper bound).
+inline at::Tensor checked_ids(const at::Tensor& ids, int64_t bound, const char* op,
+                              const char* name) {
+  at::Tensor t = as_int64(ids);
   const int64_t* p = t.data_ptr<int64_t>();
-  const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    const bool ok = p[i] >= -1 && (vocab < 0 || p[i] < vocab);
-    if (!ok) {
-      TORCH_CHECK_VALUE(false, op, ": ", name, " must hold ids in [-1, ",
-                        vocab < 0 ? std::string("inf") : std::to_string(vocab),
-                        "), got ", p[i], " at flat position ", i);
-    }
-  }
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!valid_id(p[i], bound)) raise_bad_id(op, name, bound, p[i], i);
   return t;
+}
+
+// Neighbour scores [B, k] -> float32 contiguous, every value valid_score (finite or -inf, an
+// invalid slot): NaN / +inf would silently turn rows into NaN.
+inline at::Tensor checked_scores(const at::Tensor& scores, const char* op, const char* name) {
+  at::Tensor s = as_float32(scores);
+  const float* p = s.data_ptr<float>();
+  for (int64_t i = 0; i < s.numel(); ++i)
+    if (!valid_score(p[i])) raise_bad_score(op, name, p[i], i);
+  return s;
+}
+
+// Given neighbour weights [B, k]: as scores (finite or -inf), then valid_weight (>= 0).
+inline at::Tensor checked_weights(const at::Tensor& weights, const char* op, const char* name) {
+  at::Tensor w = checked_scores(weights, op, name);
+  const float* p = w.data_ptr<float>();
+  for (int64_t i = 0; i < w.numel(); ++i)
+    if (!valid_weight(p[i])) raise_bad_weight(op, name, p[i], i);
+  return w;
 }
 
 // Per-row scalar (temperature, lambda): a float32 tensor of numel 1 (all rows) or B.
@@ -86,46 +82,20 @@ struct RowParam {
   float operator[](int64_t row) const { return data[row * stride]; }
 };
 
-enum class ParamRange { Positive, UnitInterval };
-
-inline RowParam row_param(const at::Tensor& t, int64_t rows, ParamRange range, const char* op,
+// `t` has the shape op_checks allowed (1 or [B]); every value valid_temperature (Positive) or
+// valid_lam (UnitInterval).
+inline RowParam row_param(const at::Tensor& t, ParamRange range, const char* op,
                           const char* name) {
-  check_cpu(t, op, name);
-  check_row_param_shape(t, rows, op, name);
   RowParam p;
   p.storage = as_float32(t).reshape({-1});
   p.data = p.storage.data_ptr<float>();
   p.stride = p.storage.numel() == 1 ? 0 : 1;
   for (int64_t i = 0; i < p.storage.numel(); ++i) {
     const float v = p.data[i];
-    if (range == ParamRange::Positive) {
-      TORCH_CHECK_VALUE(v > 0.0f && v < INFINITY, op, ": ", name,
-                        " must be > 0 and finite, got ", v, " (row ", i, ")");
-    } else {
-      TORCH_CHECK_VALUE(v >= 0.0f && v <= 1.0f, op, ": ", name, " must be in [0, 1], got ",
-                        v, " (row ", i, ")");
-    }
+    const bool ok = range == ParamRange::Positive ? valid_temperature(v) : valid_lam(v);
+    if (!ok) raise_bad_row_param(op, name, range, v, i);
   }
   return p;
-}
-
-// Neighbour scores [B, k]: float32, finite or -inf (an invalid slot). NaN / +inf make the
-// kNN softmax undefined, so they are rejected instead of silently turning rows into NaN.
-inline at::Tensor checked_scores(const at::Tensor& scores, const at::Tensor& tokens,
-                                 const char* op, const char* name = "scores") {
-  check_cpu(scores, op, name);
-  check_dim(scores, 2, op, name);
-  check_floating(scores, op, name);
-  TORCH_CHECK_VALUE(scores.sizes() == tokens.sizes(), op, ": ", name,
-                    " must have the shape of tokens ", tokens.sizes(), ", got ",
-                    scores.sizes());
-  at::Tensor s = as_float32(scores);
-  const float* p = s.data_ptr<float>();
-  for (int64_t i = 0; i < s.numel(); ++i) {
-    TORCH_CHECK_VALUE(!(p[i] != p[i]) && p[i] != INFINITY, op, ": ", name,
-                      " must be finite or -inf, got ", p[i], " at flat position ", i);
-  }
-  return s;
 }
 
 // A fresh float32 output of `sizes`, with transparent huge pages requested for large ones
@@ -175,29 +145,25 @@ struct NeighbourInputs {
   RowParam temperature;
 };
 
+// The values of neighbour inputs whose shapes op_checks has checked (token ids < vocab; vocab
+// < 0: no bound). `names` words the errors (knn_kd_loss: teacher_*).
 inline NeighbourInputs neighbour_inputs(const at::Tensor& tokens,
                                         const c10::optional<at::Tensor>& scores,
                                         const c10::optional<at::Tensor>& weights,
-                                        const at::Tensor& temperature, int64_t rows,
-                                        int64_t vocab, const char* op) {
-  TORCH_CHECK_VALUE(scores.has_value() != weights.has_value(), op,
-                    ": pass exactly one of scores or weights");
+                                        const at::Tensor& temperature, int64_t vocab,
+                                        const char* op,
+                                        const NeighbourNames& names = kNeighbourNames) {
   NeighbourInputs in;
-  in.tokens = checked_tokens(tokens, rows, vocab, op);
+  in.tokens = checked_ids(tokens, vocab, op, names.tokens);
   in.src.k = in.tokens.size(1);
   if (scores.has_value()) {
-    in.scores = checked_scores(*scores, in.tokens, op, "scores");
+    in.scores = checked_scores(*scores, op, names.scores);
     in.src.scores = in.scores.data_ptr<float>();
   } else {
-    in.weights = checked_scores(*weights, in.tokens, op, "weights");
-    const float* w = in.weights.data_ptr<float>();
-    for (int64_t i = 0; i < in.weights.numel(); ++i) {
-      TORCH_CHECK_VALUE(w[i] >= 0.0f && w[i] < INFINITY, op,
-                        ": weights must be finite and >= 0, got ", w[i], " at flat position ", i);
-    }
-    in.src.weights = w;
+    in.weights = checked_weights(*weights, op, names.weights);
+    in.src.weights = in.weights.data_ptr<float>();
   }
-  in.temperature = row_param(temperature, rows, ParamRange::Positive, op, "temperature");
+  in.temperature = row_param(temperature, ParamRange::Positive, op, "temperature");
   return in;
 }
 

@@ -30,18 +30,14 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
                                 const c10::optional<at::Tensor>& weights,
                                 const at::Tensor& temperature, const at::Tensor& lam,
                                 int64_t ignore_index) {
-  check_cpu(logits_in, kOp, "logits");
-  check_dim(logits_in, 2, kOp, "logits");
-  check_logits(logits_in, kOp);
-  check_cpu(targets_in, kOp, "targets");
-  check_dim(targets_in, 1, kOp, "targets");
-  check_integer(targets_in, kOp, "targets");
+  check_knn_gold_logprob_args(logits_in, targets_in, tokens, scores, weights, temperature, lam,
+                              Backend::CPU);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
-  const at::Tensor targets = checked_targets(targets_in, B, V, ignore_index, kOp);
+  const at::Tensor targets = checked_targets(targets_in, V, ignore_index, kOp);
   const int64_t* tgt = targets.data_ptr<int64_t>();
-  NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, B, V, kOp);
-  const RowParam lam_rows = row_param(lam, B, ParamRange::UnitInterval, kOp, "lam");
+  NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, V, kOp);
+  const RowParam lam_rows = row_param(lam, ParamRange::UnitInterval, kOp, "lam");
   at::Tensor out = at::zeros({B}, logits.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t k = in.src.k;
@@ -66,8 +62,7 @@ at::Tensor knn_gold_logprob_cpu(const at::Tensor& logits_in, const at::Tensor& t
       o[r] = interpolate_log(model, knn);
     }
   });
-  TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),
-                    " contains NaN or +inf (log_softmax is undefined)");
+  if (bad_row.load() >= 0) raise_bad_logits_row(kOp, bad_row.load());
   return out;
 }
 

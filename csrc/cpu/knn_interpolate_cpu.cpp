@@ -63,26 +63,17 @@ void interpolate_rows(const at::Tensor& logits, const NeighbourInputs& in, const
       if (m.has_knn) add_knn_part(m.tokens, log_w, k, std::log(m.lam), token_acc, out_row);
     }
   });
-  TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),
-                    " contains NaN or +inf (log_softmax is undefined)");
+  if (bad_row.load() >= 0) raise_bad_logits_row(kOp, bad_row.load());
 }
 
-void check_inputs(const at::Tensor& logits, const std::string& plan) {
-  parse_plan(plan, kCpuInterpolatePlans, "CPU", kOp);  // one plan on CPU
-  check_cpu(logits, kOp, "logits");
-  check_dim(logits, 2, kOp, "logits");
-  check_logits(logits, kOp);
-  TORCH_CHECK_VALUE(logits.size(1) > 0, kOp, ": logits must have a vocabulary dimension > 0");
-}
-
+// After check_knn_interpolate_args: the values, then the rows.
 void knn_interpolate_impl(const at::Tensor& logits_in, const at::Tensor& tokens,
                           const c10::optional<at::Tensor>& scores,
                           const c10::optional<at::Tensor>& weights,
                           const at::Tensor& temperature, const at::Tensor& lam, at::Tensor& out) {
   const at::Tensor logits = logits_in.contiguous();
-  const int64_t B = logits.size(0), V = logits.size(1);
-  NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, B, V, kOp);
-  RowParam lam_rows = row_param(lam, B, ParamRange::UnitInterval, kOp, "lam");
+  NeighbourInputs in = neighbour_inputs(tokens, scores, weights, temperature, logits.size(1), kOp);
+  RowParam lam_rows = row_param(lam, ParamRange::UnitInterval, kOp, "lam");
   interpolate_rows(logits, in, lam_rows, out);
 }
 
@@ -93,7 +84,8 @@ at::Tensor knn_interpolate_cpu(const at::Tensor& logits, const at::Tensor& token
                                const c10::optional<at::Tensor>& weights,
                                const at::Tensor& temperature, const at::Tensor& lam,
                                const std::string& plan) {
-  check_inputs(logits, plan);
+  check_knn_interpolate_args(logits, tokens, scores, weights, temperature, lam, plan, nullptr,
+                             Backend::CPU);
   at::Tensor out = empty_output({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
   knn_interpolate_impl(logits, tokens, scores, weights, temperature, lam, out);
   return out;
@@ -104,12 +96,8 @@ void knn_interpolate_out_cpu(const at::Tensor& logits, const at::Tensor& tokens,
                              const c10::optional<at::Tensor>& weights,
                              const at::Tensor& temperature, const at::Tensor& lam,
                              const std::string& plan, at::Tensor& out) {
-  check_inputs(logits, plan);
-  check_cpu(out, kOp, "out");
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                        out.sizes() == logits.sizes(),
-                    kOp, ": out must be a contiguous float32 tensor of shape ", logits.sizes(),
-                    ", got ", out.scalar_type(), " ", out.sizes());
+  check_knn_interpolate_args(logits, tokens, scores, weights, temperature, lam, plan, &out,
+                             Backend::CPU);
   knn_interpolate_impl(logits, tokens, scores, weights, temperature, lam, out);
 }
 

@@ -30,42 +30,21 @@ struct KdInputs {
   int64_t B = 0, V = 0;
 };
 
+// check_knn_kd_loss_args, then the values (targets, teacher tokens / scores / probs,
+// temperature). grad_rows: the backward's incoming gradient [B], or null.
 KdInputs kd_inputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
                    const at::Tensor& tokens, const c10::optional<at::Tensor>& scores,
                    const c10::optional<at::Tensor>& probs, const at::Tensor& temperature,
                    int64_t ignore_index, double ce_weight, double kd_weight,
-                   double label_smoothing) {
-  check_cpu(logits_in, kOp, "logits");
-  check_dim(logits_in, 2, kOp, "logits");
-  check_logits(logits_in, kOp);
-  check_cpu(targets_in, kOp, "targets");
-  check_dim(targets_in, 1, kOp, "targets");
-  check_integer(targets_in, kOp, "targets");
-  knnfast::check_kd_weights(ce_weight, kd_weight, label_smoothing, kOp);
+                   double label_smoothing, const at::Tensor* grad_rows = nullptr) {
+  check_knn_kd_loss_args(logits_in, targets_in, tokens, scores, probs, temperature, ce_weight,
+                         kd_weight, label_smoothing, grad_rows, Backend::CPU);
   KdInputs in;
   in.logits = logits_in.contiguous();
   in.B = in.logits.size(0);
   in.V = in.logits.size(1);
-  in.targets = checked_targets(targets_in, in.B, in.V, ignore_index, kOp);
-  TORCH_CHECK_VALUE(scores.has_value() != probs.has_value(), kOp,
-                    ": pass exactly one of teacher_scores or teacher_probs");
-  NeighbourInputs& t = in.teacher;
-  t.tokens = checked_tokens(tokens, in.B, in.V, kOp, "teacher_tokens");
-  t.src.k = t.tokens.size(1);
-  if (scores.has_value()) {
-    t.scores = checked_scores(*scores, t.tokens, kOp, "teacher_scores");
-    t.src.scores = t.scores.data_ptr<float>();
-  } else {
-    t.weights = checked_scores(*probs, t.tokens, kOp, "teacher_probs");
-    const float* w = t.weights.data_ptr<float>();
-    for (int64_t i = 0; i < t.weights.numel(); ++i) {
-      TORCH_CHECK_VALUE(w[i] >= 0.0f && w[i] < INFINITY, kOp,
-                        ": teacher_probs must be finite and >= 0, got ", w[i],
-                        " at flat position ", i);
-    }
-    t.src.weights = w;
-  }
-  t.temperature = row_param(temperature, in.B, ParamRange::Positive, kOp, "temperature");
+  in.targets = checked_targets(targets_in, in.V, ignore_index, kOp);
+  in.teacher = neighbour_inputs(tokens, scores, probs, temperature, in.V, kOp, kTeacherNames);
   return in;
 }
 
@@ -130,8 +109,7 @@ at::Tensor knn_kd_loss_cpu(const at::Tensor& logits_in, const at::Tensor& target
       o[r] = cw * ce + kw * kd;
     }
   });
-  TORCH_CHECK_VALUE(bad_row.load() < 0, kOp, ": logits row ", bad_row.load(),
-                    " contains NaN or +inf (log_softmax is undefined)");
+  if (bad_row.load() >= 0) raise_bad_logits_row(kOp, bad_row.load());
   return out;
 }
 
@@ -143,10 +121,6 @@ namespace {
 void kd_gradient(const KdInputs& in, const at::Tensor& grad_rows_in, double ce_weight,
                  double kd_weight, double label_smoothing, int64_t ignore_index, float* gp) {
   const int64_t B = in.B, V = in.V, k = in.teacher.src.k;
-  check_cpu(grad_rows_in, "knn_kd_loss_backward", "grad");
-  TORCH_CHECK_VALUE(grad_rows_in.dim() == 1 && grad_rows_in.size(0) == B,
-                    "knn_kd_loss_backward: grad must have shape [", B, "], got ",
-                    grad_rows_in.sizes());
   const at::Tensor grad_rows = as_float32(grad_rows_in);
   const float* g_rows = grad_rows.data_ptr<float>();
   const int64_t* tgt = in.targets.data_ptr<int64_t>();
@@ -165,7 +139,7 @@ void kd_gradient(const KdInputs& in, const at::Tensor& grad_rows_in, double ce_w
       }
       const float* x = logits_row_f32(in.logits, r, buf);
       const RowLogSumExp lse = row_logsumexp(x, V);
-      TORCH_CHECK_VALUE(!lse.bad, kOp, ": logits row ", r, " contains NaN or +inf");
+      if (lse.bad) raise_bad_logits_row(kOp, r);
       const int64_t* t = tok + r * k;
       const bool has = neighbour_log_weights(in.teacher.src, r, t, in.teacher.temperature[r],
                                              log_w);
@@ -191,7 +165,7 @@ at::Tensor knn_kd_loss_backward_cpu(const at::Tensor& grad_rows, const at::Tenso
                                     int64_t ignore_index) {
   const KdInputs in = kd_inputs(logits_in, targets_in, teacher_tokens, teacher_scores,
                                 teacher_probs, temperature, ignore_index, ce_weight, kd_weight,
-                                label_smoothing);
+                                label_smoothing, &grad_rows);
   at::Tensor grad = empty_output({in.B, in.V}, in.logits.options().dtype(at::kFloat));
   kd_gradient(in, grad_rows, ce_weight, kd_weight, label_smoothing, ignore_index,
               grad.data_ptr<float>());
@@ -207,7 +181,7 @@ void knn_kd_loss_grad_cpu_(const at::Tensor& logits, const at::Tensor& grad_rows
   knnfast::check_in_place_logits(logits, "knn_kd_loss_grad_");
   const KdInputs in = kd_inputs(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
                                 temperature, ignore_index, ce_weight, kd_weight,
-                                label_smoothing);
+                                label_smoothing, &grad_rows);
   kd_gradient(in, grad_rows, ce_weight, kd_weight, label_smoothing, ignore_index,
               logits.data_ptr<float>());
 }

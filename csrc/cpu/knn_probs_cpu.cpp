@@ -12,11 +12,9 @@ namespace knnfast::cpu {
 at::Tensor knn_probs_cpu(const at::Tensor& scores, const at::Tensor& tokens, int64_t vocab_size,
                          const at::Tensor& temperature) {
   constexpr const char* kOp = "knn_probs";
-  TORCH_CHECK_VALUE(vocab_size > 0, kOp, ": vocab_size must be > 0, got ", vocab_size);
-  check_dim(tokens, 2, kOp, "tokens");
+  check_knn_probs_args(scores, tokens, vocab_size, temperature, Backend::CPU, kOp);
   const int64_t B = tokens.size(0);
-  NeighbourInputs in = neighbour_inputs(tokens, scores, c10::nullopt, temperature, B,
-                                        vocab_size, kOp);
+  NeighbourInputs in = neighbour_inputs(tokens, scores, c10::nullopt, temperature, vocab_size, kOp);
   const int64_t k = in.src.k;
   // Rows with no valid neighbour stay all zeros (P_kNN undefined; never NaN).
   at::Tensor out = empty_output({B, vocab_size}, scores.options().dtype(at::kFloat));
@@ -39,9 +37,9 @@ std::tuple<at::Tensor, at::Tensor> knn_probs_sparse_cpu(const at::Tensor& scores
                                                         const at::Tensor& tokens,
                                                         const at::Tensor& temperature) {
   constexpr const char* kOp = "knn_probs_sparse";
-  check_dim(tokens, 2, kOp, "tokens");
+  check_knn_probs_args(scores, tokens, c10::nullopt, temperature, Backend::CPU, kOp);
   const int64_t B = tokens.size(0);
-  NeighbourInputs in = neighbour_inputs(tokens, scores, c10::nullopt, temperature, B, -1, kOp);
+  NeighbourInputs in = neighbour_inputs(tokens, scores, c10::nullopt, temperature, -1, kOp);
   const int64_t k = in.src.k;
   at::Tensor out_tokens = at::full({B, k}, -1, in.tokens.options());
   at::Tensor out_probs = at::zeros({B, k}, scores.options().dtype(at::kFloat));

@@ -11,17 +11,12 @@ namespace knnfast::cpu {
 at::Tensor knn_rescore_cpu(const at::Tensor& queries_in, const at::Tensor& keys_in,
                            const at::Tensor& indices_in, const std::string& metric_name) {
   constexpr const char* kOp = "knn_rescore";
-  const Metric metric = parse_metric(metric_name, kOp);
-  check_cpu(queries_in, kOp, "queries");
-  check_cpu(keys_in, kOp, "keys");
-  check_cpu(indices_in, kOp, "indices");
-  check_rescore_shapes(queries_in, keys_in, indices_in, kOp);
+  const Metric metric =
+      check_knn_rescore_args(queries_in, keys_in, indices_in, metric_name, Backend::CPU);
   const at::Tensor queries = as_float32(queries_in);
-  TORCH_CHECK_VALUE(at::isfinite(queries).all().item<bool>(), kOp,
-                    ": queries contain NaN or inf");
+  if (!at::isfinite(queries).all().item<bool>()) raise_bad_queries(kOp);
   const at::Tensor keys = keys_in.contiguous();
-  const at::Tensor indices = checked_tokens(indices_in, queries.size(0), keys.size(0), kOp,
-                                            "indices");
+  const at::Tensor indices = checked_ids(indices_in, keys.size(0), kOp, "indices");
   const int64_t B = indices.size(0), k = indices.size(1), D = queries.size(1);
   at::Tensor out = at::empty({B, k}, queries.options());
   const float* q = queries.data_ptr<float>();

@@ -22,11 +22,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <numeric>
 
 #include "common/settings.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/simd_load.h"
+#include "cpu/topk_merge.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
@@ -283,12 +283,16 @@ int64_t finish_row(const Setup& st, const std::vector<std::vector<RowState>>& pa
   }
   std::vector<float> s;
   std::vector<int64_t> idx;
+  TopkMerger merger(st.k);
+  int64_t rescored = 0;
   const float* qb = st.queries.data_ptr<float>() + b * st.D;
   const float qq = norm2(qb, st.D);
   const char* keys = static_cast<const char*>(st.keys.data_ptr());
   const int64_t row_bytes = st.D * st.keys.element_size();
   for (const auto& part : parts) {
     const RowState& r = part[b];
+    s.clear();
+    idx.clear();
     for (size_t i = 0; i < r.upper.size(); ++i) {
       if (!(r.upper[i] >= threshold)) continue;
       const PairSums p = pair_sums(qb, keys + r.index[i] * row_bytes, st.keys.scalar_type(), st.D);
@@ -297,17 +301,11 @@ int64_t finish_row(const Setup& st, const std::vector<std::vector<RowState>>& pa
       s.push_back(score);
       idx.push_back(r.index[i]);
     }
+    merger.add(s.data(), idx.data(), int64_t(s.size()));
+    rescored += int64_t(s.size());
   }
-  std::vector<int64_t> order(s.size());
-  std::iota(order.begin(), order.end(), 0);
-  const int64_t top = std::min<int64_t>(st.k, order.size());
-  std::partial_sort(order.begin(), order.begin() + top, order.end(),
-                    [&](int64_t x, int64_t y) { return better(s[x], idx[x], s[y], idx[y]); });
-  for (int64_t j = 0; j < st.k; ++j) {
-    out_s[j] = j < top ? s[order[j]] : -INFINITY;
-    out_i[j] = j < top ? idx[order[j]] : -1;
-  }
-  return int64_t(s.size());
+  merger.write(out_s, out_i);
+  return rescored;
 }
 
 template <Metric M>

@@ -24,13 +24,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
-#include "common/limits.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/knn_search_bf16.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/topk_merge.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
@@ -47,7 +46,7 @@ struct Plan {
   int64_t keep;  // candidates kept per row
 };
 
-// The path of the requested plan (auto: by batch size and CPU; check_plan has made sure bf16
+// The path of the requested plan (auto: by batch size and CPU; the wrapper has made sure bf16
 // is available when requested).
 Plan make_plan(int64_t B, int64_t k, CpuSearchPlan requested) {
   Path path = B < kSmallBatch ? Path::Stream : bf16_dot_available() ? Path::Bf16 : Path::GemmF32;
@@ -166,31 +165,6 @@ std::vector<RowHeaps> scan_all(const SearchInputs& in, const Plan& plan) {
   return out;
 }
 
-// Best `count` of row `row` over all per-thread heaps, sorted by better(), padded (-inf, -1).
-void merge_row(const std::vector<RowHeaps>& parts, int64_t row, int64_t count,
-               std::vector<float>& s, std::vector<int64_t>& idx) {
-  std::vector<float> all_s;
-  std::vector<int64_t> all_i;
-  for (const RowHeaps& h : parts) {
-    all_s.insert(all_s.end(), h.scores.begin() + row * h.keep,
-                 h.scores.begin() + (row + 1) * h.keep);
-    all_i.insert(all_i.end(), h.indices.begin() + row * h.keep,
-                 h.indices.begin() + (row + 1) * h.keep);
-  }
-  std::vector<int64_t> order(all_s.size());
-  std::iota(order.begin(), order.end(), 0);
-  const int64_t top = std::min<int64_t>(count, order.size());
-  std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int64_t a, int64_t b) {
-    return better(all_s[a], all_i[a], all_s[b], all_i[b]);
-  });
-  s.assign(count, -INFINITY);
-  idx.assign(count, -1);
-  for (int64_t j = 0; j < top; ++j) {
-    s[j] = all_s[order[j]];
-    idx[j] = s[j] == -INFINITY ? -1 : all_i[order[j]];
-  }
-}
-
 float squared_norm(const float* x, int64_t D) {
   float s = 0.0f;
   for (int64_t d = 0; d < D; ++d) s += x[d] * x[d];
@@ -205,10 +179,15 @@ void finalize(const SearchInputs& in, const Plan& plan,
   float* os = out_scores.data_ptr<float>();
   int64_t* oi = out_indices.data_ptr<int64_t>();
   at::parallel_for(0, B, row_grain(plan.keep * 8), [&](int64_t begin, int64_t end) {
-    std::vector<float> s;
-    std::vector<int64_t> idx;
+    std::vector<float> s(plan.keep);
+    std::vector<int64_t> idx(plan.keep);
+    TopkMerger merger(plan.keep);
     for (int64_t b = begin; b < end; ++b) {
-      merge_row(parts, b, plan.keep, s, idx);
+      // the row's best over all per-thread heaps (heap padding is (-inf, -1) and sorts last)
+      merger.clear();
+      for (const RowHeaps& h : parts)
+        merger.add(h.scores.data() + b * h.keep, h.indices.data() + b * h.keep, h.keep);
+      merger.write(s.data(), idx.data());
       const float qq = squared_norm(in.queries.data_ptr<float>() + b * D, D);
       for (int64_t j = 0; j < k; ++j) {
         oi[b * k + j] = idx[j];
@@ -247,44 +226,24 @@ void research_rows(const SearchInputs& in, const std::vector<int64_t>& rows,
   out_indices.index_copy_(0, row_ids, i);
 }
 
-CpuSearchPlan check_plan(const std::string& plan) {
-  const auto p = static_cast<CpuSearchPlan>(parse_plan(plan, kCpuSearchPlans, "CPU", kOp));
-  TORCH_CHECK_VALUE(p != CpuSearchPlan::Bf16 || bf16_dot_available(), kOp,
-                    ": plan 'bf16' needs a CPU with AVX512-BF16; this CPU has none (plans here: "
-                    "'auto', 'stream', 'gemm_f32')");
-  return p;
-}
-
-SearchInputs check_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
-                          const std::string& metric, const c10::optional<at::Tensor>& key_sq_norms,
-                          const c10::optional<at::Tensor>& exclude) {
+// After check_knn_search_args: the plan CPU can run, float32 queries (finite), contiguous
+// keys, and the optional inputs converted (exclude ids checked against N).
+SearchInputs search_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                           Metric metric, const c10::optional<at::Tensor>& key_sq_norms,
+                           const c10::optional<at::Tensor>& exclude) {
   SearchInputs in;
-  in.metric = parse_metric(metric, kOp);
-  check_cpu(queries, kOp, "queries");
-  check_cpu(keys, kOp, "keys");
-  check_search_shapes(queries, keys, k, kMaxK, kOp);
-  const int64_t B = queries.size(0), N = keys.size(0);
+  in.metric = metric;
   in.queries = as_float32(queries);
-  TORCH_CHECK_VALUE(at::isfinite(in.queries).all().item<bool>(), kOp,
-                    ": queries contain NaN or inf");
+  if (!at::isfinite(in.queries).all().item<bool>()) raise_bad_queries(kOp);
   in.keys = keys.contiguous();
   in.k = k;
-  if (key_sq_norms.has_value()) {
-    check_cpu(*key_sq_norms, kOp, "key_sq_norms");
-    TORCH_CHECK_VALUE(key_sq_norms->dim() == 1 && key_sq_norms->size(0) == N, kOp,
-                      ": key_sq_norms must have shape [", N, "], got ", key_sq_norms->sizes());
-    in.key_sq_norms = as_float32(*key_sq_norms);
-  }
+  if (key_sq_norms.has_value()) in.key_sq_norms = as_float32(*key_sq_norms);
   if (exclude.has_value()) {
-    check_cpu(*exclude, kOp, "exclude");
-    check_integer(*exclude, kOp, "exclude");
-    TORCH_CHECK_VALUE(exclude->dim() == 1 && exclude->size(0) == B, kOp,
-                      ": exclude must have shape [", B, "], got ", exclude->sizes());
     in.exclude = as_int64(*exclude);
     const int64_t* e = in.exclude.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK_VALUE(e[b] >= -1 && e[b] < N, kOp, ": exclude must hold ids in [-1, ", N,
-                        "), got ", e[b], " at row ", b);
+    const int64_t N = keys.size(0);
+    for (int64_t b = 0; b < in.exclude.numel(); ++b)
+      if (!valid_id(e[b], N)) raise_bad_exclude(kOp, N, e[b], b);
   }
   return in;
 }
@@ -297,8 +256,13 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries,
                                                   const c10::optional<at::Tensor>& key_sq_norms,
                                                   const c10::optional<at::Tensor>& exclude,
                                                   const std::string& plan_name) {
-  SearchInputs in = check_inputs(queries, keys, k, metric, key_sq_norms, exclude);
-  const CpuSearchPlan requested = check_plan(plan_name);
+  const SearchArgs args = check_knn_search_args(queries, keys, k, metric, key_sq_norms, exclude,
+                                                plan_name, Backend::CPU);
+  const auto requested = static_cast<CpuSearchPlan>(args.plan);
+  TORCH_CHECK_VALUE(requested != CpuSearchPlan::Bf16 || bf16_dot_available(), kOp,
+                    ": plan 'bf16' needs a CPU with AVX512-BF16; this CPU has none (plans here: "
+                    "'auto', 'stream', 'gemm_f32')");
+  const SearchInputs in = search_inputs(queries, keys, k, args.metric, key_sq_norms, exclude);
   const int64_t B = in.queries.size(0);
   at::Tensor out_scores = at::empty({B, k}, in.queries.options());
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));

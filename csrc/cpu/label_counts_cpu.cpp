@@ -9,9 +9,8 @@ namespace knnfast::cpu {
 
 at::Tensor label_counts_cpu(const at::Tensor& tokens_in) {
   constexpr const char* kOp = "label_counts";
-  check_cpu(tokens_in, kOp, "tokens");
-  check_dim(tokens_in, 2, kOp, "tokens");
-  const at::Tensor tokens = checked_tokens(tokens_in, tokens_in.size(0), -1, kOp);
+  check_label_counts_args(tokens_in, Backend::CPU);
+  const at::Tensor tokens = checked_ids(tokens_in, -1, kOp, "tokens");
   const int64_t B = tokens.size(0), k = tokens.size(1);
   at::Tensor out = at::empty({B, k}, tokens.options());
   const int64_t* t = tokens.data_ptr<int64_t>();

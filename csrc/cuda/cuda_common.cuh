@@ -84,7 +84,7 @@ __device__ __forceinline__ int64_t load_token(const int64_t* tokens, int64_t i) 
 __device__ __forceinline__ float row_lam(RowScalarArg lam, int64_t r,
                                          unsigned long long* status) {
   const float v = lam.data[r * lam.stride];
-  if (v >= 0.0f && v <= 1.0f) return v;
+  if (valid_lam(v)) return v;
   if (threadIdx.x == 0) report(status, kBadLam, r);
   return 0.0f;
 }

@@ -1,6 +1,6 @@
-// Torch-side helpers of the CUDA wrappers (g++ only, never nvcc): device checks, the status
-// buffer the kernels report bad values into, and the ValueError raised from it after the
-// kernels ran (DESIGN §2). Messages match the CPU backend's word for word.
+// Torch-side helpers of the CUDA wrappers (g++ only, never nvcc): the status buffer the kernels
+// report bad values into, the ValueError raised from it after the kernels ran (DESIGN §2; the
+// texts of common/messages.h, as on CPU), and the conversions of the checked arguments.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,25 +10,13 @@
 #include <cmath>
 #include <string>
 
+#include "common/messages.h"
+#include "common/op_checks.h"
 #include "common/settings.h"
 #include "common/torch_checks.h"
 #include "cuda/kernel_args.h"
 
 namespace knnfast::cuda {
-
-inline void check_cuda_tensor(const at::Tensor& t, const at::Device& device, const char* op,
-                              const char* name) {
-  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name,
-                    " must be on the same device as the other inputs (", device, "), got ",
-                    t.device());
-}
-
-// The wrappers take their device from one argument; a direct torch.ops call that mixes a CPU
-// tensor into CUDA inputs must fail as ValueError before any device guard is made.
-inline void check_is_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name,
-                    " must be on the same device as the other inputs (cuda), got ", t.device());
-}
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -60,106 +48,76 @@ inline unsigned long long* status_ptr(const at::Tensor& status) {
 struct StatusContext {
   const char* op;
   at::Tensor tokens;
-  const char* tokens_name = "tokens";
-  int64_t token_bound = -1;  // -1: no upper bound
+  NeighbourNames names = kNeighbourNames;  // tokens: also label_counts; "indices": knn_rescore
+  int64_t token_bound = -1;                // -1: no upper bound
   at::Tensor scores, weights, temperature, lam, targets;
   int64_t vocab = 0, ignore_index = 0, entries = 0;
   at::Tensor exclude;
 };
 
-inline double value_at(const at::Tensor& t, int64_t flat) {
-  return t.reshape(-1)[flat].item<double>();
+inline float value_at(const at::Tensor& t, int64_t flat) {
+  return t.reshape(-1)[flat].item<float>();
+}
+
+inline int64_t id_at(const at::Tensor& t, int64_t flat) {
+  return t.reshape(-1)[flat].item<int64_t>();
+}
+
+// A per-row parameter's report: the row, or 0 when one value serves all rows.
+inline void raise_bad_param(const StatusContext& c, const at::Tensor& t, const char* name,
+                            ParamRange range, int64_t row) {
+  const int64_t at_row = t.numel() == 1 ? 0 : row;
+  raise_bad_row_param(c.op, name, range, value_at(t, at_row), at_row);
 }
 
 // Reads the status back (one small device-to-host copy, which waits for the kernels) and
-// raises ValueError for the first kind of bad value found.
+// raises the ValueError of the first kind of bad value found, in the order of the CPU checks
+// (queries and targets before the neighbour inputs), with the CPU's texts (common/messages.h).
 inline void raise_on_status(const at::Tensor& status, const StatusContext& c) {
   if (!status_readback_enabled()) return;
   const at::Tensor host = status.cpu();
   const int64_t* s = host.data_ptr<int64_t>();
   auto bad = [&](StatusCode code) { return s[code] != -1; };
   const char* op = c.op;
-  // the order of the CPU checks: queries and targets before the neighbour inputs
-  TORCH_CHECK_VALUE(!bad(kBadQuery), op, ": queries contain NaN or inf");
-  if (bad(kBadTarget)) {
-    const int64_t row = s[kBadTarget];
-    TORCH_CHECK_VALUE(false, op, ": targets must be in [0, ", c.vocab, ") or ignore_index (",
-                      c.ignore_index, "), got ", c.targets[row].item<int64_t>(), " at row ", row);
-  }
-  if (bad(kBadToken)) {
-    const int64_t pos = s[kBadToken];
-    TORCH_CHECK_VALUE(false, op, ": ", c.tokens_name, " must hold ids in [-1, ",
-                      c.token_bound < 0 ? std::string("inf") : std::to_string(c.token_bound),
-                      "), got ", c.tokens.reshape(-1)[pos].item<int64_t>(), " at flat position ",
-                      pos);
-  }
-  if (bad(kBadScore)) {
-    const int64_t pos = s[kBadScore];
-    TORCH_CHECK_VALUE(false, op, ": scores must be finite or -inf, got ", value_at(c.scores, pos),
-                      " at flat position ", pos);
-  }
+  if (bad(kBadQuery)) raise_bad_queries(op);
+  if (bad(kBadTarget))
+    raise_bad_target(op, c.vocab, c.ignore_index, id_at(c.targets, s[kBadTarget]), s[kBadTarget]);
+  if (bad(kBadToken))
+    raise_bad_id(op, c.names.tokens, c.token_bound, id_at(c.tokens, s[kBadToken]), s[kBadToken]);
+  if (bad(kBadScore))
+    raise_bad_score(op, c.names.scores, value_at(c.scores, s[kBadScore]), s[kBadScore]);
   if (bad(kBadWeightNonFinite)) {
     const int64_t pos = s[kBadWeightNonFinite];
-    TORCH_CHECK_VALUE(false, op, ": weights must be finite or -inf, got ", value_at(c.weights, pos),
-                      " at flat position ", pos);
+    raise_bad_score(op, c.names.weights, value_at(c.weights, pos), pos);
   }
-  if (bad(kBadWeight)) {
-    const int64_t pos = s[kBadWeight];
-    TORCH_CHECK_VALUE(false, op, ": weights must be finite and >= 0, got ",
-                      value_at(c.weights, pos), " at flat position ", pos);
-  }
-  if (bad(kBadTemperature)) {
-    const int64_t row = s[kBadTemperature];
-    const int64_t at_row = c.temperature.numel() == 1 ? 0 : row;
-    TORCH_CHECK_VALUE(false, op, ": temperature must be > 0 and finite, got ",
-                      value_at(c.temperature, at_row), " (row ", at_row, ")");
-  }
-  if (bad(kBadLam)) {
-    const int64_t row = s[kBadLam];
-    const int64_t at_row = c.lam.numel() == 1 ? 0 : row;
-    TORCH_CHECK_VALUE(false, op, ": lam must be in [0, 1], got ", value_at(c.lam, at_row),
-                      " (row ", at_row, ")");
-  }
-  TORCH_CHECK_VALUE(!bad(kBadLogitsRow), op, ": logits row ", s[kBadLogitsRow],
-                    " contains NaN or +inf (log_softmax is undefined)");
-  if (bad(kBadExclude)) {
-    const int64_t row = s[kBadExclude];
-    TORCH_CHECK_VALUE(false, op, ": exclude must hold ids in [-1, ", c.entries, "), got ",
-                      c.exclude[row].item<int64_t>(), " at row ", row);
-  }
+  if (bad(kBadWeight))
+    raise_bad_weight(op, c.names.weights, value_at(c.weights, s[kBadWeight]), s[kBadWeight]);
+  if (bad(kBadTemperature))
+    raise_bad_param(c, c.temperature, "temperature", ParamRange::Positive, s[kBadTemperature]);
+  if (bad(kBadLam)) raise_bad_param(c, c.lam, "lam", ParamRange::UnitInterval, s[kBadLam]);
+  if (bad(kBadLogitsRow)) raise_bad_logits_row(op, s[kBadLogitsRow]);
+  if (bad(kBadExclude))
+    raise_bad_exclude(op, c.entries, id_at(c.exclude, s[kBadExclude]), s[kBadExclude]);
 }
 
-// Validated neighbour tensors of one call (shapes and dtypes here, values in the kernels).
+// Neighbour tensors of one call, converted for the kernels (check_*_args has checked their
+// shapes; the kernels check the values).
 struct NeighbourTensors {
   at::Tensor tokens, scores, weights, temperature;
+  NeighbourNames names;
   NeighbourArgs args;
 };
 
 inline NeighbourTensors neighbour_tensors(const at::Tensor& tokens,
                                           const c10::optional<at::Tensor>& scores,
                                           const c10::optional<at::Tensor>& weights,
-                                          const at::Tensor& temperature, int64_t rows,
-                                          int64_t vocab, const at::Device& device,
-                                          const char* op) {
-  TORCH_CHECK_VALUE(scores.has_value() != weights.has_value(), op,
-                    ": pass exactly one of scores or weights");
+                                          const at::Tensor& temperature, int64_t vocab,
+                                          const NeighbourNames& names = kNeighbourNames) {
   NeighbourTensors n;
-  check_cuda_tensor(tokens, device, op, "tokens");
-  check_dim(tokens, 2, op, "tokens");
-  check_integer(tokens, op, "tokens");
-  TORCH_CHECK_VALUE(tokens.size(0) == rows, op, ": tokens must have ", rows,
-                    " rows (one per logits/scores row), got shape ", tokens.sizes());
+  n.names = names;
   n.tokens = as_int64(tokens);
-  const at::Tensor& given = scores.has_value() ? *scores : *weights;
-  const char* given_name = scores.has_value() ? "scores" : "weights";
-  check_cuda_tensor(given, device, op, given_name);
-  check_dim(given, 2, op, given_name);
-  check_floating(given, op, given_name);
-  TORCH_CHECK_VALUE(given.sizes() == tokens.sizes(), op, ": ", given_name,
-                    " must have the shape of tokens ", tokens.sizes(), ", got ", given.sizes());
-  (scores.has_value() ? n.scores : n.weights) = as_float32(given);
-  check_cuda_tensor(temperature, device, op, "temperature");
-  check_row_param_shape(temperature, rows, op, "temperature");
+  if (scores.has_value()) n.scores = as_float32(*scores);
+  if (weights.has_value()) n.weights = as_float32(*weights);
   n.temperature = as_float32(temperature).reshape({-1});
   n.args.tokens = n.tokens.data_ptr<int64_t>();
   n.args.scores = n.scores.defined() ? n.scores.data_ptr<float>() : nullptr;
@@ -171,10 +129,8 @@ inline NeighbourTensors neighbour_tensors(const at::Tensor& tokens,
   return n;
 }
 
-inline RowScalarArg row_scalar(at::Tensor& storage, const at::Tensor& t, int64_t rows,
-                               const at::Device& device, const char* op, const char* name) {
-  check_cuda_tensor(t, device, op, name);
-  check_row_param_shape(t, rows, op, name);
+// A per-row parameter (lam) for the kernels; `storage` keeps the float32 copy alive.
+inline RowScalarArg row_scalar(at::Tensor& storage, const at::Tensor& t) {
   storage = as_float32(t).reshape({-1});
   return RowScalarArg{storage.data_ptr<float>(), storage.numel() == 1 ? 0 : 1};
 }
@@ -184,6 +140,7 @@ inline StatusContext neighbour_context(const char* op, const NeighbourTensors& n
   StatusContext c;
   c.op = op;
   c.tokens = n.tokens;
+  c.names = n.names;
   c.token_bound = token_bound;
   c.scores = n.scores;
   c.weights = n.weights;

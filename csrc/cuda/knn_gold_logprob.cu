@@ -25,8 +25,7 @@ __global__ void knn_gold_logprob_kernel(const T* logits, int64_t V, const int64_
     if (threadIdx.x == 0) out[r] = 0.0f;
     return;
   }
-  const bool target_ok = y >= 0 && y < V;
-  if (!target_ok) {
+  if (!valid_target(y, V, ignore_index)) {
     if (threadIdx.x == 0) {
       report(status, kBadTarget, r);
       out[r] = 0.0f;

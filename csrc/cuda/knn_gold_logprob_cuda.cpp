@@ -1,4 +1,5 @@
-// knn_gold_logprob on CUDA: argument checks and launch (kernel in knn_gold_logprob.cu).
+// knn_gold_logprob on CUDA: argument checks (common/op_checks.h) and launch (kernel in
+// knn_gold_logprob.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,22 +15,16 @@ at::Tensor knn_gold_logprob_cuda(const at::Tensor& logits_in, const at::Tensor& 
                                  const at::Tensor& temperature, const at::Tensor& lam,
                                  int64_t ignore_index) {
   constexpr const char* kOp = "knn_gold_logprob";
-  check_is_cuda(logits_in, kOp, "logits");
-  check_dim(logits_in, 2, kOp, "logits");
-  check_logits(logits_in, kOp);
+  check_knn_gold_logprob_args(logits_in, targets_in, tokens, scores, weights, temperature, lam,
+                              Backend::CUDA);
   const at::Device device = logits_in.device();
-  check_cuda_tensor(targets_in, device, kOp, "targets");
-  check_dim(targets_in, 1, kOp, "targets");
-  check_integer(targets_in, kOp, "targets");
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(targets_in.size(0) == B, kOp, ": targets must have shape [", B, "], got ",
-                    targets_in.sizes());
   const at::Tensor targets = as_int64(targets_in);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, weights, temperature, B, V, device, kOp);
+  NeighbourTensors n = neighbour_tensors(tokens, scores, weights, temperature, V);
   at::Tensor lam_storage;
-  const RowScalarArg lam_arg = row_scalar(lam_storage, lam, B, device, kOp, "lam");
+  const RowScalarArg lam_arg = row_scalar(lam_storage, lam);
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kFloat));
   const at::Tensor status = new_status(device);
   launch_knn_gold_logprob(logits.data_ptr(), float_type(logits), B, V,

@@ -43,7 +43,7 @@ __device__ __forceinline__ float block_row_sum(const T* x, int64_t V, float* scr
 __device__ __forceinline__ bool live_target(int64_t y, int64_t V, int64_t ignore_index, int64_t r,
                                             unsigned long long* status) {
   if (y == ignore_index) return false;
-  if (y >= 0 && y < V) return true;
+  if (valid_target(y, V, ignore_index)) return true;
   if (threadIdx.x == 0) report(status, kBadTarget, r);
   return false;
 }

@@ -1,4 +1,5 @@
-// knn_kd_loss on CUDA: argument checks and launches (kernels in knn_kd_loss.cu).
+// knn_kd_loss on CUDA: argument checks (common/op_checks.h) and launches (kernels in
+// knn_kd_loss.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,26 +19,23 @@ struct KdCall {
   int64_t B = 0, V = 0;
 };
 
+// check_knn_kd_loss_args (grad_rows: the backward's incoming gradient [B], or null), then the
+// conversions for the kernels (which check the values). The caller guards the device of
+// c.logits for its launches.
 KdCall kd_call(const at::Tensor& logits_in, const at::Tensor& targets_in,
                const at::Tensor& tokens, const c10::optional<at::Tensor>& scores,
                const c10::optional<at::Tensor>& probs, const at::Tensor& temperature,
-               double ce_weight, double kd_weight, double label_smoothing) {
-  check_is_cuda(logits_in, kOp, "logits");
-  check_dim(logits_in, 2, kOp, "logits");
-  check_logits(logits_in, kOp);
-  const at::Device device = logits_in.device();
-  check_cuda_tensor(targets_in, device, kOp, "targets");
-  check_dim(targets_in, 1, kOp, "targets");
-  check_integer(targets_in, kOp, "targets");
-  knnfast::check_kd_weights(ce_weight, kd_weight, label_smoothing, kOp);
+               double ce_weight, double kd_weight, double label_smoothing,
+               const at::Tensor* grad_rows = nullptr) {
+  check_knn_kd_loss_args(logits_in, targets_in, tokens, scores, probs, temperature, ce_weight,
+                         kd_weight, label_smoothing, grad_rows, Backend::CUDA);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
   KdCall c;
   c.logits = logits_in.contiguous();
   c.B = c.logits.size(0);
   c.V = c.logits.size(1);
-  TORCH_CHECK_VALUE(targets_in.size(0) == c.B, kOp, ": targets must have shape [", c.B,
-                    "], got ", targets_in.sizes());
   c.targets = as_int64(targets_in);
-  c.teacher = neighbour_tensors(tokens, scores, probs, temperature, c.B, c.V, device, kOp);
+  c.teacher = neighbour_tensors(tokens, scores, probs, temperature, c.V, kTeacherNames);
   c.weights = KdWeights{float(ce_weight), float(kd_weight), float(label_smoothing)};
   return c;
 }
@@ -58,9 +56,9 @@ at::Tensor knn_kd_loss_cuda(const at::Tensor& logits, const at::Tensor& targets,
                             const c10::optional<at::Tensor>& teacher_probs,
                             const at::Tensor& temperature, double ce_weight, double kd_weight,
                             double label_smoothing, int64_t ignore_index, bool kl) {
-  const c10::cuda::CUDAGuard guard(logits.device());
   const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
                            temperature, ce_weight, kd_weight, label_smoothing);
+  const c10::cuda::CUDAGuard guard(c.logits.device());
   at::Tensor out = at::empty({c.B}, c.logits.options().dtype(at::kFloat));
   const at::Tensor status = new_status(c.logits.device());
   launch_knn_kd_loss(c.logits.data_ptr(), float_type(c.logits), c.B, c.V,
@@ -77,13 +75,9 @@ at::Tensor knn_kd_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tens
                                      const at::Tensor& temperature, double ce_weight,
                                      double kd_weight, double label_smoothing,
                                      int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(logits.device());
   const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
-                           temperature, ce_weight, kd_weight, label_smoothing);
-  check_cuda_tensor(grad_rows, c.logits.device(), "knn_kd_loss_backward", "grad");
-  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == c.B,
-                    "knn_kd_loss_backward: grad must have shape [", c.B, "], got ",
-                    grad_rows.sizes());
+                           temperature, ce_weight, kd_weight, label_smoothing, &grad_rows);
+  const c10::cuda::CUDAGuard guard(c.logits.device());
   const at::Tensor g = as_float32(grad_rows);
   at::Tensor grad = at::empty({c.B, c.V}, c.logits.options().dtype(at::kFloat));
   const at::Tensor status = new_status(c.logits.device());
@@ -105,13 +99,9 @@ void knn_kd_loss_grad_cuda_(const at::Tensor& logits, const at::Tensor& grad_row
                             const at::Tensor& temperature, double ce_weight, double kd_weight,
                             double label_smoothing, int64_t ignore_index) {
   knnfast::check_in_place_logits(logits, "knn_kd_loss_grad_");
-  const c10::cuda::CUDAGuard guard(logits.device());
   const KdCall c = kd_call(logits, targets, teacher_tokens, teacher_scores, teacher_probs,
-                           temperature, ce_weight, kd_weight, label_smoothing);
-  check_cuda_tensor(grad_rows, logits.device(), "knn_kd_loss_grad_", "grad_rows");
-  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == c.B,
-                    "knn_kd_loss_grad_: grad_rows must have shape [", c.B, "], got ",
-                    grad_rows.sizes());
+                           temperature, ce_weight, kd_weight, label_smoothing, &grad_rows);
+  const c10::cuda::CUDAGuard guard(c.logits.device());
   const at::Tensor g = as_float32(grad_rows);
   const at::Tensor status = new_status(logits.device());
   launch_knn_kd_loss_backward(g.data_ptr<float>(), logits.data_ptr(), FloatType::F32, c.B, c.V,

@@ -1,4 +1,5 @@
-// knn_probs / knn_probs_sparse on CUDA: argument checks and launch (kernels in knn_probs.cu).
+// knn_probs / knn_probs_sparse on CUDA: argument checks (common/op_checks.h) and launch
+// (kernels in knn_probs.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,14 +11,11 @@ namespace knnfast::cuda {
 at::Tensor knn_probs_cuda(const at::Tensor& scores, const at::Tensor& tokens, int64_t vocab_size,
                           const at::Tensor& temperature) {
   constexpr const char* kOp = "knn_probs";
-  check_is_cuda(scores, kOp, "scores");
-  TORCH_CHECK_VALUE(vocab_size > 0, kOp, ": vocab_size must be > 0, got ", vocab_size);
-  check_dim(tokens, 2, kOp, "tokens");
+  check_knn_probs_args(scores, tokens, vocab_size, temperature, Backend::CUDA, kOp);
   const at::Device device = scores.device();
   const c10::cuda::CUDAGuard guard(device);
   const int64_t B = tokens.size(0);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, c10::nullopt, temperature, B,
-                                         vocab_size, device, kOp);
+  NeighbourTensors n = neighbour_tensors(tokens, scores, c10::nullopt, temperature, vocab_size);
   at::Tensor out = at::zeros({B, vocab_size}, scores.options().dtype(at::kFloat));
   const at::Tensor status = new_status(device);
   launch_knn_probs(n.args, B, vocab_size, out.data_ptr<float>(), status_ptr(status),
@@ -30,13 +28,11 @@ std::tuple<at::Tensor, at::Tensor> knn_probs_sparse_cuda(const at::Tensor& score
                                                          const at::Tensor& tokens,
                                                          const at::Tensor& temperature) {
   constexpr const char* kOp = "knn_probs_sparse";
-  check_is_cuda(scores, kOp, "scores");
-  check_dim(tokens, 2, kOp, "tokens");
+  check_knn_probs_args(scores, tokens, c10::nullopt, temperature, Backend::CUDA, kOp);
   const at::Device device = scores.device();
   const c10::cuda::CUDAGuard guard(device);
   const int64_t B = tokens.size(0);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, c10::nullopt, temperature, B, -1,
-                                         device, kOp);
+  NeighbourTensors n = neighbour_tensors(tokens, scores, c10::nullopt, temperature, -1);
   at::Tensor out_tokens = at::full(n.tokens.sizes(), -1, n.tokens.options());
   at::Tensor out_probs = at::zeros(n.tokens.sizes(), scores.options().dtype(at::kFloat));
   const at::Tensor status = new_status(device);

@@ -25,7 +25,7 @@ __global__ void knn_rescore_kernel(const float* queries, const KeyT* keys, int64
       if (__any_sync(kFullMask, !finite) && lane == 0) report(status, kBadQuery, b);
     }
     const int64_t id = indices[pair];
-    const bool id_ok = id >= -1 && id < N;
+    const bool id_ok = valid_id(id, N);
     if (!id_ok && lane == 0) report(status, kBadToken, pair);
     if (id < 0 || !id_ok) {
       if (lane == 0) scores[pair] = -INFINITY;

@@ -1,4 +1,5 @@
-// knn_rescore on CUDA: argument checks and launch (kernel in knn_rescore.cu).
+// knn_rescore on CUDA: argument checks (common/op_checks.h) and launch (kernel in
+// knn_rescore.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,12 +11,9 @@ namespace knnfast::cuda {
 at::Tensor knn_rescore_cuda(const at::Tensor& queries_in, const at::Tensor& keys_in,
                             const at::Tensor& indices_in, const std::string& metric_name) {
   constexpr const char* kOp = "knn_rescore";
-  const Metric metric = parse_metric(metric_name, kOp);
-  check_is_cuda(queries_in, kOp, "queries");
+  const Metric metric =
+      check_knn_rescore_args(queries_in, keys_in, indices_in, metric_name, Backend::CUDA);
   const at::Device device = queries_in.device();
-  check_cuda_tensor(keys_in, device, kOp, "keys");
-  check_cuda_tensor(indices_in, device, kOp, "indices");
-  check_rescore_shapes(queries_in, keys_in, indices_in, kOp);
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor queries = as_float32(queries_in);
   const at::Tensor keys = keys_in.contiguous();
@@ -30,7 +28,7 @@ at::Tensor knn_rescore_cuda(const at::Tensor& queries_in, const at::Tensor& keys
   StatusContext c;
   c.op = kOp;
   c.tokens = indices;
-  c.tokens_name = "indices";
+  c.names.tokens = "indices";
   c.token_bound = keys.size(0);
   raise_on_status(status, c);
   return out;

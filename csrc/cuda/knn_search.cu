@@ -125,11 +125,11 @@ __device__ __forceinline__ float warp_query_sq_norm(const float* q, int64_t D,
   return warp_sum(qq);
 }
 
+// exclude[row] outside [-1, N) is reported as row `reported` (the row in the whole batch).
 __device__ __forceinline__ void check_exclude(const int64_t* exclude, int64_t row, int64_t N,
-                                              unsigned long long* status) {
+                                              int64_t reported, unsigned long long* status) {
   if (!exclude || threadIdx.x % kWarp != 0) return;
-  const int64_t e = exclude[row];
-  if (e < -1 || e >= N) report(status, kBadExclude, row);
+  if (!valid_id(exclude[row], N)) report(status, kBadExclude, reported);
 }
 
 __global__ void merge_lists_kernel(MergeArgs a, unsigned long long* status) {
@@ -153,10 +153,7 @@ __global__ void merge_lists_kernel(MergeArgs a, unsigned long long* status) {
     }
   }
   if (!a.finalize) return;
-  if (a.exclude && lane == 0) {
-    const int64_t e = a.exclude[row];
-    if (e < -1 || e >= a.N) report(status, kBadExclude, a.row_offset + row);
-  }
+  check_exclude(a.exclude, row, a.N, a.row_offset + row, status);
   bool finite = true;
   const float qq = warp_query_sq_norm(a.queries + row * a.D, a.D, finite);
   if (!finite && lane == 0) report(status, kBadQuery, a.row_offset + row);
@@ -224,7 +221,7 @@ __global__ void verify_kernel(VerifyArgs a, unsigned long long* status) {
     candidates += warp_count(id >= 0);
     top.offer(s, id, id >= 0 && s > -INFINITY);
   }
-  check_exclude(a.exclude, row, a.N, status);
+  check_exclude(a.exclude, row, a.N, row, status);
   bool finite = true;
   const float qq = warp_query_sq_norm(a.queries + row * a.D, a.D, finite);
   if (!finite && lane == 0) report(status, kBadQuery, row);

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "common/limits.h"
 #include "cuda/cuda_utils.h"
 #include "cuda/knn_rescore.h"
 #include "cuda/knn_search.h"
@@ -102,24 +101,16 @@ std::pair<at::Tensor, at::Tensor> query_scales(const at::Tensor& queries) {
   return {power_of_two(-exponent), power_of_two(exponent)};
 }
 
-// Tensor-core plan; returns the rows whose exactness proof failed (synchronizes). fail_proofs:
-// every row counts as unproven (plan tensor_recheck).
-at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out_indices,
-                       const at::Tensor& status, bool fail_proofs) {
-  const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0), k = in.k;
-  const int64_t Kc = std::max(2 * k, k + 32);
+// Tensor-core plan, step 1: cuBLAS GEMM tiles of the scaled 16-bit queries q_lp against the
+// keys, each reduced by select_tile into per-(row, slice) top-Kc lists of ranking keys, then
+// merged into the Kc candidates of every row: (cand_keys, cand_indices), each [B, Kc].
+std::pair<at::Tensor, at::Tensor> tensor_candidates(const SearchInputs& in, const at::Tensor& q_lp,
+                                                    const at::Tensor& inv_scale,
+                                                    const at::Tensor& norms, int64_t Kc,
+                                                    const at::Tensor& status) {
+  const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0);
   const auto f32 = in.queries.options();
   const cudaStream_t stream = current_stream();
-
-  // |k|^2 from the stored keys even when the caller caches them: the exactness proof
-  // assumes norms accurate to fp32 rounding, which a user cache need not be
-  at::Tensor norms = at::empty({N}, f32);
-  launch_key_sq_norms(in.keys.data_ptr(), float_type(in.keys), N, D, norms.data_ptr<float>(),
-                      stream);
-  const at::Tensor kmax_sq = norms.amax().reshape({1}).contiguous();
-  auto [scale, inv_scale] = query_scales(in.queries);
-  const at::Tensor q_lp = (in.queries * scale.unsqueeze(1)).to(in.keys.scalar_type());
-
   const int64_t tile = std::min(N, std::max<int64_t>(4096, (kTileBytes / 4 / B) / 256 * 256));
   const int64_t slices = std::clamp<int64_t>((16384 + B - 1) / B, 1, std::max<int64_t>(1, tile / 256));
   at::Tensor list_scores = at::full({B, slices, Kc}, -INFINITY, f32);
@@ -167,6 +158,27 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   m.N = N;
   m.row_offset = 0;
   launch_merge_lists(m, status_ptr(status), stream);
+  return {cand_keys, cand_indices};
+}
+
+// Tensor-core plan; returns the rows whose exactness proof failed (synchronizes). fail_proofs:
+// every row counts as unproven (plan tensor_recheck).
+at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out_indices,
+                       const at::Tensor& status, bool fail_proofs) {
+  const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0), k = in.k;
+  const int64_t Kc = std::max(2 * k, k + 32);
+  const auto f32 = in.queries.options();
+  const cudaStream_t stream = current_stream();
+
+  // |k|^2 from the stored keys even when the caller caches them: the exactness proof
+  // assumes norms accurate to fp32 rounding, which a user cache need not be
+  at::Tensor norms = at::empty({N}, f32);
+  launch_key_sq_norms(in.keys.data_ptr(), float_type(in.keys), N, D, norms.data_ptr<float>(),
+                      stream);
+  const at::Tensor kmax_sq = norms.amax().reshape({1}).contiguous();
+  auto [scale, inv_scale] = query_scales(in.queries);
+  const at::Tensor q_lp = (in.queries * scale.unsqueeze(1)).to(in.keys.scalar_type());
+  const auto [cand_keys, cand_indices] = tensor_candidates(in, q_lp, inv_scale, norms, Kc, status);
 
   at::Tensor cand_exact = at::empty({B, Kc}, f32);
   launch_knn_rescore(in.queries.data_ptr<float>(), in.keys.data_ptr(), float_type(in.keys), B,
@@ -223,32 +235,18 @@ bool use_tensor_plan(const SearchInputs& in, CudaSearchPlan plan) {
   }
 }
 
-SearchInputs check_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
-                          const std::string& metric,
-                          const c10::optional<at::Tensor>& key_sq_norms,
-                          const c10::optional<at::Tensor>& exclude) {
+// After check_knn_search_args: float32 queries, contiguous keys and the optional inputs
+// converted (the kernels check the query and exclude values).
+SearchInputs search_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                           Metric metric, const c10::optional<at::Tensor>& key_sq_norms,
+                           const c10::optional<at::Tensor>& exclude) {
   SearchInputs in;
-  in.metric = parse_metric(metric, kOp);
-  const at::Device device = queries.device();
-  check_cuda_tensor(keys, device, kOp, "keys");
-  check_search_shapes(queries, keys, k, kMaxK, kOp);
-  const int64_t B = queries.size(0), N = keys.size(0);
+  in.metric = metric;
   in.queries = as_float32(queries);
   in.keys = keys.contiguous();
   in.k = k;
-  if (key_sq_norms.has_value()) {
-    check_cuda_tensor(*key_sq_norms, device, kOp, "key_sq_norms");
-    TORCH_CHECK_VALUE(key_sq_norms->dim() == 1 && key_sq_norms->size(0) == N, kOp,
-                      ": key_sq_norms must have shape [", N, "], got ", key_sq_norms->sizes());
-    in.key_sq_norms = as_float32(*key_sq_norms);
-  }
-  if (exclude.has_value()) {
-    check_cuda_tensor(*exclude, device, kOp, "exclude");
-    check_integer(*exclude, kOp, "exclude");
-    TORCH_CHECK_VALUE(exclude->dim() == 1 && exclude->size(0) == B, kOp,
-                      ": exclude must have shape [", B, "], got ", exclude->sizes());
-    in.exclude = as_int64(*exclude);
-  }
+  if (key_sq_norms.has_value()) in.key_sq_norms = as_float32(*key_sq_norms);
+  if (exclude.has_value()) in.exclude = as_int64(*exclude);
   return in;
 }
 
@@ -260,11 +258,11 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
                                                    const c10::optional<at::Tensor>& key_sq_norms,
                                                    const c10::optional<at::Tensor>& exclude,
                                                    const std::string& plan_name) {
-  check_is_cuda(queries, kOp, "queries");
+  const SearchArgs args = check_knn_search_args(queries, keys, k, metric, key_sq_norms, exclude,
+                                                plan_name, Backend::CUDA);
+  const auto plan = static_cast<CudaSearchPlan>(args.plan);
   const c10::cuda::CUDAGuard guard(queries.device());
-  SearchInputs in = check_inputs(queries, keys, k, metric, key_sq_norms, exclude);
-  const auto plan =
-      static_cast<CudaSearchPlan>(parse_plan(plan_name, kCudaSearchPlans, "CUDA", kOp));
+  const SearchInputs in = search_inputs(queries, keys, k, args.metric, key_sq_norms, exclude);
   const int64_t B = in.queries.size(0);
   at::Tensor out_scores = at::empty({B, k}, in.queries.options());
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));

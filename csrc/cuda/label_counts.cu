@@ -24,7 +24,7 @@ __global__ void label_counts_kernel(const int64_t* tokens, int64_t k, int64_t* c
     int64_t is_new = 0;
     if (j < k) {
       const int64_t token = load_token(row, j);
-      if (token < -1) report(status, kBadToken, static_cast<int64_t>(blockIdx.x) * k + j);
+      if (!valid_id(token, -1)) report(status, kBadToken, static_cast<int64_t>(blockIdx.x) * k + j);
       if (token >= 0) {
         is_new = 1;
         for (int64_t i = 0; i < j; ++i) {

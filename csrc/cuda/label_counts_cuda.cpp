@@ -1,4 +1,5 @@
-// label_counts on CUDA: argument checks and launch (kernel in label_counts.cu).
+// label_counts on CUDA: argument checks (common/op_checks.h) and launch (kernel in
+// label_counts.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -9,9 +10,7 @@ namespace knnfast::cuda {
 
 at::Tensor label_counts_cuda(const at::Tensor& tokens_in) {
   constexpr const char* kOp = "label_counts";
-  check_is_cuda(tokens_in, kOp, "tokens");
-  check_dim(tokens_in, 2, kOp, "tokens");
-  check_integer(tokens_in, kOp, "tokens");
+  check_label_counts_args(tokens_in, Backend::CUDA);
   const c10::cuda::CUDAGuard guard(tokens_in.device());
   const at::Tensor tokens = as_int64(tokens_in);
   const int64_t B = tokens.size(0), k = tokens.size(1);

@@ -24,17 +24,17 @@ __device__ __forceinline__ float slot_logit(const NeighbourArgs& nb, int64_t r, 
                                             bool validate) {
   const int64_t pos = r * nb.k + j;
   const int64_t token = load_token(nb.tokens, pos);
-  const bool token_ok = token >= -1 && (nb.vocab < 0 || token < nb.vocab);
+  const bool token_ok = valid_id(token, nb.vocab);
   if (validate && !token_ok) report(status, kBadToken, pos);
   if (nb.scores) {
     const float s = __ldg(nb.scores + pos);
-    const bool bad = isnan(s) || s == INFINITY;
+    const bool bad = !valid_score(s);
     if (validate && bad) report(status, kBadScore, pos);
     return (token >= 0 && token_ok && !bad) ? s / tau : -INFINITY;
   }
   const float w = __ldg(nb.weights + pos);
-  const bool non_finite = isnan(w) || w == INFINITY;
-  const bool bad = !(w >= 0.0f && w < INFINITY);  // NaN fails both
+  const bool non_finite = !valid_score(w);
+  const bool bad = !valid_weight(w);  // NaN fails both
   if (validate && non_finite) report(status, kBadWeightNonFinite, pos);
   if (validate && bad && !non_finite) report(status, kBadWeight, pos);
   return (token >= 0 && token_ok && !bad && w > 0.0f) ? logf(w) : -INFINITY;
@@ -45,7 +45,7 @@ __device__ __forceinline__ NeighbourRow neighbour_row_stats(const NeighbourArgs&
                                                            unsigned long long* status,
                                                            SoftmaxState* scratch) {
   float tau = nb.temperature.data[r * nb.temperature.stride];
-  if (!(tau > 0.0f && tau < INFINITY)) {
+  if (!valid_temperature(tau)) {
     if (threadIdx.x == 0) report(status, kBadTemperature, r);
     tau = 1.0f;
   }

@@ -17,6 +17,7 @@
 #include "common/knn_math.h"
 #include "common/messages.h"
 #include "common/op_checks.h"
+#include "common/op_inputs.h"
 #include "common/torch_checks.h"
 
 namespace knnfast::cpu {
@@ -153,17 +154,18 @@ inline NeighbourInputs neighbour_inputs(const at::Tensor& tokens,
                                         const at::Tensor& temperature, int64_t vocab,
                                         const char* op,
                                         const NeighbourNames& names = kNeighbourNames) {
+  const NeighbourTensors t = neighbour_tensors(tokens, scores, weights, temperature, names);
   NeighbourInputs in;
-  in.tokens = checked_ids(tokens, vocab, op, names.tokens);
+  in.tokens = checked_ids(t.tokens, vocab, op, names.tokens);  // (converted: checks only)
   in.src.k = in.tokens.size(1);
-  if (scores.has_value()) {
-    in.scores = checked_scores(*scores, op, names.scores);
+  if (t.scores.defined()) {
+    in.scores = checked_scores(t.scores, op, names.scores);
     in.src.scores = in.scores.data_ptr<float>();
   } else {
-    in.weights = checked_weights(*weights, op, names.weights);
+    in.weights = checked_weights(t.weights, op, names.weights);
     in.src.weights = in.weights.data_ptr<float>();
   }
-  in.temperature = row_param(temperature, ParamRange::Positive, op, "temperature");
+  in.temperature = row_param(t.temperature, ParamRange::Positive, op, "temperature");
   return in;
 }
 

@@ -28,6 +28,7 @@
 
 #include "cpu/bf16_dot.h"
 #include "cpu/knn_search_bf16.h"
+#include "common/op_inputs.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/topk_merge.h"
 #include "cpu/vec_math.h"
@@ -84,15 +85,6 @@ struct RowHeaps {
       }
     }
   }
-};
-
-struct SearchInputs {
-  at::Tensor queries;       // float32 [B, D]
-  at::Tensor keys;          // [N, D] contiguous, any float type
-  at::Tensor key_sq_norms;  // float32 [N] or undefined
-  at::Tensor exclude;       // int64 [B] or undefined
-  Metric metric;
-  int64_t k;
 };
 
 // Scores one tile of keys [first, first + n) against all queries:
@@ -226,26 +218,14 @@ void research_rows(const SearchInputs& in, const std::vector<int64_t>& rows,
   out_indices.index_copy_(0, row_ids, i);
 }
 
-// After check_knn_search_args: the plan CPU can run, float32 queries (finite), contiguous
-// keys, and the optional inputs converted (exclude ids checked against N).
-SearchInputs search_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
-                           Metric metric, const c10::optional<at::Tensor>& key_sq_norms,
-                           const c10::optional<at::Tensor>& exclude) {
-  SearchInputs in;
-  in.metric = metric;
-  in.queries = as_float32(queries);
+// After check_knn_search_args and the conversion: queries finite, exclude ids in [-1, N).
+void check_search_values(const SearchInputs& in) {
   if (!at::isfinite(in.queries).all().item<bool>()) raise_bad_queries(kOp);
-  in.keys = keys.contiguous();
-  in.k = k;
-  if (key_sq_norms.has_value()) in.key_sq_norms = as_float32(*key_sq_norms);
-  if (exclude.has_value()) {
-    in.exclude = as_int64(*exclude);
-    const int64_t* e = in.exclude.data_ptr<int64_t>();
-    const int64_t N = keys.size(0);
-    for (int64_t b = 0; b < in.exclude.numel(); ++b)
-      if (!valid_id(e[b], N)) raise_bad_exclude(kOp, N, e[b], b);
-  }
-  return in;
+  if (!in.exclude.defined()) return;
+  const int64_t* e = in.exclude.data_ptr<int64_t>();
+  const int64_t N = in.keys.size(0);
+  for (int64_t b = 0; b < in.exclude.numel(); ++b)
+    if (!valid_id(e[b], N)) raise_bad_exclude(kOp, N, e[b], b);
 }
 
 }  // namespace
@@ -263,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries,
                     ": plan 'bf16' needs a CPU with AVX512-BF16; this CPU has none (plans here: "
                     "'auto', 'stream', 'gemm_f32')");
   const SearchInputs in = search_inputs(queries, keys, k, args.metric, key_sq_norms, exclude);
+  check_search_values(in);
   const int64_t B = in.queries.size(0);
   at::Tensor out_scores = at::empty({B, k}, in.queries.options());
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));

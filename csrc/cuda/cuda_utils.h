@@ -12,6 +12,7 @@
 
 #include "common/messages.h"
 #include "common/op_checks.h"
+#include "common/op_inputs.h"
 #include "common/settings.h"
 #include "common/torch_checks.h"
 #include "cuda/kernel_args.h"
@@ -100,32 +101,27 @@ inline void raise_on_status(const at::Tensor& status, const StatusContext& c) {
     raise_bad_exclude(op, c.entries, id_at(c.exclude, s[kBadExclude]), s[kBadExclude]);
 }
 
-// Neighbour tensors of one call, converted for the kernels (check_*_args has checked their
-// shapes; the kernels check the values).
-struct NeighbourTensors {
-  at::Tensor tokens, scores, weights, temperature;
-  NeighbourNames names;
+// Neighbour inputs of one call for the kernels: the converted tensors (common/op_inputs.h,
+// kept alive here) and the kernel arguments pointing into them (the kernels check the values).
+struct NeighbourCall {
+  NeighbourTensors t;
   NeighbourArgs args;
 };
 
-inline NeighbourTensors neighbour_tensors(const at::Tensor& tokens,
-                                          const c10::optional<at::Tensor>& scores,
-                                          const c10::optional<at::Tensor>& weights,
-                                          const at::Tensor& temperature, int64_t vocab,
-                                          const NeighbourNames& names = kNeighbourNames) {
-  NeighbourTensors n;
-  n.names = names;
-  n.tokens = as_int64(tokens);
-  if (scores.has_value()) n.scores = as_float32(*scores);
-  if (weights.has_value()) n.weights = as_float32(*weights);
-  n.temperature = as_float32(temperature).reshape({-1});
-  n.args.tokens = n.tokens.data_ptr<int64_t>();
-  n.args.scores = n.scores.defined() ? n.scores.data_ptr<float>() : nullptr;
-  n.args.weights = n.weights.defined() ? n.weights.data_ptr<float>() : nullptr;
-  n.args.k = n.tokens.size(1);
+inline NeighbourCall neighbour_call(const at::Tensor& tokens,
+                                    const c10::optional<at::Tensor>& scores,
+                                    const c10::optional<at::Tensor>& weights,
+                                    const at::Tensor& temperature, int64_t vocab,
+                                    const NeighbourNames& names = kNeighbourNames) {
+  NeighbourCall n;
+  n.t = neighbour_tensors(tokens, scores, weights, temperature, names);
+  n.args.tokens = n.t.tokens.data_ptr<int64_t>();
+  n.args.scores = n.t.scores.defined() ? n.t.scores.data_ptr<float>() : nullptr;
+  n.args.weights = n.t.weights.defined() ? n.t.weights.data_ptr<float>() : nullptr;
+  n.args.k = n.t.tokens.size(1);
   n.args.vocab = vocab;
-  n.args.temperature = RowScalarArg{n.temperature.data_ptr<float>(),
-                                    n.temperature.numel() == 1 ? 0 : 1};
+  n.args.temperature = RowScalarArg{n.t.temperature.data_ptr<float>(),
+                                    n.t.temperature.numel() == 1 ? 0 : 1};
   return n;
 }
 
@@ -135,16 +131,16 @@ inline RowScalarArg row_scalar(at::Tensor& storage, const at::Tensor& t) {
   return RowScalarArg{storage.data_ptr<float>(), storage.numel() == 1 ? 0 : 1};
 }
 
-inline StatusContext neighbour_context(const char* op, const NeighbourTensors& n,
+inline StatusContext neighbour_context(const char* op, const NeighbourCall& n,
                                        int64_t token_bound) {
   StatusContext c;
   c.op = op;
-  c.tokens = n.tokens;
-  c.names = n.names;
+  c.tokens = n.t.tokens;
+  c.names = n.t.names;
   c.token_bound = token_bound;
-  c.scores = n.scores;
-  c.weights = n.weights;
-  c.temperature = n.temperature;
+  c.scores = n.t.scores;
+  c.weights = n.t.weights;
+  c.temperature = n.t.temperature;
   return c;
 }
 

@@ -22,7 +22,7 @@ at::Tensor knn_gold_logprob_cuda(const at::Tensor& logits_in, const at::Tensor& 
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor targets = as_int64(targets_in);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, weights, temperature, V);
+  NeighbourCall n = neighbour_call(tokens, scores, weights, temperature, V);
   at::Tensor lam_storage;
   const RowScalarArg lam_arg = row_scalar(lam_storage, lam);
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kFloat));

@@ -21,7 +21,7 @@ void interpolate_into(const at::Tensor& logits_in, const at::Tensor& tokens,
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, weights, temperature, V);
+  NeighbourCall n = neighbour_call(tokens, scores, weights, temperature, V);
   at::Tensor lam_storage;
   const RowScalarArg lam_arg = row_scalar(lam_storage, lam);
   const bool cache_rows = static_cast<CudaInterpolatePlan>(plan) != CudaInterpolatePlan::Global;

@@ -14,7 +14,7 @@ constexpr const char* kOp = "knn_kd_loss";
 // Validated inputs of both directions (values are checked in the kernels).
 struct KdCall {
   at::Tensor logits, targets;
-  NeighbourTensors teacher;
+  NeighbourCall teacher;
   KdWeights weights;
   int64_t B = 0, V = 0;
 };
@@ -35,7 +35,7 @@ KdCall kd_call(const at::Tensor& logits_in, const at::Tensor& targets_in,
   c.B = c.logits.size(0);
   c.V = c.logits.size(1);
   c.targets = as_int64(targets_in);
-  c.teacher = neighbour_tensors(tokens, scores, probs, temperature, c.V, kTeacherNames);
+  c.teacher = neighbour_call(tokens, scores, probs, temperature, c.V, kTeacherNames);
   c.weights = KdWeights{float(ce_weight), float(kd_weight), float(label_smoothing)};
   return c;
 }

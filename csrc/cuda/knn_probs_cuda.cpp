@@ -15,7 +15,7 @@ at::Tensor knn_probs_cuda(const at::Tensor& scores, const at::Tensor& tokens, in
   const at::Device device = scores.device();
   const c10::cuda::CUDAGuard guard(device);
   const int64_t B = tokens.size(0);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, c10::nullopt, temperature, vocab_size);
+  NeighbourCall n = neighbour_call(tokens, scores, c10::nullopt, temperature, vocab_size);
   at::Tensor out = at::zeros({B, vocab_size}, scores.options().dtype(at::kFloat));
   const at::Tensor status = new_status(device);
   launch_knn_probs(n.args, B, vocab_size, out.data_ptr<float>(), status_ptr(status),
@@ -32,9 +32,9 @@ std::tuple<at::Tensor, at::Tensor> knn_probs_sparse_cuda(const at::Tensor& score
   const at::Device device = scores.device();
   const c10::cuda::CUDAGuard guard(device);
   const int64_t B = tokens.size(0);
-  NeighbourTensors n = neighbour_tensors(tokens, scores, c10::nullopt, temperature, -1);
-  at::Tensor out_tokens = at::full(n.tokens.sizes(), -1, n.tokens.options());
-  at::Tensor out_probs = at::zeros(n.tokens.sizes(), scores.options().dtype(at::kFloat));
+  NeighbourCall n = neighbour_call(tokens, scores, c10::nullopt, temperature, -1);
+  at::Tensor out_tokens = at::full(n.t.tokens.sizes(), -1, n.t.tokens.options());
+  at::Tensor out_probs = at::zeros(n.t.tokens.sizes(), scores.options().dtype(at::kFloat));
   const at::Tensor status = new_status(device);
   launch_knn_probs_sparse(n.args, B, out_tokens.data_ptr<int64_t>(), out_probs.data_ptr<float>(),
                           status_ptr(status), current_stream());

@@ -22,15 +22,6 @@ constexpr int64_t kTensorMaxK = 256;
 constexpr int64_t kTensorMinRows = 33;
 constexpr int64_t kTileBytes = int64_t(256) << 20;  // GEMM tile output, [B, T] float32
 
-struct SearchInputs {
-  at::Tensor queries;       // float32 [B, D]
-  at::Tensor keys;          // [N, D] contiguous
-  at::Tensor key_sq_norms;  // float32 [N] or undefined
-  at::Tensor exclude;       // int64 [B] or undefined
-  Metric metric;
-  int64_t k;
-};
-
 const int64_t* exclude_ptr(const SearchInputs& in) {
   return in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
 }
@@ -233,21 +224,6 @@ bool use_tensor_plan(const SearchInputs& in, CudaSearchPlan plan) {
     case CudaSearchPlan::TensorRecheck: return possible;
     default: return possible && in.queries.size(0) >= kTensorMinRows;
   }
-}
-
-// After check_knn_search_args: float32 queries, contiguous keys and the optional inputs
-// converted (the kernels check the query and exclude values).
-SearchInputs search_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
-                           Metric metric, const c10::optional<at::Tensor>& key_sq_norms,
-                           const c10::optional<at::Tensor>& exclude) {
-  SearchInputs in;
-  in.metric = metric;
-  in.queries = as_float32(queries);
-  in.keys = keys.contiguous();
-  in.k = k;
-  if (key_sq_norms.has_value()) in.key_sq_norms = as_float32(*key_sq_norms);
-  if (exclude.has_value()) in.exclude = as_int64(*exclude);
-  return in;
 }
 
 }  // namespace

@@ -124,6 +124,7 @@ for _op in NEIGHBOUR_OPS:
         (_op, "scores +inf", edit(_s, lambda a: torch.full((B, K), INF)), "scores"),
         (_op, "scores -inf", edit(_s, lambda a: torch.full((B, K), -INF)), None),
         (_op, "scores fp16", edit(_s, lambda a: torch.randn(B, K).half()), None),
+        (_op, "scores float64", edit(_s, lambda a: torch.randn(B, K).double()), None),
         (_op, "scores int", edit(_s, lambda a: torch.zeros(B, K, dtype=torch.long)), "scores"),
         (_op, "scores k", edit(_s, lambda a: torch.randn(B, K - 1)), "scores"),
         (_op, "temperature 0", edit("temperature", 0.0), "temperature"),

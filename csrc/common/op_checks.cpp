@@ -47,9 +47,11 @@ void check_neighbour_args(const at::Tensor& tokens, const c10::optional<at::Tens
   const char* name = scores.has_value() ? names.scores : names.weights;
   check_same_device(given, device, op, name);
   check_dim(given, 2, op, name);
-  check_floating(given, op, name);
-  TORCH_CHECK_VALUE(given.sizes() == tokens.sizes(), op, ": ", name,
-                    " must have the shape of tokens ", tokens.sizes(), ", got ", given.sizes());
+  // any floating dtype: both backends read them as float32 (float64 serves gradcheck)
+  TORCH_CHECK_VALUE(at::isFloatingType(given.scalar_type()), op, ": ", name,
+                    " must be a floating-point tensor, got ", given.scalar_type());
+  TORCH_CHECK_VALUE(given.sizes() == tokens.sizes(), op, ": ", name, " must have the shape of ",
+                    names.tokens, " ", tokens.sizes(), ", got ", given.sizes());
   check_row_param(temperature, rows, device, op, "temperature");
 }
 

@@ -38,7 +38,7 @@ def knn_probs_sparse(scores: Tensor, tokens: Tensor,
 
 
 def check_probs_meta(op: str, scores: Tensor, tokens: Tensor, temperature: Tensor) -> None:
-    args.check_float_input(op, "scores", scores)
+    args.check_dim(op, "scores", scores, 2)
     args.check_same_device(op, scores, tokens=tokens, temperature=temperature)
     args.check_neighbour_meta(op, scores.shape[0], tokens, scores, None, temperature)
 

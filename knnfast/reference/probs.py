@@ -21,7 +21,7 @@ def knn_probs(scores: Tensor, tokens: Tensor, vocab_size: int,
     op = "knn_probs"
     args.check_tensor(op, "scores", scores)
     args.check_int(op, "vocab_size", vocab_size, 1)
-    args.check_float_input(op, "scores", scores)
+    args.check_dim(op, "scores", scores, 2)
     B = scores.shape[0]
     tokens, w = checked_neighbours(op, B, tokens, scores, None, temperature, vocab_size,
                                    scores.device)
@@ -38,7 +38,7 @@ def knn_probs_sparse(scores: Tensor, tokens: Tensor,
     """
     op = "knn_probs_sparse"
     args.check_tensor(op, "scores", scores)
-    args.check_float_input(op, "scores", scores)
+    args.check_dim(op, "scores", scores, 2)
     tokens, w = checked_neighbours(op, scores.shape[0], tokens, scores, None, temperature, None,
                                    scores.device)
     perm, group, is_start = first_occurrence(tokens)

@@ -46,37 +46,35 @@ def _(logits, targets, tokens, scores, weights, temperature, lam, ignore_index):
 
 
 # ----------------------------------------------------------------------------- autograd
-# Saved: the [B] log-sum-exp and gold logit; the [B, V] logits only when their gradient is
-# needed.
+# Saved: log p(y) [B]; the [B, V] logits only when their gradient is needed.
 
 
 def _setup_context(ctx, inputs, output):
     logits, targets, tokens, scores, weights, temperature, lam, ignore_index = inputs
     y = ng.as_int64(torch.where(targets != ignore_index, targets, torch.zeros_like(targets)))
-    # (grad mode is off here; no alias ops such as detach() or a same-dtype .float(), which
-    # return their input and fail opcheck's schema test)
+    # log p(y) through log_softmax, as the backward's softmax is computed, so that the lam /
+    # weight gradients round exactly like the logits gradient (a [B, V] temporary, not saved).
+    # No alias op (a same-dtype .float() returns its input and fails opcheck's schema test).
     lf = logits if logits.dtype == torch.float32 else logits.float()
-    lse = torch.logsumexp(lf, dim=1)
-    logit_y = lf.gather(1, y[:, None])[:, 0]
+    logp_y = torch.log_softmax(lf, dim=1).gather(1, y[:, None])[:, 0]
     ctx.ignore_index = ignore_index
     kept_logits = logits if ctx.needs_input_grad[0] else None
     ctx.save_for_backward(kept_logits, targets, tokens, scores, weights, temperature, lam,
-                          output, lse, logit_y)
+                          output, logp_y)
 
 
 def _backward(ctx, grad):
-    (logits, targets, tokens, scores, weights, temperature, lam, out, lse,
-     logit_y) = ctx.saved_tensors
+    (logits, targets, tokens, scores, weights, temperature, lam, out,
+     logp_y) = ctx.saved_tensors
     needs = ctx.needs_input_grad
     tokens = tokens.long()
     live = targets != ctx.ignore_index
     y = torch.where(live, targets.long(), torch.zeros_like(targets, dtype=torch.long))
     tau, lam_eff, has = ng.effective_lam(tokens, scores, weights, temperature, lam)
     g = torch.where(live, grad.float(), torch.zeros_like(grad, dtype=torch.float32))
-    logp_y = logit_y - lse
     g_logits = g_lam = None
     if needs[0]:
-        logp = logits.float() - lse[:, None]
+        logp = torch.log_softmax(logits.float(), dim=-1)
         model_share = ng.finite_exp(torch.log1p(-lam_eff) + logp_y - out)
         coef = (g * model_share)[:, None]
         onehot = torch.zeros_like(logp).scatter_(1, y[:, None], 1.0)

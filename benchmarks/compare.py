@@ -4,7 +4,9 @@ one after the other on one machine: per benchmark, the two medians and their rat
     python -m pytest benchmarks/bench_knn_interpolate.py --benchmark-json before.json
     ... change the code, rebuild ...
     python -m pytest benchmarks/bench_knn_interpolate.py --benchmark-json after.json
-    python benchmarks/compare.py before.json after.json [--label-a before --label-b after]
+    python benchmarks/compare.py --a before.json --b after.json [--label-a before --label-b after]
+
+Several files per side are merged (e.g. one JSON per suite).
 
 Prints a markdown section (the machine from the second run's metadata, every matched row,
 and the rows whose ratio is outside ±tolerance) to paste into RESULTS.md.
@@ -18,8 +20,8 @@ import statistics
 from write_results import fmt_ms, load, table
 
 
-def cpu_model(path: str) -> str:
-    with open(path) as f:
+def cpu_model(paths) -> str:
+    with open(paths[-1]) as f:
         data = json.load(f)
     machine = data.get("machine_info") or {}
     cpu = machine.get("cpu") or {}
@@ -32,9 +34,9 @@ def cell_name(row) -> str:
     return f"{row.op} {row.impl} [{shape}]" + (f" {'/'.join(extras)}" if extras else "")
 
 
-def compare(path_a: str, path_b: str, label_a: str, label_b: str, tolerance: float) -> str:
-    _, rows_a, _ = load([path_a])
-    _, rows_b, _ = load([path_b])
+def compare(paths_a, paths_b, label_a: str, label_b: str, tolerance: float) -> str:
+    _, rows_a, _ = load(paths_a)
+    _, rows_b, _ = load(paths_b)
     a = {cell_name(r): r for r in rows_a}
     b = {cell_name(r): r for r in rows_b}
     names = [n for n in b if n in a]
@@ -44,7 +46,7 @@ def compare(path_a: str, path_b: str, label_a: str, label_b: str, tolerance: flo
         r = b[n].median / a[n].median
         ratios.append(r)
         lines.append([n, fmt_ms(a[n].median), fmt_ms(b[n].median), f"{r:.2f}"])
-    out = [f"CPU: {cpu_model(path_b)}. {len(names)} benchmarks in both runs "
+    out = [f"CPU: {cpu_model(paths_b)}. {len(names)} benchmarks in both runs "
            f"({len(set(a) - set(b))} only in {label_a}, {len(set(b) - set(a))} only in {label_b}); "
            f"times are medians in ms, ratio = {label_b} / {label_a}."]
     if ratios:
@@ -59,8 +61,8 @@ def compare(path_a: str, path_b: str, label_a: str, label_b: str, tolerance: flo
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("a", help="first run (pytest-benchmark JSON)")
-    p.add_argument("b", help="second run (pytest-benchmark JSON)")
+    p.add_argument("--a", nargs="+", required=True, help="first run (pytest-benchmark JSONs)")
+    p.add_argument("--b", nargs="+", required=True, help="second run (pytest-benchmark JSONs)")
     p.add_argument("--label-a", default="before")
     p.add_argument("--label-b", default="after")
     p.add_argument("--tolerance", type=float, default=0.10,

@@ -8,9 +8,10 @@
 Every op is registered as ``torch.ops.knnfast.<op>`` (works with torch.compile and
 torch.library.opcheck) and has a pure-PyTorch twin in ``knnfast.reference``.
 
-Layers (each imports only those above it): ``ops`` / ``reference`` (kernels), ``storage``
-(datastore), ``methods`` (decoders, kNN-KD, INK), ``integrations.hf``; ``app`` (CLI, demo) is
-the application and is never imported by the library.
+Layers, each importing only those before it (ARCHITECTURE.md): ``defaults``; ``ops`` and
+``reference`` (kernels); ``storage`` (datastore); ``methods.decoding``; ``integrations.hf``;
+the other ``methods`` (kNN-KD, INK, analysis). ``app`` (CLI, demo) is the application and is
+never imported by the library.
 """
 from ._version import __version__
 from . import ops  # noqa: F401  (loads the library, registers fake kernels)

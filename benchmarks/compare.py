@@ -9,7 +9,9 @@ one after the other on one machine: per benchmark, the two medians and their rat
 Several files per side are merged (e.g. one JSON per suite).
 
 Prints a markdown section (the machine from the second run's metadata, every matched row,
-and the rows whose ratio is outside ±tolerance) to paste into RESULTS.md.
+and the rows whose ratio is outside ±tolerance) to append to RESULTS.md after a line
+starting with ``<!-- appended:`` (write_results.py keeps such sections when it regenerates
+the file).
 """
 from __future__ import annotations
 

@@ -710,6 +710,20 @@ def render(json_paths):
     return "\n".join(head) + "\n" + "\n\n".join(body) + "\n"
 
 
+# Sections appended by other tools (benchmarks/compare.py: before/after checks on one machine)
+# start with this marker; regenerating the file keeps them.
+APPENDED = "<!-- appended:"
+
+
+def kept_sections(path: Path) -> str:
+    """The appended sections of the existing report, from the first marker to the end."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(APPENDED)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+",
@@ -717,7 +731,7 @@ def main(argv=None):
                         "earlier ones for the same benchmark")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to write (default: %(default)s)")
     args = p.parse_args(argv)
-    md = render(args.json)
+    md = render(args.json) + kept_sections(Path(args.out))
     Path(args.out).write_text(md)
     print(f"wrote {args.out}")
     return 0

@@ -1,8 +1,11 @@
 """HuggingFace transformers drop-in: datastore capture, kNN-LM evaluation, kNN generate.
 
-Works with any causal LM or encoder-decoder that has an output embedding
-(``model.get_output_embeddings()``); nothing is keyed on the model type. Which hidden
-state is the key (Xu et al.'s names):
+Works with any causal LM or encoder-decoder whose forward returns logits; nothing is keyed
+on the model type. The LM head is the module that produces the logits, found by a probe
+forward pass (``lm_head``; on FSMT ``get_output_embeddings()`` is an input embedding).
+Teacher forcing runs with ``use_cache=False`` (FSMT builds no causal mask while caching), and
+time-major blocks (FSMT's decoder) are captured as [B, T, D]. Which hidden state is the key
+(Xu et al.'s names):
 
     "ffn"   the input of the LM head (the decoder's final hidden state; default)
     "att"   the input of the last decoder block's feed-forward sub-layer

@@ -3,6 +3,7 @@ decoder blocks and FFN sub-layers of any HF model, the forward pre-hook that cap
 hidden state, batching/padding of examples, and datastore capture (``build_datastore``)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -23,12 +24,79 @@ _FFN_NAMES = ("mlp", "feed_forward", "ffn", "DenseReluDense", "fc1", "c_fc",
 # --------------------------------------------------------------------------- locating layers
 
 
+# Per model: the module that produces the logits; per module: whether it runs time-major.
+_LOGITS_MODULES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_TIME_MAJOR: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def lm_head(model: nn.Module) -> nn.Module:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() "
-                         f"is None); pass hidden=<module path> to pick the key layer")
-    return head
+    """The module that produces the logits; its input is the "ffn" key.
+
+    Found once per model from a probe forward pass, not from ``get_output_embeddings()``,
+    which on some models is an input embedding (FSMT returns the decoder's ``embed_tokens``):
+    the last module whose output is the logits, or, where the model changes the projection's
+    output (a final bias, soft-capping), the last weighted module with a vocabulary-sized
+    output."""
+    if model not in _LOGITS_MODULES:
+        _LOGITS_MODULES[model] = _find_logits_module(model)
+    return _LOGITS_MODULES[model]
+
+
+@torch.no_grad()
+def _probe_forward(model: nn.Module, target_len: int = 2):
+    """A tiny teacher-forced forward pass (batch 1) in eval mode; the mode is restored."""
+    device = next(model.parameters()).device
+    src = torch.tensor([[0, 1]], device=device)
+    tgt = torch.arange(target_len, device=device)[None] % 2
+    was_training = model.training
+    model.eval()
+    try:
+        if is_seq2seq(model):
+            start = model.config.decoder_start_token_id
+            tgt[0, 0] = pad_id(model) if start is None else start
+            return model(input_ids=src, attention_mask=torch.ones_like(src),
+                         decoder_input_ids=tgt, use_cache=False)
+        return model(input_ids=tgt, attention_mask=torch.ones_like(tgt), use_cache=False)
+    finally:
+        model.train(was_training)
+
+
+def _find_logits_module(model: nn.Module) -> nn.Module:
+    seen = []
+    handles = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, out)))
+               for m in model.modules() if m is not model]
+    try:
+        logits = getattr(_probe_forward(model), "logits", None)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{type(model).__name__} returns no logits; pass hidden=<module path> "
+                         f"to pick the key layer")
+    sized = [(m, out) for m, out in seen
+             if isinstance(out, Tensor) and out.shape[-1] == logits.shape[-1]
+             and isinstance(getattr(m, "weight", None), Tensor) and not isinstance(m, nn.Embedding)]
+    exact = [m for m, out in sized if out.shape == logits.shape and torch.equal(out, logits)]
+    if exact:
+        return exact[-1]
+    if sized:
+        return sized[-1][0]
+    raise ValueError(f"no module of {type(model).__name__} produces its logits; pass "
+                     f"hidden=<module path> to pick the key layer")
+
+
+def runs_time_major(model: nn.Module, module: nn.Module) -> bool:
+    """True when ``module`` receives [T, B, D] (FSMT's decoder blocks), found by a probe."""
+    if module not in _TIME_MAJOR:
+        shapes = []
+        handle = module.register_forward_pre_hook(
+            lambda mod, args: shapes.append(tuple(args[0].shape)) if args else None)
+        try:
+            _probe_forward(model, target_len=3)
+        finally:
+            handle.remove()
+        _TIME_MAJOR[module] = bool(shapes) and shapes[-1][:2] == (3, 1)
+    return _TIME_MAJOR[module]
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -72,16 +140,18 @@ def hidden_module(model: nn.Module, hidden: HiddenSpec = "ffn") -> nn.Module:
 
 
 class HiddenCapture:
-    """Forward pre-hook that keeps the last input of a module ([B, T, D])."""
+    """Forward pre-hook that keeps the last input of a module as [B, T, D] (time-major
+    inputs, as in FSMT's decoder blocks, are transposed)."""
 
     def __init__(self, model: nn.Module, hidden: HiddenSpec = "ffn"):
         self.module = hidden_module(model, hidden)
+        self.time_major = runs_time_major(model, self.module)
         self.last: Optional[Tensor] = None
         self._handle = None
 
     def _hook(self, module, args, kwargs):
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        self.last = x
+        self.last = x.transpose(0, 1) if self.time_major and x is not None else x
 
     def __enter__(self) -> "HiddenCapture":
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -185,7 +255,9 @@ def _causal_forward(model, batch, pad, device):
                              f"{e if isinstance(e, tuple) else len(e)}")
     ids, mask = pad_batch(batch, pad)
     ids, mask = ids.to(device), mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask)
+    # use_cache=False: some models (FSMT) build no causal mask when caching, so every
+    # position would see the whole sequence
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], pad)], 1)
     tmask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
     return out, targets, tmask
@@ -202,7 +274,8 @@ def _seq2seq_forward(model, batch, pad, device):
     start = pad if start is None else start
     dec_in = torch.cat([torch.full_like(tgt[:, :1], start), tgt[:, :-1]], 1)
     out = model(input_ids=src.to(device), attention_mask=src_mask.to(device),
-                decoder_input_ids=dec_in.to(device), decoder_attention_mask=tgt_mask.to(device))
+                decoder_input_ids=dec_in.to(device), decoder_attention_mask=tgt_mask.to(device),
+                use_cache=False)
     return out, tgt.to(device), tgt_mask.to(device)
 
 

@@ -102,11 +102,9 @@ def output_projection_only(model: nn.Module) -> List[nn.Parameter]:
     """OPL baseline: freeze everything but the output projection (and its bias). A projection
     tied to the input embeddings is untied first, so training it leaves the embeddings as they
     were. Returns the trainable parameters."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError("output_projection_only: the model has no output projection")
-    embed = model.get_input_embeddings()
-    if embed is not None and head.weight is embed.weight:
+    from ...integrations.hf import lm_head
+    head = lm_head(model)  # the module producing the logits (FSMT: not get_output_embeddings)
+    if any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules()):
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
     for p in model.parameters():

@@ -20,7 +20,8 @@ PARTS = ("align", "kd", "refine")
 
 def _output_layer(model: nn.Module):
     """(output weight [V, D], output bias [V] or None) of the LM head, frozen."""
-    head = model.get_output_embeddings()
+    from ...integrations.hf import lm_head
+    head = lm_head(model)
     bias = getattr(head, "bias", None)
     extra = getattr(model, "final_logits_bias", None)  # Marian / BART add it to the logits
     if extra is not None:

@@ -242,9 +242,15 @@ def test_evaluate_lm(gpt2, gpt2_ds, lm_data):
     knn = ref.knn_gold_logprob(logits, targets, gpt2_ds.values.long()[i], scores=s,
                                temperature=tau, lam=lam)
     assert res.knn_ppl == pytest.approx(math.exp(-knn.double().mean().item()), rel=1e-4)
-    oracle = torch.maximum(base.float(), knn)
+    # Xu et al.'s oracle: per token max(p_LM, p_kNN) with the pure kNN distribution (λ = 1)
+    pure = ref.knn_gold_logprob(logits, targets, gpt2_ds.values.long()[i], scores=s,
+                                temperature=tau, lam=1.0)
+    oracle = torch.maximum(base.float(), pure)
     assert res.oracle_ppl == pytest.approx(math.exp(-oracle.double().mean().item()), rel=1e-4)
-    assert res.oracle_ppl <= min(res.base_ppl, res.knn_ppl)
+    best_of = torch.maximum(base.float(), knn)
+    assert res.best_of_ppl == pytest.approx(math.exp(-best_of.double().mean().item()), rel=1e-4)
+    assert res.oracle_ppl <= res.best_of_ppl <= min(res.base_ppl, res.knn_ppl)
+    assert res.oracle_ppl < res.best_of_ppl  # the two definitions differ on this data
     assert abs(res.knn_ppl - res.base_ppl) > 1e-3 * res.base_ppl      # kNN did something
     r2 = H.evaluate_lm(gpt2, test, KNNDecoder(gpt2_ds, k=k, temperature=tau, lam=lam,
                                               backend="reference"), batch_size=3, progress=False)
@@ -253,6 +259,26 @@ def test_evaluate_lm(gpt2, gpt2_ds, lm_data):
     assert r2.knn_ppl == pytest.approx(res.knn_ppl, rel=1e-5)
     assert r2.oracle_ppl == pytest.approx(res.oracle_ppl, rel=1e-5)
     assert res.seconds > 0 and res.tokens_per_s > 0
+    assert res.per_token is None
+
+
+def test_evaluate_lm_per_token(gpt2, gpt2_ds, lm_data):
+    test = lm_data[1]
+    dec = KNNDecoder(gpt2_ds, k=8, temperature=3.0, lam=0.4)
+    res = H.evaluate_lm(gpt2, test, dec, batch_size=2, return_tokens=True, progress=False)
+    t = res.per_token
+    assert all(t[name].shape == (res.tokens,) for name in
+               ("base", "knn", "interpolated", "example", "position"))
+    # aligned with the input: example e, position p predicts test[e][p + 1]
+    _, _, logits, targets = _manual_causal(gpt2, test, range(len(test)))
+    base = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(t["base"].double(), base, rtol=1e-5, atol=1e-5)
+    for j in (0, res.tokens // 2, res.tokens - 1):
+        e, p = int(t["example"][j]), int(t["position"][j])
+        assert int(targets[j]) == test[e][p + 1]
+    assert res.base_ppl == pytest.approx(math.exp(-t["base"].double().mean().item()), rel=1e-6)
+    assert res.knn_ppl == pytest.approx(math.exp(-t["interpolated"].double().mean().item()),
+                                        rel=1e-6)
 
 
 def test_evaluate_lm_seq2seq(marian, marian_ds, mt_data):

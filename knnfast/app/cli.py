@@ -160,7 +160,8 @@ def cmd_eval_ppl(args) -> None:
     res = hf.evaluate_lm(model, examples, make_decoder(args, ds), hidden=ds.meta.get("hidden", "ffn"),
                          batch_size=args.batch_size)
     _print({"tokens": res.tokens, "base_ppl": res.base_ppl, "knn_ppl": res.knn_ppl,
-            "oracle_ppl": res.oracle_ppl, "tokens_per_s": res.tokens_per_s})
+            "oracle_ppl": res.oracle_ppl, "best_of_ppl": res.best_of_ppl,
+            "tokens_per_s": res.tokens_per_s})
 
 
 def cmd_translate(args) -> None:

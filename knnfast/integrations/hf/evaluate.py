@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ... import ops
 from ...methods.decoding import KNNDecoder, Neighbours, gold_two_column
 from ...storage import Datastore
-from .capture import Example, HiddenSpec, teacher_forced
+from .capture import Example, HiddenSpec, target_length, teacher_forced
 
 
 # --------------------------------------------------------------------------- (b) kNN-LM eval
@@ -21,12 +21,22 @@ from .capture import Example, HiddenSpec, teacher_forced
 
 @dataclass
 class LMEvalResult:
-    """Perplexities over ``tokens`` target positions (one forward pass per batch)."""
+    """Perplexities over ``tokens`` target positions (one forward pass per batch).
+
+    ``oracle_ppl`` is Xu et al.'s oracle: per token the better of the base model and the pure
+    kNN distribution, max(p_LM(y), p_kNN(y)). ``best_of_ppl`` is a different quantity: per
+    token the better of the base model and the interpolated kNN-LM. With
+    ``return_tokens=True``, ``per_token`` holds the per-position log-probs ([tokens] float32
+    each, in the order of ``examples`` and their target positions): "base", "knn" (pure
+    kNN, λ = 1; -inf where no neighbour has the gold token), "interpolated", "example"
+    (index into ``examples``) and "position" (target position within the example)."""
     tokens: int
     base_ppl: float
     knn_ppl: float
     oracle_ppl: float
     seconds: float
+    best_of_ppl: float = float("nan")
+    per_token: Optional[dict] = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -34,29 +44,41 @@ class LMEvalResult:
 
 
 def evaluate_lm(model: nn.Module, examples: Sequence[Example], decoder: KNNDecoder, *,
-                hidden: HiddenSpec = "ffn", batch_size: int = 8,
+                hidden: HiddenSpec = "ffn", batch_size: int = 8, return_tokens: bool = False,
                 progress: bool = True) -> LMEvalResult:
-    """Perplexity of the base model, of kNN-LM (decoder's k, τ, λ) and of the oracle that
-    picks, per token, the better of the two. Causal LMs and encoder-decoders (target side).
-    The decoder's backend ("fused" or "reference") runs the kNN part."""
+    """Perplexity of the base model, of kNN-LM (decoder's k, τ, λ), of Xu et al.'s oracle
+    (per token max(p_LM, p_kNN), p_kNN the pure kNN distribution) and of the per-token best of
+    base and kNN-LM, in one forward pass per batch. Causal LMs and encoder-decoders (target
+    side). The decoder's backend ("fused" or "reference") runs the kNN part."""
     from tqdm.auto import tqdm
-    base_nll = knn_nll = oracle_nll = 0.0
-    n = 0
+    parts = {name: [] for name in ("base", "knn", "interpolated")}
     t0 = time.perf_counter()
     bar = tqdm(total=len(examples), desc="eval", unit="ex", disable=not progress, leave=False)
     for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size):
         nbrs = decoder.retrieve(tf.hidden)
-        knn = decoder.gold_logprob(tf.logits, tf.targets, nbrs)
-        base = base_gold_logprob(tf.logits, tf.targets, decoder.backend)
-        base_nll -= float(base.sum())
-        knn_nll -= float(knn.sum())
-        oracle_nll -= float(torch.maximum(base, knn).sum())
-        n += tf.targets.numel()
+        parts["interpolated"].append(decoder.gold_logprob(tf.logits, tf.targets, nbrs).cpu())
+        parts["knn"].append(decoder.gold_logprob(tf.logits, tf.targets, nbrs, lam=1.0).cpu())
+        parts["base"].append(base_gold_logprob(tf.logits, tf.targets, decoder.backend).cpu())
         bar.update(tf.examples)
     bar.close()
     secs = time.perf_counter() - t0
-    ppl = lambda nll: math.exp(nll / max(n, 1))  # noqa: E731
-    return LMEvalResult(n, ppl(base_nll), ppl(knn_nll), ppl(oracle_nll), secs)
+    lp = {name: torch.cat(v) if v else torch.zeros(0) for name, v in parts.items()}
+    n = lp["base"].numel()
+    ppl = lambda logp: math.exp(-float(logp.double().sum()) / max(n, 1))  # noqa: E731
+    result = LMEvalResult(n, ppl(lp["base"]), ppl(lp["interpolated"]),
+                          ppl(torch.maximum(lp["base"], lp["knn"])), secs,
+                          best_of_ppl=ppl(torch.maximum(lp["base"], lp["interpolated"])))
+    if return_tokens:
+        result.per_token = dict(lp, **token_positions(examples))
+    return result
+
+
+def token_positions(examples: Sequence[Example]) -> dict:
+    """(example index, target position) of every target position, in teacher_forced order."""
+    lengths = [target_length(e) for e in examples]
+    example = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(lengths))
+    position = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0)
+    return {"example": example, "position": position.long()}
 
 
 def base_gold_logprob(logits: Tensor, targets: Tensor, backend: str = "fused") -> Tensor:

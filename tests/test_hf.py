@@ -552,3 +552,17 @@ def test_tune_from_features(gpt2, gpt2_ds, lm_data):
         {k: res.best[k] for k in ("k", "temperature", "lam")}
     with pytest.raises(ValueError, match="neighbours were retrieved"):
         H.tune_from_features(feats, ks=(4, 16))
+
+
+def test_pad_id_outside_the_vocabulary_is_a_clear_error(tmp_path):
+    """GPT-2 pads with its eos id; an eos id >= vocab used to crash inside the embedding."""
+    cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                     bos_token_id=60, eos_token_id=60)
+    model = GPT2LMHeadModel(cfg).eval()
+    with pytest.raises(ValueError, match=r"eos_token_id = 60 is outside the vocabulary \[0, 50\)"):
+        H.build_datastore(model, [[1, 2, 3], [4, 5, 6, 7, 8]], str(tmp_path / "ds"),
+                          progress=False)
+    model.config.pad_token_id = 0
+    ds = H.build_datastore(model, [[1, 2, 3], [4, 5, 6, 7, 8]], str(tmp_path / "ds2"),
+                           progress=False)
+    assert len(ds) == 2 + 4

@@ -24,9 +24,10 @@ _FFN_NAMES = ("mlp", "feed_forward", "ffn", "DenseReluDense", "fc1", "c_fc",
 # --------------------------------------------------------------------------- locating layers
 
 
-# Per model: the module that produces the logits; per module: whether it runs time-major.
+# Per model: the module that produces the logits; per module: the layout of its input
+# ("batch_major" [B, T, D], "time_major" [T, B, D] or "flat" [B * T, D]).
 _LOGITS_MODULES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
-_TIME_MAJOR: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def lm_head(model: nn.Module) -> nn.Module:
@@ -85,9 +86,10 @@ def _find_logits_module(model: nn.Module) -> nn.Module:
                      f"hidden=<module path> to pick the key layer")
 
 
-def runs_time_major(model: nn.Module, module: nn.Module) -> bool:
-    """True when ``module`` receives [T, B, D] (FSMT's decoder blocks), found by a probe."""
-    if module not in _TIME_MAJOR:
+def input_layout(model: nn.Module, module: nn.Module) -> str:
+    """How ``module`` receives the hidden states, found by a probe: "time_major" [T, B, D]
+    (FSMT's decoder blocks), "flat" [B * T, D] (OPT's fc1) or "batch_major" [B, T, D]."""
+    if module not in _LAYOUT:
         shapes = []
         handle = module.register_forward_pre_hook(
             lambda mod, args: shapes.append(tuple(args[0].shape)) if args else None)
@@ -95,8 +97,25 @@ def runs_time_major(model: nn.Module, module: nn.Module) -> bool:
             _probe_forward(model, target_len=3)
         finally:
             handle.remove()
-        _TIME_MAJOR[module] = bool(shapes) and shapes[-1][:2] == (3, 1)
-    return _TIME_MAJOR[module]
+        shape = shapes[-1] if shapes else ()
+        _LAYOUT[module] = ("flat" if len(shape) == 2 else
+                           "time_major" if shape[:2] == (3, 1) else "batch_major")
+    return _LAYOUT[module]
+
+
+def runs_time_major(model: nn.Module, module: nn.Module) -> bool:
+    """True when ``module`` receives [T, B, D] (FSMT's decoder blocks), found by a probe."""
+    return input_layout(model, module) == "time_major"
+
+
+def _enclosing_block(model: nn.Module, module: nn.Module) -> nn.Module:
+    """The decoder block holding ``module`` (its input gives [B, T] to a flat module)."""
+    for block in decoder_blocks(model):
+        if any(m is module for m in block.modules()):
+            return block
+    raise ValueError(f"{type(module).__name__} receives flattened [B * T, D] states outside "
+                     f"the decoder blocks; pass hidden=<module path> of a module that receives "
+                     f"[B, T, D] (e.g. a decoder block)")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -145,21 +164,42 @@ class HiddenCapture:
 
     def __init__(self, model: nn.Module, hidden: HiddenSpec = "ffn"):
         self.module = hidden_module(model, hidden)
-        self.time_major = runs_time_major(model, self.module)
+        self.layout = input_layout(model, self.module)
+        self.time_major = self.layout == "time_major"
+        # a flat [B * T, D] input (OPT's fc1) is unflattened with its decoder block's [B, T]
+        self._block = _enclosing_block(model, self.module) if self.layout == "flat" else None
+        self._rows: Optional[Tuple[int, int]] = None
         self.last: Optional[Tensor] = None
-        self._handle = None
+        self._handles = []
+
+    @staticmethod
+    def _first_tensor(args, kwargs) -> Optional[Tensor]:
+        return args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)),
+                                         None)
+
+    def _block_hook(self, module, args, kwargs):
+        x = self._first_tensor(args, kwargs)
+        self._rows = None if x is None else tuple(x.shape[:2])
 
     def _hook(self, module, args, kwargs):
-        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        self.last = x.transpose(0, 1) if self.time_major and x is not None else x
+        x = self._first_tensor(args, kwargs)
+        if x is not None and self.time_major:
+            x = x.transpose(0, 1)
+        elif x is not None and self._block is not None:
+            x = x.reshape(*self._rows, x.shape[-1])
+        self.last = x
 
     def __enter__(self) -> "HiddenCapture":
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        if self._block is not None:
+            self._handles.append(self._block.register_forward_pre_hook(self._block_hook,
+                                                                       with_kwargs=True))
+        self._handles.append(self.module.register_forward_pre_hook(self._hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         self.last = None
 
     def step(self) -> Tensor:
@@ -189,13 +229,24 @@ def pad_batch(rows: List[Sequence[int]], pad: int) -> Tuple[Tensor, Tensor]:
 
 
 def pad_id(model: nn.Module) -> int:
-    """The model's pad id (else its EOS id, else 0)."""
-    pad = getattr(model.config, "pad_token_id", None)
+    """The model's pad id (else its EOS id, else 0), checked against the vocabulary: padded
+    positions are masked, but their ids still go through the embedding."""
+    name = "pad_token_id"
+    pad = getattr(model.config, name, None)
     if pad is None:
-        pad = getattr(model.config, "eos_token_id", None)
+        name = "eos_token_id"
+        pad = getattr(model.config, name, None)
     if isinstance(pad, (list, tuple)):
-        pad = pad[0]
-    return 0 if pad is None else int(pad)
+        pad = pad[0] if pad else None
+    if pad is None:
+        return 0
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and not 0 <= int(pad) < vocab:
+        raise ValueError(f"{type(model).__name__}: config.{name} = {pad} is outside the "
+                         f"vocabulary [0, {vocab}); set model.config.pad_token_id to a valid id "
+                         f"(any id works: padded positions are masked)")
+    return int(pad)
 
 
 @dataclass

@@ -202,3 +202,32 @@ def test_ink_loop_with_a_reused_faiss_index(tmp_path):
     hist_exact = ink.train_ink(exact, pairs, str(tmp_path / "e"), epochs=2, batch_size=4, k=4,
                                lr=1e-2, dropout=0.0, progress=False, log=lambda s: None)
     assert hist[0]["loss"] == pytest.approx(hist_exact[0]["loss"], rel=1e-4)
+
+
+def test_ink_without_refresh_keeps_the_first_datastore(tmp_path):
+    """refresh=False (the paper's "w/o refresh" ablation): the datastore encoded before training
+    is reused, also by a resumed run; with refresh the keys follow the adapters."""
+    from knnfast import Datastore
+    pairs = _pairs(n=12, seed=7)
+    kw = dict(batch_size=4, k=4, lr=1e-2, dropout=0.0, progress=False, log=lambda s: None)
+    frozen = _quiet_marian()
+    ink.train_ink(frozen, pairs, str(tmp_path / "f"), epochs=1, refresh=False, **kw)
+    first = Datastore.open(str(tmp_path / "f" / "datastore")).keys[:].clone()
+    hist = ink.train_ink(frozen, pairs, str(tmp_path / "f"), epochs=3, refresh=False, **kw)
+    assert [h["refreshed"] for h in hist] == [True, False, False]
+    assert torch.equal(Datastore.open(str(tmp_path / "f" / "datastore")).keys[:], first)
+    moving = _quiet_marian()
+    hist = ink.train_ink(moving, pairs, str(tmp_path / "m"), epochs=3, **kw)
+    assert [h["refreshed"] for h in hist] == [True, True, True]
+    assert not torch.equal(Datastore.open(str(tmp_path / "m" / "datastore")).keys[:], first)
+
+
+def test_ink_hidden_override_and_att_refused(tmp_path):
+    pairs = _pairs(n=8, seed=3)
+    kw = dict(epochs=1, batch_size=4, k=4, lr=1e-2, dropout=0.0, progress=False,
+              log=lambda s: None)
+    default = ink.train_ink(_quiet_marian(), pairs, str(tmp_path / "a"), **kw)
+    by_path = ink.train_ink(_quiet_marian(), pairs, str(tmp_path / "b"), hidden="lm_head", **kw)
+    assert by_path[0]["loss"] == pytest.approx(default[0]["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="hidden must be the input of the output projection"):
+        ink.train_ink(_quiet_marian(), pairs, str(tmp_path / "c"), hidden="att", **kw)

@@ -38,6 +38,7 @@ class _Settings:
     beta: float
     variant: str
     exact: bool
+    hidden: object = "ffn"
 
 
 class _EntryIds:
@@ -60,11 +61,12 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
               batch_size: int = 16, k: int = 32, alpha: float = 0.1, beta: float = 0.1,
               lr: float = 1e-3, adapter_size: int = 64, dropout: float = 0.1,
               variant: str = "paper", seed: int = 0, index_factory: str = None,
-              nprobe: int = 16, progress: bool = True, log=print):
+              nprobe: int = 16, hidden="ffn", refresh: bool = True, progress: bool = True,
+              log=print):
     """INK (2023): refine the representation space with adapters against kNN knowledge.
 
     Every epoch re-encodes the datastore keys with the current adapters (teacher-forced
-    capture of ``examples``, the "ffn" state), then for every training batch retrieves the k
+    capture of ``examples``, the ``hidden`` state), then for every training batch retrieves the k
     nearest entries of each position with its own entry excluded and minimizes ink_loss with
     only the adapters trainable. A checkpoint (adapters, optimizer, epoch) is written after
     each epoch to ``workdir/ink_ckpt.pt``; calling again with more epochs resumes there.
@@ -73,8 +75,18 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     for every refreshed datastore (INK's released code does the same). Returns a per-epoch log.
     Afterwards the model decodes with no datastore, or with one
     (``knnfast.integrations.hf.build_datastore`` on the adapted model + a KNNDecoder: hybrid).
+
+    ``hidden`` is the captured state: "ffn" (the input of the module producing the logits) or
+    a module path / callable naming that same input on a model where it is not found on its
+    own; ink_loss multiplies it by the output weight, so "att" is refused.
+    ``refresh=False`` is the paper's "w/o refresh" ablation: the datastore is encoded once,
+    by the model before training (kept in ``workdir`` for resumed runs), and reused.
     """
     from ...integrations import hf
+    if hidden == "att":
+        raise ValueError("train_ink: hidden must be the input of the output projection ('ffn' "
+                         "or its module path), got 'att' (ink_loss multiplies it by the "
+                         "output weight)")
     os.makedirs(workdir, exist_ok=True)
     if not hasattr(model, ADAPTERS_ATTR):
         add_adapters(model, size=adapter_size, dropout=dropout)
@@ -84,13 +96,16 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     history, start = _resume(ckpt_path, adapters, opt, log)
     order = hf.length_order(examples)
     entries = _EntryIds(examples, order)
-    settings = _Settings(k, alpha, beta, variant, exact=not index_factory)
+    settings = _Settings(k, alpha, beta, variant, exact=not index_factory, hidden=hidden)
+    ds = None
     for epoch in range(start, epochs):
         model.eval()
-        ds = hf.build_datastore(model, examples, os.path.join(workdir, "datastore"),
-                                overwrite=True, resume=False, progress=False)
-        if index_factory:
-            _refresh_index(ds, index_factory, nprobe, os.path.join(workdir, "ink_index.faiss"))
+        if refresh or ds is None:
+            ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"), hidden,
+                                  reuse=not refresh and epoch > 0)
+            if index_factory:
+                _refresh_index(ds, index_factory, nprobe,
+                               os.path.join(workdir, "ink_index.faiss"))
         gen = torch.Generator().manual_seed(seed + epoch)
         batches = [list(range(s, min(s + batch_size, len(order))))
                    for s in range(0, len(order), batch_size)]
@@ -99,11 +114,22 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
                              [entries.of(b) for b in batches], ds, opt, settings,
                              f"INK epoch {epoch + 1}", progress)
         entry["epoch"] = epoch + 1
+        entry["refreshed"] = bool(refresh or epoch == 0)
         history.append(entry)
         log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align {entry['align']:.4f}, "
             f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
         _save(ckpt_path, adapters, opt, epoch + 1, history)
     return history
+
+
+def _epoch_datastore(model: nn.Module, examples, path: str, hidden, reuse: bool) -> Datastore:
+    """The epoch's datastore: re-encoded by the current model, or (``reuse``, no refresh) the
+    one an earlier epoch of this run encoded."""
+    from ...integrations import hf
+    if reuse and os.path.exists(os.path.join(path, "meta.json")):
+        return Datastore.open(path)
+    return hf.build_datastore(model, examples, path, hidden=hidden, overwrite=True,
+                              resume=False, progress=False)
 
 
 def _train_epoch(model: nn.Module, batches: List[list], entry_ids: List[torch.Tensor],
@@ -134,7 +160,7 @@ def _ink_step(model: nn.Module, batch: list, ids: torch.Tensor, ds: Datastore,
     """ink_loss of one batch: capture the "ffn" states, retrieve each position's k
     neighbours with its own entry excluded."""
     from ...integrations import hf
-    with hf.HiddenCapture(model, "ffn") as cap:
+    with hf.HiddenCapture(model, settings.hidden) as cap:
         _, targets, mask = hf.forward_batch(model, batch, hf.pad_id(model), weight.device)
         keep = mask.bool()
         hidden = cap.last[keep]

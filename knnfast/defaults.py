@@ -32,3 +32,6 @@ OPS = KNNDefaults(k=8, temperature=1.0, lam=0.5)
 KNN_MT = KNNDefaults(k=8, temperature=10.0, lam=0.7)
 #: kNN-LM evaluation (eval-ppl, evaluate_lm).
 KNN_LM = KNNDefaults(k=1024, temperature=1.0, lam=0.25)
+#: The analyses of Xu et al. (knnfast.methods.analysis, ``knnfast analyze``): kNN-LM's τ and λ
+#: (they analyse kNN-LM), with few neighbours per position (k = 8), as they always defaulted.
+ANALYSIS = KNNDefaults(k=8, temperature=KNN_LM.temperature, lam=KNN_LM.lam)

@@ -28,6 +28,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTMod
 
 from knnfast import Datastore  # noqa: E402
 from knnfast.app.cli import main  # noqa: E402
+from knnfast.defaults import KNN_LM  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -421,15 +422,42 @@ def test_error_bad_arguments(capsys):
 def test_analyze(env, gpt2_ds, capsys, tmp_path):
     base = ["--model", env["gpt2"], "--datastore", gpt2_ds, "--corpus", env["txt"], "--k", "4",
             "--limit", "10"]
-    buckets = run_json(capsys, "analyze", "frequency", *base, "--edges", "0,2,5",
-                       "--plot", tmp_path / "f.png")
+    freq = run_json(capsys, "analyze", "frequency", *base, "--edges", "0,2,5",
+                    "--plot", tmp_path / "f.png")
+    # frequencies come from the datastore's own corpus (recorded by build-datastore), said so
+    assert freq["frequencies_from"] == {"path": os.path.abspath(env["txt"]),
+                                        "from": "the datastore's meta.json (extra.corpus)"}
+    buckets = freq["buckets"]
     assert [b["bucket"] for b in buckets] == ["[0, 2)", "[2, 5)", ">= 5"]
     assert sum(b["positions"] for b in buckets) > 0
     assert all(0 <= b["knn_accuracy"] <= b["recall"] <= 1 for b in buckets)
     assert (tmp_path / "f.png").exists()
+    given = run_json(capsys, "analyze", "frequency", *base, "--train-corpus", env["txt"])
+    assert given["frequencies_from"]["from"] == "--train-corpus"
     sizes = run_json(capsys, "analyze", "size", *base, "--fractions", "0.5,1",
                      "--plot", tmp_path / "s.png")
-    assert sizes[0]["entries"] < sizes[1]["entries"] and (tmp_path / "s.png").exists()
+    assert sizes["settings"] == {"k": 4, "temperature": 1.0, "lam": 0.25, "hidden": "ffn"}
+    points = sizes["points"]
+    assert points[0]["entries"] < points[1]["entries"] and (tmp_path / "s.png").exists()
     lam = run_json(capsys, "analyze", "lambda", *base, "--lams", "0,0.5,1")
     assert [p["lam"] for p in lam["points"]] == [0.0, 0.5, 1.0]
     assert lam["points"][0]["ppl"] == pytest.approx(lam["base_ppl"], rel=1e-4)
+
+
+def test_analyze_frequency_without_a_known_training_corpus(env, gpt2_ds, capsys, tmp_path):
+    """A datastore that does not record its corpus: no silent fallback to the test corpus."""
+    ds = tmp_path / "ds"
+    shutil.copytree(gpt2_ds, ds)
+    meta = json.loads((ds / "meta.json").read_text())
+    meta["extra"].pop("corpus")
+    (ds / "meta.json").write_text(json.dumps(meta))
+    msg = fail(capsys, "analyze", "frequency", "--model", env["gpt2"], "--datastore", ds,
+               "--corpus", env["txt"], "--limit", "4")
+    assert "needs --train-corpus" in msg
+
+
+def test_eval_ppl_echoes_its_settings(env, gpt2_ds, capsys):
+    res = run_json(capsys, "eval-ppl", "--model", env["gpt2"], "--datastore", gpt2_ds,
+                   "--corpus", env["txt"], "--limit", "4")
+    assert res["settings"] == {"k": KNN_LM.k, "temperature": KNN_LM.temperature,
+                               "lam": KNN_LM.lam, "hidden": "ffn", "index": False}

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from ..defaults import KNN_LM, KNN_MT, METRICS
+from ..defaults import ANALYSIS, KNN_LM, KNN_MT, METRICS
 from ..storage.format import KEY_DTYPES
 
 EXAMPLES = {
@@ -137,6 +137,7 @@ def cmd_build_datastore(args) -> None:
                          f"replace it") from None
     except DatastoreError as e:
         raise SystemExit(f"knnfast: {e} (CLI: --resume / --overwrite)") from None
+    ds.update_extra(corpus=os.path.abspath(args.corpus))
     _print({"datastore": ds.path, "entries": len(ds), "dim": ds.dim,
             "examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)})
 
@@ -159,7 +160,9 @@ def cmd_eval_ppl(args) -> None:
     ds = open_datastore(args.datastore)
     res = hf.evaluate_lm(model, examples, make_decoder(args, ds), hidden=ds.meta.get("hidden", "ffn"),
                          batch_size=args.batch_size)
-    _print({"tokens": res.tokens, "base_ppl": res.base_ppl, "knn_ppl": res.knn_ppl,
+    _print({"settings": {"k": args.k, "temperature": args.temperature, "lam": args.lam,
+                         "hidden": ds.meta.get("hidden", "ffn"), "index": bool(args.index)},
+            "tokens": res.tokens, "base_ppl": res.base_ppl, "knn_ppl": res.knn_ppl,
             "oracle_ppl": res.oracle_ppl, "best_of_ppl": res.best_of_ppl,
             "tokens_per_s": res.tokens_per_s})
 
@@ -248,24 +251,30 @@ def cmd_analyze(args) -> None:
     examples = read_corpus(args.corpus, model, tok, args.limit)
     ds = open_datastore(args.datastore)
     hidden = ds.meta.get("hidden", "ffn")
+    settings = {"k": args.k, "temperature": args.temperature, "lam": args.lam, "hidden": hidden}
     if args.kind == "frequency":
-        train = read_corpus(args.train_corpus or args.corpus, model, tok, None)
+        source = frequency_corpus(args, ds)
+        train = read_corpus(source["path"], model, tok, None)
         buckets = analysis.retrieval_by_frequency(model, examples, ds, analysis.target_counts(train),
                                                   k=args.k, edges=_ints(args.edges), hidden=hidden)
         if args.plot:
             plots.plot_buckets(buckets, args.plot, "kNN accuracy and recall by frequency")
-        _print([{"bucket": b.label, "positions": b.positions, "knn_accuracy": b.knn_accuracy,
-                 "recall": b.recall} for b in buckets])
+        _print({"frequencies_from": source, "settings": {"k": args.k, "hidden": hidden},
+                "buckets": [{"bucket": b.label, "positions": b.positions,
+                             "knn_accuracy": b.knn_accuracy, "recall": b.recall}
+                            for b in buckets]})
     elif args.kind == "mask-score":
-        _print(analysis.mask_score_grid(model, examples, ds, k=args.k, temperature=args.temperature,
-                                        lam=args.lam, hidden=hidden))
+        _print({"settings": settings,
+                "grid": analysis.mask_score_grid(model, examples, ds, k=args.k,
+                                                 temperature=args.temperature, lam=args.lam,
+                                                 hidden=hidden)})
     elif args.kind == "size":
         points = analysis.size_sweep(model, examples, ds, _floats(args.fractions), k=args.k,
                                      temperature=args.temperature, lam=args.lam, hidden=hidden)
         if args.plot:
             plots.plot_curve(points, args.plot, "datastore entries", "kNN-LM perplexity",
                                 "perplexity against datastore size", logx=True)
-        _print([{"entries": n, "knn_ppl": p} for n, p in points])
+        _print({"settings": settings, "points": [{"entries": n, "knn_ppl": p} for n, p in points]})
     else:  # lambda
         res = hf.tune(model, examples, ds, ks=[args.k], temperatures=[args.temperature],
                       lams=_floats(args.lams), hidden=hidden, progress=False)
@@ -273,8 +282,20 @@ def cmd_analyze(args) -> None:
         if args.plot:
             plots.plot_curve(points, args.plot, "λ", "perplexity (gold-token NLL)",
                                 f"k={args.k}, τ={args.temperature:g}")
-        _print({"base_ppl": math.exp(res.base_nll),
+        _print({"settings": dict(settings, lam=None), "base_ppl": math.exp(res.base_nll),
                 "points": [{"lam": a, "ppl": b} for a, b in points]})
+
+
+def frequency_corpus(args, ds) -> dict:
+    """Where `analyze frequency` counts token frequencies: --train-corpus, else the corpus the
+    datastore was built from (recorded by build-datastore); never silently the test corpus."""
+    if args.train_corpus:
+        return {"path": args.train_corpus, "from": "--train-corpus"}
+    recorded = ds.meta.get("extra", {}).get("corpus")
+    if recorded:
+        return {"path": recorded, "from": "the datastore's meta.json (extra.corpus)"}
+    raise SystemExit("knnfast: analyze frequency needs --train-corpus: the datastore records no "
+                     "training corpus (datastores built by `knnfast build-datastore` do)")
 
 
 def cmd_demo(args) -> None:
@@ -368,12 +389,17 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=("frequency", "mask-score", "size", "lambda"))
     _add_model_data(p, "the evaluation corpus")
-    p.add_argument("--train-corpus", help="frequency: the datastore's corpus (default --corpus)")
+    p.add_argument("--train-corpus", help="frequency: the corpus whose token frequencies define "
+                   "the buckets (default: the corpus the datastore was built from, as recorded "
+                   "by build-datastore)")
     p.add_argument("--limit", type=int)
-    # k and τ of kNN-MT, λ of kNN-LM (what these analyses have always defaulted to)
-    p.add_argument("--k", type=int, default=KNN_MT.k)
-    p.add_argument("--temperature", type=float, default=KNN_MT.temperature)
-    p.add_argument("--lam", type=float, default=KNN_LM.lam)
+    # the analyses' preset (knnfast.defaults.ANALYSIS: kNN-LM's τ and λ, k = 8), the same as
+    # the Python functions of knnfast.methods.analysis
+    p.add_argument("--k", type=int, default=ANALYSIS.k, help=f"neighbours (default {ANALYSIS.k})")
+    p.add_argument("--temperature", type=float, default=ANALYSIS.temperature,
+                   help=f"softmax temperature (default {ANALYSIS.temperature:g}, as eval-ppl)")
+    p.add_argument("--lam", type=float, default=ANALYSIS.lam,
+                   help=f"kNN weight λ (default {ANALYSIS.lam:g})")
     p.add_argument("--edges", default="0,10,100,1000", help="frequency bucket edges")
     p.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="size: datastore fractions")
     p.add_argument("--lams", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")

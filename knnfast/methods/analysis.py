@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..defaults import KNN_LM, KNN_MT
+from ..defaults import ANALYSIS
 from ..integrations.hf import Example, HiddenSpec, collect_gold_features, evaluate_lm
 from ..storage import Datastore
 from .decoding import KNNDecoder
@@ -60,7 +60,7 @@ def frequency_buckets(edges: Sequence[int] = (0, 10, 100, 1000)) -> List[Bucket]
 
 
 def retrieval_by_frequency(model, examples: Sequence[Example], datastore: Datastore,
-                           train_counts: Counter, k: int = KNN_MT.k, *,
+                           train_counts: Counter, k: int = ANALYSIS.k, *,
                            edges: Sequence[int] = (0, 10, 100, 1000),
                            hidden: HiddenSpec = "ffn", exact: Optional[bool] = None,
                            batch_size: int = 16, progress: bool = False) -> List[Bucket]:
@@ -84,8 +84,8 @@ def retrieval_by_frequency(model, examples: Sequence[Example], datastore: Datast
 
 
 def mask_score_grid(model, examples: Sequence[Example], datastore: Datastore, *,
-                    k: int = KNN_MT.k, temperature: float = KNN_LM.temperature,
-                    lam: float = KNN_LM.lam, hidden: HiddenSpec = "ffn",
+                    k: int = ANALYSIS.k, temperature: float = ANALYSIS.temperature,
+                    lam: float = ANALYSIS.lam, hidden: HiddenSpec = "ffn",
                     batch_size: int = 16) -> Dict[str, float]:
     """kNN-LM perplexity for exact/approximate neighbours ("mask") x exact/approximate scores
     (Xu et al. §3); the datastore needs an index for the approximate parts."""
@@ -104,8 +104,8 @@ def mask_score_grid(model, examples: Sequence[Example], datastore: Datastore, *,
 
 
 def size_sweep(model, examples: Sequence[Example], datastore: Datastore,
-               fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0), *, k: int = KNN_MT.k,
-               temperature: float = KNN_LM.temperature, lam: float = KNN_LM.lam, seed: int = 0,
+               fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0), *, k: int = ANALYSIS.k,
+               temperature: float = ANALYSIS.temperature, lam: float = ANALYSIS.lam, seed: int = 0,
                hidden: HiddenSpec = "ffn", batch_size: int = 16) -> List[Tuple[int, float]]:
     """(datastore size, kNN-LM perplexity) for seeded subsamples of the datastore."""
     points = []

@@ -19,6 +19,7 @@ from .ops import *  # noqa: F401,F403  (the ops, build_info)
 from .storage import Datastore, DatastoreError, DatastoreWriter
 from .methods.decoding import AdaptiveKNNDecoder, KNNDecoder, Neighbours
 from .methods.ink.loss import ink_loss
+from .methods.robust import RobustKNNDecoder
 
 __all__ = ["__version__", *ops.__all__, "Datastore", "DatastoreError", "DatastoreWriter",
-           "KNNDecoder", "AdaptiveKNNDecoder", "Neighbours", "ink_loss"]
+           "KNNDecoder", "AdaptiveKNNDecoder", "RobustKNNDecoder", "Neighbours", "ink_loss"]

@@ -139,6 +139,49 @@ def gold_two_column(base_gold_logp: Tensor, tokens: Tensor, targets: Tensor) -> 
     return logits2, tokens2
 
 
+
+def fit_gold_network(network: nn.Module, nll, T: int, *, epochs: int = 50, batch_size: int = 32,
+                     lr: float = 3e-4, max_updates: int = 5000, valid_fraction: float = 0.1,
+                     seed: int = 0, progress: bool = True, desc: str = "fit") -> dict:
+    """Adam on ``nll(rows, update)`` (mean gold NLL of dev positions ``rows``; ``update`` is
+    the update number while training, None for the held-out evaluation) over T positions,
+    a ``valid_fraction`` of them held out. Returns {"train_loss": [...], "valid_nll_before",
+    "valid_nll_after", "updates"}; the network is left in eval mode."""
+    from tqdm.auto import tqdm
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(T, generator=gen)
+    n_valid = max(1, int(T * valid_fraction)) if T > 1 else 0
+    valid, train = perm[:n_valid], perm[n_valid:]
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(network.parameters(), lr=lr)
+    network.eval()
+    with torch.no_grad():
+        before = float(nll(valid, None)) if n_valid else float("nan")
+    history: List[float] = []
+    updates = 0
+    bar = tqdm(total=min(max_updates, epochs * math.ceil(len(train) / batch_size)),
+               desc=desc, disable=not progress, leave=False)
+    network.train()
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=gen)]
+        for s in range(0, len(order), batch_size):
+            if updates >= max_updates:
+                break
+            loss = nll(order[s:s + batch_size], updates)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+            updates += 1
+            bar.update(1)
+    bar.close()
+    network.eval()
+    with torch.no_grad():
+        after = float(nll(valid, None)) if n_valid else float("nan")
+    return {"train_loss": history, "valid_nll_before": before, "valid_nll_after": after,
+            "updates": updates}
+
+
 # --------------------------------------------------------------------------- adaptive
 
 
@@ -234,50 +277,19 @@ class AdaptiveKNNDecoder(KNNDecoder):
             {"train_loss": [...], "valid_nll_before": x, "valid_nll_after": y} where valid
             is a held-out ``valid_fraction`` of the positions (mean -log P(y)).
         """
-        from tqdm.auto import tqdm
-        T = targets.shape[0]
         logits2, tokens2 = gold_two_column(base_gold_logp, nbrs.tokens, targets)
         scores, tokens = nbrs.scores.float(), nbrs.tokens
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(T, generator=gen)
-        n_valid = max(1, int(T * valid_fraction)) if T > 1 else 0
-        valid, train = perm[:n_valid], perm[n_valid:]
-        zeros = torch.zeros(T, dtype=torch.long, device=targets.device)
+        zeros = torch.zeros(targets.shape[0], dtype=torch.long, device=targets.device)
 
-        def nll(rows: Tensor) -> Tensor:
+        def nll(rows: Tensor, update: Optional[int]) -> Tensor:
             w, lam = self.network.mixture(scores[rows], tokens[rows], self.temperature)
             return -ops.knn_gold_logprob(logits2[rows], zeros[rows], tokens2[rows], weights=w,
                                          lam=lam).mean()
 
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(self.network.parameters(), lr=lr)
-        with torch.no_grad():
-            before = float(nll(valid)) if n_valid else float("nan")
-        history: List[float] = []
-        updates = 0
-        bar = tqdm(total=min(max_updates, epochs * math.ceil(len(train) / batch_size)),
-                   desc="meta-k", disable=not progress, leave=False)
-        self.network.train()
-        for _ in range(epochs):
-            order = train[torch.randperm(len(train), generator=gen)]
-            for s in range(0, len(order), batch_size):
-                loss = nll(order[s:s + batch_size])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                history.append(loss.item())
-                updates += 1
-                bar.update(1)
-                if updates >= max_updates:
-                    break
-            if updates >= max_updates:
-                break
-        bar.close()
-        self.network.eval()
-        with torch.no_grad():
-            after = float(nll(valid)) if n_valid else float("nan")
-        return {"train_loss": history, "valid_nll_before": before, "valid_nll_after": after,
-                "updates": updates}
+        return fit_gold_network(self.network, nll, targets.shape[0], epochs=epochs,
+                                batch_size=batch_size, lr=lr, max_updates=max_updates,
+                                valid_fraction=valid_fraction, seed=seed, progress=progress,
+                                desc="meta-k")
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Save the meta-k network (+ its settings) to a directory."""

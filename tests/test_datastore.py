@@ -615,3 +615,45 @@ def test_to_cpu(small_ds):
         torch.testing.assert_close(a[0], b[0])
     ram.keys[0].zero_()                         # a copy, not a view of the file
     assert Datastore.open(ds.path).keys[0].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- one writer per path
+
+
+def test_second_writer_on_one_path_gets_a_clear_error(tmp_path):
+    path = str(tmp_path / "ds")
+    first = Datastore.create(path, dim=4, vocab_size=10, progress=False)
+    first.add(torch.randn(3, 4), torch.tensor([1, 2, 3]))
+    for kwargs in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(DatastoreError, match="is being built by another writer"):
+            Datastore.create(path, dim=4, vocab_size=10, progress=False, **kwargs)
+    first.add(torch.randn(2, 4), torch.tensor([4, 5]))      # overwrite=True destroyed nothing
+    first.close()
+    with Datastore.create(path, dim=4, vocab_size=10, progress=False, resume=True) as again:
+        again.add(torch.randn(1, 4), torch.tensor([6]))
+    assert Datastore.open(path).values[:].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_second_writer_in_another_process(tmp_path):
+    """Two processes (e.g. two ranks of a process group) building one path: the second fails
+    at once naming the first's pid; the first finishes an intact datastore."""
+    path = str(tmp_path / "ds")
+    code = ("import sys, torch, knnfast\n"
+            f"w = knnfast.Datastore.create({path!r}, dim=4, vocab_size=10, progress=False)\n"
+            "w.add(torch.ones(2, 4), torch.tensor([1, 2]))\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "w.add(torch.ones(1, 4), torch.tensor([3]))\n"
+            "w.finalize()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(DatastoreError, match=f"another writer \\(pid {child.pid};"):
+            Datastore.create(path, dim=4, vocab_size=10, progress=False, resume=True)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=120) == 0
+    finally:
+        child.kill()
+    assert Datastore.open(path).values[:].tolist() == [1, 2, 3]

@@ -96,20 +96,24 @@ class TeacherStore:
                    disable=not progress, leave=False)
         entry = sum(target_length(examples[i]) for i in order[:writer.sentences])
         done = writer.sentences
-        for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size,
-                                 start=done, order=order):
-            n = tf.targets.numel()
-            excl = torch.arange(entry, entry + n) if exclude_self else None
-            scores, ids = datastore.search(tf.hidden, k, exact=exact, exclude=excl)
-            tokens = datastore.lookup(ids, check=False)
-            if compact_temperature is not None:
-                tokens, scores = ops.knn_probs_sparse(scores, tokens, float(compact_temperature))
-            else:
-                scores = scores - scores[:, :1].clamp(min=torch.finfo(torch.float32).min)
-            writer.add(order[done:done + tf.examples], tokens, scores)
-            done += tf.examples
-            entry += n
-            bar.update(tf.examples)
+        try:
+            for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size,
+                                     start=done, order=order):
+                n = tf.targets.numel()
+                excl = torch.arange(entry, entry + n) if exclude_self else None
+                scores, ids = datastore.search(tf.hidden, k, exact=exact, exclude=excl)
+                tokens = datastore.lookup(ids, check=False)
+                if compact_temperature is not None:
+                    tokens, scores = ops.knn_probs_sparse(scores, tokens, float(compact_temperature))
+                else:
+                    scores = scores - scores[:, :1].clamp(min=torch.finfo(torch.float32).min)
+                writer.add(order[done:done + tf.examples], tokens, scores)
+                done += tf.examples
+                entry += n
+                bar.update(tf.examples)
+        except BaseException:
+            writer.release()  # the committed prefix stays resumable, by this process too
+            raise
         bar.close()
         return writer.finalize(examples)
 
@@ -188,6 +192,10 @@ class TeacherWriter:
                             "scores": scores.to(torch.float16).contiguous().cpu().numpy().tobytes()},
                            tokens.shape[0], cursor=done)
         self.done_ids = done
+
+    def release(self) -> None:
+        """Give up the build lock without finalizing (the committed prefix stays resumable)."""
+        self._build.release()
 
     def finalize(self, examples: Sequence[Example]) -> TeacherStore:
         """Reorder the rows into corpus order, write offsets and meta.json, move into place."""

@@ -10,6 +10,7 @@ renames the finished directory into place, so ``<path>`` exists only when comple
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -27,6 +28,32 @@ def building_cursor(path: PathLike) -> Optional[Any]:
         return None
     with open(progress_file) as f:
         return json.load(f).get("cursor")
+
+
+def lock_path(path: PathLike) -> str:
+    """The lock file of builds of ``path``: hidden, next to it, never deleted (deleting a lock
+    file others may hold open would let two writers lock different files)."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+
+
+def acquire_build_lock(path: PathLike, owner: str) -> int:
+    """An exclusive lock on builds of ``path`` (the open file descriptor; closing it releases
+    the lock). A second writer, in this process or another (e.g. two ranks of a process group
+    building one path), gets a DatastoreError at once instead of a corrupted store."""
+    name = lock_path(path)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DatastoreError(f"{owner}: {os.fspath(path)} is being built by another writer "
+                             f"(pid {holder}; lock {name}); one writer per path: wait for it "
+                             f"to finish, or build a different path") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 class ChunkedBuild:
@@ -49,6 +76,16 @@ class ChunkedBuild:
         self.tmp = self.path + ".building"
         self.meta, self.owner = meta, owner
         self.row_bytes = dict(row_bytes)
+        # before anything is deleted or read: overwrite=True must not destroy a live build
+        self._lock: Optional[int] = acquire_build_lock(self.path, owner)
+        try:
+            self._open(resume, overwrite, exists_hint)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self, resume: bool, overwrite: bool, exists_hint: str) -> None:
+        owner = self.owner
         if overwrite:
             for p in (self.path, self.tmp):
                 if os.path.exists(p):
@@ -64,6 +101,12 @@ class ChunkedBuild:
         else:
             self.count, self.cursor = int(state["count"]), state.get("cursor")
         self._truncate_to_commit()
+
+    def release(self) -> None:
+        """Give up the build lock (the committed prefix stays resumable). Idempotent."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def file(self, name: str) -> str:
         """Path of one of the build's files."""
@@ -137,3 +180,4 @@ class ChunkedBuild:
             os.remove(os.path.join(self.path, PROGRESS))
         else:
             shutil.rmtree(self.tmp)
+        self.release()

@@ -92,8 +92,9 @@ class DatastoreWriter:
     def finalize(self) -> "Datastore":
         """Compute |k|^2, write meta.json and move the directory into place atomically."""
         from .datastore import Datastore
-        self.close()
+        self._bar.close()  # the build lock is held until publish has renamed the directory
         if self.count == 0:
+            self.close()
             raise DatastoreError(f"Datastore.finalize: no entries were added to {self.path}")
         keys = memmap_keys(self.tmp_dir, self.count, self.dim, self.key_dtype)
         norms = torch.empty(self.count, dtype=torch.float32)
@@ -106,13 +107,17 @@ class DatastoreWriter:
                     bytes={"keys": self.count * self._row_bytes,
                            "values": self.count * VALUE_BYTES,
                            "key_sq_norms": self.count * np.dtype(np.float32).itemsize})
-        self._build.publish(meta)
+        try:
+            self._build.publish(meta)
+        finally:
+            self.close()
         return Datastore.open(self.path)
 
     def close(self) -> None:
         """Stop without finalizing; the committed prefix stays resumable."""
         if not self._closed:
             self._bar.close()
+            self._build.release()
             self._closed = True
 
     def __enter__(self) -> "DatastoreWriter":

@@ -15,7 +15,8 @@ For each model:
   embedding;
 * kNN ``generate``, greedy and beam, batch 2: one [batch x beam, D] query per step, and at
   λ = 0 the plain ``model.generate`` output (OPT's fc1 receives [B * T, D]: the capture
-  unflattens it with its block's [B, T]);
+  unflattens it with its block's [B, T]); with "att" keys too, greedy, the first query being
+  the teacher-forced key (FSMT's time-major and OPT's flat inputs, one position at a time);
 * ``evaluate_lm`` (the target side for encoder-decoders): base perplexity from the logits,
   kNN-LM far better on the datastore's own corpus;
 * ``add_adapters`` / ``remove_adapters``: logits bit-exact with fresh adapters and after
@@ -235,14 +236,15 @@ def own_datastore(model, name, tmp_path):
 
 
 class RecordingDecoder(KNNDecoder):
-    """A KNNDecoder that keeps the shape of every query it is asked."""
+    """A KNNDecoder that keeps every query it is asked (and its shape)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.queries = []
+        self.queries, self.states = [], []
 
     def retrieve(self, hidden, k=None):
         self.queries.append(tuple(hidden.shape))
+        self.states.append(hidden.detach().clone())
         return super().retrieve(hidden, k)
 
 
@@ -268,6 +270,36 @@ def test_knn_generate_batch_of_two(tmp_path, name, num_beams):
     got = hf.generate(model, dec, **kw)
     assert got.shape == plain.shape
     assert dec.queries == [(2 * num_beams, ds.dim)] * new
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_knn_generate_with_att_keys(tmp_path, name):
+    """The "att" state one position at a time (cached decoding): FSMT's blocks run
+    time-major, OPT's fc1 sees [B * T, D]; the first query is the teacher-forced key."""
+    model = build(name)
+    exs = examples(name, n=2)
+    ds = hf.build_datastore(model, exs, str(tmp_path / "ds"), hidden="att", progress=False,
+                            key_dtype=torch.float32)
+    if name in SEQ2SEQ:
+        ids = torch.tensor([list(e[0]) for e in exs])
+    else:
+        ids = torch.tensor([list(e[:4]) for e in exs])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+              num_beams=1,  # FSMT configs default to 5 beams
+              do_sample=False, eos_token_id=None, forced_eos_token_id=None,
+              forced_bos_token_id=None)
+    plain = model.generate(**kw)
+    assert torch.equal(hf.generate(model, KNNDecoder(ds, k=4, lam=0.0), hidden="att", **kw),
+                       plain)
+    dec = RecordingDecoder(ds, k=4, temperature=1.0, lam=0.8)
+    assert hf.generate(model, dec, hidden="att", **kw).shape == plain.shape
+    assert dec.queries == [(2, ds.dim)] * 3
+    # step 1 queries the state before the first new token: the teacher-forced key of the
+    # prompt's last position (causal LM) or of target position 0 (seq2seq)
+    tf = [(e[0], [3]) for e in exs] if name in SEQ2SEQ else [list(e[:4]) + [3] for e in exs]
+    keys, _ = keys_and_logits(model, tf, "att")
+    first = keys if name in SEQ2SEQ else keys[3::4]
+    torch.testing.assert_close(dec.states[0], first, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -271,3 +271,18 @@ def test_fit_robust_hf_path(marian, train, ds, entry):
     dec = _decoder(ds, entry)
     res = fit_robust(marian, train[:8], dec, batch_size=4, max_updates=5, progress=False)
     assert res["updates"] == 5
+
+
+def test_cli_translate_robust(ds, trained, tmp_path):
+    """`knnfast translate --robust DIR` loads the decoder (make_decoder), a bad DIR exits."""
+    from knnfast.app import cli
+    trained.save(tmp_path / "r")
+    args = cli.build_parser().parse_args(["translate", "--model", "m", "--datastore", ds.path,
+                                          "--robust", str(tmp_path / "r")])
+    dec = cli.make_decoder(args, ds)
+    assert isinstance(dec, RobustKNNDecoder) and dec.exact
+    hidden, logits = torch.randn(3, ds.dim), torch.randn(3, V)
+    assert torch.equal(dec(hidden, logits), trained(hidden, logits))
+    args.robust = str(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="--robust"):
+        cli.make_decoder(args, ds)

@@ -113,6 +113,12 @@ def make_decoder(args, datastore):
     exact = not getattr(args, "index", False)
     if getattr(args, "adaptive", None):
         return AdaptiveKNNDecoder.load(args.adaptive, datastore, exact=exact)
+    if getattr(args, "robust", None):
+        from ..methods.robust import RobustKNNDecoder
+        try:
+            return RobustKNNDecoder.load(args.robust, datastore, exact=exact)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"knnfast: --robust: {e}") from None
     return KNNDecoder(datastore, k=args.k, temperature=args.temperature, lam=args.lam,
                       exact=exact, backend=args.backend)
 
@@ -363,6 +369,8 @@ def _translate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--adaptive", help="directory of a trained AdaptiveKNNDecoder (meta-k network)")
+    p.add_argument("--robust", help="directory of a trained RobustKNNDecoder (Robust kNN-MT "
+                   "combiner, saved with RobustKNNDecoder.save)")
     _add_knn_args(p, KNN_MT.k, KNN_MT.temperature, KNN_MT.lam)
 
 

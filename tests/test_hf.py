@@ -566,3 +566,29 @@ def test_pad_id_outside_the_vocabulary_is_a_clear_error(tmp_path):
     ds = H.build_datastore(model, [[1, 2, 3], [4, 5, 6, 7, 8]], str(tmp_path / "ds2"),
                            progress=False)
     assert len(ds) == 2 + 4
+
+
+def test_provenance_maps_entries_back_to_their_examples(gpt2, gpt2_ds, lm_data, marian,
+                                                        marian_ds, mt_data):
+    """build_datastore reorders examples shortest first; ds.provenance(ids) still says which
+    example and target position every entry (e.g. a retrieved neighbour) came from."""
+    ids = torch.arange(len(gpt2_ds))
+    example, position = gpt2_ds.provenance(ids)
+    targets = torch.tensor([lm_data[0][e][p + 1] for e, p in zip(example.tolist(),
+                                                                 position.tolist())])
+    assert torch.equal(gpt2_ds.values[:].long(), targets)
+    assert sorted(zip(example.tolist(), position.tolist())) == \
+        [(e, p) for e, ex in enumerate(lm_data[0]) for p in range(len(ex) - 1)]
+    ex, pos = marian_ds.provenance(torch.tensor([[0, -1], [len(marian_ds) - 1, 5]]))
+    assert ex.shape == (2, 2) and ex[0, 1] == -1 and pos[0, 1] == -1
+    assert int(marian_ds.values[len(marian_ds) - 1]) == mt_data[int(ex[1, 0])][1][int(pos[1, 0])]
+    with pytest.raises(ValueError, match="ids must lie in"):
+        gpt2_ds.provenance(torch.tensor([len(gpt2_ds)]))
+
+
+def test_provenance_missing_is_a_clear_error(tmp_path):
+    with knnfast.Datastore.create(str(tmp_path / "ds"), dim=2, vocab_size=5,
+                                  progress=False) as w:
+        w.add(torch.randn(3, 2), torch.tensor([1, 2, 3]))
+    with pytest.raises(knnfast.DatastoreError, match="records no provenance"):
+        knnfast.Datastore.open(str(tmp_path / "ds")).provenance(torch.tensor([0]))

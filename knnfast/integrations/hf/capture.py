@@ -368,7 +368,9 @@ def build_datastore(model: nn.Module, examples: Sequence[Example], path: str, *,
             bar.update(tf.examples)
             bar.set_postfix(entries=writer.count)
     bar.close()
-    return writer.datastore
+    ds = writer.datastore
+    ds.set_provenance(torch.tensor(order), torch.tensor([target_length(examples[i]) for i in order]))
+    return ds
 
 
 def corpus_fingerprint(examples: Sequence[Example]) -> str:

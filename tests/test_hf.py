@@ -129,7 +129,8 @@ def test_build_datastore_gpt2(gpt2, gpt2_ds, lm_data, tmp_path):
     assert len(ds) == sum(len(e) - 1 for e in train)
     assert ds.dim == 32 and ds.vocab_size == V and ds.meta["hidden"] == "ffn"
     assert ds.meta["extra"] == {"examples": len(train), "causal": True,
-                                "corpus_sha256": H.corpus_fingerprint(train)}
+                                "corpus_sha256": H.corpus_fingerprint(train),
+                                "provenance": {"file": "provenance.npy", "examples": len(train)}}
     order = H.length_order(train)
     assert order == sorted(range(len(train)), key=lambda i: (len(train[i]), i))
     keys, att, _, targets = _manual_causal(gpt2, train, order)

@@ -657,3 +657,10 @@ def test_second_writer_in_another_process(tmp_path):
     finally:
         child.kill()
     assert Datastore.open(path).values[:].tolist() == [1, 2, 3]
+
+
+def test_create_makes_missing_parent_directories(tmp_path):
+    path = tmp_path / "a" / "b" / "ds"
+    with Datastore.create(str(path), dim=2, vocab_size=5, progress=False) as w:
+        w.add(torch.randn(2, 2), torch.tensor([1, 2]))
+    assert len(Datastore.open(str(path))) == 2

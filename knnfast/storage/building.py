@@ -42,6 +42,7 @@ def acquire_build_lock(path: PathLike, owner: str) -> int:
     the lock). A second writer, in this process or another (e.g. two ranks of a process group
     building one path), gets a DatastoreError at once instead of a corrupted store."""
     name = lock_path(path)
+    os.makedirs(os.path.dirname(name), exist_ok=True)  # the build creates missing parents too
     fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

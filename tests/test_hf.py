@@ -593,3 +593,18 @@ def test_provenance_missing_is_a_clear_error(tmp_path):
         w.add(torch.randn(3, 2), torch.tensor([1, 2, 3]))
     with pytest.raises(knnfast.DatastoreError, match="records no provenance"):
         knnfast.Datastore.open(str(tmp_path / "ds")).provenance(torch.tensor([0]))
+
+
+@pytest.mark.parametrize("extra", [dict(no_repeat_ngram_size=1), dict(min_new_tokens=5)],
+                         ids=["no_repeat_ngram", "min_new_tokens"])
+def test_generate_processors_act_on_the_mixture(gpt2, gpt2_ds, lm_data, extra):
+    """kNN is mixed into the model's own output, before transformers' processors: with λ = 0
+    kNN generate is plain generate even when processors forbid tokens under beam search
+    (mixing after them renormalised the model distribution per beam and changed the beams)."""
+    dec = KNNDecoder(gpt2_ds, k=8, temperature=2.0, lam=0.0)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, V, (2, 4), generator=g)
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                  num_beams=3, do_sample=False, **extra)
+        assert torch.equal(H.generate(gpt2, dec, **kw), gpt2.generate(**kw)), seed

@@ -30,7 +30,7 @@ from .capture import (Example, HiddenCapture, HiddenSpec, TeacherForcedBatch, bu
 from .evaluate import (TUNE_KS, TUNE_LAMS, TUNE_TEMPERATURES, GoldFeatures, LMEvalResult,
                        TuneResult, base_gold_logprob, collect_gold_features, evaluate_lm, tune,
                        tune_from_features)
-from .generate import KNNLogitsProcessor, KNNModel, generate, knn_processor
+from .generate import KNNLogitsProcessor, KNNModel, generate, knn_logits, knn_processor
 
 __all__ = ["Example", "HiddenCapture", "HiddenSpec", "TeacherForcedBatch", "build_datastore",
            "corpus_fingerprint", "decoder_blocks", "ffn_module", "forward_batch",
@@ -38,4 +38,4 @@ __all__ = ["Example", "HiddenCapture", "HiddenSpec", "TeacherForcedBatch", "buil
            "target_length", "teacher_forced", "TUNE_KS", "TUNE_LAMS", "TUNE_TEMPERATURES",
            "GoldFeatures", "LMEvalResult", "TuneResult", "base_gold_logprob",
            "collect_gold_features", "evaluate_lm", "tune", "tune_from_features",
-           "KNNLogitsProcessor", "KNNModel", "generate", "knn_processor"]
+           "KNNLogitsProcessor", "KNNModel", "generate", "knn_logits", "knn_processor"]

@@ -1,4 +1,5 @@
-"""kNN inside ``model.generate``: a LogitsProcessor fed by a hidden-state hook, and a model
+"""kNN inside ``model.generate``: a forward hook that mixes kNN into the model's own output
+(what ``generate`` uses), a LogitsProcessor form for hand-built processor lists, and a model
 wrapper whose ``forward`` returns kNN log-probs. Needs transformers at import."""
 from __future__ import annotations
 
@@ -53,17 +54,39 @@ def knn_processor(model: nn.Module, decoder: KNNDecoder, hidden: HiddenSpec = "f
         yield KNNLogitsProcessor(decoder, cap)
 
 
+@contextmanager
+def knn_logits(model: nn.Module, decoder: KNNDecoder, hidden: HiddenSpec = "ffn"):
+    """While active, ``model``'s output carries the kNN log-probs at its newest position: a
+    forward hook mixes them in before ``generate`` sees the logits, so transformers' own
+    processors (no-repeat n-grams, min length, bad words, forced tokens, ...) act on the
+    mixture, as in kNN-MT implementations that mix inside the model, instead of the mixture
+    being taken over a model distribution they already renormalised."""
+    with HiddenCapture(model, hidden) as cap:
+        def mix(module, args, output):
+            logits = getattr(output, "logits", None)
+            if logits is None or logits.dim() != 3:
+                return output
+            mixed = decoder(cap.step(), logits[:, -1, :])[:, None, :]
+            output.logits = mixed if logits.shape[1] == 1 else \
+                torch.cat([logits[:, :-1, :].float(), mixed], 1)
+            return output
+        handle = model.register_forward_hook(mix)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 def generate(model: nn.Module, decoder: Optional[KNNDecoder], *args, hidden: HiddenSpec = "ffn",
              **kwargs) -> Any:
     """``model.generate(*args, **kwargs)`` with kNN mixed into every step (greedy, beam,
     sampling; causal LMs and encoder-decoders; any batch). ``decoder=None`` = bare model.
-    Extra ``logits_processor`` entries run after the kNN one."""
+    The mixture replaces the model's own next-token logits (``knn_logits``), so every
+    processor and warper of ``generate`` (and a user ``logits_processor``) sees it."""
     if decoder is None:
         return model.generate(*args, **kwargs)
-    from transformers import LogitsProcessorList
-    user = kwargs.pop("logits_processor", None) or []
-    with knn_processor(model, decoder, hidden) as proc:
-        return model.generate(*args, logits_processor=LogitsProcessorList([proc, *user]), **kwargs)
+    with knn_logits(model, decoder, hidden):
+        return model.generate(*args, **kwargs)
 
 
 class KNNModel(nn.Module):

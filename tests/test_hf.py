@@ -608,3 +608,24 @@ def test_generate_processors_act_on_the_mixture(gpt2, gpt2_ds, lm_data, extra):
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                   num_beams=3, do_sample=False, **extra)
         assert torch.equal(H.generate(gpt2, dec, **kw), gpt2.generate(**kw)), seed
+
+
+def test_bad_capture_inputs_are_clear_errors(gpt2, lm_data, tmp_path):
+    with pytest.raises(ValueError, match="hidden must be 'ffn', 'att', a module path"):
+        H.build_datastore(gpt2, lm_data[0], str(tmp_path / "a"), hidden="transformer.nope",
+                          progress=False)
+
+    class NoBlocks(torch.nn.Module):  # an LM without any list of decoder blocks
+        config = gpt2.config
+
+        def forward(self, input_ids=None, **kw):
+            return gpt2(input_ids=input_ids, **kw)
+
+    with pytest.raises(ValueError, match="no list of decoder blocks .* pass hidden=<module path>"):
+        H.hidden_module(NoBlocks(), "att")
+    # a model whose hidden size does not match an interrupted build of the same path
+    w = knnfast.Datastore.create(str(tmp_path / "b"), dim=7, vocab_size=V, progress=False)
+    w.add(torch.randn(2, 7), torch.tensor([1, 2]))
+    w.close()
+    with pytest.raises(knnfast.DatastoreError, match=r"different settings .*'dim': \(7, 32\)"):
+        H.build_datastore(gpt2, lm_data[0], str(tmp_path / "b"), progress=False)

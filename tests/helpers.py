@@ -312,3 +312,11 @@ def check_off_never_crashes(call):
     with override(cuda_checks=False):
         call("cuda")
         torch.cuda.synchronize()
+
+
+def random_sequences(n, lo, hi, seed, vocab):
+    """n token-id lists of random length in [lo, hi), ids in [2, vocab) (0 and 1 stay free
+    for pad / eos), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]

@@ -15,7 +15,7 @@ import knnfast  # noqa: E402
 import knnfast.integrations.hf as H  # noqa: E402
 import knnfast.reference as ref  # noqa: E402
 from knnfast import Datastore, DatastoreWriter, KNNDecoder  # noqa: E402
-from helpers import assert_logp_close  # noqa: E402
+from helpers import random_sequences, assert_logp_close  # noqa: E402
 
 V = 97
 PAD, EOS, START = 0, 1, 0
@@ -47,9 +47,7 @@ def _marian():
 
 
 def _seqs(n, lo, hi, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return random_sequences(n, lo, hi, seed, V)
 
 
 @pytest.fixture(scope="module")

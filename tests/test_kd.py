@@ -10,16 +10,14 @@ import knnfast
 import knnfast.integrations.hf as H
 from knnfast.methods.kd import TeacherStore, TeacherWriter
 
-from helpers import check_bad_input
+from helpers import random_sequences, check_bad_input
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 61
 
 
 def _seqs(n, lo, hi, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return random_sequences(n, lo, hi, seed, V)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,13 @@ V = 61
 PAD, EOS, START = 0, 1, 0
 K = 8
 
+from helpers import random_sequences  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _seqs(n, lo, hi, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return random_sequences(n, lo, hi, seed, V)
 
 
 @pytest.fixture(scope="module")

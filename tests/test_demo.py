@@ -38,13 +38,16 @@ def test_run_knn_mt_tiny(tmp_path):
     n_tokens = sum(len(codec.encode(t)) for _, t in split.in_train)
     assert out["datastore"]["entries"] == n_tokens
     assert out["datastore"]["index"] == demo.ivf_factory(n_tokens)
-    assert set(out["systems"]) == {"base", "kNN-MT", "adaptive kNN-MT", "kNN-MT (reference path)"}
+    assert set(out["systems"]) == {"base", "kNN-MT", "adaptive kNN-MT", "robust kNN-MT",
+                                   "kNN-MT (reference path)"}
     # the fused and the reference path decode the same sentences
     fused, ref = out["systems"]["kNN-MT"], out["systems"]["kNN-MT (reference path)"]
     assert fused["bleu"] == pytest.approx(ref["bleu"]) and fused["chrf"] == pytest.approx(ref["chrf"])
     assert [p[0] for p in out["bleu_vs_lambda"]] == list(demo.LAMBDA_GRID)
     assert (tmp_path / "bleu_vs_lambda.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "cache" / "adaptive" / "meta_k.pt").exists()
+    assert (tmp_path / "cache" / "robust" / "robust.pt").exists()
+    assert out["robust"]["updates"] > 0
     report = {"date": "d", "machine": "m", "split": split.sizes(), "model": "tiny", "knn": out}
     md = demo.render_report(json.loads(json.dumps(report)))
     assert "| kNN-MT |" in md and "bleu_vs_lambda.png" in md

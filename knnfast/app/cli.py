@@ -44,7 +44,7 @@ EXAMPLES = {
   knnfast analyze lambda --model M --datastore D --corpus dev.tsv --plot lam.png""",
     "demo": """examples:
   knnfast demo                       # the English->German kNN-MT demo (same as `make demo`)
-  knnfast demo --cache .cache/demo --time-budget 240""",
+  knnfast demo --cache .cache/demo --updates 3000""",
 }
 
 
@@ -306,7 +306,7 @@ def frequency_corpus(args, ds) -> dict:
 
 def cmd_demo(args) -> None:
     from . import demo
-    demo.main(cache_dir=args.cache, time_budget_s=args.time_budget, out_dir=args.out,
+    demo.main(cache_dir=args.cache, updates=args.updates, out_dir=args.out,
               locale_dir=args.locale_dir)
 
 
@@ -417,7 +417,9 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=".cache/demo", help="model/datastore cache directory")
     p.add_argument("--out", default="demo-results", help="where results and plots go")
-    p.add_argument("--time-budget", type=float, default=240.0, help="base-model training seconds")
+    p.add_argument("--updates", type=int, default=None,
+                   help="base-model training updates (fixed and seeded, so the same model on "
+                   "any machine; default: the demo's BaseModelConfig.updates)")
     p.add_argument("--locale-dir", help="German gettext catalogs (default "
                    "/usr/share/locale/de/LC_MESSAGES; missing -> kNN-LM fallback demo)")
 

@@ -3,15 +3,17 @@ adapted to PostgreSQL messages by retrieval (``make demo``).
 
     python -m knnfast demo          # same as `make demo`
 
-Corpus → tokenizer → base model (trained once, cached in ``.cache/demo/base_model``;
-``base_model``) → in-domain datastore + IVF index (``.cache/demo/datastore``) → λ/τ/k tuning
-and the adaptive meta-k network on in_dev → BLEU/chrF and sentences/s of base, kNN-MT,
-adaptive kNN-MT and the reference path on in_test → BLEU against λ (PNG) (``knn_mt``).
+Corpus → tokenizer → base model (a fixed number of seeded updates, cached in
+``.cache/demo/base_model``; ``base_model``) → in-domain datastore + IVF index
+(``.cache/demo/datastore``) → λ/τ/k tuning, the adaptive meta-k network and robust kNN-MT's
+combiner on in_dev → BLEU/chrF and sentences/s of base, kNN-MT, adaptive and robust kNN-MT
+and the reference path on in_test → BLEU against λ (PNG) (``knn_mt``).
 Without the catalogs: a kNN-LM demo on the Python language reference (``pydoc_data``;
 ``knn_lm``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -75,7 +77,7 @@ def _machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def main(cache_dir: str | Path | None = None, time_budget_s: float = 240.0,
+def main(cache_dir: str | Path | None = None, updates: int | None = None,
          out_dir: str | Path = "demo-results", log: Log = print,
          locale_dir: str | Path | None = None) -> dict:
     """The whole demo; returns the report (also written to out_dir). Without the German
@@ -90,14 +92,16 @@ def main(cache_dir: str | Path | None = None, time_budget_s: float = 240.0,
     except FileNotFoundError as e:
         log(f"gettext catalogs not available: {e}")
         log("falling back to a kNN-LM demo on the Python language reference shipped with Python")
-        report = run_knn_lm_fallback(cache_dir, out_dir, time_budget_s, log)
+        report = run_knn_lm_fallback(cache_dir, out_dir, log)
         report["why"] = str(e)
         _write_report(out_dir, report)
         return report
     split = split_domains(catalogs)
     log(f"corpus: {split.sizes()}")
     codec = TextCodec(train_tokenizer(t for pair in split.general_train for t in pair))
-    model = train_base_model(split, codec, cache_dir, time_budget_s=time_budget_s, log=log)
+    model = train_base_model(split, codec, cache_dir, log=log,
+                             config=dataclasses.replace(BaseModelConfig(),
+                                                        updates=updates or BaseModelConfig.updates))
     export_hf_tokenizer(codec, cache_dir / "base_model")
     n_params = sum(p.numel() for p in model.parameters())
     log("in-domain kNN-MT (in_test = held-out PostgreSQL messages):")

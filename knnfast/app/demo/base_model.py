@@ -37,7 +37,7 @@ class BaseModelConfig:
     lr: float = 2e-3              # peak, reached after warmup_steps, then ∝ 1/sqrt(step)
     warmup_steps: int = 100
     max_tokens: int = 1500        # per batch, source + target, padding included
-    max_epochs: int = 20
+    updates: int = 3000           # fixed, so every machine trains the same model
     label_smoothing: float = 0.1
     checkpoint_every_s: float = 60.0
 
@@ -65,7 +65,7 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _token_batches(srcs: list[list[int]], tgts: list[list[int]],
+def token_batches(srcs: list[list[int]], tgts: list[list[int]],
                    max_tokens: int) -> list[list[int]]:
     """Index batches of pairs of similar length, each ≤ ``max_tokens`` padded tokens
     (source + target)."""
@@ -93,9 +93,10 @@ def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def _train_step(model: MarianMTModel, srcs: list[list[int]], tgts: list[list[int]],
-                pad_id: int, label_smoothing: float) -> tuple[torch.Tensor, int]:
-    """Forward + backward of one batch; returns (mean token loss, number of target tokens)."""
+def seq2seq_loss(model: MarianMTModel, srcs: list[list[int]], tgts: list[list[int]],
+                 pad_id: int, label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """Teacher-forced label-smoothed CE of one batch: (mean token loss with its graph,
+    number of target tokens)."""
     input_ids = pad_rows(srcs, pad_id)
     labels = pad_rows(tgts, -100)
     decoder_input_ids = torch.cat(
@@ -105,8 +106,7 @@ def _train_step(model: MarianMTModel, srcs: list[list[int]], tgts: list[list[int
                    decoder_input_ids=decoder_input_ids).logits
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                            label_smoothing=label_smoothing)
-    loss.backward()
-    return loss.detach(), int((labels != -100).sum())
+    return loss, int((labels != -100).sum())
 
 
 def _inverse_sqrt(warmup_steps: int) -> Callable[[int], float]:
@@ -170,7 +170,8 @@ class _TrainingRun:
 
     def step(self, srcs: list[list[int]], tgts: list[list[int]], pad_id: int) -> float:
         """One optimiser step on a batch; returns its loss."""
-        loss, n_tokens = _train_step(self.model, srcs, tgts, pad_id, self.config.label_smoothing)
+        loss, n_tokens = seq2seq_loss(self.model, srcs, tgts, pad_id, self.config.label_smoothing)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.schedule.step()
@@ -178,32 +179,32 @@ class _TrainingRun:
         self.state["step"] += 1
         self.state["batch"] += 1
         self.state["tokens"] += n_tokens
-        return loss.item()
+        return loss.detach().item()
 
 
 def _train_loop(run: _TrainingRun, srcs: list[list[int]], tgts: list[list[int]],
-                pad_id: int, time_budget_s: float, ckpt_path: Path) -> None:
-    """Epochs of shuffled token batches until the time budget or ``max_epochs``; checkpoints
-    every ``checkpoint_every_s`` and on Ctrl-C."""
+                pad_id: int, ckpt_path: Path) -> None:
+    """Epochs of shuffled token batches until ``config.updates`` optimiser steps (a fixed
+    count, never a time budget: the same model on any machine and load); checkpoints every
+    ``checkpoint_every_s`` and on Ctrl-C."""
     config, state = run.config, run.state
-    batches = _token_batches(srcs, tgts, config.max_tokens)
-    bar = tqdm(total=round(time_budget_s), initial=round(state["elapsed_s"]), unit="s",
-               desc="training", bar_format="{l_bar}{bar}| {n:.0f}/{total} s{postfix}")
+    batches = token_batches(srcs, tgts, config.max_tokens)
+    bar = tqdm(total=config.updates, initial=state["step"], unit="update", desc="training")
     start = last_ckpt = time.perf_counter()
     start -= state["elapsed_s"]
     run.model.train()
     try:
-        while state["epoch"] < config.max_epochs and state["elapsed_s"] < time_budget_s:
+        while state["step"] < config.updates:
             order = list(range(len(batches)))
             random.Random(run.seed * 1_000_003 + state["epoch"]).shuffle(order)
             for b in order[state["batch"]:]:
                 loss = run.step([srcs[i] for i in batches[b]], [tgts[i] for i in batches[b]],
                                 pad_id)
                 state["elapsed_s"] = time.perf_counter() - start
-                bar.update(round(state["elapsed_s"]) - bar.n)
+                bar.update(1)
                 bar.set_postfix(epoch=state["epoch"], loss=f"{loss:.2f}", refresh=False,
                                 tgt_tok_s=f"{state['tokens'] / state['elapsed_s']:.0f}")
-                if state["elapsed_s"] >= time_budget_s:
+                if state["step"] >= config.updates:
                     break
                 if time.perf_counter() - last_ckpt >= config.checkpoint_every_s:
                     run.save(ckpt_path)
@@ -219,24 +220,22 @@ def _train_loop(run: _TrainingRun, srcs: list[list[int]], tgts: list[list[int]],
     run.model.eval()
 
 
-def _cache_key(split: DemoSplit, codec: TextCodec, config: BaseModelConfig, seed: int,
-               time_budget_s: float) -> str:
+def _cache_key(split: DemoSplit, codec: TextCodec, config: BaseModelConfig, seed: int) -> str:
     return sha256_json({"config": dataclasses.asdict(config), "seed": seed,
-                    "time_budget_s": time_budget_s,
                     "tokenizer": hashlib.sha256(codec.to_json().encode()).hexdigest(),
                     "data": sha256_json(split.general_train)})
 
 
 def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
-                     time_budget_s: float = 240.0, seed: int = 0, log: Log = print,
+                     seed: int = 0, log: Log = print,
                      config: BaseModelConfig = BaseModelConfig(),
                      threads: int | None = None) -> MarianMTModel:
     """Train the base model on ``split.general_train``, or load it from ``cache_dir``.
 
     AdamW with inverse-sqrt warmup and label smoothing, length-bucketed token batches,
-    until ``time_budget_s`` of training or ``config.max_epochs``. The result goes to
-    ``cache_dir/base_model`` (weights, tokenizer.json, train_meta.json with the hash of
-    config, seed, budget, tokenizer and data); a cache whose hash matches is loaded instead
+    for ``config.updates`` seeded updates (progress bar with a time estimate). The result
+    goes to ``cache_dir/base_model`` (weights, tokenizer.json, train_meta.json with the hash
+    of config, seed, tokenizer and data); a cache whose hash matches is loaded instead
     of training. A checkpoint (``cache_dir/base_model.ckpt``) is written every
     ``config.checkpoint_every_s`` and on Ctrl-C, and the next call resumes from it. Uses
     ``threads`` (default: all) CPU threads.
@@ -244,7 +243,7 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     torch.set_num_threads(threads or os.cpu_count() or 1)
     cache_dir = Path(cache_dir)
     final_dir, ckpt_path = cache_dir / "base_model", cache_dir / "base_model.ckpt"
-    key = _cache_key(split, codec, config, seed, time_budget_s)
+    key = _cache_key(split, codec, config, seed)
     meta_path = final_dir / "train_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if meta.get("hash") == key:
@@ -259,15 +258,15 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     srcs = codec.encode_rows([s for s, _ in split.general_train], config.max_positions)
     tgts = codec.encode_rows([t for _, t in split.general_train], config.max_positions)
     n_params = sum(p.numel() for p in run.model.parameters())
-    log(f"base model: {n_params / 1e6:.2f}M parameters, {len(srcs)} pairs, budget "
-        f"{time_budget_s:.0f} s, {torch.get_num_threads()} threads")
-    _train_loop(run, srcs, tgts, codec.pad_id, time_budget_s, ckpt_path)
+    log(f"base model: {n_params / 1e6:.2f}M parameters, {len(srcs)} pairs, {config.updates} "
+        f"updates, {torch.get_num_threads()} threads")
+    _train_loop(run, srcs, tgts, codec.pad_id, ckpt_path)
     state = run.state
     log(f"base model: {state['step']} steps, {state['epoch']} full epochs, "
         f"{state['elapsed_s']:.0f} s, {state['tokens'] / state['elapsed_s']:.0f} target tokens/s")
 
     meta = {"hash": key, "config": dataclasses.asdict(config), "seed": seed,
-            "time_budget_s": time_budget_s, "steps": state["step"],
+            "steps": state["step"],
             "train_seconds": state["elapsed_s"], "target_tokens": state["tokens"],
             "parameters": n_params}
 

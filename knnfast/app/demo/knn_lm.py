@@ -50,30 +50,35 @@ def _lm_examples(codec: TextCodec, texts: list[str]) -> list[list[int]]:
     return rows
 
 
+LM_UPDATES = 1200
+
+
 def train_small_lm(examples: list[list[int]], vocab_size: int, cache_dir: Path,
-                   time_budget_s: float, log: Log):
-    """A 2-layer GPT-2 shape trained for ``time_budget_s`` (cached in cache_dir/lm)."""
+                   updates: int = LM_UPDATES, log: Log = print, *, n_embd: int = 192,
+                   n_layer: int = 3, seed: int = 0, name: str = "lm"):
+    """A small GPT-2 shape trained for a fixed number of seeded ``updates`` of 32 chunks
+    (cached in ``cache_dir/<name>``; the same model on any machine and load)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    path = cache_dir / "lm"
+    path = cache_dir / name
     stamp = sha256_json({"n": len(examples), "first": examples[:2], "v": vocab_size,
-                     "budget": time_budget_s})
+                         "updates": updates, "shape": [n_embd, n_layer], "seed": seed})
     if (path / "stamp.json").exists() and json.loads((path / "stamp.json").read_text()) == stamp:
         log(f"LM: loaded from cache {path}")
         return GPT2LMHeadModel.from_pretrained(path).eval()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=192, n_layer=3, n_head=4,
-                                       n_positions=LM_CHUNK, pad_token_id=0, eos_token_id=1,
-                                       bos_token_id=1))
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer,
+                                       n_head=4, n_positions=LM_CHUNK, pad_token_id=0,
+                                       eos_token_id=1, bos_token_id=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    start, step = time.perf_counter(), 0
+    start = time.perf_counter()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     batches = [order[s:s + 32] for s in range(0, len(order), 32)]
-    rng = random.Random(0)
-    bar = tqdm(total=int(time_budget_s), desc="train LM", unit="s", leave=False)
+    rng = random.Random(seed)
+    bar = tqdm(total=updates, desc="train LM", unit="update", leave=False)
     model.train()
-    while time.perf_counter() - start < time_budget_s:
+    while bar.n < updates:
         rng.shuffle(batches)
-        for b in batches:
+        for b in batches[:updates - bar.n]:
             rows = [examples[i] for i in b]
             ids = pad_rows(rows, 0)
             labels = ids.masked_fill(pad_rows([[1] * len(r) for r in rows], 0) == 0, -100)
@@ -81,12 +86,8 @@ def train_small_lm(examples: list[list[int]], vocab_size: int, cache_dir: Path,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            step += 1
-            bar.n = min(int(time.perf_counter() - start), int(time_budget_s))
+            bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.2f}")
-            bar.refresh()
-            if time.perf_counter() - start >= time_budget_s:
-                break
     bar.close()
     model.eval()
 
@@ -94,19 +95,19 @@ def train_small_lm(examples: list[list[int]], vocab_size: int, cache_dir: Path,
         model.save_pretrained(p)
         (p / "stamp.json").write_text(json.dumps(stamp))
     save_atomic(write, path)
-    log(f"LM: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {step} steps "
-        f"in {time.perf_counter() - start:.0f} s")
+    log(f"LM: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {updates} "
+        f"updates in {time.perf_counter() - start:.0f} s")
     return model
 
 
-def run_knn_lm_fallback(cache_dir: Path, out_dir: Path, time_budget_s: float, log: Log) -> dict:
+def run_knn_lm_fallback(cache_dir: Path, out_dir: Path, log: Log) -> dict:
     """kNN-LM on the Python language reference: base vs kNN-LM perplexity on unseen topics."""
     train, dev, test = python_doc_chunks()
     codec = TextCodec(train_tokenizer(train, vocab_size=4000))
     tr, dv, te = (_lm_examples(codec, x) for x in (train, dev, test))
     log(f"corpus: Python language reference (pydoc_data.topics): {len(tr)} train / {len(dv)} dev / "
         f"{len(te)} test chunks of ≤ {LM_CHUNK} tokens")
-    model = train_small_lm(tr, codec.vocab_size, cache_dir, min(time_budget_s, 120.0), log)
+    model = train_small_lm(tr, codec.vocab_size, cache_dir, log=log)
     ds = hf.build_datastore(model, tr, str(cache_dir / "lm_datastore"), overwrite=True,
                             batch_size=32, progress=False)
     tuned = hf.tune(model, dv, ds, ks=(16, 64), temperatures=(1.0, 10.0, 100.0),

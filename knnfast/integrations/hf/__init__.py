@@ -19,6 +19,8 @@ Examples (``ids`` are token-id lists; for seq2seq, (source_ids, target_ids) pair
     out = hf.generate(model, knn, input_ids=src, num_beams=4)             # kNN-MT / kNN-LM
     res = hf.evaluate_lm(model, test_examples, knn)                       # base/kNN/oracle ppl
     best = hf.tune(model, dev_examples, ds, ks=(4, 8, 16))                # λ/τ/k grid
+    wins, scored = hf.sliding_windows(stream_ids, window=512, stride=256)  # context windows
+    res = hf.evaluate_lm(model, wins, knn, scored=scored)                  # each token once
 
 Modules: ``capture`` (key layers, hidden-state hook, teacher forcing, ``build_datastore``),
 ``evaluate`` (perplexities, tuning), ``generate`` (kNN in ``model.generate``).
@@ -28,8 +30,8 @@ from .capture import (Example, HiddenCapture, HiddenSpec, TeacherForcedBatch, bu
                       hidden_module, is_seq2seq, length_order, lm_head, pad_batch, pad_id,
                       target_length, teacher_forced)
 from .evaluate import (TUNE_KS, TUNE_LAMS, TUNE_TEMPERATURES, GoldFeatures, LMEvalResult,
-                       TuneResult, base_gold_logprob, collect_gold_features, evaluate_lm, tune,
-                       tune_from_features)
+                       TuneResult, base_gold_logprob, collect_gold_features, evaluate_lm,
+                       scored_mask, sliding_windows, tune, tune_from_features)
 from .generate import KNNLogitsProcessor, KNNModel, generate, knn_logits, knn_processor
 
 __all__ = ["Example", "HiddenCapture", "HiddenSpec", "TeacherForcedBatch", "build_datastore",
@@ -37,5 +39,6 @@ __all__ = ["Example", "HiddenCapture", "HiddenSpec", "TeacherForcedBatch", "buil
            "hidden_module", "is_seq2seq", "length_order", "lm_head", "pad_batch", "pad_id",
            "target_length", "teacher_forced", "TUNE_KS", "TUNE_LAMS", "TUNE_TEMPERATURES",
            "GoldFeatures", "LMEvalResult", "TuneResult", "base_gold_logprob",
-           "collect_gold_features", "evaluate_lm", "tune", "tune_from_features",
+           "collect_gold_features", "evaluate_lm", "scored_mask", "sliding_windows", "tune",
+           "tune_from_features",
            "KNNLogitsProcessor", "KNNModel", "generate", "knn_logits", "knn_processor"]

@@ -1,5 +1,5 @@
 """kNN-LM evaluation (base / kNN / oracle perplexity in one pass) and λ/τ/k tuning from one
-retrieval pass over a dev set."""
+retrieval pass over a dev set; sliding-window evaluation (``sliding_windows`` + ``scored``)."""
 from __future__ import annotations
 
 import math
@@ -13,10 +13,71 @@ from torch import Tensor, nn
 from ... import ops
 from ...methods.decoding import KNNDecoder, Neighbours, gold_two_column
 from ...storage import Datastore
-from .capture import Example, HiddenSpec, target_length, teacher_forced
+from .capture import Example, HiddenSpec, TeacherForcedBatch, target_length, teacher_forced
 
 
 # --------------------------------------------------------------------------- (b) kNN-LM eval
+
+
+def sliding_windows(ids: Sequence[int], window: int, stride: int):
+    """Sliding-window evaluation of one token stream (Khandelwal et al.'s and Xu et al.'s
+    protocol): windows of at most ``window`` tokens whose ends advance by ``stride``; the
+    first window scores all its targets, every later one only its last ``stride``, so each
+    target ids[1:] is scored exactly once, with at least ``window - stride`` tokens of
+    context once the first window is past. Returns (examples, scored) for ``evaluate_lm`` /
+    ``collect_gold_features`` / ``tune``; stride = window - 1 is plain chunking."""
+    if not 1 <= stride < window:
+        raise ValueError(f"sliding_windows: need 1 <= stride < window, got stride={stride}, "
+                         f"window={window}")
+    if len(ids) < 2:
+        raise ValueError(f"sliding_windows: the stream needs >= 2 tokens, got {len(ids)}")
+    ids = list(ids)
+    end = min(window, len(ids))
+    examples, scored = [ids[:end]], [end - 1]
+    while end < len(ids):
+        new_end = min(end + stride, len(ids))
+        examples.append(ids[max(0, new_end - window):new_end])
+        scored.append(new_end - end)
+        end = new_end
+    return examples, scored
+
+
+def check_scored(examples: Sequence[Example], scored: Optional[Sequence[int]]) -> None:
+    """``scored[i]``: how many final target positions of example i count, 0..target_length."""
+    if scored is None:
+        return
+    if len(scored) != len(examples):
+        raise ValueError(f"scored has {len(scored)} entries for {len(examples)} examples")
+    for i, (e, s) in enumerate(zip(examples, scored)):
+        if not 0 <= int(s) <= target_length(e):
+            raise ValueError(f"scored[{i}] = {s} is outside [0, {target_length(e)}] "
+                             f"(the target positions of example {i})")
+
+
+def scored_mask(examples: Sequence[Example], scored: Optional[Sequence[int]]) -> Tensor:
+    """[positions] bool over every target position (teacher_forced order): True where it is
+    among the last ``scored[i]`` of its example (all True when ``scored`` is None)."""
+    lengths = [target_length(e) for e in examples]
+    if scored is None:
+        return torch.ones(sum(lengths), dtype=torch.bool)
+    return torch.cat([torch.arange(n) >= n - int(s) for n, s in zip(lengths, scored)]
+                     ) if lengths else torch.zeros(0, dtype=torch.bool)
+
+
+def scored_batches(model: nn.Module, examples: Sequence[Example], scored, hidden: HiddenSpec,
+                   batch_size: int):
+    """teacher_forced batches (in example order) restricted to the scored positions, so that
+    nothing is retrieved for context-only positions."""
+    first = 0
+    for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size):
+        if scored is not None:
+            keep = scored_mask(examples[first:first + tf.examples],
+                               scored[first:first + tf.examples]).to(tf.targets.device)
+            tf = TeacherForcedBatch(tf.hidden[keep], tf.logits[keep], tf.targets[keep],
+                                    tf.examples)
+        first += tf.examples
+        if tf.targets.numel():      # a batch of context-only positions retrieves nothing
+            yield tf
 
 
 @dataclass
@@ -45,16 +106,19 @@ class LMEvalResult:
 
 def evaluate_lm(model: nn.Module, examples: Sequence[Example], decoder: KNNDecoder, *,
                 hidden: HiddenSpec = "ffn", batch_size: int = 8, return_tokens: bool = False,
-                progress: bool = True) -> LMEvalResult:
+                progress: bool = True, scored: Optional[Sequence[int]] = None) -> LMEvalResult:
     """Perplexity of the base model, of kNN-LM (decoder's k, τ, λ), of Xu et al.'s oracle
     (per token max(p_LM, p_kNN), p_kNN the pure kNN distribution) and of the per-token best of
     base and kNN-LM, in one forward pass per batch. Causal LMs and encoder-decoders (target
-    side). The decoder's backend ("fused" or "reference") runs the kNN part."""
+    side). The decoder's backend ("fused" or "reference") runs the kNN part. ``scored``
+    (e.g. from ``sliding_windows``): per example, how many final target positions count;
+    the others are context only (not retrieved, not in ``tokens``)."""
     from tqdm.auto import tqdm
+    check_scored(examples, scored)
     parts = {name: [] for name in ("base", "knn", "interpolated")}
     t0 = time.perf_counter()
     bar = tqdm(total=len(examples), desc="eval", unit="ex", disable=not progress, leave=False)
-    for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size):
+    for tf in scored_batches(model, examples, scored, hidden, batch_size):
         nbrs = decoder.retrieve(tf.hidden)
         parts["interpolated"].append(decoder.gold_logprob(tf.logits, tf.targets, nbrs).cpu())
         parts["knn"].append(decoder.gold_logprob(tf.logits, tf.targets, nbrs, lam=1.0).cpu())
@@ -69,7 +133,8 @@ def evaluate_lm(model: nn.Module, examples: Sequence[Example], decoder: KNNDecod
                           ppl(torch.maximum(lp["base"], lp["knn"])), secs,
                           best_of_ppl=ppl(torch.maximum(lp["base"], lp["interpolated"])))
     if return_tokens:
-        result.per_token = dict(lp, **token_positions(examples))
+        keep = scored_mask(examples, scored)
+        result.per_token = dict(lp, **{k: v[keep] for k, v in token_positions(examples).items()})
     return result
 
 
@@ -104,13 +169,16 @@ class GoldFeatures:
 
 def collect_gold_features(model: nn.Module, examples: Sequence[Example], decoder: KNNDecoder,
                           k: Optional[int] = None, *, hidden: HiddenSpec = "ffn",
-                          batch_size: int = 16, progress: bool = True) -> GoldFeatures:
-    """Teacher-forced pass + one search with k (default decoder.k) neighbours per position."""
+                          batch_size: int = 16, progress: bool = True,
+                          scored: Optional[Sequence[int]] = None) -> GoldFeatures:
+    """Teacher-forced pass + one search with k (default decoder.k) neighbours per position
+    (only the scored ones, see ``evaluate_lm``)."""
     from tqdm.auto import tqdm
+    check_scored(examples, scored)
     base, targets, scores, tokens, ids = [], [], [], [], []
     bar = tqdm(total=len(examples), desc="dev retrieval", unit="ex", disable=not progress,
                leave=False)
-    for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size):
+    for tf in scored_batches(model, examples, scored, hidden, batch_size):
         nb = decoder.retrieve(tf.hidden, k or decoder.k)
         base.append(base_gold_logprob(tf.logits, tf.targets).cpu())
         targets.append(tf.targets.cpu())
@@ -164,9 +232,10 @@ def tune(model: nn.Module, examples: Sequence[Example], datastore: Datastore, *,
          ks: Sequence[int] = TUNE_KS, temperatures: Sequence[float] = TUNE_TEMPERATURES,
          lams: Sequence[float] = TUNE_LAMS,
          hidden: HiddenSpec = "ffn", batch_size: int = 16, exact: Optional[bool] = None,
-         progress: bool = True) -> TuneResult:
-    """λ/τ/k tuning on a dev set from one retrieval with max(ks) neighbours."""
+         progress: bool = True, scored: Optional[Sequence[int]] = None) -> TuneResult:
+    """λ/τ/k tuning on a dev set from one retrieval with max(ks) neighbours (``scored``:
+    see ``evaluate_lm``)."""
     dec = KNNDecoder(datastore, k=max(ks), exact=exact)
     feats = collect_gold_features(model, examples, dec, hidden=hidden, batch_size=batch_size,
-                                  progress=progress)
+                                  progress=progress, scored=scored)
     return tune_from_features(feats, ks, temperatures, lams)

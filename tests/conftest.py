@@ -79,3 +79,10 @@ def single_threaded():
     yield
     torch.set_num_threads(torch_before)
     faiss.omp_set_num_threads(faiss_before)
+
+
+@pytest.fixture(scope="session")
+def reproduce_cache(tmp_path_factory):
+    """One cache root for every quick `knnfast reproduce` study of the session, so the MT
+    studies share one tiny base model and datastore (as full runs do)."""
+    return tmp_path_factory.mktemp("reproduce-cache")

@@ -2,7 +2,7 @@
 matplotlib with the Agg backend, imported only when a plot is drawn."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 
 def _axes(figsize: Tuple[float, float]):
@@ -57,3 +57,30 @@ def plot_bleu_vs_lambda(points: Sequence[Tuple[float, float]], base_bleu: float,
     ax.axhline(base_bleu, color="gray", ls="--", label=f"base model ({base_bleu:.1f})")
     ax.legend()
     _finish(plt, fig, ax, path, "λ (kNN weight)", "BLEU", title)
+
+
+def plot_grouped_bars(series: dict, labels: Sequence[str], path: str, xlabel: str, ylabel: str,
+                      title: str = "") -> None:
+    """Bars of several named series over the same categories (``labels``)."""
+    plt, fig, ax = _axes((7, 3.8))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))], values,
+               width=width, label=name)
+    ax.set_xticks(list(range(len(labels))), list(labels))
+    ax.legend(fontsize="small")
+    _finish(plt, fig, ax, path, xlabel, ylabel, title, grid=False)
+
+
+def plot_lines(series: dict, path: str, xlabel: str, ylabel: str, title: str = "",
+               logx: bool = False, hline: Optional[Tuple[float, str]] = None) -> None:
+    """Several named lines of (x, y) points; ``hline`` = (y, label) draws a dashed reference."""
+    plt, fig, ax = _axes((6, 3.8))
+    for name, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
+    if hline is not None:
+        ax.axhline(hline[0], color="gray", ls="--", label=f"{hline[1]} ({hline[0]:.2f})")
+    if logx:
+        ax.set_xscale("log")
+    ax.legend(fontsize="small")
+    _finish(plt, fig, ax, path, xlabel, ylabel, title)

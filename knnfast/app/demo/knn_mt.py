@@ -96,9 +96,11 @@ def _model_stamp(cache_dir: Path) -> str:
 
 @torch.inference_mode()
 def translate_knn(model: MarianMTModel, codec: TextCodec, sources: list[str], decoder,
-                  batch_size: int = 16, num_beams: int = 4) -> tuple[list[str], float]:
+                  batch_size: int = 16, num_beams: int = 4,
+                  max_new_tokens: int | None = None) -> tuple[list[str], float]:
     """(translations, seconds) with kNN mixed into every beam-search step (``decoder=None``:
-    the bare model through the same code path)."""
+    the bare model through the same code path). Output length: at most twice the source
+    length + 10, the model's position limit and ``max_new_tokens``."""
     max_positions = model.config.max_position_embeddings
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out = [""] * len(sources)
@@ -106,7 +108,7 @@ def translate_knn(model: MarianMTModel, codec: TextCodec, sources: list[str], de
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         ids, mask = codec.encode_batch([sources[i] for i in chunk], max_positions)
-        limit = min(max_positions, 2 * ids.shape[1] + 10)
+        limit = min(max_positions, 2 * ids.shape[1] + 10, max_new_tokens or max_positions)
         gen = hf.generate(model, decoder, input_ids=ids, attention_mask=mask,
                           num_beams=num_beams, do_sample=False, max_new_tokens=limit)
         for i, row in zip(chunk, gen):

@@ -1,0 +1,44 @@
+"""``knnfast reproduce <study>``: the four source papers' experiments in miniature, one
+command each, on text this machine ships (gettext catalogs, Python's documentation).
+
+Each study module has ``STUDY`` (its command name), ``TITLE``, ``PAPER`` (citation), the
+paper's own numbers (with the table they come from) and ``run(run: StudyRun, **kw) ->
+Report``. ``reproduce`` runs one, writes ``<out>/<study>.md`` + ``.json`` + PNG plots and
+returns the JSON. Stages are cached (``runner.StudyRun``): a killed run resumes.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable
+
+from .report import DOES_NOT_HOLD, HOLDS, UNTESTABLE, VERDICTS, Claim, Report, Table, verdict
+from .runner import StudyRun, machine
+
+# command name -> module (imported only when run: each pulls in transformers & co.)
+STUDIES = {"meta-optimizer": "meta_optimizer", "knn-kd": "knn_kd", "ink": "ink",
+           "knnlm-why": "knnlm_why"}
+
+__all__ = ["STUDIES", "reproduce", "StudyRun", "Report", "Claim", "Table", "verdict", "HOLDS",
+           "DOES_NOT_HOLD", "UNTESTABLE", "VERDICTS", "machine"]
+
+
+def study_module(study: str):
+    """The module of a study, by its command name."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    return importlib.import_module(f"{__name__}.{STUDIES[study]}")
+
+
+def reproduce(study: str, *, quick: bool = False, out_dir: str | Path = "reproduce-results",
+              cache_dir: str | Path = ".cache/reproduce", log: Callable[[str], None] = print,
+              **kwargs) -> dict:
+    """Run one study (``quick``: the tiny scale of the tests) and write its report to
+    ``out_dir``; returns the report's JSON. ``kwargs`` go to the study's ``run``."""
+    module = study_module(study)
+    run = StudyRun(study, cache_dir, out_dir, quick=quick, log=log)
+    report = module.run(run, **kwargs)
+    m = machine()
+    md, js = report.write(run.out, m, run.seconds(), run.stage_seconds)
+    log(f"[{study}] report: {md} and {js.name} ({run.seconds() / 60:.1f} min of stages)")
+    return report.to_json(m, run.seconds(), run.stage_seconds)

@@ -1,0 +1,81 @@
+"""One run of a study: its cache directories, its resumable stages and its log.
+
+A stage is a named step whose JSON-serialisable result is saved when it finishes
+(``<cache>/stages/<key>.json``, written atomically); a rerun after a kill skips every
+finished stage and continues with the first unfinished one. Models and datastores are cached
+by the code that builds them, under ``run.cache`` (this study) or ``run.shared`` (what
+several studies reuse: the base model, its datastore)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+Log = Callable[[str], None]
+
+
+def machine() -> str:
+    """CPU model, cores, torch version and threads: printed beside every measured figure."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+class StudyRun:
+    """Where one study keeps its state, and its resumable stages.
+
+    Args:
+        study: the study's name (``meta-optimizer``, ...).
+        cache_root: the cache of all studies (``.cache/reproduce``).
+        out_dir: where the report goes.
+        quick: the tiny scale (tests); it never shares a cache with a full run.
+    """
+
+    def __init__(self, study: str, cache_root: str | Path, out_dir: str | Path,
+                 quick: bool = False, log: Log = print):
+        scale = "quick" if quick else "full"
+        self.study, self.quick, self.log = study, quick, log
+        self.cache = Path(cache_root) / study / scale
+        self.shared = Path(cache_root) / "shared" / scale
+        self.out = Path(out_dir)
+        for d in (self.cache / "stages", self.shared, self.out):
+            d.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.stage_seconds: dict[str, float] = {}
+
+    def stage(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``'s result, computed once: cached as JSON under ``key`` (a file name)."""
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"StudyRun.stage: key must be a plain file name, got {key!r}")
+        path = self.cache / "stages" / f"{key}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            self.stage_seconds[key] = saved["seconds"]
+            self.log(f"[{self.study}] {key}: done earlier ({saved['seconds']:.0f} s), cached")
+            return saved["result"]
+        self.log(f"[{self.study}] {key} ...")
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": seconds, "result": result}, ensure_ascii=False))
+        os.replace(tmp, path)
+        self.stage_seconds[key] = seconds
+        self.log(f"[{self.study}] {key}: {seconds:.0f} s")
+        return result
+
+    def seconds(self) -> float:
+        """Wall-clock seconds of all stages, cached ones counted with their first run's time
+        (the cold-cache time of the study)."""
+        return sum(self.stage_seconds.values())

@@ -12,7 +12,7 @@ NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu) $(wildcard tests/cuda/*.cu)
 
-.PHONY: venv build test cuda-check bench demo clean
+.PHONY: venv build test cuda-check bench demo reproduce clean
 
 venv: $(VENV)/.deps-installed
 
@@ -64,6 +64,13 @@ test: build cuda-check
 # writes demo-results/ (results.json, results.md, bleu_vs_lambda.png).
 demo: build
 	$(VPY) -m knnfast demo --cache .cache/demo --out demo-results
+
+# The four source papers' experiments in miniature (each <= 30 min on 2 cores from a cold
+# cache; models, datastores and finished stages cached in .cache/reproduce, a killed run
+# resumes). Reports go to docs/reproduce/ (<study>.md, .json, PNGs). One study:
+# `$(VPY) -m knnfast reproduce meta-optimizer --out docs/reproduce`.
+reproduce: build
+	$(VPY) -m knnfast reproduce all --cache .cache/reproduce --out docs/reproduce
 
 # Full benchmark suite (several minutes; needs ~10 GiB RAM for the 1M x 1024 datastores).
 bench: build

@@ -45,6 +45,10 @@ EXAMPLES = {
     "demo": """examples:
   knnfast demo                       # the English->German kNN-MT demo (same as `make demo`)
   knnfast demo --cache .cache/demo --updates 3000""",
+    "reproduce": """examples:
+  knnfast reproduce meta-optimizer          # full run (<= 30 min on 2 cores), report in reproduce-results/
+  knnfast reproduce all --quick             # every study at the tiny test scale (seconds each)
+  knnfast reproduce knnlm-why --out docs/reproduce --cache .cache/reproduce""",
 }
 
 
@@ -424,6 +428,22 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    "/usr/share/locale/de/LC_MESSAGES; missing -> kNN-LM fallback demo)")
 
 
+def cmd_reproduce(args) -> None:
+    from . import reproduce
+    studies = list(reproduce.STUDIES) if args.study == "all" else [args.study]
+    for study in studies:
+        reproduce.reproduce(study, quick=args.quick, out_dir=args.out, cache_dir=args.cache)
+
+
+def _reproduce_args(p: argparse.ArgumentParser) -> None:
+    from .reproduce import STUDIES
+    p.add_argument("study", choices=list(STUDIES) + ["all"], help="which paper's experiments")
+    p.add_argument("--quick", action="store_true", help="tiny scale: checks structure, not claims")
+    p.add_argument("--out", default="reproduce-results", help="where <study>.md/.json/PNGs go")
+    p.add_argument("--cache", default=".cache/reproduce",
+                   help="models, datastores and finished stages (a killed run resumes)")
+
+
 #: (name, function, help, arguments) of every command, in --help order.
 COMMANDS = (
     ("build-datastore", cmd_build_datastore,
@@ -442,6 +462,8 @@ COMMANDS = (
      _analyze_args),
     ("demo", cmd_demo, "English->German kNN-MT demo on the system's gettext catalogs",
      _demo_args),
+    ("reproduce", cmd_reproduce, "rerun a source paper's experiments in miniature (report with "
+     "the paper's claims beside ours)", _reproduce_args),
 )
 
 

@@ -80,10 +80,10 @@ def build_in_domain_datastore(model: MarianMTModel, codec: TextCodec, split: Dem
     ds = hf.build_datastore(model, examples, str(path), hidden="ffn", batch_size=64,
                             model_id="knnfast-demo-marian", resume=True,
                             overwrite=(path / "meta.json").exists())
-    ds.update_extra(demo_stamp=stamp)
     built = time.perf_counter() - start
     start = time.perf_counter()
     ds.build_index(ivf_factory(len(ds)), nprobe=IVF_NPROBE, progress=False)
+    ds.update_extra(demo_stamp=stamp, build_seconds=built + time.perf_counter() - start)
     log(f"datastore: {len(ds):,} entries from {len(examples):,} in-domain pairs in {built:.1f} s; "
         f"index {ivf_factory(len(ds))} (nprobe {IVF_NPROBE}) in {time.perf_counter() - start:.1f} s")
     return ds

@@ -75,6 +75,11 @@ class StudyRun:
         self.log(f"[{self.study}] {key}: {seconds:.0f} s")
         return result
 
+    def record(self, key: str, seconds: float) -> None:
+        """Count ``seconds`` of work done outside a stage (a shared model's training, read
+        from its cache) in the run's cold-cache time."""
+        self.stage_seconds[key] = float(seconds)
+
     def seconds(self) -> float:
         """Wall-clock seconds of all stages, cached ones counted with their first run's time
         (the cold-cache time of the study)."""

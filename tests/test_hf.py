@@ -627,3 +627,25 @@ def test_bad_capture_inputs_are_clear_errors(gpt2, lm_data, tmp_path):
     w.close()
     with pytest.raises(knnfast.DatastoreError, match=r"different settings .*'dim': \(7, 32\)"):
         H.build_datastore(gpt2, lm_data[0], str(tmp_path / "b"), progress=False)
+
+
+def test_flat_input_outside_the_decoder_blocks_is_a_clear_error(lm_data, tmp_path):
+    """A key module fed [B * T, D] outside every decoder block cannot be unflattened (no
+    block gives [B, T]): a clear error naming the override, not a wrong reshape."""
+    cfg = GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+
+    class FlatHead(torch.nn.Module):  # the LM head applied to flattened rows
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    model.lm_head = FlatHead(model.lm_head)
+    with pytest.raises(ValueError, match=r"flattened \[B \* T, D\] states outside the decoder "
+                                         r"blocks; pass hidden=<module path>"):
+        H.build_datastore(model, lm_data[0], str(tmp_path / "ds"), hidden="lm_head.inner",
+                          progress=False)

@@ -1,0 +1,217 @@
+"""The commands: each reads its options (``args``), checks its inputs before any work and
+prints strict JSON; ``STOPPED`` says, per command, where a Ctrl-C left the work."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+
+from ...defaults import KNN_LM, KNN_MT
+from ...storage.format import KEY_DTYPES
+from .errors import DataError, UsageError, from_library, warn
+from .loading import (check_readable, check_writable, dumps, load_model, open_datastore, print_json,
+                      read_corpus, read_lines, resolve_knn, tokenizer_fingerprint, write_json)
+from .pairing import check_index, check_pairing, fit_k, make_decoder
+
+
+def command_line(argv, drop=(), add=()) -> str:
+    """The command as a user would retype it, without ``drop`` and with ``add`` flags."""
+    words = [w for w in argv if w not in drop]
+    return shlex.join(["knnfast", *words, *(a for a in add if a not in words)])
+
+
+# --------------------------------------------------------------------------- build-datastore
+
+def cmd_build_datastore(args) -> None:
+    from ...integrations import hf
+    from ...storage import DatastoreError
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    _check_build_target(args)
+    args.total = len(examples)
+    t0 = time.perf_counter()
+    try:
+        ds = hf.build_datastore(model, examples, args.out, hidden=args.hidden,
+                                batch_size=args.batch_size, key_dtype=KEY_DTYPES[args.key_dtype],
+                                metric=args.metric, model_id=os.path.abspath(args.model),
+                                resume=args.resume, overwrite=args.overwrite)
+    except (DatastoreError, FileExistsError) as e:
+        raise from_library(e, f"--out {args.out!r}: ") from None
+    ds.update_extra(corpus=os.path.abspath(args.corpus), tokenizer_sha256=tokenizer_fingerprint(tok))
+    print_json({"datastore": ds.path, "entries": len(ds), "dim": ds.dim, "hidden": args.hidden,
+                "examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def _check_build_target(args) -> None:
+    """An existing datastore or interrupted build at --out, said in the options' words."""
+    if args.overwrite:
+        return
+    if os.path.exists(args.out):
+        raise DataError(f"--out {args.out!r} already exists", "pass --overwrite to replace it")
+    building = args.out + ".building"
+    if os.path.exists(building) and not args.resume:
+        raise DataError(f"an interrupted build of {args.out!r} exists ({building})",
+                        "pass --resume to continue it or --overwrite to start over")
+
+
+def stopped_build_datastore(args, argv) -> str:
+    from ...storage import Datastore
+    try:
+        done = Datastore.building_cursor(args.out)
+    except (OSError, ValueError):
+        done = None
+    where = (f"after {done or 0} of {getattr(args, 'total', '?')} examples were committed to "
+             f"{args.out}.building")
+    return f"{where}; resume: {command_line(argv, drop=('--overwrite',), add=('--resume',))}"
+
+
+# --------------------------------------------------------------------------- build-index
+
+def cmd_build_index(args) -> None:
+    import json
+    ds = open_datastore(args.datastore, "datastore")
+    factory = args.factory or None
+    if factory:
+        _check_factory(factory, ds, args.train_size)
+    if args.metric and args.metric != ds.metric:
+        warn(f"--metric {args.metric!r} differs from the datastore's {ds.metric!r} (meta.json "
+             f"field \"metric\"); searches through this index score with {args.metric!r}")
+    t0 = time.perf_counter()
+    try:
+        ds.build_index(factory, metric=args.metric, train_size=args.train_size,
+                       device=args.device, nprobe=args.nprobe)
+    except ValueError as e:
+        raise from_library(e, "--factory: ") from None
+    with open(os.path.join(ds.path, "index.json")) as f:
+        info = json.load(f)
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    print_json(info)
+
+
+def _check_factory(factory: str, ds, train_size: int) -> None:
+    import faiss
+    try:
+        faiss.index_factory(ds.dim, factory)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise UsageError(f"--factory {factory!r} is not a FAISS index_factory string for "
+                         f"{ds.dim}-dim keys ({reason})",
+                         "e.g. --factory Flat, IVF1024,Flat or IVF4096,PQ64 (PQ m must divide "
+                         "D)") from None
+    ivf = re.match(r"IVF(\d+)", factory)
+    if ivf and int(ivf.group(1)) > min(len(ds), train_size):
+        lists, n = int(ivf.group(1)), min(len(ds), train_size)
+        raise DataError(f"--factory {factory} has {lists} lists but only {n} keys to train "
+                        f"them ({len(ds)} entries, --train-size {train_size})",
+                        f"use at most {n} lists, e.g. --factory IVF{max(1, int(n ** 0.5))},Flat, "
+                        f"or Flat")
+
+
+# --------------------------------------------------------------------------- eval-ppl
+
+def knn_settings(args, hidden: str, k: int) -> dict:
+    """What a result was computed with (echoed in every result)."""
+    return {"k": k, "temperature": args.temperature, "lam": args.lam, "hidden": hidden,
+            "index": bool(getattr(args, "index", False)),
+            "backend": getattr(args, "backend", "fused")}
+
+
+def cmd_eval_ppl(args) -> None:
+    from ...integrations import hf
+    resolve_knn(args, KNN_LM)
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    ds = open_datastore(args.datastore)
+    hidden = check_pairing(args, model, tok, ds)
+    decoder = make_decoder(args, ds)
+    res = hf.evaluate_lm(model, examples, decoder, hidden=hidden, batch_size=args.batch_size)
+    print_json({"settings": knn_settings(args, hidden, decoder.k),
+                "tokens": res.tokens, "base_ppl": res.base_ppl, "knn_ppl": res.knn_ppl,
+                "oracle_ppl": res.oracle_ppl, "best_of_ppl": res.best_of_ppl,
+                "tokens_per_s": res.tokens_per_s})
+
+
+# --------------------------------------------------------------------------- translate
+
+def cmd_translate(args) -> None:
+    resolve_knn(args, KNN_MT)
+    check_writable("--output", args.output)
+    if args.input != "-":
+        check_readable("--input", args.input, "a file of source lines, or '-' for stdin")
+    model, tok = load_model(args.model)
+    decoder, hidden, settings = None, "ffn", None
+    if args.datastore:
+        ds = open_datastore(args.datastore)
+        hidden = check_pairing(args, model, tok, ds)
+        decoder = make_decoder(args, ds)
+        settings = knn_settings(args, hidden, getattr(decoder, "k", args.k))
+    elif args.adaptive or args.robust:
+        raise UsageError("--adaptive / --robust need a datastore", "pass --datastore DIR")
+    lines = read_lines("--input", args.input, "a file of source lines, or '-' for stdin")
+    t0 = time.perf_counter()
+    _translate_lines(args, model, tok, decoder, hidden, lines)
+    secs = time.perf_counter() - t0
+    print(dumps({"settings": settings, "sentences": len(lines), "seconds": round(secs, 3),
+                 "sentences_per_s": round(len(lines) / max(secs, 1e-9), 2)}, indent=None),
+          file=sys.stderr)
+
+
+def _translate_lines(args, model, tok, decoder, hidden, lines) -> None:
+    from tqdm.auto import tqdm
+    from ...integrations import hf
+    limit = min(args.max_new_tokens, getattr(model.config, "max_position_embeddings", 10**9))
+    show = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    bar = tqdm(total=len(lines), unit="sent", desc="translate", disable=not show, file=sys.stderr)
+    out = open(args.output, "w", encoding="utf-8") if args.output != "-" else sys.stdout
+    args.done = 0
+    try:
+        for s in range(0, len(lines), args.batch_size):
+            enc = tok(lines[s:s + args.batch_size], return_tensors="pt", padding=True)
+            gen = hf.generate(model, decoder, **enc, num_beams=args.beams,
+                              max_new_tokens=limit, hidden=hidden)
+            for text in tok.batch_decode(gen, skip_special_tokens=True):
+                out.write(text + "\n")
+            batch = enc["input_ids"].shape[0]
+            args.done += batch
+            bar.update(batch)
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+        else:
+            out.flush()
+
+
+def stopped_translate(args, argv) -> str:
+    where = f"after {getattr(args, 'done', 0)} sentences"
+    if args.output != "-":
+        where += f" (written to {args.output})"
+    return f"{where}; translate does not resume, rerun: {command_line(argv)}"
+
+
+# --------------------------------------------------------------------------- tune
+
+def cmd_tune(args) -> None:
+    from ...integrations import hf
+    for option, path in (("--grid-out", args.grid_out), ("--save", args.save)):
+        check_writable(option, path)
+    model, tok = load_model(args.model)
+    examples = read_corpus(args.corpus, model, tok, args.limit)
+    ds = open_datastore(args.datastore)
+    hidden = check_pairing(args, model, tok, ds)
+    check_index(args, ds)
+    ks = list(dict.fromkeys(fit_k(k, ds, "--ks value") for k in args.ks))
+    res = hf.tune(model, examples, ds, ks=ks, temperatures=args.temperatures, lams=args.lams,
+                  hidden=hidden, batch_size=args.batch_size, exact=not args.index)
+    if args.grid_out:
+        write_json("--grid-out", args.grid_out, res.grid)
+    settings = {"ks": ks, "temperatures": args.temperatures, "lams": args.lams,
+                "hidden": hidden, "index": bool(args.index)}
+    if args.save:
+        write_json("--save", args.save, dict(res.best, hidden=hidden, index=bool(args.index),
+                                             datastore=os.path.abspath(args.datastore),
+                                             tuned_on=os.path.abspath(args.corpus)))
+    print_json({"settings": settings, "best": res.best, "base_nll": res.base_nll,
+                "cells": len(res.grid), "saved": args.save})

@@ -112,7 +112,9 @@ def build(keys: Tensor, factory: str, metric: str, *, train_size: int, device: s
     add_keys(work, keys, metric, progress)
     cpu_index = faiss.index_gpu_to_cpu(work) if use_gpu else work
     info = {"factory": factory, "metric": metric, "ntotal": int(cpu_index.ntotal),
-            "nprobe": nprobe, "seed": seed, "train_size": min(n, train_size)}
+            "seed": seed, "train_size": min(n, train_size)}
+    if faiss.try_extract_index_ivf(cpu_index) is not None:  # nprobe means nothing elsewhere
+        info["nprobe"] = nprobe
     set_nprobe(work, nprobe)
     return FaissIndex(work, info, res), cpu_index
 

@@ -50,12 +50,20 @@ def plot_curve(points: Sequence[Tuple[float, float]], path: str, xlabel: str, yl
 
 
 def plot_bleu_vs_lambda(points: Sequence[Tuple[float, float]], base_bleu: float, path,
-                        title: str) -> None:
-    """The demo's BLEU against λ, with the base model's BLEU as a dashed line."""
+                        title: str, tuned_lam: Optional[float] = None,
+                        adaptive_bleu: Optional[float] = None) -> None:
+    """The demo's BLEU against λ, with the base model's BLEU as a dashed line, the λ tuned
+    on dev as a vertical line and adaptive kNN-MT (which has no single λ) as a dotted line."""
     plt, fig, ax = _axes((6, 4))
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="kNN-MT")
     ax.axhline(base_bleu, color="gray", ls="--", label=f"base model ({base_bleu:.1f})")
-    ax.legend()
+    if adaptive_bleu is not None:
+        ax.axhline(adaptive_bleu, color="tab:green", ls=":",
+                   label=f"adaptive kNN-MT ({adaptive_bleu:.1f})")
+    if tuned_lam is not None:
+        ax.axvline(tuned_lam, color="tab:red", ls="-.", alpha=0.7,
+                   label=f"λ tuned on dev ({tuned_lam:g})")
+    ax.legend(fontsize="small")
     _finish(plt, fig, ax, path, "λ (kNN weight)", "BLEU", title)
 
 

@@ -229,14 +229,14 @@ def _cache_key(split: DemoSplit, codec: TextCodec, config: BaseModelConfig, seed
 def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
                      seed: int = 0, log: Log = print,
                      config: BaseModelConfig = BaseModelConfig(),
-                     threads: int | None = None) -> MarianMTModel:
+                     threads: int | None = None, retrain: bool = False) -> MarianMTModel:
     """Train the base model on ``split.general_train``, or load it from ``cache_dir``.
 
     AdamW with inverse-sqrt warmup and label smoothing, length-bucketed token batches,
     for ``config.updates`` seeded updates (progress bar with a time estimate). The result
     goes to ``cache_dir/base_model`` (weights, tokenizer.json, train_meta.json with the hash
     of config, seed, tokenizer and data); a cache whose hash matches is loaded instead
-    of training. A checkpoint (``cache_dir/base_model.ckpt``) is written every
+    of training (with a warning line; ``retrain=True`` trains anyway). A checkpoint (``cache_dir/base_model.ckpt``) is written every
     ``config.checkpoint_every_s`` and on Ctrl-C, and the next call resumes from it. Uses
     ``threads`` (default: all) CPU threads.
     """
@@ -246,10 +246,11 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     key = _cache_key(split, codec, config, seed)
     meta_path = final_dir / "train_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("hash") == key:
-        log(f"base model: loaded from {final_dir} (trained {meta['steps']} steps in "
-            f"{meta['train_seconds']:.0f} s, {meta['target_tokens'] / meta['train_seconds']:.0f}"
-            f" target tokens/s)")
+    if meta.get("hash") == key and not retrain:
+        log(f"warning: base model reused from the cache {final_dir} (trained {meta['steps']} "
+            f"updates in {meta['train_seconds']:.0f} s, "
+            f"{meta['target_tokens'] / meta['train_seconds']:.0f} target tokens/s, same "
+            f"settings, seed, tokenizer and data); `knnfast demo --retrain` trains it again")
         return MarianMTModel.from_pretrained(final_dir).eval()
 
     run = _TrainingRun(codec.vocab_size, config, seed, key)

@@ -222,6 +222,30 @@ def test_ink_without_refresh_keeps_the_first_datastore(tmp_path):
     assert not torch.equal(Datastore.open(str(tmp_path / "m" / "datastore")).keys[:], first)
 
 
+def test_ink_initial_datastore_replaces_the_first_encoding(tmp_path):
+    """initial_datastore: the base model's datastore of the same examples stands in for the
+    first epoch's encoding (adapters start as the identity), and for every epoch without
+    refresh; the same training as encoding it, the caller's datastore untouched."""
+    import knnfast.integrations.hf as H
+    pairs = _pairs(n=12, seed=11)
+    kw = dict(batch_size=4, k=4, lr=1e-2, dropout=0.0, progress=False, log=lambda s: None,
+              index_factory="IVF2,Flat", nprobe=2)
+    base = H.build_datastore(_quiet_marian(), pairs, str(tmp_path / "base"), progress=False)
+    for refresh in (True, False):
+        encoded = ink.train_ink(_quiet_marian(), pairs, str(tmp_path / f"e{refresh}"),
+                                epochs=2, refresh=refresh, **kw)
+        given = ink.train_ink(_quiet_marian(), pairs, str(tmp_path / f"g{refresh}"), epochs=2,
+                              refresh=refresh, initial_datastore=base, **kw)
+        for a, b in zip(encoded, given):
+            assert a == pytest.approx(b, rel=1e-5)
+        # with refresh only the second epoch is encoded; without, nothing is
+        assert (tmp_path / f"g{refresh}" / "datastore" / "meta.json").exists() == refresh
+    assert not base.has_index()
+    with pytest.raises(ValueError, match="initial_datastore has"):
+        ink.train_ink(_quiet_marian(), pairs[:-1], str(tmp_path / "bad"),
+                      initial_datastore=base, **kw)
+
+
 def test_ink_hidden_override_and_att_refused(tmp_path):
     pairs = _pairs(n=8, seed=3)
     kw = dict(epochs=1, batch_size=4, k=4, lr=1e-2, dropout=0.0, progress=False,

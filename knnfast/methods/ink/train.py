@@ -51,6 +51,7 @@ class _EntryIds:
         self.start = [0]
         for n in self.lengths[:-1]:
             self.start.append(self.start[-1] + n)
+        self.total = sum(self.lengths)
 
     def of(self, slots: List[int]) -> torch.Tensor:
         return torch.cat([torch.arange(self.start[s], self.start[s] + self.lengths[s])
@@ -61,8 +62,8 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
               batch_size: int = 16, k: int = 32, alpha: float = 0.1, beta: float = 0.1,
               lr: float = 1e-3, adapter_size: int = 64, dropout: float = 0.1,
               variant: str = "paper", seed: int = 0, index_factory: str = None,
-              nprobe: int = 16, hidden="ffn", refresh: bool = True, progress: bool = True,
-              log=print):
+              nprobe: int = 16, hidden="ffn", refresh: bool = True,
+              initial_datastore: Optional[Datastore] = None, progress: bool = True, log=print):
     """INK (2023): refine the representation space with adapters against kNN knowledge.
 
     Every epoch re-encodes the datastore keys with the current adapters (teacher-forced
@@ -81,6 +82,10 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     own; ink_loss multiplies it by the output weight, so "att" is refused.
     ``refresh=False`` is the paper's "w/o refresh" ablation: the datastore is encoded once,
     by the model before training (kept in ``workdir`` for resumed runs), and reused.
+    ``initial_datastore``: the datastore of ``examples`` as the model encodes them before
+    training, used instead of encoding it again for the first epoch (and, without refresh, for
+    every epoch). Adapters start as the identity, so the base model's datastore of the same
+    examples (``build_datastore``, same ``hidden``) qualifies; its length is checked.
     """
     from ...integrations import hf
     if hidden == "att":
@@ -97,12 +102,19 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     order = hf.length_order(examples)
     entries = _EntryIds(examples, order)
     settings = _Settings(k, alpha, beta, variant, exact=not index_factory, hidden=hidden)
+    if initial_datastore is not None and len(initial_datastore) != entries.total:
+        raise ValueError(f"train_ink: initial_datastore has {len(initial_datastore)} entries, "
+                         f"the examples have {entries.total} target positions")
     ds = None
     for epoch in range(start, epochs):
         model.eval()
         if refresh or ds is None:
-            ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"), hidden,
-                                  reuse=not refresh and epoch > 0)
+            if initial_datastore is not None and (epoch == 0 or not refresh):
+                # an own handle: the index attached below stays off the caller's object
+                ds = _own_handle(initial_datastore)
+            else:
+                ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"),
+                                      hidden, reuse=not refresh and epoch > 0)
             if index_factory:
                 _refresh_index(ds, index_factory, nprobe,
                                os.path.join(workdir, "ink_index.faiss"))
@@ -120,6 +132,11 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
             f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
         _save(ckpt_path, adapters, opt, epoch + 1, history)
     return history
+
+
+def _own_handle(ds: Datastore) -> Datastore:
+    """The same stored datastore, opened again (or ``ds`` itself when it lives in memory)."""
+    return Datastore.open(ds.path) if ds.path is not None else ds
 
 
 def _epoch_datastore(model: nn.Module, examples, path: str, hidden, reuse: bool) -> Datastore:

@@ -58,12 +58,18 @@ STOPPED = {"build-datastore": stopped_build_datastore, "translate": stopped_tran
            "demo": stopped_demo, "reproduce": stopped_reproduce}
 
 
+#: Failures during the work start on a line of their own: a progress bar may be cut mid-line.
+MID_WORK = "\n"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors as one ``knnfast:`` line (exit code 2) instead of the usage
     text, and the examples epilog kept as written."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+        command = self.prog.removeprefix("knnfast").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message}",
+                         f"see `{self.prog} --help`")
 
 
 def _exit_codes() -> str:
@@ -101,12 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as e:
         stopped = STOPPED.get(args.command) if args is not None else None
         where = stopped(args, argv) if stopped else f"nothing was saved; rerun: {command_line(argv)}"
-        return _fail(args, e, f"knnfast: interrupted ({where})", EXIT_INTERRUPTED)
+        return _fail(args, e, f"{MID_WORK}knnfast: interrupted ({where})", EXIT_INTERRUPTED)
     except (ValueError, OSError, RuntimeError) as e:
         # the library's own errors: clear sentences, often with their remedy
-        return _fail(args, e, from_library(e).line(), EXIT_DATA)
+        return _fail(args, e, MID_WORK + from_library(e).line(), EXIT_DATA)
     except Exception as e:  # noqa: BLE001 - a bug; one line unless --debug
-        return _fail(args, e, f"knnfast: internal error: {type(e).__name__}: "
+        return _fail(args, e, f"{MID_WORK}knnfast: internal error: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''} ({DEBUG_HINT} and report "
                      f"it)", EXIT_INTERNAL)
 

@@ -95,7 +95,7 @@ def _check_factory(factory: str, ds, train_size: int) -> None:
     try:
         faiss.index_factory(ds.dim, factory)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1]
+        reason = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1]  # faiss's own words
         raise UsageError(f"--factory {factory!r} is not a FAISS index_factory string for "
                          f"{ds.dim}-dim keys ({reason})",
                          "e.g. --factory Flat, IVF1024,Flat or IVF4096,PQ64 (PQ m must divide "

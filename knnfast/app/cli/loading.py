@@ -81,6 +81,8 @@ def load_model(path: str):
         raise DataError(f"--model {path!r} has no config.json", fix)
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoTokenizer)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the commands draw their own progress, not per-file bars
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

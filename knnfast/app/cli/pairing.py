@@ -57,9 +57,9 @@ def check_pairing(args, model, tokenizer, ds) -> str:
                         REBUILD)
     vocab = int(hf.lm_head(model).weight.shape[0])
     if ds.vocab_size is not None and ds.vocab_size != vocab:
-        raise DataError(f"datastore {ds.path} holds token ids of a {ds.vocab_size}-token "
-                        f"vocabulary (meta.json field \"vocab_size\") but model {args.model} "
-                        f"predicts {vocab} tokens", REBUILD)
+        raise DataError(f"datastore {ds.path} has a vocabulary of {ds.vocab_size} tokens "
+                        f"(meta.json field \"vocab_size\") but model {args.model} has "
+                        f"{vocab}", REBUILD)
     recorded = ds.meta.get("extra", {}).get("tokenizer_sha256")
     if recorded and recorded != tokenizer_fingerprint(tokenizer):
         raise DataError(f"datastore {ds.path} was built with another tokenizer (meta.json field "

@@ -314,8 +314,12 @@ def test_analyze(env, gpt2_ds, capsys, tmp_path):
     assert sizes["settings"] == {"k": 4, "temperature": 1.0, "lam": 0.25, "hidden": "ffn"}
     points = sizes["points"]
     assert points[0]["entries"] < points[1]["entries"] and (tmp_path / "s.png").exists()
-    lam = run_json(capsys, "analyze", "lambda", *base, "--lams", "0,0.5,1")
+    lam = run_json(capsys, "analyze", "lambda", *base, "--lams", "0,0.5,1",
+                   "--plot", tmp_path / "lam.png")
     assert [p["lam"] for p in lam["points"]] == [0.0, 0.5, 1.0]
+    # an infinite perplexity is null in the JSON and named (not silently dropped from the plot)
+    assert lam["infinite_ppl_at"] == [p["lam"] for p in lam["points"] if p["ppl"] is None]
+    assert (tmp_path / "lam.png").exists()
     assert lam["points"][0]["ppl"] == pytest.approx(lam["base_ppl"], rel=1e-4)
 
 
@@ -344,3 +348,43 @@ def test_eval_ppl_echoes_its_settings(env, gpt2_ds, capsys):
                                "lam": KNN_LM.lam, "hidden": "ffn", "index": False,
                                "backend": "fused"}
     assert f"knnfast: warning: --k {KNN_LM.k} is more than the {n} entries" in err
+
+
+def test_tune_save_feeds_settings(env, marian_ds, capsys, tmp_path):
+    """`tune --save FILE` -> `eval-ppl/translate --settings FILE`; the command line wins."""
+    saved = tmp_path / "tuned.json"
+    res = run_json(capsys, "tune", "--model", env["marian"], "--datastore", marian_ds,
+                   "--corpus", env["tsv"], "--ks", "2,4", "--temperatures", "1,10",
+                   "--lams", "0.3,0.6", "--limit", "8", "--save", saved)
+    best = {key: res["best"][key] for key in ("k", "temperature", "lam")}
+    assert res["settings"]["ks"] == [2, 4] and res["saved"] == str(saved)
+    assert {key: json.loads(saved.read_text())[key] for key in best} == best
+    base = ["eval-ppl", "--model", env["marian"], "--datastore", marian_ds, "--corpus",
+            env["tsv"], "--limit", "4", "--settings", saved]
+    echoed = run_json(capsys, *base)["settings"]
+    assert {key: echoed[key] for key in best} == best
+    assert run_json(capsys, *base, "--lam", "0.05")["settings"]["lam"] == 0.05
+    out = tmp_path / "hyp.txt"
+    res = run_json(capsys, "translate", "--model", env["marian"], "--datastore", marian_ds,
+                   "--settings", saved, "--input", env["src"], "--output", out, "--beams", "1",
+                   "--max-new-tokens", "6", stream="err")
+    assert {key: res["settings"][key] for key in best} == best
+
+
+def test_translate_progress_bar(env, capsys, tmp_path):
+    capsys.readouterr()
+    assert main(["translate", "--model", env["marian"], "--input", env["src"], "--output",
+                 str(tmp_path / "o.txt"), "--beams", "1", "--max-new-tokens", "4",
+                 "--progress", "on"]) == 0
+    assert f"{len(PAIRS)}/{len(PAIRS)}" in capsys.readouterr().err
+    main(["translate", "--model", env["marian"], "--input", env["src"], "--output",
+          str(tmp_path / "o.txt"), "--beams", "1", "--max-new-tokens", "4", "--progress", "off"])
+    assert f"{len(PAIRS)}/{len(PAIRS)}" not in capsys.readouterr().err
+
+
+def test_build_index_records_nprobe_only_for_ivf(marian_ds, capsys, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(marian_ds, ds)
+    assert "nprobe" not in run_json(capsys, "build-index", ds, "--factory", "Flat")
+    assert run_json(capsys, "build-index", ds, "--factory", "IVF4,Flat", "--nprobe", "3",
+                    "--device", "cpu")["nprobe"] == 3

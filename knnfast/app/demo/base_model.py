@@ -237,10 +237,10 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     goes to ``cache_dir/base_model`` (weights, tokenizer.json, train_meta.json with the hash
     of config, seed, tokenizer and data); a cache whose hash matches is loaded instead
     of training (with a warning line; ``retrain=True`` trains anyway). A checkpoint (``cache_dir/base_model.ckpt``) is written every
-    ``config.checkpoint_every_s`` and on Ctrl-C, and the next call resumes from it. Uses
-    ``threads`` (default: all) CPU threads.
+    ``config.checkpoint_every_s`` and on Ctrl-C, and the next call resumes from it. Trains
+    on ``threads`` CPU threads (default: torch's setting, e.g. from OMP_NUM_THREADS); the
+    caller's setting is restored afterwards.
     """
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     cache_dir = Path(cache_dir)
     final_dir, ckpt_path = cache_dir / "base_model", cache_dir / "base_model.ckpt"
     key = _cache_key(split, codec, config, seed)
@@ -250,9 +250,35 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
         log(f"warning: base model reused from the cache {final_dir} (trained {meta['steps']} "
             f"updates in {meta['train_seconds']:.0f} s, "
             f"{meta['target_tokens'] / meta['train_seconds']:.0f} target tokens/s, same "
-            f"settings, seed, tokenizer and data); `knnfast demo --retrain` trains it again")
+            f"settings, seed, tokenizer and data); retrain=True (`knnfast demo --retrain`) "
+            f"trains it again")
         return MarianMTModel.from_pretrained(final_dir).eval()
 
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or caller_threads)
+    try:
+        run = _train(split, codec, config, seed, key, ckpt_path, log)
+    finally:
+        torch.set_num_threads(caller_threads)
+    state = run.state
+    meta = {"hash": key, "config": dataclasses.asdict(config), "seed": seed,
+            "steps": state["step"],
+            "train_seconds": state["elapsed_s"], "target_tokens": state["tokens"],
+            "parameters": sum(p.numel() for p in run.model.parameters())}
+
+    def write(path: Path) -> None:
+        run.model.save_pretrained(path)
+        codec.save(path / "tokenizer.json")
+        (path / "train_meta.json").write_text(json.dumps(meta, indent=2))
+    save_atomic(write, final_dir)
+    ckpt_path.unlink(missing_ok=True)
+    log(f"base model: saved to {final_dir}")
+    return run.model
+
+
+def _train(split: DemoSplit, codec: TextCodec, config: BaseModelConfig, seed: int, key: str,
+           ckpt_path: Path, log: Log) -> _TrainingRun:
+    """A training run from scratch or from its checkpoint, to the end."""
     run = _TrainingRun(codec.vocab_size, config, seed, key)
     if run.restore(ckpt_path):
         log(f"base model: resuming from {ckpt_path} at step {run.state['step']}")
@@ -265,20 +291,7 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     state = run.state
     log(f"base model: {state['step']} steps, {state['epoch']} full epochs, "
         f"{state['elapsed_s']:.0f} s, {state['tokens'] / state['elapsed_s']:.0f} target tokens/s")
-
-    meta = {"hash": key, "config": dataclasses.asdict(config), "seed": seed,
-            "steps": state["step"],
-            "train_seconds": state["elapsed_s"], "target_tokens": state["tokens"],
-            "parameters": n_params}
-
-    def write(path: Path) -> None:
-        run.model.save_pretrained(path)
-        codec.save(path / "tokenizer.json")
-        (path / "train_meta.json").write_text(json.dumps(meta, indent=2))
-    save_atomic(write, final_dir)
-    ckpt_path.unlink(missing_ok=True)
-    log(f"base model: saved to {final_dir}")
-    return run.model
+    return run
 
 
 @torch.inference_mode()

@@ -101,7 +101,7 @@ def setup_lines(world: MTWorld, s: InkSettings, tuned: dict) -> list[str]:
             f"of {s.batch_size} pairs, {s.epochs} epochs ({ink_updates(world, s)} updates), "
             f"in_train re-encoded by the current adapters before every epoch (the first "
             f"searches the base datastore: adapters start as the identity), IVF retrieval "
-            f"with the own entry excluded",
+            f"(nprobe {s.train_nprobe}, exact scores) with the own entry excluded",
             f"ablations: w/o L_i sets α = 0, w/o L_r sets β = 0 (the loss is L_a + α·L_i + "
             f"β·L_r, so each term vanishes exactly); w/o refresh searches the base model's "
             f"datastore in every epoch (its first epoch is INK's: identical until then)",

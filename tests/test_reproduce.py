@@ -155,3 +155,17 @@ def test_meta_resumes_without_rerunning_a_stage(meta, reproduce_cache, tmp_path)
     stages = [line for line in logs if line.startswith("[meta-optimizer]") and ": " in line
               and "report" not in line]
     assert stages and all("cached" in line for line in stages)
+
+
+def test_nested_stage_time_is_counted_once(tmp_path):
+    import time
+    run = rp.StudyRun("s", tmp_path, tmp_path / "o", log=lambda s: None)
+
+    def outer():
+        run.stage("inner", lambda: time.sleep(0.2))
+        time.sleep(0.1)
+
+    run.stage("outer", outer)
+    assert run.stage_seconds["inner"] >= 0.2
+    assert 0.1 <= run.stage_seconds["outer"] < 0.2
+    assert run.seconds() == pytest.approx(run.stage_seconds["inner"] + run.stage_seconds["outer"])

@@ -53,9 +53,11 @@ class StudyRun:
             d.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.stage_seconds: dict[str, float] = {}
+        self._nested: list[float] = []   # seconds of stages finished inside the running ones
 
     def stage(self, key: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``'s result, computed once: cached as JSON under ``key`` (a file name)."""
+        """``fn()``'s result, computed once: cached as JSON under ``key`` (a file name), with
+        its own seconds (a stage that runs another counts only the time outside it)."""
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"StudyRun.stage: key must be a plain file name, got {key!r}")
         path = self.cache / "stages" / f"{key}.json"
@@ -66,8 +68,15 @@ class StudyRun:
             return saved["result"]
         self.log(f"[{self.study}] {key} ...")
         start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
+        self._nested.append(0.0)
+        try:
+            result = fn()
+        finally:
+            inner = self._nested.pop()
+        elapsed = time.perf_counter() - start
+        if self._nested:                 # the enclosing stage does not count this one again
+            self._nested[-1] += elapsed
+        seconds = elapsed - inner        # own time: a stage run inside it is counted there
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"seconds": seconds, "result": result}, ensure_ascii=False))
         os.replace(tmp, path)

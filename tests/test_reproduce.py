@@ -58,7 +58,10 @@ def test_report_renders_claims_tables_and_json(tmp_path):
     text = md.read_text()
     assert "| x|y | 1.25 |" in text and "| z | – |" in text
     assert "**holds in miniature**" in text and "**cannot be tested here**" in text
-    assert "--quick" in text and "1.0 min" in text
+    assert "--quick" in text and "1.0 min from a cold cache" in text
+    text = r.markdown("m", 120.0, {"base model (shared)": 30.0, "s": 90.0})
+    assert "2.0 min from a cold cache (base model 0.5 min, shared" in text
+    assert "this study's own stages 1.5 min" in text
     data = json.loads(js.read_text())
     assert [c["verdict"] for c in data["claims"]] == [rp.HOLDS, rp.UNTESTABLE]
     assert data["tables"][0]["rows"][0]["b"] == 1.25

@@ -95,11 +95,16 @@ class Report:
     def plot(self, filename: str, caption: str) -> None:
         self.plots.append((filename, caption))
 
-    def markdown(self, machine: str, seconds: float) -> str:
+    def markdown(self, machine: str, seconds: float, stage_seconds: Optional[dict] = None) -> str:
+        shared = {k: v for k, v in (stage_seconds or {}).items() if "(shared)" in k}
+        split = ("" if not shared else " (" + ", ".join(
+            f"{k.replace(' (shared)', '')} {v / 60:.1f} min" for k, v in shared.items())
+            + f", shared with the other studies of this scale; this study's own stages "
+              f"{(seconds - sum(shared.values())) / 60:.1f} min)")
         lines = [f"# {self.title}", "", f"Paper: {self.paper}", "",
                  f"- run: `knnfast reproduce {self.study}{' --quick' if self.quick else ''}`, "
-                 f"{time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min of stages from a cold "
-                 f"cache", f"- machine: {machine}"]
+                 f"{time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min from a cold cache{split}",
+                 f"- machine: {machine}"]
         lines += [f"- {s}" for s in self.setup] + ["", "## Claims", "",
                   "| claim | paper | this run | verdict | why |", "|---|---|---|---|---|"]
         esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
@@ -125,7 +130,7 @@ class Report:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         md, js = out / f"{self.study}.md", out / f"{self.study}.json"
-        md.write_text(self.markdown(machine, seconds))
+        md.write_text(self.markdown(machine, seconds, stage_seconds))
         js.write_text(json.dumps(self.to_json(machine, seconds, stage_seconds), indent=1,
                                  ensure_ascii=False))
         return md, js

@@ -172,3 +172,11 @@ def test_nested_stage_time_is_counted_once(tmp_path):
     assert run.stage_seconds["inner"] >= 0.2
     assert 0.1 <= run.stage_seconds["outer"] < 0.2
     assert run.seconds() == pytest.approx(run.stage_seconds["inner"] + run.stage_seconds["outer"])
+
+
+def test_index_lists_every_study_and_its_verdicts(meta):
+    report, out, _ = meta
+    text = (out / "index.md").read_text()
+    assert "(meta-optimizer.md)" in text and "quick scale" in text
+    assert all(c["verdict"] in text for c in report["claims"])
+    assert text.count("not run yet") == len(rp.STUDIES) - 1

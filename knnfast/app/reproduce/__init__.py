@@ -19,7 +19,7 @@ from .runner import StudyRun, machine
 STUDIES = {"meta-optimizer": "meta_optimizer", "knn-kd": "knn_kd", "ink": "ink",
            "knnlm-why": "knnlm_why"}
 
-__all__ = ["STUDIES", "reproduce", "StudyRun", "Report", "Claim", "Table", "verdict", "HOLDS",
+__all__ = ["STUDIES", "reproduce", "write_index", "StudyRun", "Report", "Claim", "Table", "verdict", "HOLDS",
            "DOES_NOT_HOLD", "UNTESTABLE", "VERDICTS", "machine"]
 
 
@@ -41,4 +41,29 @@ def reproduce(study: str, *, quick: bool = False, out_dir: str | Path = "reprodu
     m = machine()
     md, js = report.write(run.out, m, run.seconds(), run.stage_seconds)
     log(f"[{study}] report: {md} and {js.name} ({run.seconds() / 60:.1f} min of stages)")
+    write_index(run.out)
     return report.to_json(m, run.seconds(), run.stage_seconds)
+
+
+def write_index(out_dir: str | Path) -> Path:
+    """``<out>/index.md``: every study report found in ``out_dir`` (its JSON) with its run
+    time and each claim's verdict, generated, never hand-edited."""
+    import json
+    out = Path(out_dir)
+    lines = ["# knnfast reproduce: the papers' claims in miniature", "",
+             "Generated from the reports in this directory (`knnfast reproduce <study>`).", ""]
+    for study in STUDIES:
+        path = out / f"{study}.json"
+        if not path.exists():
+            lines += [f"## {study}", "", "not run yet", ""]
+            continue
+        r = json.loads(path.read_text())
+        scale = "quick scale (structure only)" if r["quick"] else "full scale"
+        lines += [f"## [{r['title']}]({study}.md)", "",
+                  f"{r['paper']}. {scale}, {r['date']}, {r['seconds'] / 60:.1f} min from a "
+                  f"cold cache on {r['machine']}.", "", "| claim | verdict |", "|---|---|"]
+        lines += [f"| {c['claim'].replace('|', '/')} | {c['verdict']} |" for c in r["claims"]]
+        lines.append("")
+    path = out / "index.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -94,8 +94,16 @@ class Datastore:
 
     @classmethod
     def open(cls, path: PathLike) -> "Datastore":
-        """Memmap a finalized datastore, checking every file against meta.json."""
+        """Memmap a finalized datastore, checking every file against meta.json. A sharded
+        directory (``manifest.json``) opens as a ``ShardedStore`` over all its shards."""
         path = os.fspath(path)
+        from . import sharded  # imports this module: resolved at call time
+        if sharded.is_sharded(path):
+            return sharded.ShardedStore.open(path)  # type: ignore[return-value]
+        if sharded.unfinished_sharded(path):
+            raise DatastoreError(f"Datastore.open: {path} has shard directories but no "
+                                 f"{sharded.MANIFEST}: its sharded build did not finish "
+                                 f"(rerun it with resume=True)")
         meta = read_checked_meta(path, "Datastore.open", FORMAT_VERSION, FILES, ("size", "dim"),
                                  "Datastore.create(..., resume=True)")
         n, d, key_dtype = meta["size"], meta["dim"], KEY_DTYPES[meta["key_dtype"]]

@@ -35,6 +35,8 @@ MANIFEST = "manifest.json"
 SHARDED_FORMAT_VERSION = 1
 #: meta.json fields every shard must agree on (and the manifest repeats)
 SHARED_FIELDS = ("dim", "key_dtype", "value_dtype", "vocab_size", "metric", "hidden", "model_id")
+#: meta.json extra entries that describe one shard only (never copied into the manifest)
+PER_SHARD_EXTRA = ("shard", "provenance")
 
 
 def shard_name(index: int) -> str:
@@ -79,10 +81,18 @@ def write_manifest(path: PathLike, shard_dirs: Sequence[str]) -> dict:
         offset += meta["size"]
     manifest = {f: first.get(f) for f in SHARED_FIELDS}
     manifest.update(format_version=SHARDED_FORMAT_VERSION, kind="sharded", size=offset,
-                    shards=shards, extra=first.get("extra", {}),
+                    shards=shards, extra=_common_extra(metas),
                     created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     fsync_write_json(os.path.join(path, MANIFEST), manifest)
     return manifest
+
+
+def _common_extra(metas: Sequence[dict]) -> dict:
+    """The ``extra`` entries every shard agrees on (per-shard build details stay in the
+    shards, so the manifest does not depend on how the corpus was split)."""
+    first = metas[0].get("extra", {})
+    return {k: v for k, v in first.items() if k not in PER_SHARD_EXTRA
+            and all(m.get("extra", {}).get(k) == v for m in metas)}
 
 
 def read_manifest(path: PathLike, owner: str) -> dict:

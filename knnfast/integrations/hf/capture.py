@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -337,27 +337,64 @@ def build_datastore(model: nn.Module, examples: Sequence[Example], path: str, *,
                     hidden: HiddenSpec = "ffn", batch_size: int = 16,
                     key_dtype: torch.dtype = torch.float16, metric: str = "l2",
                     model_id: Optional[str] = None, resume: bool = True,
-                    overwrite: bool = False, progress: bool = True) -> Datastore:
+                    overwrite: bool = False, progress: bool = True,
+                    sharded: Optional[bool] = None, group: Any = None) -> Datastore:
     """Capture a datastore (key = hidden state before target t, value = target t) from a
     model and a corpus, teacher forced, pad positions dropped.
 
     Examples are processed shortest first (``length_order``); every committed chunk records
     how many were consumed, so a killed build resumes where it stopped (``resume=True``)
     without losing or duplicating entries.
+
+    ``sharded`` (default: when a ``torch.distributed`` process group is initialized) builds a
+    sharded datastore with every rank of ``group`` (call it on every rank): the batches, in
+    the order above, are split into contiguous runs, one shard per rank, and rank 0 writes
+    the manifest when all are done. The global ids and key bytes are those of the
+    single-process build whatever the world size. Returns the whole datastore on every rank.
     """
+    from ... import distributed
+    order = length_order(examples)
+    if sharded or (sharded is None and distributed.is_initialized()):
+        n_batches = -(-len(order) // batch_size)
+
+        def shard(shard_path: str, first: int, last: int) -> None:
+            capture_datastore(model, examples, shard_path, order[first * batch_size:
+                                                                 last * batch_size],
+                              hidden=hidden, batch_size=batch_size, key_dtype=key_dtype,
+                              metric=metric, model_id=model_id, resume=resume,
+                              overwrite=overwrite, progress=progress,
+                              shard_extra={"order_range": [first * batch_size,
+                                                           min(len(order), last * batch_size)]})
+        return distributed.build_sharded(path, n_batches, shard, group=group, resume=resume,
+                                         overwrite=overwrite, owner="build_datastore")
+    return capture_datastore(model, examples, path, order, hidden=hidden,
+                             batch_size=batch_size, key_dtype=key_dtype, metric=metric,
+                             model_id=model_id, resume=resume, overwrite=overwrite,
+                             progress=progress)
+
+
+def capture_datastore(model: nn.Module, examples: Sequence[Example], path: str,
+                      order: List[int], *, hidden: HiddenSpec = "ffn", batch_size: int = 16,
+                      key_dtype: torch.dtype = torch.float16, metric: str = "l2",
+                      model_id: Optional[str] = None, resume: bool = True,
+                      overwrite: bool = False, progress: bool = True,
+                      shard_extra: Optional[dict] = None) -> Datastore:
+    """``build_datastore`` of the examples ``order`` lists, in that order (one shard of a
+    sharded build; ``shard_extra`` is recorded in meta.json's extra as "shard")."""
     from tqdm.auto import tqdm
     d_model = _hidden_dim(model, examples, hidden)
-    order = length_order(examples)
     vocab = int(lm_head(model).weight.shape[0]) if hasattr(lm_head(model), "weight") else None
     name = hidden if isinstance(hidden, str) else getattr(hidden, "__name__", "custom")
+    extra = {"examples": len(examples), "causal": not is_seq2seq(model),
+             "corpus_sha256": corpus_fingerprint(examples)}
+    if shard_extra is not None:  # a resumed shard must cover the same examples
+        extra["shard"] = shard_extra
     writer = Datastore.create(path, d_model, key_dtype, vocab, metric, hidden=name,
                               model_id=model_id or getattr(model.config, "name_or_path", None) or
                               type(model).__name__,
-                              extra={"examples": len(examples), "causal": not is_seq2seq(model),
-                                     "corpus_sha256": corpus_fingerprint(examples)},
-                              resume=resume, overwrite=overwrite, progress=False)
+                              extra=extra, resume=resume, overwrite=overwrite, progress=False)
     start = int(writer.cursor or 0)
-    bar = tqdm(total=len(examples), initial=start, desc="capture", unit="ex",
+    bar = tqdm(total=len(order), initial=start, desc="capture", unit="ex",
                disable=not progress, leave=False)
     with writer:
         done = start

@@ -1,0 +1,184 @@
+"""knnfast.distributed over gloo on 127.0.0.1, 2 and 3 ranks spawned here (no launcher):
+ShardedDatastore search / lookup / KNNDecoder bitwise equal to single-process search over the
+concatenated datastore (ties, k larger than a shard, exclude, a rank holding several shards);
+a missing shard fails on every rank naming the rank and the shard; build_datastore under a
+process group gives the same global datastore with 1, 2 and 3 ranks as the plain build.
+Every collective has the group's 20 s timeout and every spawn a 120 s deadline."""
+import datetime
+import os
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import knnfast
+from knnfast import Datastore, DatastoreError
+from knnfast.storage import sharded
+from test_sharded import build_pair
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+SIZES = (37, 5, 90, 3)   # 2 ranks: [37+5 | 90+3]; 3 ranks: [37 | 5 | 90+3]
+KS = (1, 6, 50, 200)     # 6 and 50 exceed the small shards, 200 exceeds N
+V, PAD, EOS = 24, 0, 1
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)
+SPAWN_DEADLINE_S = 120
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                     pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, initializer_range=0.2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _corpus():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, V, (int(n),), generator=g).tolist()
+            for n in torch.randint(2, 12, (17,), generator=g)]
+
+
+def _searches(ds, q, exclude):
+    out = {}
+    for k in KS:
+        for name, ex in (("all", None), ("excl", exclude)):
+            s, i = ds.search(q, k, exclude=ex)
+            out[(k, name)] = (s, i, ds.lookup(i))
+    return out
+
+
+def _worker(rank, world, port, root):
+    import torch.distributed as dist
+    from knnfast import distributed
+    from knnfast.integrations import hf
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        q, exclude, hidden, logits, ids = torch.load(os.path.join(root, "inputs.pt"))
+        ds = distributed.ShardedDatastore.open(os.path.join(root, "sharded"))
+        res = {"search": _searches(ds, q, exclude), "len": len(ds), "held": ds.local.held,
+               "lookup": ds.lookup(ids),  # not the last search's ids: the all_reduce path
+               "decoder": knnfast.KNNDecoder(ds, k=6, temperature=5.0, lam=0.4)(hidden, logits)}
+        try:
+            distributed.ShardedDatastore.open(os.path.join(root, "broken"))
+            res["broken"] = None
+        except DatastoreError as e:
+            res["broken"] = str(e)
+        hf.build_datastore(_gpt2(), _corpus(), os.path.join(root, f"build-w{world}"),
+                           batch_size=3, key_dtype=torch.float32, progress=False)
+        torch.save(res, os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, root):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    # fork: the ranks start without importing torch again (seconds each on a busy box)
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), root), nprocs=world,
+                             join=False, start_method="fork")
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks did not finish in {SPAWN_DEADLINE_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dist"))
+    single, sh, keys = build_pair(root, "l2", SIZES)
+    shutil.copytree(sh.path, os.path.join(root, "broken"))
+    shutil.rmtree(os.path.join(root, "broken", "shard-00002"))
+    q = torch.cat([torch.randn(5, 12), keys[[0, 5, 38, 41, 100, 134]]])  # ties: 100..109 = 0..9
+    exclude = torch.tensor([-1, 3, 40, 134, 0, -1, 0, 105, 38, -1, 134])
+    ids = torch.tensor([[0, 36, 37, 41], [42, 131, 134, -1]])
+    torch.save((q, exclude, keys[:7] + 0.01, torch.randn(7, 40), ids),
+               os.path.join(root, "inputs.pt"))
+    return root
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def ranks(request, root):
+    world = request.param
+    _spawn(world, root)
+    return world, [torch.load(os.path.join(root, f"rank{r}.pt")) for r in range(world)]
+
+
+def test_search_equals_single_store_bitwise(root, ranks):
+    world, results = ranks
+    single = Datastore.open(os.path.join(root, "single"))
+    q, exclude, hidden, logits, ids = torch.load(os.path.join(root, "inputs.pt"))
+    want = _searches(single, q, exclude)
+    for rank, res in enumerate(results):
+        assert res["len"] == sum(SIZES)
+        for key, (s, i, t) in want.items():
+            gs, gi, gt = res["search"][key]
+            assert torch.equal(gi, i), (rank, key, gi, i)
+            assert torch.equal(gs.view(torch.int32), s.view(torch.int32)), (rank, key)
+            assert torch.equal(gt, t), (rank, key)
+        assert torch.equal(res["lookup"], single.lookup(ids))
+        want_logp = knnfast.KNNDecoder(single, k=6, temperature=5.0, lam=0.4)(hidden, logits)
+        assert torch.equal(res["decoder"], want_logp)
+    # every rank held a different, contiguous part of the ids
+    assert [r["held"] for r in results] == ([(0, 42), (42, 135)] if world == 2 else
+                                            [(0, 37), (37, 42), (42, 135)])
+
+
+def test_missing_shard_fails_on_every_rank(ranks):
+    world, results = ranks
+    holder = 1 if world == 2 else 2  # the rank whose share includes shard 2
+    for rank, res in enumerate(results):
+        msg = res["broken"]
+        assert msg is not None, f"rank {rank} opened a datastore with a missing shard"
+        assert f"failed on 1 of {world} ranks (this is rank {rank})" in msg
+        assert f"rank {holder}: DatastoreError" in msg and "shard 2 (" in msg
+        assert "shard-00002) is missing" in msg
+
+
+def _global_bytes(path):
+    ds = Datastore.open(path)
+    shards = ds.shards if isinstance(ds, sharded.ShardedStore) else [ds]
+    out = {}
+    for name in ("keys", "values", "key_sq_norms"):
+        out[name] = b"".join(open(os.path.join(s.path, name), "rb").read() for s in shards)
+    out["provenance"] = torch.cat([s.provenance(torch.arange(len(s)))[0] for s in shards])
+    return out, ds
+
+
+def test_builds_identical_for_1_2_3_ranks(root, ranks):
+    from knnfast.integrations import hf
+    world, _ = ranks
+    plain, one = os.path.join(root, "plain"), os.path.join(root, "build-w1")
+    if not os.path.exists(plain):
+        # float32 keys: a build that batched differently would not round to the same bytes
+        hf.build_datastore(_gpt2(), _corpus(), plain, batch_size=3, progress=False,
+                           key_dtype=torch.float32)
+        hf.build_datastore(_gpt2(), _corpus(), one, batch_size=3, progress=False,
+                           key_dtype=torch.float32, sharded=True)  # no group: 1 rank
+    want, plain_ds = _global_bytes(plain)
+    for path in (one, os.path.join(root, f"build-w{world}")):
+        got, ds = _global_bytes(path)
+        assert isinstance(ds, sharded.ShardedStore)
+        assert len(ds.meta["shards"]) == (1 if path == one else world)
+        for name in ("keys", "values", "key_sq_norms"):
+            assert got[name] == want[name], (path, name)
+        assert torch.equal(got["provenance"], want["provenance"])
+        for field in ("dim", "vocab_size", "metric", "hidden", "model_id", "key_dtype"):
+            assert ds.meta[field] == plain_ds.meta[field], field
+        assert ds.meta["extra"] == {k: v for k, v in plain_ds.meta["extra"].items()
+                                    if k != "provenance"}

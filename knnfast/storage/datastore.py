@@ -42,7 +42,28 @@ def _check_metric(where: str, metric: str) -> None:
         raise ValueError(f"Datastore.{where}: metric must be one of {METRICS}, got {metric!r}")
 
 
-class Datastore:
+class MetaFields:
+    """Size, key width, metric and vocabulary read from ``self.meta`` (meta.json or a sharded
+    store's manifest): one definition for every kind of store."""
+    meta: dict
+
+    def __len__(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        return self.meta.get("vocab_size")
+
+
+class Datastore(MetaFields):
     """An opened datastore: ``keys`` [N, D] and ``values`` [N] (memmapped until ``to``)."""
 
     def __init__(self, path: Optional[str], meta: dict, keys: Tensor, values: Tensor,
@@ -120,21 +141,6 @@ class Datastore:
             fsync_write_json(os.path.join(self.path, "meta.json"), self.meta)
 
     # ---- properties
-
-    def __len__(self) -> int:
-        return int(self.meta["size"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
-
-    @property
-    def metric(self) -> str:
-        return self.meta["metric"]
-
-    @property
-    def vocab_size(self) -> Optional[int]:
-        return self.meta.get("vocab_size")
 
     @property
     def device(self) -> torch.device:

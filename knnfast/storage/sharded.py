@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..topk import merge_topk
-from .datastore import Datastore
+from .datastore import Datastore, MetaFields
 from .files import DatastoreError, PathLike, fsync_write_json, read_checked_meta
 from .format import FILES, FORMAT_VERSION
 
@@ -155,7 +155,7 @@ def open_shard(path: PathLike, manifest: dict, index: int, owner: str) -> Datast
 # --------------------------------------------------------------------------- search
 
 
-class ShardedStore:
+class ShardedStore(MetaFields):
     """A contiguous run of a sharded datastore's shards, searched as one datastore.
 
     ``Datastore.open`` returns one over every shard. ``len``, ``dim``, ``metric``,
@@ -180,21 +180,6 @@ class ShardedStore:
         indices = range(len(manifest["shards"])) if indices is None else list(indices)
         shards = [open_shard(path, manifest, i, owner) for i in indices]
         return cls(path, manifest, shards, [manifest["shards"][i]["offset"] for i in indices])
-
-    def __len__(self) -> int:
-        return int(self.meta["size"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
-
-    @property
-    def metric(self) -> str:
-        return self.meta["metric"]
-
-    @property
-    def vocab_size(self) -> Optional[int]:
-        return self.meta.get("vocab_size")
 
     @property
     def held(self) -> Tuple[int, int]:

@@ -113,7 +113,7 @@ def test_meta_has_every_arm(meta):
     report, _, _ = meta
     rows = _table(report, "Translation quality")["rows"]
     names = [r["system"] for r in rows]
-    sizes = mo._adapter_sizes(32)
+    sizes = mo.adapter_sizes(32)
     assert names == (["base", "kNN-MT", "adaptive kNN-MT", "OPL", "FT"]
                      + [f"adapter r={r}" for r in sizes]
                      + [f"adaptive kNN-MT + adapter r={sizes[-1]}"])

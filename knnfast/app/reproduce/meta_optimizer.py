@@ -59,7 +59,8 @@ def slug(name: str) -> str:
     return re.sub(r"\W+", "_", name).strip("_")
 
 
-def _adapter_sizes(d_model: int) -> list[int]:
+def adapter_sizes(d_model: int) -> list[int]:
+    """The three adapter bottlenecks, scaled to the model as the paper's 64/128/256 are to 1024."""
     return [max(2, d_model // f) for f in ADAPTER_FRACTIONS]
 
 
@@ -68,7 +69,7 @@ class _Arms:
 
     def __init__(self, run: StudyRun, world: MTWorld):
         self.run, self.world = run, world
-        self.sizes = _adapter_sizes(world.model.config.d_model)
+        self.sizes = adapter_sizes(world.model.config.d_model)
         self.names = ["OPL", "FT"] + [f"adapter r={r}" for r in self.sizes]
 
     def _prepare(self, name: str):

@@ -320,3 +320,30 @@ def random_sequences(n, lo, hi, seed, vocab):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),),
                           generator=g).tolist() for _ in range(n)]
+
+
+def tiny_marian(vocab, *, d_model, decoder_layers=1, max_positions, pad=0, eos=1, start=0,
+                seed=0):
+    """A seeded random MarianMTModel (one encoder layer, 2 heads, FFN 2·d_model) in eval
+    mode; init_std 0.3 keeps its hidden states well separated (no kNN ties)."""
+    from transformers import MarianConfig, MarianMTModel
+    torch.manual_seed(seed)
+    cfg = MarianConfig(vocab_size=vocab, d_model=d_model, encoder_layers=1,
+                       decoder_layers=decoder_layers, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+                       decoder_ffn_dim=2 * d_model, pad_token_id=pad, eos_token_id=eos,
+                       decoder_start_token_id=start, max_position_embeddings=max_positions,
+                       init_std=0.3)
+    return MarianMTModel(cfg).eval()
+
+
+def tiny_gpt2(vocab, *, n_embd, n_layer, n_positions, pad=0, eos=1, seed=0):
+    """A seeded random GPT2LMHeadModel in eval mode; initializer_range 0.2 (not 0.02) keeps
+    its hidden states well separated, so kNN ties (which backends may break differently) do
+    not occur."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                     n_positions=n_positions, pad_token_id=pad, eos_token_id=eos,
+                     bos_token_id=eos, initializer_range=0.2)
+    return GPT2LMHeadModel(cfg).eval()

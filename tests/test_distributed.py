@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import knnfast
+from helpers import tiny_gpt2
 from knnfast import Datastore, DatastoreError
 from knnfast.storage import sharded
 from test_sharded import build_pair
@@ -29,11 +30,7 @@ SPAWN_DEADLINE_S = 120
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-                     pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, initializer_range=0.2)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(V, n_embd=16, n_layer=1, n_positions=32, pad=PAD, eos=EOS)
 
 
 def _corpus():

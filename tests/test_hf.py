@@ -8,14 +8,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (GPT2Config, GPT2LMHeadModel, LogitsProcessorList, MarianConfig,  # noqa: E402
-                          MarianMTModel)
+from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList  # noqa: E402
 
 import knnfast  # noqa: E402
 import knnfast.integrations.hf as H  # noqa: E402
 import knnfast.reference as ref  # noqa: E402
 from knnfast import Datastore, DatastoreWriter, KNNDecoder  # noqa: E402
-from helpers import random_sequences, assert_logp_close  # noqa: E402
+from helpers import assert_logp_close, random_sequences, tiny_gpt2, tiny_marian  # noqa: E402
 
 V = 97
 PAD, EOS, START = 0, 1, 0
@@ -26,21 +25,12 @@ pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _gpt2():
-    torch.manual_seed(0)
-    # initializer_range 0.2 (not 0.02): hidden states of a random tiny model are then well
-    # separated, so kNN ties (which backends may break differently) do not occur.
-    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                     pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, initializer_range=0.2)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(V, n_embd=32, n_layer=2, n_positions=64, pad=PAD, eos=EOS)
 
 
 def _marian():
-    torch.manual_seed(0)
-    cfg = MarianConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=2,
-                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                       decoder_ffn_dim=64, pad_token_id=PAD, eos_token_id=EOS,
-                       decoder_start_token_id=START, max_position_embeddings=64, init_std=0.3)
-    model = MarianMTModel(cfg).eval()
+    model = tiny_marian(V, d_model=32, decoder_layers=2, max_positions=64, pad=PAD, eos=EOS,
+                        start=START)
     # MarianConfig forces token 0 at max_length by default; the hand-rolled loops don't
     model.generation_config.forced_eos_token_id = None
     return model

@@ -10,7 +10,7 @@ import knnfast
 import knnfast.integrations.hf as H
 from knnfast.methods.kd import TeacherStore, TeacherWriter
 
-from helpers import random_sequences, check_bad_input
+from helpers import check_bad_input, random_sequences, tiny_marian
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 61
@@ -22,12 +22,7 @@ def _seqs(n, lo, hi, seed):
 
 @pytest.fixture(scope="module")
 def marian():
-    torch.manual_seed(0)
-    cfg = MarianConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
-                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                       decoder_ffn_dim=64, pad_token_id=0, eos_token_id=1,
-                       decoder_start_token_id=0, max_position_embeddings=64, init_std=0.3)
-    return MarianMTModel(cfg).eval()
+    return tiny_marian(V, d_model=32, max_positions=64)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +199,7 @@ def test_plain_loop_learns_the_teacher(pairs, ds, tmp_path):
 
 
 def _teacher_model():
-    torch.manual_seed(0)
-    cfg = MarianConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
-                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                       decoder_ffn_dim=64, pad_token_id=0, eos_token_id=1,
-                       decoder_start_token_id=0, max_position_embeddings=64, init_std=0.3)
-    return MarianMTModel(cfg).eval()
+    return tiny_marian(V, d_model=32, max_positions=64)
 
 
 def test_trainer_compute_loss(marian, pairs, ds, tmp_path):

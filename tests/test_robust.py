@@ -7,7 +7,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import MarianConfig, MarianMTModel  # noqa: E402
 
 import knnfast  # noqa: E402
 import knnfast.integrations.hf as H  # noqa: E402
@@ -19,7 +18,7 @@ V = 61
 PAD, EOS, START = 0, 1, 0
 K = 8
 
-from helpers import random_sequences  # noqa: E402
+from helpers import random_sequences, tiny_marian  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -30,12 +29,7 @@ def _seqs(n, lo, hi, seed):
 
 @pytest.fixture(scope="module")
 def marian():
-    torch.manual_seed(0)
-    cfg = MarianConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
-                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                       decoder_ffn_dim=32, pad_token_id=PAD, eos_token_id=EOS,
-                       decoder_start_token_id=START, max_position_embeddings=32, init_std=0.3)
-    model = MarianMTModel(cfg).eval()
+    model = tiny_marian(V, d_model=16, max_positions=32, pad=PAD, eos=EOS, start=START)
     model.generation_config.forced_eos_token_id = None
     with torch.no_grad():
         model.final_logits_bias.normal_()          # a head with a bias, as real Marians have

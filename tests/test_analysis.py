@@ -2,12 +2,13 @@
 and recall, the mask/score grid, the size sweep, and the plots."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import knnfast.integrations.hf as H
 from knnfast import KNNDecoder
 from knnfast.app import plots
 from knnfast.methods import analysis
+
+from helpers import tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 41
@@ -15,10 +16,7 @@ V = 41
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2,
-                                       n_positions=64, initializer_range=0.2, pad_token_id=0,
-                                       eos_token_id=1, bos_token_id=1)).eval()
+    model = tiny_gpt2(V, n_embd=32, n_layer=1, n_positions=64)
     g = torch.Generator().manual_seed(1)
     train = [torch.randint(2, V, (int(torch.randint(5, 15, (1,), generator=g)),), generator=g).tolist()
              for _ in range(30)]

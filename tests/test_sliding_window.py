@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import knnfast.integrations.hf as H
 from knnfast import KNNDecoder
 
-from helpers import random_sequences
+from helpers import random_sequences, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V = 37
@@ -17,10 +16,7 @@ V = 37
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2,
-                                       n_positions=32, initializer_range=0.2, pad_token_id=0,
-                                       eos_token_id=1, bos_token_id=1)).eval()
+    model = tiny_gpt2(V, n_embd=32, n_layer=1, n_positions=32)
     train = random_sequences(20, 5, 15, seed=1, vocab=V)
     ds = H.build_datastore(model, train, str(tmp_path_factory.mktemp("sw") / "ds"),
                            progress=False)

@@ -36,6 +36,45 @@ def test_quick_and_full_never_share_a_cache(tmp_path):
     assert q.cache != f.cache and q.shared != f.shared
 
 
+def test_same_settings_reuse_the_cached_stages(tmp_path):
+    run = rp.StudyRun("s", tmp_path, tmp_path / "o", log=lambda s: None)
+    run.use_settings({"k": 8, "scale": (1, 2)})
+    run.stage("a", lambda: 1)
+    again = rp.StudyRun("s", tmp_path, tmp_path / "o", log=lambda s: None)
+    again.use_settings({"k": 8, "scale": (1, 2)})
+    assert again.stage("a", lambda: 2) == 1
+
+
+def test_changed_settings_move_the_stale_cache_aside(tmp_path):
+    logs = []
+    run = rp.StudyRun("s", tmp_path, tmp_path / "o", log=logs.append)
+    run.use_settings({"k": 8, "tau": 10.0})
+    run.stage("a", lambda: 1)
+    again = rp.StudyRun("s", tmp_path, tmp_path / "o", log=logs.append)
+    again.use_settings({"k": 16, "tau": 10.0})
+    assert again.stage("a", lambda: 2) == 2
+    assert any("settings changed" in line and "(k)" in line for line in logs)
+    stale = tmp_path / "s" / "full.stale"
+    assert json.loads((stale / "stages" / "a.json").read_text())["result"] == 1
+
+
+def test_a_cache_without_recorded_settings_is_not_trusted(tmp_path):
+    run = rp.StudyRun("s", tmp_path, tmp_path / "o", log=lambda s: None)
+    run.stage("a", lambda: 1)                     # a cache from before settings were recorded
+    again = rp.StudyRun("s", tmp_path, tmp_path / "o", log=lambda s: None)
+    again.use_settings({"k": 8})
+    assert again.stage("a", lambda: 2) == 2
+
+
+def test_settings_of_every_study_are_plain_json():
+    for name in rp.STUDIES:
+        for quick in (True, False):
+            settings = rp.study_module(name).cache_settings(quick)
+            plain = rp.canonical_settings(settings)
+            assert json.loads(json.dumps(plain)) == plain and plain["world"]["name"] == (
+                "quick" if quick else "full")
+
+
 @pytest.mark.parametrize("key", ["", "a/b", ".hidden"])
 def test_stage_key_must_be_a_file_name(tmp_path, key):
     run = rp.StudyRun("s", tmp_path, tmp_path / "o", log=lambda s: None)

@@ -12,14 +12,17 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
+import knnfast
+
 from .report import DOES_NOT_HOLD, HOLDS, UNTESTABLE, VERDICTS, Claim, Report, Table, verdict
-from .runner import StudyRun, machine
+from .runner import StudyRun, canonical_settings, machine
 
 # command name -> module (imported only when run: each pulls in transformers & co.)
 STUDIES = {"meta-optimizer": "meta_optimizer", "knn-kd": "knn_kd", "ink": "ink",
            "knnlm-why": "knnlm_why"}
 
-__all__ = ["STUDIES", "reproduce", "write_index", "StudyRun", "Report", "Claim", "Table", "verdict", "HOLDS",
+__all__ = ["STUDIES", "reproduce", "write_index", "StudyRun", "canonical_settings", "Report",
+           "Claim", "Table", "verdict", "HOLDS",
            "DOES_NOT_HOLD", "UNTESTABLE", "VERDICTS", "machine"]
 
 
@@ -37,6 +40,7 @@ def reproduce(study: str, *, quick: bool = False, out_dir: str | Path = "reprodu
     ``out_dir``; returns the report's JSON. ``kwargs`` go to the study's ``run``."""
     module = study_module(study)
     run = StudyRun(study, cache_dir, out_dir, quick=quick, log=log)
+    run.use_settings({**module.cache_settings(quick), "knnfast": knnfast.__version__})
     report = module.run(run, **kwargs)
     m = machine()
     md, js = report.write(run.out, m, run.seconds(), run.stage_seconds)

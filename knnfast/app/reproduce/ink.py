@@ -24,9 +24,10 @@ import dataclasses
 
 from ..demo.knn_mt import IVF_NPROBE, ivf_factory, tune_knn
 from ..plots import plot_grouped_bars
-from .ink_arms import (KNN_SYSTEMS, InkSettings, accuracy, adapter_arm, adapter_size,
-                       baselines, hybrid, ink_arms, ink_updates, log_plan, memory, settings,
-                       test_pairs)
+from . import mt_world
+from .ink_arms import (ACCURACY_EDGES, ARMS, FULL_INK, KNN_SYSTEMS, QUICK_INK, InkSettings,
+                       accuracy, adapter_arm, adapter_size, baselines, hybrid, ink_arms,
+                       ink_updates, log_plan, memory, settings, test_pairs)
 from .mt_world import MTWorld
 from .report import Report
 from .runner import StudyRun
@@ -57,6 +58,12 @@ BLEU_NOISE = 0.5
 
 
 # ------------------------------------------------------------------------------ the study
+
+
+def cache_settings(quick: bool) -> dict:
+    """What this study's cached stages depend on (``StudyRun.use_settings``)."""
+    return {"world": mt_world.scale(quick), "ink": QUICK_INK if quick else FULL_INK,
+            "arms": ARMS, "accuracy_edges": ACCURACY_EDGES, "nprobe": IVF_NPROBE}
 
 
 def run(run: StudyRun, split=None) -> Report:

@@ -29,6 +29,7 @@ from ..corpus import DemoSplit
 from ..demo.base_model import seq2seq_loss
 from ..demo.knn_mt import tune_knn
 from ..plots import plot_grouped_bars
+from . import mt_world
 from .mt_world import MTWorld, save_model
 from .report import Report
 from .runner import StudyRun
@@ -86,6 +87,14 @@ CODE_SMOOTHING, CODE_RATE = 0.1, 1.0
 LAMBDA0_SENTENCES = 100      # the λ = 0 check decodes this many in_test sentences
 QUICK_EVAL_SENTENCES = 8     # --quick decodes one batch per split: its model emits max-length junk
 SAME_SPEED = 0.8             # "about the same speed": at least 80 % (a shared 2-core VM is noisy)
+
+
+def cache_settings(quick: bool) -> dict:
+    """What this study's cached stages depend on (``StudyRun.use_settings``)."""
+    return {"world": mt_world.scale(quick), "store_k": STORE_K, "main_k": MAIN_K,
+            "sweep_ks": SWEEP_KS, "sweep_taus": SWEEP_TAUS, "alpha": ALPHA,
+            "code_smoothing": CODE_SMOOTHING, "code_rate": CODE_RATE, "lambda0_sentences": LAMBDA0_SENTENCES,
+            "quick_eval_sentences": QUICK_EVAL_SENTENCES}
 
 
 @dataclasses.dataclass(frozen=True)

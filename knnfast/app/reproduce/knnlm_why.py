@@ -20,6 +20,7 @@ from knnfast.methods.multi_embedding import MultiEmbeddingSoftmax
 
 from .. import plots
 from ..demo.base_model import save_atomic
+from . import lm_world
 from .lm_world import LMWorld, lm_features
 from .report import Report
 from .runner import StudyRun
@@ -57,6 +58,12 @@ LAMS = hf.TUNE_LAMS
 GRID = ((True, True), (True, False), (False, True), (False, False))   # (exact, rescore)
 ME_BATCH = 512
 NPROBE = 8
+
+
+def cache_settings(quick: bool) -> dict:
+    """What this study's cached stages depend on (``StudyRun.use_settings``)."""
+    return {"world": lm_world.scale(quick), "settings": SETTINGS, "temperatures": TEMPERATURES,
+            "lams": LAMS, "grid": GRID, "me_batch": ME_BATCH, "nprobe": NPROBE}
 
 
 # --------------------------------------------------------------------------- measuring

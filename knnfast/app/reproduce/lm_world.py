@@ -100,6 +100,11 @@ def split_texts(scale: LMScale, seed: int = 0) -> dict[str, list[str]]:
     return {"train": train, "dev": dev, "test": test}
 
 
+
+def scale(quick: bool) -> LMScale:
+    """The scale of a run (``--quick``: QUICK)."""
+    return QUICK if quick else FULL
+
 class LMWorld:
     """Corpus, tokenizer, LM and datastores of one scale, each built on first use.
 
@@ -108,7 +113,7 @@ class LMWorld:
 
     def __init__(self, run: StudyRun):
         self.run, self.log = run, run.log
-        self.scale = QUICK if run.quick else FULL
+        self.scale = scale(run.quick)
         self.window = LM_CHUNK
         self._stores: dict[str, knnfast.Datastore] = {}
 

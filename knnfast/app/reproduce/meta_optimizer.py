@@ -27,6 +27,7 @@ from knnfast.methods.ink import add_adapters, output_projection_only
 
 from ..demo.knn_mt import IVF_NPROBE, ivf_factory, train_adaptive, tune_knn
 from ..plots import plot_grouped_bars
+from . import mt_world
 from .mt_world import MTWorld, save_model
 from .report import Report
 from .runner import StudyRun
@@ -52,6 +53,12 @@ ADAPTER_FRACTIONS = (16, 8, 4)      # r = d_model / 16, / 8, / 4 (paper: 64/128/
 WORD_EDGES = (0, 1, 5, 25, 125)     # word frequency in in_train's references
 TOKEN_EDGES = (0, 10, 100, 1000)    # gold-token frequency in the datastore
 LR = {"OPL": 1e-3, "FT": 5e-4, "adapter": 1e-3}
+
+
+def cache_settings(quick: bool) -> dict:
+    """What this study's cached stages depend on (``StudyRun.use_settings``)."""
+    return {"world": mt_world.scale(quick), "adapter_fractions": ADAPTER_FRACTIONS,
+            "word_edges": WORD_EDGES, "token_edges": TOKEN_EDGES, "lr": LR, "nprobe": IVF_NPROBE}
 
 
 def slug(name: str) -> str:

@@ -52,6 +52,11 @@ QUICK = MTScale("quick", BaseModelConfig(d_model=32, layers=1, heads=2, ffn_dim=
                       "in_test": 12}, finetune_updates=6, beam=1, batch=12, max_new_tokens=12)
 
 
+def scale(quick: bool) -> MTScale:
+    """The scale of a run (``--quick``: QUICK)."""
+    return QUICK if quick else FULL
+
+
 def _cut(split: DemoSplit, limits: dict) -> DemoSplit:
     return DemoSplit(**{name: getattr(split, name)[:n] if n else getattr(split, name)
                         for name, n in limits.items()})
@@ -67,7 +72,7 @@ class MTWorld:
     def __init__(self, run: StudyRun, split: Optional[DemoSplit] = None):
         from ..demo.base_model import train_base_model
         self.run, self.log = run, run.log
-        self.scale = QUICK if run.quick else FULL
+        self.scale = scale(run.quick)
         self.split = _cut(split or split_domains(load_catalogs()), self.scale.limits)
         self.codec = TextCodec(train_tokenizer(
             (t for pair in self.split.general_train for t in pair), vocab_size=self.scale.vocab))

@@ -4,12 +4,18 @@ A stage is a named step whose JSON-serialisable result is saved when it finishes
 (``<cache>/stages/<key>.json``, written atomically); a rerun after a kill skips every
 finished stage and continues with the first unfinished one. Models and datastores are cached
 by the code that builds them, under ``run.cache`` (this study) or ``run.shared`` (what
-several studies reuse: the base model, its datastore)."""
+several studies reuse: the base model, its datastore; those check their own settings hash).
+
+Stages are cached by name, so the study's settings are bound to its cache
+(``StudyRun.use_settings``): a run under other settings moves the old cache aside to
+``<scale>.stale`` and starts afresh, instead of reusing results computed under the old ones."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +36,22 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def canonical_settings(settings: dict) -> dict:
+    """``settings`` as plain JSON values (dataclasses as dicts, tuples as lists, anything
+    else by ``repr``), compared key by key with the settings a cache was built under."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return repr(value)
+    return plain(settings)
 
 
 class StudyRun:
@@ -54,6 +76,29 @@ class StudyRun:
         self.started = time.perf_counter()
         self.stage_seconds: dict[str, float] = {}
         self._nested: list[float] = []   # seconds of stages finished inside the running ones
+
+    def use_settings(self, settings: dict) -> None:
+        """Bind the study's ``settings`` (name -> value: its scale, constants, library
+        version) to its cache. Stages cached under different settings, or under unrecorded
+        ones (a cache from before settings were recorded), are not reused: the old cache
+        moves to ``<scale>.stale`` (replacing an older one) and the study runs afresh."""
+        wanted = canonical_settings(settings)
+        path = self.cache / "settings.json"
+        saved = json.loads(path.read_text()) if path.exists() else None
+        has_stages = any((self.cache / "stages").glob("*.json"))
+        if saved != wanted and (saved is not None or has_stages):
+            changed = sorted(k for k in set(wanted) | set(saved or {})
+                             if (saved or {}).get(k) != wanted.get(k))
+            stale = self.cache.with_name(self.cache.name + ".stale")
+            self.log(f"[{self.study}] settings changed since the cached stages "
+                     f"({', '.join(changed) if saved else 'none recorded'}): the old cache "
+                     f"moves to {stale} and the study runs afresh")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(self.cache, stale)
+            (self.cache / "stages").mkdir(parents=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
     def stage(self, key: str, fn: Callable[[], Any]) -> Any:
         """``fn()``'s result, computed once: cached as JSON under ``key`` (a file name), with

@@ -193,6 +193,25 @@ def test_fused_gradient_matches_reference(kd, probs):
     assert (x1.grad[2] == 0).all()                       # ignored row
 
 
+@pytest.mark.parametrize("kd", ["ce", "kl"])
+def test_fused_gradient_with_teacher_mass_not_one(kd):
+    """teacher_probs are used as given (API.md: "as given, >= 0"): mass on padded -1 slots
+    does not count, so the valid mass M_r is below 1 (or above it) and the softmax term of
+    the gradient is (ce_w + kd_w M_r) softmax, not (ce_w + kd_w) softmax."""
+    logits, targets, tokens, _ = _data(B=13, V=97, k=8, seed=19)
+    g = torch.Generator().manual_seed(19)
+    probs = torch.rand(13, 8, generator=g) / 4          # row masses 0 .. 2, not normalised
+    tokens[5, 3:] = -1                                  # mass on padded slots
+    tokens[6, ::2] = -1
+    kw = dict(teacher_probs=probs, ce_weight=0.9, kd_weight=0.7, label_smoothing=0.1, kd=kd)
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.double().requires_grad_()
+    upstream = torch.rand(13, dtype=torch.float64)
+    (knnfast.knn_kd_loss(x1, targets, tokens, reduction="none", **kw) * upstream.float()).sum().backward()
+    (ref.knn_kd_loss(x2, targets, tokens, reduction="none", **kw) * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_gradcheck():
     logits, targets, tokens, scores = _data(B=5, V=6, k=3, seed=11)
     x = logits.double().requires_grad_()

@@ -5,7 +5,7 @@
 // P_v the teacher mass of token v. Forward reads each logits row once (log-sum-exp, plus one
 // sum for label smoothing, from cache); only the k teacher logits are gathered, so no dense
 // [B, V] teacher exists. Backward writes
-//   grad = g [(ce_weight + kd_weight [teacher]) softmax - ce_weight eps / V]
+//   grad = g [(ce_weight + kd_weight M) softmax - ce_weight eps / V]  (M = valid teacher mass)
 // in one vectorized pass, then subtracts g ce_weight (1 - eps) at y and g kd_weight w_j at
 // each t_j (duplicates add up, as P_v does).
 #include <ATen/ATen.h>
@@ -63,6 +63,17 @@ float teacher_neg_entropy(const int64_t* tokens, const float* log_w, int64_t k,
     if (mass > 0.0f) acc += mass * std::log(mass);
   }
   return acc;
+}
+
+// sum of the valid slots' weights: the teacher mass M that d KD / d logits = M softmax - P
+// scales the softmax by. 1 for scores; teacher_probs are used as given, so mass on padded
+// (-1) slots or an unnormalised row makes it differ from 1.
+float valid_mass(const int64_t* tokens, const float* log_w, int64_t k, bool has) {
+  if (!has) return 0.0f;
+  float mass = 0.0f;
+  for (int64_t j = 0; j < k; ++j)
+    if (tokens[j] >= 0 && log_w[j] > -INFINITY) mass += std::exp(log_w[j]);
+  return mass;
 }
 
 }  // namespace
@@ -143,7 +154,7 @@ void kd_gradient(const KdInputs& in, const at::Tensor& grad_rows_in, double ce_w
       const int64_t* t = tok + r * k;
       const bool has = neighbour_log_weights(in.teacher.src, r, t, in.teacher.temperature[r],
                                              log_w);
-      row_softmax_affine(x, lse.max, lse.log_sum, g * (cw + (has ? kw : 0.0f)),
+      row_softmax_affine(x, lse.max, lse.log_sum, g * (cw + kw * valid_mass(t, log_w, k, has)),
                          -g * cw * eps / float(V), out, V);
       out[tgt[r]] -= g * cw * (1.0f - eps);
       if (has)

@@ -3,8 +3,8 @@
 //   KD   = -sum_j w_j log p(t_j)   [+ sum_v P_v log P_v for KL].
 // Forward: one read of the row (online log-sum-exp, plus the row sum when eps > 0), then warp
 // 0 gathers the k teacher logits; every reduction has a fixed order (deterministic).
-// Backward: one pass writes g [(ce + kd [teacher]) softmax - ce eps / V]; after a block
-// barrier, thread 0 subtracts the target and teacher terms in slot order (no atomics).
+// Backward: one pass writes g [(ce + kd M) softmax - ce eps / V] (M: the valid teacher mass);
+// after a block barrier, thread 0 subtracts the target and teacher terms in slot order (no atomics).
 #include "cuda/knn_kd_loss.h"
 #include "cuda/launch_utils.cuh"
 #include "cuda/neighbour_weights.cuh"
@@ -46,6 +46,26 @@ __device__ __forceinline__ bool live_target(int64_t y, int64_t V, int64_t ignore
   if (valid_target(y, V, ignore_index)) return true;
   if (threadIdx.x == 0) report(status, kBadTarget, r);
   return false;
+}
+
+// The valid teacher mass M of row r (sum of the valid slots' weights; 0 without a teacher),
+// returned to every thread: d KD / d logits = M softmax - P. 1 for scores; teacher_probs are
+// used as given, so mass on padded (-1) slots or an unnormalised row makes it differ from 1.
+// Every thread of the block must call it.
+__device__ __forceinline__ float teacher_mass(const NeighbourArgs& nb, int64_t r,
+                                              const NeighbourRow& row, float* scratch) {
+  if (!row.any) return 0.0f;
+  if (nb.scores) return 1.0f;
+  float m = 0.0f;
+  for (int64_t j = threadIdx.x; j < nb.k; j += blockDim.x) {
+    const float lw = slot_log_weight(nb, r, j, row);
+    if (lw != -INFINITY) m += expf(lw);
+  }
+  m = block_sum(m, scratch);
+  __syncthreads();  // every thread has read scratch inside block_sum
+  if (threadIdx.x == 0) scratch[0] = m;
+  __syncthreads();
+  return scratch[0];
 }
 
 template <typename T, int VEC>
@@ -92,6 +112,7 @@ __global__ void knn_kd_loss_backward_kernel(const float* grad_rows, const T* log
                                             NeighbourArgs nb, KdWeights w, float* grad,
                                             unsigned long long* status) {
   __shared__ SoftmaxState scratch[kWarp];
+  __shared__ float mass_scratch[kWarp];
   const int64_t r = blockIdx.x;
   const int64_t y = targets[r];
   float* out = grad + r * V;
@@ -104,7 +125,7 @@ __global__ void knn_kd_loss_backward_kernel(const float* grad_rows, const T* log
   const T* x = logits + r * V;
   const SoftmaxState state = block_row_logsumexp<T, VEC>(x, V, nullptr, scratch, r, status);
   const float log_sum = logf(state.sum);
-  const float scale = g * (w.ce + (nrow.any ? w.kd : 0.0f));
+  const float scale = g * (w.ce + w.kd * teacher_mass(nb, r, nrow, mass_scratch));
   const float add = -g * w.ce * w.smoothing / float(V);
   for (int64_t c = threadIdx.x; c < V / VEC; c += blockDim.x) {
     float v[VEC];

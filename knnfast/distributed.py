@@ -67,7 +67,14 @@ def agree(what: str, error: Optional[BaseException], group: Any = None,
         gathered = [(mine, payload)]
     else:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (mine, payload), group=group)
+        try:
+            dist.all_gather_object(gathered, (mine, payload), group=group)
+        except RuntimeError as lost:  # gloo/NCCL: a peer died or the group's timeout expired
+            raise DatastoreError(
+                f"{what} failed: this is rank {rank} of {world}, and another rank stopped "
+                f"answering (it died, or did not reach this step within the process group's "
+                f"timeout){'; this rank failed too: ' + mine if mine else ''}. Finished work "
+                f"is kept: rerun the same command on every rank to resume ({lost})") from lost
     failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
     if failed:
         lines = "; ".join(f"rank {r}: {e}" for r, e in failed)

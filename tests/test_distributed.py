@@ -2,11 +2,15 @@
 ShardedDatastore search / lookup / KNNDecoder bitwise equal to single-process search over the
 concatenated datastore (ties, k larger than a shard, exclude, a rank holding several shards);
 a missing shard fails on every rank naming the rank and the shard; build_datastore under a
-process group gives the same global datastore with 1, 2 and 3 ranks as the plain build.
+process group gives the same global datastore with 1, 2 and 3 ranks as the plain build; a rank
+killed mid-build makes the others fail with a clear error (not a hang), and rerunning the build
+resumes to the same bytes.
 Every collective has the group's 20 s timeout and every spawn a 120 s deadline."""
 import datetime
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import time
 
@@ -179,3 +183,89 @@ def test_builds_identical_for_1_2_3_ranks(root, ranks):
             assert ds.meta[field] == plain_ds.meta[field], field
         assert ds.meta["extra"] == {k: v for k, v in plain_ds.meta["extra"].items()
                                     if k != "provenance"}
+
+
+# ------------------------------------------------------------------- a rank killed mid-build
+
+KILL_AT_CHUNK = 3   # rank 1 dies as it is about to write its 3rd chunk (2 are committed)
+
+
+def _count_chunks(die_at=None):
+    """Count the chunks this process writes (the returned list's one element); with
+    ``die_at``, SIGKILL itself (no cleanup, no exception) as it is about to write that one."""
+    from knnfast.storage.writer import DatastoreWriter
+    add, seen = DatastoreWriter.add, [0]
+
+    def counting_add(self, *args, **kwargs):
+        seen[0] += 1
+        if die_at is not None and seen[0] >= die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return add(self, *args, **kwargs)
+    DatastoreWriter.add = counting_add   # a forked rank's own copy of the class
+    return seen
+
+
+def _build_worker(rank, world, port, root, kill):
+    import torch.distributed as dist
+    from knnfast.integrations import hf
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    chunks = _count_chunks(KILL_AT_CHUNK if kill and rank == 1 else None)
+    try:
+        hf.build_datastore(_gpt2(), _corpus(), os.path.join(root, "killed"), batch_size=3,
+                           key_dtype=torch.float32, progress=False)
+        outcome = f"ok, {chunks[0]} chunks written"
+    except Exception as e:  # what the surviving rank tells its user
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(root, f"outcome{rank}"), "w") as f:
+        f.write(outcome)
+
+
+def _run_ranks(world, root, kill):
+    """Each rank in a forked process, joined one by one (torch's spawn helper would kill the
+    surviving ranks as soon as one dies, before they report)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    port, ctx = _free_port(), multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_build_worker, args=(r, world, port, root, kill))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} still running after {SPAWN_DEADLINE_S} s"
+    return [p.exitcode for p in procs]
+
+
+def test_rank_killed_mid_build_fails_clearly_then_resumes(tmp_path):
+    from knnfast.integrations import hf
+    root = str(tmp_path)
+    codes = _run_ranks(2, root, kill=True)
+    assert codes[1] == -signal.SIGKILL and codes[0] == 0
+    survivor = open(os.path.join(root, "outcome0")).read()
+    assert survivor.startswith("DatastoreError: build_datastore"), survivor
+    assert "this is rank 0" in survivor and "rerun" in survivor, survivor
+    killed = os.path.join(root, "killed")
+    assert not sharded.is_sharded(killed)             # no manifest: nothing half-committed
+    assert os.path.exists(os.path.join(killed, "shard-00000", "meta.json"))
+    partial = Datastore.building_cursor(os.path.join(killed, "shard-00001"))
+    assert partial is not None and partial > 0         # rank 1 had committed 2 chunks
+
+    assert _run_ranks(2, root, kill=False) == [0, 0]  # the same command again resumes
+    # rank 0's shard was finished and is kept; rank 1 writes only its 3rd and last chunk
+    assert [open(os.path.join(root, f"outcome{r}")).read() for r in range(2)] == [
+        "ok, 0 chunks written", "ok, 1 chunks written"]
+    plain = os.path.join(root, "plain")
+    hf.build_datastore(_gpt2(), _corpus(), plain, batch_size=3, progress=False,
+                       key_dtype=torch.float32)
+    got, ds = _global_bytes(killed)
+    want, _ = _global_bytes(plain)
+    assert len(ds.meta["shards"]) == 2
+    for name in ("keys", "values", "key_sq_norms"):
+        assert got[name] == want[name], name
+    assert torch.equal(got["provenance"], want["provenance"])

@@ -39,8 +39,10 @@ from ..defaults import MAX_K
 from ..integrations.hf import (Example, HiddenSpec, corpus_fingerprint, length_order,
                                target_length, teacher_forced)
 from ..storage import Datastore
+from ..storage import checksums
 from ..storage.building import ChunkedBuild
-from ..storage.files import fsync_file, memmap, read_checked_meta
+from ..storage.files import fsync_file, memmap, os_error, read_checked_meta
+from ..storage.verify import VerifyReport, verify_store
 
 FORMAT_VERSION = 1
 FILES = ("tokens", "scores", "offsets")
@@ -115,7 +117,10 @@ class TeacherStore:
             writer.release()  # the committed prefix stays resumable, by this process too
             raise
         bar.close()
-        return writer.finalize(examples)
+        try:
+            return writer.finalize(examples)
+        finally:
+            writer.release()  # a failed finalize keeps every sentence committed, resumable
 
     # ---- read
 
@@ -130,6 +135,23 @@ class TeacherStore:
         return cls(path, meta, memmap(os.path.join(path, "tokens"), np.int32, (T, k)),
                    memmap(os.path.join(path, "scores"), np.float16, (T, k)),
                    memmap(os.path.join(path, "offsets"), np.int64, (S + 1,)))
+
+    @classmethod
+    def verify(cls, path: str) -> VerifyReport:
+        """Check a finished store against the sizes and per-block CRC-32s recorded when it
+        was built (``knnfast.storage.verify`` for teacher stores)."""
+        return verify_store(path, "teacher store", FORMAT_VERSION, FILES,
+                            ("positions", "k", "sentences"), "TeacherStore.build(..., resume=True)")
+
+    @staticmethod
+    def is_store(path: str) -> bool:
+        """True when ``path`` holds a meta.json describing a teacher store's files."""
+        import json
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                return set(FILES) <= set(json.load(f).get("bytes", {}))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def __len__(self) -> int:
         return int(self.meta["sentences"])
@@ -211,17 +233,27 @@ class TeacherWriter:
         rows = torch.cat([torch.arange(build_start[i], build_start[i] + lengths[i])
                           for i in range(S)]) if S else torch.zeros(0, dtype=torch.int64)
         out_dir = self._build.tmp + ".final"
-        os.makedirs(out_dir, exist_ok=True)
-        for name, src in (("tokens", tokens), ("scores", scores)):
-            with open(os.path.join(out_dir, name), "wb") as f:
-                for s in range(0, T, 1 << 16):
-                    f.write(src[rows[s:s + (1 << 16)]].numpy().tobytes())
+        crcs = {name: checksums.BlockCRC() for name in FILES}
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            for name, src in (("tokens", tokens), ("scores", scores)):
+                with open(os.path.join(out_dir, name), "wb") as f:
+                    for s in range(0, T, 1 << 16):
+                        piece = src[rows[s:s + (1 << 16)]].numpy().tobytes()
+                        f.write(piece)
+                        crcs[name].update(piece)
+                    fsync_file(f)
+            with open(os.path.join(out_dir, "offsets"), "wb") as f:
+                f.write(offsets.numpy().tobytes())
+                crcs["offsets"].update(offsets.numpy())
                 fsync_file(f)
-        with open(os.path.join(out_dir, "offsets"), "wb") as f:
-            f.write(offsets.numpy().tobytes())
-            fsync_file(f)
+        except OSError as e:
+            self.release()
+            raise os_error("TeacherStore.build", "write", out_dir, e, "every sentence is "
+                           "committed: free disk space and resume with resume=True") from None
         meta = dict(self.meta, positions=T, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    bytes={"tokens": T * k * 4, "scores": T * k * 2, "offsets": (S + 1) * 8})
+                    bytes={"tokens": T * k * 4, "scores": T * k * 2, "offsets": (S + 1) * 8},
+                    checksums=checksums.record(crcs))
         self._build.publish(meta, out_dir)
         return TeacherStore.open(self.path)
 

@@ -7,12 +7,16 @@
 - ``index``: FAISS helpers (build, save/load, search, reconstructed scores)
 - ``search``: exact search, streamed over a memmap in chunks, and exact rescoring
 - ``format``, ``files``: the on-disk format and its primitives (fsync, atomic JSON, memmap)
+- ``checksums``, ``verify``: per-block CRC-32s recorded at finalize and ``verify(path)``, which
+  checks a store against them (``knnfast verify PATH``)
 
 Depends on ``knnfast.ops`` (search kernels) and ``knnfast.topk`` only.
 """
 from .datastore import Datastore
 from .files import DatastoreError
 from .format import FORMAT_VERSION
+from .verify import VerifyReport, verify
 from .writer import DatastoreWriter
 
-__all__ = ["Datastore", "DatastoreError", "DatastoreWriter", "FORMAT_VERSION"]
+__all__ = ["Datastore", "DatastoreError", "DatastoreWriter", "FORMAT_VERSION", "VerifyReport",
+           "verify"]

@@ -133,6 +133,14 @@ class Datastore(MetaFields):
         norms = memmap(os.path.join(path, "key_sq_norms"), np.float32, (n,))
         return cls(path, meta, keys, values, norms, memmapped=True)
 
+    @classmethod
+    def verify(cls, path: PathLike) -> Any:
+        """Check the datastore (plain or sharded) at ``path`` against the sizes and per-block
+        CRC-32s recorded when it was built: a ``knnfast.storage.VerifyReport`` naming every
+        bad file and block (``knnfast verify PATH`` prints it)."""
+        from .verify import verify
+        return verify(path)
+
     def update_extra(self, **items: Any) -> None:
         """Add entries to ``meta["extra"]`` and rewrite meta.json atomically (e.g. a stamp
         saying what the datastore was built from)."""

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ..topk import merge_topk
 from .datastore import Datastore, MetaFields
-from .files import DatastoreError, PathLike, fsync_write_json, read_checked_meta
+from .files import (DatastoreError, PathLike, check_format_version, check_store_path,
+                    fsync_write_json, read_checked_meta)
 from .format import FILES, FORMAT_VERSION
 
 MANIFEST = "manifest.json"
@@ -77,7 +78,7 @@ def write_manifest(path: PathLike, shard_dirs: Sequence[str]) -> dict:
     shards, offset = [], 0
     for name, meta in zip(shard_dirs, metas):
         shards.append({"path": name, "offset": offset, "size": meta["size"],
-                       "bytes": meta["bytes"]})
+                       "bytes": meta["bytes"], "checksums": meta.get("checksums")})
         offset += meta["size"]
     manifest = {f: first.get(f) for f in SHARED_FIELDS}
     manifest.update(format_version=SHARDED_FORMAT_VERSION, kind="sharded", size=offset,
@@ -98,6 +99,7 @@ def _common_extra(metas: Sequence[dict]) -> dict:
 def read_manifest(path: PathLike, owner: str) -> dict:
     """``manifest.json`` of a sharded datastore, its version and shard table checked."""
     import json
+    check_store_path(os.fspath(path), owner)
     file = os.path.join(os.fspath(path), MANIFEST)
     try:
         with open(file) as f:
@@ -106,11 +108,12 @@ def read_manifest(path: PathLike, owner: str) -> dict:
         raise DatastoreError(f"{owner}: {file} not found (not a sharded datastore, or its "
                              f"build did not finish)") from None
     except ValueError as e:
-        raise DatastoreError(f"{owner}: {file} is not valid JSON ({e})") from None
-    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
-        raise DatastoreError(f"{owner}: {file} has format version "
-                             f"{manifest.get('format_version')!r}; this knnfast reads "
-                             f"{SHARDED_FORMAT_VERSION}")
+        raise DatastoreError(f"{owner}: {file} is not valid JSON ({e}): the sharded store is "
+                             f"corrupt; rebuild it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DatastoreError(f"{owner}: {file} holds no shard table: the sharded store is "
+                             f"corrupt; rebuild it")
+    check_format_version(manifest, file, owner, SHARDED_FORMAT_VERSION)
     offset = 0
     for i, shard in enumerate(manifest["shards"]):
         if shard["offset"] != offset:
@@ -132,6 +135,15 @@ def _shard_meta(path: str, index: int, name: str) -> dict:
         raise DatastoreError(f"shard {index} ({name}) of {path}: {e}") from None
 
 
+def shard_differs(meta: dict, entry: dict) -> bool:
+    """True when a shard's meta.json is not the one the manifest entry recorded (size, byte
+    sizes, and checksums where both have them)."""
+    if meta["size"] != entry["size"] or meta["bytes"] != entry["bytes"]:
+        return True
+    return None not in (meta.get("checksums"), entry.get("checksums")) and \
+        meta["checksums"] != entry["checksums"]
+
+
 def open_shard(path: PathLike, manifest: dict, index: int, owner: str) -> Datastore:
     """Shard ``index`` of a sharded datastore, checked against the manifest: a missing,
     truncated or replaced shard is a ``DatastoreError`` naming it."""
@@ -145,7 +157,7 @@ def open_shard(path: PathLike, manifest: dict, index: int, owner: str) -> Datast
         meta = _shard_meta(path, index, entry["path"])
     except DatastoreError as e:
         raise DatastoreError(f"{where}: {e}") from None
-    if meta["size"] != entry["size"] or meta["bytes"] != entry["bytes"]:
+    if shard_differs(meta, entry):
         raise DatastoreError(f"{where} holds {meta['size']} entries ({meta['bytes']}) but "
                              f"manifest.json says {entry['size']} ({entry['bytes']}): it was "
                              f"replaced after the manifest was written")

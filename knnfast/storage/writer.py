@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import checksums
 from .building import ChunkedBuild
-from .files import DatastoreError, fsync_file, progress_bar, row_chunks
+from .files import DatastoreError, fsync_file, os_error, progress_bar, row_chunks
 from .format import KEY_DTYPES, VALUE_BYTES, key_bytes, key_row_bytes, memmap_keys, sq_norms
 
 if TYPE_CHECKING:
@@ -100,13 +101,22 @@ class DatastoreWriter:
         norms = torch.empty(self.count, dtype=torch.float32)
         for s, e in row_chunks(self.count, self._row_bytes):
             norms[s:e] = sq_norms(keys[s:e])
-        with open(self._build.file("key_sq_norms"), "wb") as f:
-            f.write(norms.numpy().tobytes())
-            fsync_file(f)
+        norms_crc = checksums.BlockCRC(self._build.crcs["keys"].block_bytes)
+        norms_crc.update(norms.numpy())
+        norms_file = self._build.file("key_sq_norms")
+        try:
+            with open(norms_file, "wb") as f:
+                f.write(norms.numpy().tobytes())
+                fsync_file(f)
+        except OSError as e:
+            self.close()
+            raise os_error("Datastore.finalize", "write", norms_file, e, "every entry is "
+                           "committed: free disk space and resume with resume=True") from None
         meta = dict(self.meta, size=self.count, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     bytes={"keys": self.count * self._row_bytes,
                            "values": self.count * VALUE_BYTES,
-                           "key_sq_norms": self.count * np.dtype(np.float32).itemsize})
+                           "key_sq_norms": self.count * np.dtype(np.float32).itemsize},
+                    checksums=checksums.record(dict(self._build.crcs, key_sq_norms=norms_crc)))
         try:
             self._build.publish(meta)
         finally:

@@ -16,14 +16,15 @@ from typing import Optional, Sequence
 
 from .analyze import cmd_analyze
 from .commands import (cmd_build_datastore, cmd_build_index, cmd_eval_ppl, cmd_translate,
-                       cmd_tune, command_line, stopped_build_datastore, stopped_translate)
+                       cmd_tune, cmd_verify, command_line, stopped_build_datastore,
+                       stopped_translate)
 from .errors import (DEBUG_HINT, EXIT_CODES, EXIT_DATA, EXIT_INTERNAL, EXIT_INTERRUPTED,
                      CLIError, UsageError, from_library)
 from .examples import EXAMPLES
 from .loading import load_model, read_corpus
 from .options import (analyze_args, bench_args, build_datastore_args, build_index_args,
                       demo_args, eval_ppl_args, option, reproduce_args, translate_args,
-                      tune_args)
+                      tune_args, verify_args)
 from .pairing import make_decoder
 from .runs import cmd_bench, cmd_demo, cmd_reproduce, stopped_demo, stopped_reproduce
 
@@ -38,6 +39,8 @@ COMMANDS = (
      build_datastore_args),
     ("build-index", cmd_build_index, "train and fill a FAISS index over a datastore",
      build_index_args),
+    ("verify", cmd_verify, "check a datastore, sharded datastore or teacher store against "
+     "the sizes and checksums recorded when it was built", verify_args),
     ("tune", cmd_tune, "grid-search k, temperature and λ on a dev set from one retrieval",
      tune_args),
     ("eval-ppl", cmd_eval_ppl, "perplexity of the base model, kNN-LM and the oracle",

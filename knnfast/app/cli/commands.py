@@ -109,6 +109,32 @@ def _check_factory(factory: str, ds, train_size: int) -> None:
                         f"or Flat")
 
 
+# --------------------------------------------------------------------------- verify
+
+def cmd_verify(args) -> None:
+    """Print the store's verify report as JSON; a damaged store is a data error (exit 3)
+    naming its first problem, a store without checksums a warning."""
+    from ...storage import verify
+    path = args.path
+    if not os.path.lexists(path):
+        raise DataError(f"{path!r} does not exist", "give a datastore, sharded datastore or "
+                        "teacher store directory")
+    report = _teacher_verify(path) or verify(path)
+    print_json(report.as_dict())
+    for note in report.notes:
+        warn(note)
+    problems = report.problems
+    if problems:
+        count = f"{len(problems)} problems, the first: " if len(problems) > 1 else ""
+        raise from_library(ValueError(problems[0]), f"{report.kind} {path}: {count}")
+
+
+def _teacher_verify(path: str):
+    """The report of a kNN-KD teacher store at ``path`` (None when it is not one)."""
+    from ...methods.kd import TeacherStore
+    return TeacherStore.verify(path) if TeacherStore.is_store(path) else None
+
+
 # --------------------------------------------------------------------------- eval-ppl
 
 def knn_settings(args, hidden: str, k: int) -> dict:

@@ -24,6 +24,10 @@ DEBUG_HINT = "rerun with --debug for the traceback"
 API_TO_CLI = (("pass resume=True", "pass --resume"), ("resume=True", "--resume"),
               ("overwrite=True", "--overwrite"), ("Datastore.create(..., --resume)", "--resume"))
 
+#: First words of the remedy that ends a library message ("...; rebuild it").
+FIX_VERBS = ("pass", "delete", "run", "open", "use", "rebuild", "upgrade", "free", "make",
+             "remove", "resume", "check", "wait")
+
 
 class CLIError(SystemExit):
     """A failure the user can fix: ``what`` went wrong and ``fix`` says how. A SystemExit
@@ -62,6 +66,6 @@ def from_library(error: BaseException, where: str = "") -> DataError:
     for api, cli in API_TO_CLI:
         text = text.replace(api, cli)
     what, sep, fix = text.rpartition("; ")
-    if not sep or not fix.split(" ", 1)[0] in ("pass", "delete", "run", "open", "use"):
+    if not sep or not fix.split(" ", 1)[0] in FIX_VERBS:
         what, fix = text, DEBUG_HINT
     return DataError(f"{where}{what}", fix)

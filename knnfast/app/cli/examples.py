@@ -15,6 +15,8 @@ A causal LM works the same way, with one text per corpus line.""",
     "build-index": """examples:
   knnfast build-index ds/postgres                      # Flat below 1M entries, IVF4096,PQ64 above
   knnfast build-index ds/postgres --factory IVF64,Flat --train-size 20000 --nprobe 8""",
+    "verify": """examples:
+  knnfast verify ds/postgres          # exit 0: intact; 3: names every bad file and block""",
     "eval-ppl": f"""examples:
   knnfast eval-ppl {_MD} --corpus {CORPUS}/in_test.tsv --k 16 --temperature 10 --lam 0.5
   knnfast eval-ppl {_MD} --corpus {CORPUS}/in_test.tsv --k 16 --index   # after build-index""",

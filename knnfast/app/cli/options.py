@@ -142,6 +142,11 @@ def build_index_args(p: argparse.ArgumentParser) -> None:
            help="where FAISS trains and adds (auto: a GPU when faiss has one)")
 
 
+def verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a datastore, sharded datastore or kNN-KD teacher store "
+                   "directory")
+
+
 def eval_ppl_args(p: argparse.ArgumentParser) -> None:
     _model_data(p, CORPUS_HELP)
     _batch_limit(p, 8)

@@ -16,10 +16,14 @@ from typing import Callable
 
 import sacrebleu
 import torch
+from safetensors import SafetensorError
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import MarianConfig, MarianMTModel
 
+from ...storage.building import acquire_build_lock
+from ...storage.checkpoint import load_checkpoint, save_checkpoint
+from ...storage.files import os_error
 from ..corpus import DemoSplit, TextCodec
 
 Log = Callable[[str], None]
@@ -119,19 +123,25 @@ def _inverse_sqrt(warmup_steps: int) -> Callable[[int], float]:
 def save_atomic(write: Callable[[Path], None], target: Path) -> None:
     """Write a file or directory via ``write(tmp_path)`` next to ``target``, then move it into
     place with os.replace, so ``target`` is either the old or the complete new version.
-    Leftovers of an earlier interrupted save are removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in target.parent.glob(f".{target.name}.tmp*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    Leftovers of an earlier interrupted save are removed. A failed write (disk full, a
+    read-only directory) is a DatastoreError naming ``target``; the old version stays."""
+    tmp_dir = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(f".{target.name}.tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
         tmp = tmp_dir / target.name
         write(tmp)
         if target.is_dir():
             os.replace(target, tmp_dir / "stale")  # a non-empty directory cannot be replaced
         os.replace(tmp, target)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        raise os_error("knnfast demo", "save", str(target), e, "free disk space or make the "
+                       "directory writable, then rerun (the previous version is kept)") from None
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 class _TrainingRun:
@@ -152,14 +162,13 @@ class _TrainingRun:
         ckpt = {"hash": self.key, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "rng": torch.get_rng_state(), "state": self.state}
-        save_atomic(lambda tmp: torch.save(ckpt, tmp), path)
+        save_checkpoint(ckpt, path, "knnfast demo")
 
     def restore(self, path: Path) -> bool:
-        """Continue from the checkpoint at ``path`` if it belongs to this run (same key)."""
-        if not path.exists():
-            return False
-        ckpt = torch.load(path, weights_only=False)
-        if ckpt.get("hash") != self.key:
+        """Continue from the checkpoint at ``path`` if it belongs to this run (same key); a
+        damaged one is a DatastoreError naming it."""
+        ckpt = load_checkpoint(path, "knnfast demo", "training restarts from update 0")
+        if not isinstance(ckpt, dict) or ckpt.get("hash") != self.key:
             return False
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -244,8 +253,7 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     cache_dir = Path(cache_dir)
     final_dir, ckpt_path = cache_dir / "base_model", cache_dir / "base_model.ckpt"
     key = _cache_key(split, codec, config, seed)
-    meta_path = final_dir / "train_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = _cached_meta(final_dir / "train_meta.json", log)
     if meta.get("hash") == key and not retrain:
         log(f"warning: base model reused from the cache {final_dir} (trained {meta['steps']} "
             f"updates in {meta['train_seconds']:.0f} s, "
@@ -256,12 +264,34 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
 
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads or caller_threads)
+    lock = acquire_build_lock(final_dir, "knnfast demo")  # one trainer per cache
     try:
         run = _train(split, codec, config, seed, key, ckpt_path, log)
+        _save_model(run, codec, key, final_dir)
     finally:
+        os.close(lock)
         torch.set_num_threads(caller_threads)
+    ckpt_path.unlink(missing_ok=True)
+    log(f"base model: saved to {final_dir}")
+    return run.model
+
+
+def _cached_meta(path: Path, log: Log) -> dict:
+    """train_meta.json of the cached model ({} when there is none, or it is unreadable: a
+    damaged cache is trained again, never trusted)."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log(f"warning: {path} is unreadable ({e}); the base model is trained again")
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _save_model(run: _TrainingRun, codec: TextCodec, key: str, final_dir: Path) -> None:
     state = run.state
-    meta = {"hash": key, "config": dataclasses.asdict(config), "seed": seed,
+    meta = {"hash": key, "config": dataclasses.asdict(run.config), "seed": run.seed,
             "steps": state["step"],
             "train_seconds": state["elapsed_s"], "target_tokens": state["tokens"],
             "parameters": sum(p.numel() for p in run.model.parameters())}
@@ -271,9 +301,6 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
         codec.save(path / "tokenizer.json")
         (path / "train_meta.json").write_text(json.dumps(meta, indent=2))
     save_atomic(write, final_dir)
-    ckpt_path.unlink(missing_ok=True)
-    log(f"base model: saved to {final_dir}")
-    return run.model
 
 
 def _train(split: DemoSplit, codec: TextCodec, config: BaseModelConfig, seed: int, key: str,

@@ -3,6 +3,7 @@ knowledge, with the datastore re-encoded every epoch. HF models only (through
 ``knnfast.integrations.hf``, imported when the loop runs)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -10,8 +11,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ...storage import Datastore
+from ...storage import Datastore, DatastoreError
 from ...storage import index as faiss_index
+from ...storage.building import acquire_build_lock
+from ...storage.checkpoint import load_checkpoint, save_checkpoint
+from ...storage.files import check_store_path, os_error
 from .adapters import ADAPTERS_ATTR, add_adapters
 from .loss import ink_loss
 
@@ -70,7 +74,9 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     capture of ``examples``, the ``hidden`` state), then for every training batch retrieves the k
     nearest entries of each position with its own entry excluded and minimizes ink_loss with
     only the adapters trainable. A checkpoint (adapters, optimizer, epoch) is written after
-    each epoch to ``workdir/ink_ckpt.pt``; calling again with more epochs resumes there.
+    each epoch to ``workdir/ink_ckpt.pt`` (atomically, with a CRC-32: a damaged checkpoint is
+    a DatastoreError naming it); calling again with more epochs resumes there. One run per
+    ``workdir`` at a time (a lock; a second run fails at once).
     With ``index_factory`` (e.g. "IVF1024,PQ32") retrieval goes through FAISS (exact scores
     of the candidates): the quantizers are trained once, on the first epoch's keys, and reused
     for every refreshed datastore (INK's released code does the same). Returns a per-epoch log.
@@ -92,46 +98,62 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
         raise ValueError("train_ink: hidden must be the input of the output projection ('ffn' "
                          "or its module path), got 'att' (ink_loss multiplies it by the "
                          "output weight)")
-    os.makedirs(workdir, exist_ok=True)
-    if not hasattr(model, ADAPTERS_ATTR):
-        add_adapters(model, size=adapter_size, dropout=dropout)
-    adapters = getattr(model, ADAPTERS_ATTR)
-    opt = torch.optim.Adam(adapters.parameters(), lr=lr)
-    ckpt_path = os.path.join(workdir, "ink_ckpt.pt")
-    history, start = _resume(ckpt_path, adapters, opt, log)
-    order = hf.length_order(examples)
-    entries = _EntryIds(examples, order)
-    settings = _Settings(k, alpha, beta, variant, exact=not index_factory, hidden=hidden)
-    if initial_datastore is not None and len(initial_datastore) != entries.total:
-        raise ValueError(f"train_ink: initial_datastore has {len(initial_datastore)} entries, "
-                         f"the examples have {entries.total} target positions")
-    ds = None
-    for epoch in range(start, epochs):
-        model.eval()
-        if refresh or ds is None:
-            if initial_datastore is not None and (epoch == 0 or not refresh):
-                # an own handle: the index attached below stays off the caller's object
-                ds = _own_handle(initial_datastore)
-            else:
-                ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"),
-                                      hidden, reuse=not refresh and epoch > 0)
-            if index_factory:
-                _refresh_index(ds, index_factory, nprobe,
-                               os.path.join(workdir, "ink_index.faiss"))
-        gen = torch.Generator().manual_seed(seed + epoch)
-        batches = [list(range(s, min(s + batch_size, len(order))))
-                   for s in range(0, len(order), batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        entry = _train_epoch(model, [[examples[order[s]] for s in b] for b in batches],
-                             [entries.of(b) for b in batches], ds, opt, settings,
-                             f"INK epoch {epoch + 1}", progress)
-        entry["epoch"] = epoch + 1
-        entry["refreshed"] = bool(refresh or epoch == 0)
-        history.append(entry)
-        log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align {entry['align']:.4f}, "
-            f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
-        _save(ckpt_path, adapters, opt, epoch + 1, history)
-    return history
+    with _locked_workdir(workdir):
+        if not hasattr(model, ADAPTERS_ATTR):
+            add_adapters(model, size=adapter_size, dropout=dropout)
+        adapters = getattr(model, ADAPTERS_ATTR)
+        opt = torch.optim.Adam(adapters.parameters(), lr=lr)
+        ckpt_path = os.path.join(workdir, "ink_ckpt.pt")
+        history, start = _resume(ckpt_path, adapters, opt, log)
+        order = hf.length_order(examples)
+        entries = _EntryIds(examples, order)
+        settings = _Settings(k, alpha, beta, variant, exact=not index_factory, hidden=hidden)
+        if initial_datastore is not None and len(initial_datastore) != entries.total:
+            raise ValueError(f"train_ink: initial_datastore has {len(initial_datastore)} "
+                             f"entries, the examples have {entries.total} target positions")
+        ds = None
+        for epoch in range(start, epochs):
+            model.eval()
+            if refresh or ds is None:
+                if initial_datastore is not None and (epoch == 0 or not refresh):
+                    # an own handle: the index attached below stays off the caller's object
+                    ds = _own_handle(initial_datastore)
+                else:
+                    ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"),
+                                          hidden, reuse=not refresh and epoch > 0)
+                if index_factory:
+                    _refresh_index(ds, index_factory, nprobe,
+                                   os.path.join(workdir, "ink_index.faiss"))
+            gen = torch.Generator().manual_seed(seed + epoch)
+            batches = [list(range(s, min(s + batch_size, len(order))))
+                       for s in range(0, len(order), batch_size)]
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+            entry = _train_epoch(model, [[examples[order[s]] for s in b] for b in batches],
+                                 [entries.of(b) for b in batches], ds, opt, settings,
+                                 f"INK epoch {epoch + 1}", progress)
+            entry["epoch"] = epoch + 1
+            entry["refreshed"] = bool(refresh or epoch == 0)
+            history.append(entry)
+            log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align {entry['align']:.4f}, "
+                f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
+            _save(ckpt_path, adapters, opt, epoch + 1, history)
+        return history
+
+
+@contextlib.contextmanager
+def _locked_workdir(workdir: str):
+    """Create ``workdir`` and hold its lock for the run (a second run there fails at once)."""
+    check_store_path(workdir, "train_ink")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise os_error("train_ink", "create the work directory", workdir, e,
+                       "make its parent writable or use another workdir") from None
+    lock = acquire_build_lock(workdir, "train_ink")
+    try:
+        yield
+    finally:
+        os.close(lock)
 
 
 def _own_handle(ds: Datastore) -> Datastore:
@@ -194,9 +216,13 @@ def _ink_step(model: nn.Module, batch: list, ids: torch.Tensor, ds: Datastore,
 def _resume(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer,
             log: Callable[[str], None]):
     """(history, epochs done) of an earlier run's checkpoint, restored into adapters + opt."""
-    if not os.path.exists(ckpt_path):
+    state = load_checkpoint(ckpt_path, "train_ink", "training restarts from epoch 0")
+    if state is None:
         return [], 0
-    state = torch.load(ckpt_path, weights_only=False)
+    if not isinstance(state, dict) or not {"adapters", "optimizer", "epoch",
+                                            "history"} <= set(state):
+        raise DatastoreError(f"train_ink: checkpoint {ckpt_path} is not an INK checkpoint; "
+                             f"delete it (training restarts from epoch 0)")
     adapters.load_state_dict(state["adapters"])
     opt.load_state_dict(state["optimizer"])
     log(f"INK: resuming after epoch {state['epoch']}")
@@ -205,10 +231,8 @@ def _resume(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer,
 
 def _save(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer, epoch: int,
           history: list) -> None:
-    tmp = ckpt_path + ".tmp"
-    torch.save({"adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
-                "epoch": epoch, "history": history}, tmp)
-    os.replace(tmp, ckpt_path)
+    save_checkpoint({"adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
+                     "epoch": epoch, "history": history}, ckpt_path, "train_ink")
 
 
 def _refresh_index(ds: Datastore, factory: str, nprobe: int, template_path: str) -> None:

@@ -651,6 +651,48 @@ def section_ink_refresh(rows, targets):
             "corpus; knnfast share = (refresh − forward) / refresh.\n\n" + table(hdr, out))
 
 
+def section_scaleout(rows):
+    """Issue 16: what the ranks measured themselves (extra_info), 1 vs 2 ranks."""
+    search = {r.impl: r for r in rows if r.op == "distributed_search"}
+    build = {r.impl: r for r in rows if r.op == "distributed_build"}
+    if not search and not build:
+        return None
+    out = ["## Scale-out over torch.distributed (issue 16)", "",
+           "gloo on 127.0.0.1, one CPU thread per rank, ranks forked by the benchmark; each rank "
+           "times itself (minimum over repetitions) and rank 0's figures are shown. World 1 "
+           "holds both shards of the datastore, world 2 one each.", ""]
+    if search:
+        any_row = next(iter(search.values()))
+        n, d = any_row.shape.get("N"), any_row.shape.get("D")
+        out.append(f"Exact search over N = {fmt_int(n)} fp16 keys, D = {d} "
+                   "(search = local fused search + the one all_gather of [3, B, k] int64):")
+        out.append("")
+        hdr = ["B, k", "search ms, 1 rank", "search ms, 2 ranks", "speed-up",
+               "all_gather ms (2 ranks)", "all_gather share"]
+        one, two = search.get("world1"), search.get("world2")
+        cells = []
+        for key in sorted((one or two).info["rank_ms"], key=lambda s: tuple(map(int, s.split(",")))):
+            a = one.info["rank_ms"][key]["search_ms"] if one else None
+            b2 = two.info["rank_ms"].get(key, {}) if two else {}
+            b, g = b2.get("search_ms"), b2.get("all_gather_ms")
+            cells.append((key.replace(",", ", "), fmt_ms(a / 1e3) if a else "—",
+                          fmt_ms(b / 1e3) if b else "—", fmt_ratio(ratio(a, b)),
+                          fmt_ms(g / 1e3) if g is not None else "—",
+                          f"{100 * g / b:.1f}%" if g is not None and b else "—"))
+        out += [table(hdr, cells), ""]
+    if build:
+        any_row = next(iter(build.values()))
+        sh = any_row.shape
+        out.append(f"`hf.build_datastore` of a random GPT-2 (D = {sh.get('D')}) over "
+                   f"{fmt_int(sh.get('sentences'))} sentences of {sh.get('length')} tokens:")
+        out.append("")
+        cells = [(w.replace("world", ""), fmt_int(r.info.get("entries")),
+                  f"{r.info.get('seconds', 0):.2f}", fmt_int(round(r.info.get("entries_per_s", 0))))
+                 for w, r in sorted(build.items())]
+        out += [table(["ranks", "entries", "seconds", "entries/s"], cells), ""]
+    return "\n".join(out)
+
+
 def render(json_paths):
     if isinstance(json_paths, (str, Path)):
         json_paths = [json_paths]
@@ -679,6 +721,7 @@ def render(json_paths):
         section_kd_training(rows, targets),
         section_ink_loss(rows, targets),
         section_ink_refresh(rows, targets),
+        section_scaleout(rows),
         section_cuda(rows),
         ptxas_section(),
     ]
@@ -724,13 +767,53 @@ def kept_sections(path: Path) -> str:
     return "" if at < 0 else "\n" + text[at:]
 
 
+# Suites measured on their own (another day or machine than the main tables): their section
+# is appended after the marker, with the run's machine and date, replacing an older one.
+APPENDABLE = {"scaleout": section_scaleout}
+
+
+def appended_section(name, json_paths):
+    """``## ...`` of suite ``name`` from its own run, headed by that run's CPU and date."""
+    data, rows, _ = load(json_paths)
+    text = APPENDABLE[name](rows)
+    if text is None:
+        raise SystemExit(f"write_results: no {name} rows in {', '.join(map(str, json_paths))}")
+    info = (data.get("machine_info") or {}).get("knnfast") or {}
+    title, _, rest = text.partition("\n")
+    where = (f"Measured {data.get('datetime', '?')[:16].replace('T', ' ')} UTC on "
+             f"{info.get('cpu_model', '?')} ({info.get('cpu_count', '?')} cores, "
+             f"{', '.join(info.get('cpu_flags', []))}), torch {info.get('torch_version', '?')}; "
+             f"`python -m pytest benchmarks/bench_{name.replace('scaleout', 'distributed')}.py "
+             f"--benchmark-json J && python benchmarks/write_results.py --appended {name} J`.")
+    return f"{APPENDED} write_results.py --appended {name} -->\n{title}\n\n{where}\n{rest}\n"
+
+
+def replace_appended(report: str, name: str, section: str) -> str:
+    """``report`` with the appended section ``name`` replaced (or added at the end)."""
+    marker = f"{APPENDED} write_results.py --appended {name} -->"
+    at = report.find(marker)
+    if at < 0:
+        return report.rstrip("\n") + "\n\n" + section
+    end = report.find(APPENDED, at + len(marker))
+    return report[:at] + section + ("\n" + report[end:] if end >= 0 else "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+",
                    help="pytest-benchmark JSON file(s) (--benchmark-json output); later files override "
                         "earlier ones for the same benchmark")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to write (default: %(default)s)")
+    p.add_argument("--appended", choices=sorted(APPENDABLE),
+                   help="only (re)write this suite's appended section, from its own run")
     args = p.parse_args(argv)
+    if args.appended:
+        out = Path(args.out)
+        md = replace_appended(out.read_text() if out.exists() else "", args.appended,
+                              appended_section(args.appended, args.json))
+        out.write_text(md)
+        print(f"wrote the {args.appended} section of {args.out}")
+        return 0
     md = render(args.json) + kept_sections(Path(args.out))
     Path(args.out).write_text(md)
     print(f"wrote {args.out}")

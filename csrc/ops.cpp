@@ -46,6 +46,20 @@ TORCH_LIBRARY(knnfast, m) {
         "Tensor teacher_tokens, Tensor? teacher_scores, Tensor? teacher_probs, "
         "Tensor temperature, float ce_weight, float kd_weight, float label_smoothing, "
         "int ignore_index) -> ()");
+  // knn_kd_loss of logits = hidden [T, D] . weight [V, D]^T (+ bias [V]) without the [T, V]
+  // logits: vocabulary chunks of `chunk` columns (0: auto), online log-sum-exp. teacher_*
+  // [T, k] (k = 0: plain CE). -> (per-row loss [T], log-sum-exp [T] for the backward), float32
+  m.def("knn_kd_linear_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+        "Tensor teacher_tokens, Tensor? teacher_scores, Tensor? teacher_probs, "
+        "Tensor temperature, float ce_weight, float kd_weight, float label_smoothing, "
+        "int ignore_index, bool kl, int chunk=0) -> (Tensor, Tensor)");
+  // grad_rows [T], the forward's lse [T] -> (grad_hidden [T, D], grad_weight [V, D],
+  // grad_bias [V]) in the dtypes of hidden, weight, bias (weight's when bias is None)
+  m.def("knn_kd_linear_loss_backward(Tensor grad_rows, Tensor hidden, Tensor weight, "
+        "Tensor? bias, Tensor targets, Tensor teacher_tokens, Tensor? teacher_scores, "
+        "Tensor? teacher_probs, Tensor temperature, Tensor lse, float ce_weight, "
+        "float kd_weight, float label_smoothing, int ignore_index, int chunk=0) "
+        "-> (Tensor, Tensor, Tensor)");
   // tokens [B, k] -> counts [B, k] int64
   m.def("label_counts(Tensor tokens) -> Tensor");
   m.def("build_info() -> str", &knnfast::build_info);

@@ -40,6 +40,9 @@ def base_call(op):
         return [tokens], {}
     if op == "knn_kd_loss":
         return [logits, targets, tokens, scores], {}
+    if op == "knn_kd_linear_loss":
+        return [torch.randn(B, D, generator=g), torch.randn(V, D, generator=g), targets, tokens,
+                scores], {"bias": torch.randn(V, generator=g)}
     raise KeyError(op)
 
 
@@ -194,6 +197,28 @@ CASES += [
     ("knn_kd_loss", "logits NaN", edit(0, lambda a: a[0].index_fill(1, torch.tensor([2]), NAN)), "logits"),
     ("knn_kd_loss", "logits float64", edit(0, lambda a: a[0].double()), None),
 ]
+_LIN = "knn_kd_linear_loss"
+CASES += [
+    (_LIN, "valid", edit("reduction", "none"), None),
+    (_LIN, "no bias", edit("bias", None), None),
+    (_LIN, "no teacher", lambda a, kw: (a.pop(4), a.pop(3)), None),
+    (_LIN, "teacher_probs", lambda a, kw: (a.pop(4), kw.update(teacher_probs=torch.rand(B, K))), None),
+    (_LIN, "scores without tokens", lambda a, kw: (a.pop(3), a.pop(3), kw.update(teacher_scores=torch.rand(B, K))), "teacher_tokens"),
+    (_LIN, "bf16", lambda a, kw: (a.__setitem__(0, a[0].bfloat16()), a.__setitem__(1, a[1].bfloat16())), None),
+    (_LIN, "weight D", edit(1, lambda a: torch.randn(V, D + 1)), "weight"),
+    (_LIN, "weight 1-D", edit(1, lambda a: torch.randn(V)), "weight"),
+    (_LIN, "bias shape", edit("bias", torch.randn(V + 1)), "bias"),
+    (_LIN, "hidden T=0", lambda a, kw: (a.__setitem__(0, torch.randn(0, D)), a.__setitem__(2, a[2][:0]), a.__setitem__(3, a[3][:0]), a.__setitem__(4, a[4][:0])), "hidden"),
+    (_LIN, "hidden int", edit(0, lambda a: a[0].long()), "hidden"),
+    (_LIN, "hidden NaN", edit(0, lambda a: a[0].index_fill(1, torch.tensor([2]), NAN)), "logits"),
+    (_LIN, "teacher_tokens >= V", edit(3, lambda a: a[3].clone().fill_(V)), "teacher_tokens"),
+    (_LIN, "teacher_scores shape", edit(4, torch.randn(B, K + 1)), "teacher_scores"),
+    (_LIN, "targets >= V", edit(2, torch.tensor([1, V, 0])), "targets"),
+    (_LIN, "chunk -1", edit("chunk", -1), "chunk"),
+    (_LIN, "chunk 3", edit("chunk", 3), None),
+    (_LIN, "kd kl", edit("kd", "kl"), None),
+    (_LIN, "label_smoothing 1", edit("label_smoothing", 1.0), "label_smoothing"),
+]
 
 
 def outcome(fn, a, kw):
@@ -227,7 +252,7 @@ META_CASES = ("queries 1-D", "queries int", "keys D", "keys N=0", "norms shape",
               "exclude float", "indices rows", "indices float", "tokens float", "tokens rows",
               "scores int", "scores k", "temperature [B+1]", "lam [2]", "logits int",
               "logits 1-D", "targets rows", "targets float", "teacher_scores shape", "float",
-              "1-D")
+              "1-D", "weight D", "weight 1-D", "bias shape", "hidden T=0")
 
 
 def to_meta(x):

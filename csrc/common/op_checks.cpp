@@ -5,6 +5,8 @@
 #include "common/plans.h"
 #include "common/torch_checks.h"
 
+#include <utility>
+
 namespace knnfast {
 namespace {
 
@@ -93,6 +95,40 @@ void check_vector_arg(const at::Tensor& t, int64_t size, const at::Device& devic
   check_same_device(t, device, op, name);
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape [",
                     size, "], got ", t.sizes());
+}
+
+// The kNN-KD loss weights: ce_weight, kd_weight finite >= 0, label_smoothing in [0, 1).
+void check_kd_weights(double ce_weight, double kd_weight, double label_smoothing,
+                      const char* op) {
+  TORCH_CHECK_VALUE(ce_weight >= 0 && ce_weight < INFINITY, op,
+                    ": ce_weight must be a finite number >= 0, got ", ce_weight);
+  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight < INFINITY, op,
+                    ": kd_weight must be a finite number >= 0, got ", kd_weight);
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, op,
+                    ": label_smoothing must be in [0, 1), got ", label_smoothing);
+}
+
+// hidden [T, D] (T > 0), weight [V, D] (V > 0), bias [V]: floating, on one device.
+void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, Backend backend, const char* op) {
+  check_on_backend(hidden, backend, op, "hidden");
+  check_same_device(weight, hidden.device(), op, "weight");
+  check_dim(hidden, 2, op, "hidden");
+  check_dim(weight, 2, op, "weight");
+  for (const auto& [t, name] : {std::pair{&hidden, "hidden"}, std::pair{&weight, "weight"}})
+    TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), op, ": ", name,
+                      " must be a floating-point tensor, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(hidden.size(0) > 0, op, ": hidden must have at least one row (T = 0)");
+  TORCH_CHECK_VALUE(weight.size(0) > 0 && weight.size(1) == hidden.size(1), op,
+                    ": weight must have shape [V, ", hidden.size(1), "] with V > 0 (D of hidden ",
+                    hidden.sizes(), "), got ", weight.sizes());
+  if (!bias.has_value()) return;
+  check_same_device(*bias, hidden.device(), op, "bias");
+  TORCH_CHECK_VALUE(at::isFloatingType(bias->scalar_type()), op,
+                    ": bias must be a floating-point tensor, got ", bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                    ": bias must have shape [", weight.size(0), "] (V rows of weight), got ",
+                    bias->sizes());
 }
 
 }  // namespace
@@ -198,18 +234,34 @@ void check_knn_kd_loss_args(const at::Tensor& logits, const at::Tensor& targets,
                             Backend backend) {
   constexpr const char* op = "knn_kd_loss";
   check_logits_arg(logits, backend, op);
-  TORCH_CHECK_VALUE(ce_weight >= 0 && ce_weight < INFINITY, op,
-                    ": ce_weight must be a finite number >= 0, got ", ce_weight);
-  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight < INFINITY, op,
-                    ": kd_weight must be a finite number >= 0, got ", kd_weight);
-  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing < 1, op,
-                    ": label_smoothing must be in [0, 1), got ", label_smoothing);
+  check_kd_weights(ce_weight, kd_weight, label_smoothing, op);
   const int64_t B = logits.size(0);
   check_targets_arg(targets, B, logits.device(), op);
   check_neighbour_args(teacher_tokens, teacher_scores, teacher_probs, temperature, B,
                        logits.device(), op, kTeacherNames);
   if (grad_rows)  // the backward's incoming gradient, one number per row
     check_vector_arg(*grad_rows, B, logits.device(), "knn_kd_loss_backward", "grad");
+}
+
+void check_knn_kd_linear_loss_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const at::Tensor& targets, const at::Tensor& teacher_tokens,
+                                   const c10::optional<at::Tensor>& teacher_scores,
+                                   const c10::optional<at::Tensor>& teacher_probs,
+                                   const at::Tensor& temperature, double ce_weight,
+                                   double kd_weight, double label_smoothing, int64_t chunk,
+                                   const at::Tensor* grad_rows, const at::Tensor* lse,
+                                   Backend backend) {
+  constexpr const char* op = "knn_kd_linear_loss";
+  check_linear_args(hidden, weight, bias, backend, op);
+  check_kd_weights(ce_weight, kd_weight, label_smoothing, op);
+  TORCH_CHECK_VALUE(chunk >= 0, op, ": chunk must be >= 0 (0: automatic), got ", chunk);
+  const int64_t T = hidden.size(0);
+  check_targets_arg(targets, T, hidden.device(), op);
+  check_neighbour_args(teacher_tokens, teacher_scores, teacher_probs, temperature, T,
+                       hidden.device(), op, kTeacherNames);
+  if (grad_rows) check_vector_arg(*grad_rows, T, hidden.device(), op, "grad");
+  if (lse) check_vector_arg(*lse, T, hidden.device(), op, "lse");
 }
 
 void check_label_counts_args(const at::Tensor& tokens, Backend backend) {

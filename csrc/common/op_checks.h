@@ -79,6 +79,20 @@ void check_knn_kd_loss_args(const at::Tensor& logits, const at::Tensor& targets,
                             const at::Tensor& temperature, double ce_weight, double kd_weight,
                             double label_smoothing, const at::Tensor* grad_rows, Backend backend);
 
+// knn_kd_linear_loss (and its backward): hidden [T, D] float with T > 0, weight [V, D] float
+// with V > 0, bias (or none) [V] float, targets [T], teacher as knn_kd_loss with T rows
+// (k may be 0), the loss weights as knn_kd_loss, chunk >= 0. Backward: grad_rows and lse
+// [T] (or null).
+void check_knn_kd_linear_loss_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const at::Tensor& targets, const at::Tensor& teacher_tokens,
+                                   const c10::optional<at::Tensor>& teacher_scores,
+                                   const c10::optional<at::Tensor>& teacher_probs,
+                                   const at::Tensor& temperature, double ce_weight,
+                                   double kd_weight, double label_smoothing, int64_t chunk,
+                                   const at::Tensor* grad_rows, const at::Tensor* lse,
+                                   Backend backend);
+
 // label_counts: tokens [B, k] integer.
 void check_label_counts_args(const at::Tensor& tokens, Backend backend);
 

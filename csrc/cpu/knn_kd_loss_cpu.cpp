@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/cpu_utils.h"
+#include "cpu/kd_teacher.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
@@ -46,34 +47,6 @@ KdInputs kd_inputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
   in.targets = checked_targets(targets_in, in.V, ignore_index, kOp);
   in.teacher = neighbour_inputs(tokens, scores, probs, temperature, in.V, kOp, kTeacherNames);
   return in;
-}
-
-// sum_v P_v log P_v over the teacher's distinct tokens (duplicate slots merged by sorting).
-float teacher_neg_entropy(const int64_t* tokens, const float* log_w, int64_t k,
-                          std::vector<std::pair<int64_t, float>>& pairs) {
-  pairs.clear();
-  for (int64_t j = 0; j < k; ++j)
-    if (tokens[j] >= 0 && log_w[j] > -INFINITY) pairs.emplace_back(tokens[j], std::exp(log_w[j]));
-  std::sort(pairs.begin(), pairs.end());
-  float acc = 0.0f;
-  for (size_t i = 0; i < pairs.size();) {
-    float mass = 0.0f;
-    const int64_t tok = pairs[i].first;
-    for (; i < pairs.size() && pairs[i].first == tok; ++i) mass += pairs[i].second;
-    if (mass > 0.0f) acc += mass * std::log(mass);
-  }
-  return acc;
-}
-
-// sum of the valid slots' weights: the teacher mass M that d KD / d logits = M softmax - P
-// scales the softmax by. 1 for scores; teacher_probs are used as given, so mass on padded
-// (-1) slots or an unnormalised row makes it differ from 1.
-float valid_mass(const int64_t* tokens, const float* log_w, int64_t k, bool has) {
-  if (!has) return 0.0f;
-  float mass = 0.0f;
-  for (int64_t j = 0; j < k; ++j)
-    if (tokens[j] >= 0 && log_w[j] > -INFINITY) mass += std::exp(log_w[j]);
-  return mass;
 }
 
 }  // namespace

@@ -3,28 +3,18 @@
 //   KD   = -sum_j w_j log p(t_j)   [+ sum_v P_v log P_v for KL].
 // Forward: one read of the row (online log-sum-exp, plus the row sum when eps > 0), then warp
 // 0 gathers the k teacher logits; every reduction has a fixed order (deterministic).
-// Backward: one pass writes g [(ce + kd M) softmax - ce eps / V] (M: the valid teacher mass);
-// after a block barrier, thread 0 subtracts the target and teacher terms in slot order (no atomics).
+// Backward: one pass writes g [(ce + kd M) softmax - ce eps / V] (M: the valid teacher mass,
+// cuda/kd_rows.cuh); after a block barrier, thread 0 subtracts the target and teacher terms in
+// slot order (no atomics).
 #include "cuda/knn_kd_loss.h"
 #include "cuda/launch_utils.cuh"
+#include "cuda/kd_rows.cuh"
 #include "cuda/neighbour_weights.cuh"
 #include "cuda/row_logsumexp.cuh"
 #include "cuda/vec_load.cuh"
 
 namespace knnfast::cuda {
 namespace {
-
-// Sum over the block; the result is valid in thread 0.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  __syncthreads();  // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  const int warps = (blockDim.x + kWarp - 1) / kWarp;
-  v = threadIdx.x < warps ? scratch[threadIdx.x] : 0.0f;
-  return warp == 0 ? warp_sum(v) : 0.0f;
-}
 
 template <typename T, int VEC>
 __device__ __forceinline__ float block_row_sum(const T* x, int64_t V, float* scratch) {
@@ -36,36 +26,6 @@ __device__ __forceinline__ float block_row_sum(const T* x, int64_t V, float* scr
     for (int e = 0; e < VEC; ++e) s += v[e];
   }
   return block_sum(s, scratch);
-}
-
-// Target check shared by both kernels: false (and 0 written by the caller) when the row is
-// ignored or its target is out of range (reported).
-__device__ __forceinline__ bool live_target(int64_t y, int64_t V, int64_t ignore_index, int64_t r,
-                                            unsigned long long* status) {
-  if (y == ignore_index) return false;
-  if (valid_target(y, V, ignore_index)) return true;
-  if (threadIdx.x == 0) report(status, kBadTarget, r);
-  return false;
-}
-
-// The valid teacher mass M of row r (sum of the valid slots' weights; 0 without a teacher),
-// returned to every thread: d KD / d logits = M softmax - P. 1 for scores; teacher_probs are
-// used as given, so mass on padded (-1) slots or an unnormalised row makes it differ from 1.
-// Every thread of the block must call it.
-__device__ __forceinline__ float teacher_mass(const NeighbourArgs& nb, int64_t r,
-                                              const NeighbourRow& row, float* scratch) {
-  if (!row.any) return 0.0f;
-  if (nb.scores) return 1.0f;
-  float m = 0.0f;
-  for (int64_t j = threadIdx.x; j < nb.k; j += blockDim.x) {
-    const float lw = slot_log_weight(nb, r, j, row);
-    if (lw != -INFINITY) m += expf(lw);
-  }
-  m = block_sum(m, scratch);
-  __syncthreads();  // every thread has read scratch inside block_sum
-  if (threadIdx.x == 0) scratch[0] = m;
-  __syncthreads();
-  return scratch[0];
 }
 
 template <typename T, int VEC>

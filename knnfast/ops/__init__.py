@@ -18,6 +18,7 @@ from .knn_interpolate import knn_interpolate
 from .knn_gold_logprob import knn_gold_logprob
 from .label_counts import label_counts
 from .knn_kd_loss import knn_kd_loss
+from .knn_kd_linear_loss import knn_kd_linear_loss
 
 __all__ = [
     "build_info",
@@ -29,4 +30,5 @@ __all__ = [
     "knn_gold_logprob",
     "label_counts",
     "knn_kd_loss",
+    "knn_kd_linear_loss",
 ]

@@ -188,6 +188,26 @@ def check_targets_meta(op: str, targets: Tensor, rows: int) -> None:
          lambda: f"targets must have shape [{rows}], got {list(targets.shape)}")
 
 
+def check_linear_meta(op: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """hidden [T, D] with T > 0, weight [V, D] with V > 0, bias [V] or None: floating, on one
+    device (the output layer of the fused linear losses)."""
+    check_dim(op, "hidden", hidden, 2)
+    check_dim(op, "weight", weight, 2)
+    check_same_device(op, hidden, weight=weight, bias=bias)
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            need(t.is_floating_point(), op,
+                 lambda: f"{name} must be a floating-point tensor, got {t.dtype}")
+    need(hidden.shape[0] > 0, op, "hidden must have at least one row (T = 0)")
+    need(weight.shape[0] > 0 and weight.shape[1] == hidden.shape[1], op,
+         lambda: f"weight must have shape [V, {hidden.shape[1]}] with V > 0 (D of hidden "
+                 f"{list(hidden.shape)}), got {list(weight.shape)}")
+    if bias is not None:
+        need(bias.dim() == 1 and bias.shape[0] == weight.shape[0], op,
+             lambda: f"bias must have shape [{weight.shape[0]}] (V rows of weight), "
+                     f"got {list(bias.shape)}")
+
+
 def check_search_meta(op: str, queries: Tensor, keys: Tensor, k: int,
                       key_sq_norms: Optional[Tensor], exclude: Optional[Tensor]) -> None:
     check_float_input(op, "queries", queries)

@@ -38,7 +38,7 @@ Choices where the contract is silent (the kernels match them):
 """
 from ..ops import __all__ as ops_all
 from .common import COS_EPS
-from .losses import ink_loss, knn_kd_loss
+from .losses import ink_loss, knn_kd_linear_loss, knn_kd_loss
 from .probs import knn_gold_logprob, knn_interpolate, knn_probs, knn_probs_sparse, label_counts
 from .search import KEY_TILE, knn_rescore, knn_search
 

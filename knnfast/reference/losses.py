@@ -6,11 +6,13 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..defaults import OPS as DEFAULTS
 from ..ops import args
 from ..ops.knn_kd_loss import TEACHER_NAMES, reduce_rows
-from .common import COS_EPS, NEG_INF, checked_logits, checked_neighbours, checked_targets
+from .common import (COS_EPS, NEG_INF, checked_logits, checked_neighbours, checked_targets,
+                     first_occurrence)
 
 
 def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
@@ -53,6 +55,106 @@ def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
         kd_row = kd_row + torch.xlogy(p_teacher, p_teacher).sum(dim=1)
     loss = (ce_weight * ce + kd_weight * kd_row).masked_fill(ignored, 0.0)
     return reduce_rows(loss, targets, ignore_index, reduction)
+
+
+#: knn_kd_linear_loss's automatic chunk: a [T, C] tile of at most this many elements (the
+#: kernels' rule, csrc/cpu/knn_kd_linear_loss_cpu.cpp), and never fewer than 128 columns.
+LINEAR_TILE = 1 << 22
+
+
+def knn_kd_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
+                       teacher_tokens: Optional[Tensor] = None,
+                       teacher_scores: Optional[Tensor] = None, *,
+                       teacher_probs: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                       temperature: args.RowScalar = DEFAULTS.temperature,
+                       ce_weight: float = 1.0, kd_weight: float = 1.0,
+                       label_smoothing: float = 0.0, ignore_index: int = -100,
+                       reduction: str = "mean", kd: str = "ce", chunk: int = 0) -> Tensor:
+    """knn_kd_loss(F.linear(hidden, weight, bias), ...) in vocabulary chunks, pure PyTorch.
+
+    Each chunk's logits [T, C] (float32, float64 for float64 inputs) exist only inside
+    torch.utils.checkpoint, which keeps per-row statistics (chunk log-sum-exp, row sum, the
+    target and teacher logits in the chunk) and recomputes the chunk in backward, so no
+    [T, V] tensor is built in either direction; autograd does the rest. teacher_tokens None:
+    plain label-smoothed cross-entropy (times ce_weight).
+    """
+    op = "knn_kd_linear_loss"
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        args.check_tensor(op, name, t)
+    args.check_linear_meta(op, hidden, weight, bias)
+    args.check_reduction(op, reduction)
+    args.check_choice(op, "kd", kd, args.KD_FORMS)
+    args.check_kd_weights(op, ce_weight, kd_weight, label_smoothing)
+    args.check_int(op, "chunk", chunk, 0)
+    (T, D), V = hidden.shape, weight.shape[0]
+    targets, ignored = checked_targets(op, targets, T, V, ignore_index)
+    tokens, w = linear_teacher(op, hidden, teacher_tokens, teacher_scores, teacher_probs,
+                               temperature, V)
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    C = chunk or max(128, LINEAR_TILE // T)
+    h = hidden.to(dt)
+    parts = [checkpoint(_chunk_stats, h, w_c, b_c, c0, targets, tokens, use_reentrant=False)
+             for c0, w_c, b_c in _chunks(weight, bias, C)]
+    lse_c, x_y, x_t, x_sum = (torch.stack(p, 0) for p in zip(*parts))
+    lse = torch.logsumexp(lse_c, dim=0)
+    _check_rows(op, lse, ignored)
+    x_y, x_t, x_sum = x_y.sum(0), x_t.sum(0), x_sum.sum(0)
+    ce = (1.0 - label_smoothing) * (lse - x_y) + label_smoothing * (lse - x_sum / V)
+    kd_row = (w.to(dt) * (lse[:, None] - x_t)).sum(1)
+    if kd == "kl":
+        kd_row = kd_row + _teacher_neg_entropy(tokens, w.to(dt))
+    loss = (ce_weight * ce + kd_weight * kd_row).masked_fill(ignored, 0.0)
+    return reduce_rows(loss, targets, ignore_index, reduction)
+
+
+def linear_teacher(op, hidden, tokens, scores, probs, temperature, V) -> Tuple[Tensor, Tensor]:
+    """(tokens [T, k] int64, slot weights [T, k]); no teacher: k = 0."""
+    T = hidden.shape[0]
+    if tokens is None:
+        if scores is not None or probs is not None:
+            args.fail(op, "teacher_scores / teacher_probs need teacher_tokens")
+        empty = torch.empty((T, 0), device=hidden.device)
+        return empty.long(), empty
+    args.check_tensor(op, "teacher_tokens", tokens)
+    return checked_neighbours(op, T, tokens, scores, probs, temperature, V, hidden.device,
+                              names=TEACHER_NAMES)
+
+
+def _chunks(weight: Tensor, bias: Optional[Tensor], C: int):
+    # one split (not a slice per chunk): autograd concatenates the chunk gradients once
+    w_parts = weight.split(C)
+    b_parts = bias.split(C) if bias is not None else [None] * len(w_parts)
+    return zip(range(0, weight.shape[0], C), w_parts, b_parts)
+
+
+def _chunk_stats(h: Tensor, w_c: Tensor, b_c: Optional[Tensor], c0: int, targets: Tensor,
+                 tokens: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row statistics of one chunk's logits: (logsumexp, target logit or 0, teacher logits
+    or 0 [T, k], row sum)."""
+    x = torch.nn.functional.linear(h, w_c.to(h.dtype), None if b_c is None else b_c.to(h.dtype))
+    n = x.shape[1]
+
+    def pick(ids: Tensor) -> Tensor:
+        inside = (ids >= c0) & (ids < c0 + n)
+        local = torch.where(inside, ids - c0, torch.zeros_like(ids))
+        return x.gather(1, local).masked_fill(~inside, 0.0)
+
+    return (torch.logsumexp(x, dim=1), pick(targets[:, None]).squeeze(1), pick(tokens),
+            x.sum(1))
+
+
+def _check_rows(op: str, lse: Tensor, ignored: Tensor) -> None:
+    """A NaN / +inf logit makes its row's log-sum-exp NaN / +inf (rows not ignored)."""
+    row = args.first_bad(~torch.isfinite(lse) & ~ignored)
+    if row is not None:
+        args.fail(op, f"logits row {row} contains NaN or +inf (log_softmax is undefined)")
+
+
+def _teacher_neg_entropy(tokens: Tensor, w: Tensor) -> Tensor:
+    """sum_v P_v log P_v per row, equal tokens merged (invalid slots carry weight 0)."""
+    perm, group, _ = first_occurrence(tokens)
+    mass = torch.zeros_like(w).scatter_add_(1, group, w.gather(1, perm))
+    return torch.xlogy(mass, mass).sum(1)
 
 
 INK_VARIANTS = ("paper", "reference")

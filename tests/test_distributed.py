@@ -269,3 +269,70 @@ def test_rank_killed_mid_build_fails_clearly_then_resumes(tmp_path):
     for name in ("keys", "values", "key_sq_norms"):
         assert got[name] == want[name], name
     assert torch.equal(got["provenance"], want["provenance"])
+
+
+# ------------------------------------------------------------ a teacher store built in parallel
+
+TEACHER_K = 4
+
+
+def _teacher_worker(rank, world, port, root):
+    import torch.distributed as dist
+    from knnfast.methods.kd import TeacherStore
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        store = TeacherStore.build(_gpt2(), Datastore.open(os.path.join(root, "plain")),
+                                   _corpus(), os.path.join(root, f"teacher-w{world}"),
+                                   k=TEACHER_K, batch_size=3, exclude_self=True, progress=False)
+        outcome = f"ok {len(store)}"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(root, f"teacher{rank}"), "w") as f:
+        f.write(outcome)
+
+
+def _run_teacher_ranks(world, root):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    port, ctx = _free_port(), multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_teacher_worker, args=(r, world, port, root))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return [open(os.path.join(root, f"teacher{r}")).read() for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def teacher_root(tmp_path_factory):
+    from knnfast.integrations import hf
+    from knnfast.methods.kd import TeacherStore
+    root = str(tmp_path_factory.mktemp("teacher"))
+    hf.build_datastore(_gpt2(), _corpus(), os.path.join(root, "plain"), batch_size=3,
+                       progress=False, key_dtype=torch.float32)
+    TeacherStore.build(_gpt2(), Datastore.open(os.path.join(root, "plain")), _corpus(),
+                       os.path.join(root, "teacher-single"), k=TEACHER_K, batch_size=3,
+                       exclude_self=True, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_teacher_store_built_in_parallel_equals_single_process(teacher_root, world):
+    """Parallel TeacherStore.build: each rank a contiguous run of batches (exclude_self needs
+    each rank's first datastore id right), rank 0 merges: the single-process bytes."""
+    assert _run_teacher_ranks(world, teacher_root) == [f"ok {len(_corpus())}"] * world
+    single = os.path.join(teacher_root, "teacher-single")
+    parallel = os.path.join(teacher_root, f"teacher-w{world}")
+    for name in ("tokens", "scores", "offsets"):
+        with open(os.path.join(single, name), "rb") as a, \
+                open(os.path.join(parallel, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert not os.path.exists(parallel + ".parts")      # merged parts are removed
+    from knnfast.methods.kd import TeacherStore
+    assert TeacherStore.verify(parallel).ok

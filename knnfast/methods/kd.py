@@ -27,21 +27,22 @@ continues with ``resume=True`` (nothing lost or duplicated).
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import distributed, ops
 from ..defaults import MAX_K
 from ..integrations.hf import (Example, HiddenSpec, corpus_fingerprint, length_order,
                                target_length, teacher_forced)
 from ..storage import Datastore
 from ..storage import checksums
 from ..storage.building import ChunkedBuild
-from ..storage.files import fsync_file, memmap, os_error, read_checked_meta
+from ..storage.files import DatastoreError, fsync_file, memmap, os_error, read_checked_meta
 from ..storage.verify import VerifyReport, verify_store
 
 FORMAT_VERSION = 1
@@ -62,7 +63,8 @@ class TeacherStore:
               path: str, k: int = 64, *, hidden: Optional[HiddenSpec] = None,
               batch_size: int = 32, exact: Optional[bool] = None, exclude_self: bool = False,
               compact_temperature: Optional[float] = None, resume: bool = True,
-              overwrite: bool = False, progress: bool = True) -> "TeacherStore":
+              overwrite: bool = False, progress: bool = True,
+              parallel: Optional[bool] = None, group: Any = None) -> "TeacherStore":
         """Search the datastore once for every target position of ``examples``.
 
         The query of position t is the same hidden state the datastore holds (teacher
@@ -70,8 +72,13 @@ class TeacherStore:
         position's own datastore entry; it needs the datastore to have been captured from
         these very examples (checked through the corpus fingerprint). ``compact_temperature``
         stores M . softmax(scores / tau) with duplicate tokens merged instead of the scores.
+
+        ``parallel`` (default: when a ``torch.distributed`` process group is initialized;
+        call it on every rank of ``group``) splits the length-ordered batches into contiguous
+        runs, one per rank; each rank writes its part (resumable) under ``<path>.parts/`` and
+        rank 0 merges the parts into one store in corpus order, the same bytes as a
+        single-process build. Every rank returns the finished store.
         """
-        from tqdm.auto import tqdm
         path = os.fspath(path)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"TeacherStore.build: k must be an int in [1, {MAX_K}], got {k!r}")
@@ -92,12 +99,32 @@ class TeacherStore:
                 "model_id": getattr(getattr(model, "config", None), "name_or_path", None)
                 or type(model).__name__,
                 "corpus_sha256": fingerprint}
-        writer = TeacherWriter(path, meta, resume=resume, overwrite=overwrite)
         order = length_order(examples)
-        bar = tqdm(total=len(examples), initial=writer.sentences, desc="teacher", unit="ex",
+        search = dict(k=k, hidden=hidden, batch_size=batch_size, exact=exact,
+                      exclude_self=exclude_self, compact_temperature=compact_temperature,
+                      progress=progress)
+        if parallel or (parallel is None and distributed.is_initialized()):
+            return cls._build_parallel(model, datastore, examples, order, path, meta, search,
+                                       resume=resume, overwrite=overwrite, group=group)
+        writer = TeacherWriter(path, meta, resume=resume, overwrite=overwrite)
+        cls._fill(writer, model, datastore, examples, order, 0, **search)
+        try:
+            return writer.finalize(examples)
+        finally:
+            writer.release()  # a failed finalize keeps every sentence committed, resumable
+
+    @staticmethod
+    def _fill(writer: "TeacherWriter", model: nn.Module, datastore: Datastore,
+              examples: Sequence[Example], order: List[int], first_entry: int, *, k: int,
+              hidden: HiddenSpec, batch_size: int, exact: Optional[bool], exclude_self: bool,
+              compact_temperature: Optional[float], progress: bool) -> None:
+        """Append the teachers of ``order``'s examples not yet committed by ``writer``;
+        ``first_entry`` is the datastore id of the first target position of ``order``."""
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(order), initial=writer.sentences, desc="teacher", unit="ex",
                    disable=not progress, leave=False)
-        entry = sum(target_length(examples[i]) for i in order[:writer.sentences])
         done = writer.sentences
+        entry = first_entry + sum(target_length(examples[i]) for i in order[:done])
         try:
             for tf in teacher_forced(model, examples, hidden=hidden, batch_size=batch_size,
                                      start=done, order=order):
@@ -117,10 +144,37 @@ class TeacherStore:
             writer.release()  # the committed prefix stays resumable, by this process too
             raise
         bar.close()
+
+    @classmethod
+    def _build_parallel(cls, model: nn.Module, datastore: Datastore,
+                        examples: Sequence[Example], order: List[int], path: str, meta: dict,
+                        search: dict, *, resume: bool, overwrite: bool,
+                        group: Any) -> "TeacherStore":
+        """``build`` split across the ranks of ``group`` (see ``build``'s ``parallel``)."""
+        rank, world = distributed.rank_and_world(group)
+        parts = path + ".parts"
+        n_batches = -(-len(order) // search["batch_size"])
+        first, last = (b * search["batch_size"] for b in distributed.split(n_batches, rank, world))
+        error = None
         try:
-            return writer.finalize(examples)
-        finally:
-            writer.release()  # a failed finalize keeps every sentence committed, resumable
+            writer = TeacherWriter(part_path(parts, rank), meta, resume=resume,
+                                   overwrite=overwrite)
+            first_entry = sum(target_length(examples[i]) for i in order[:first])
+            cls._fill(writer, model, datastore, examples, order[first:last], first_entry,
+                      **search)
+            writer.release()
+        except Exception as e:  # every rank must hear of it, not wait for this one
+            error = e
+        distributed.agree(f"TeacherStore.build: part {rank} of {path}", error, group)
+        error = None
+        if rank == 0:
+            try:
+                merge_parts(path, parts, world, meta, examples, resume=resume,
+                            overwrite=overwrite)
+            except Exception as e:
+                error = e
+        distributed.agree(f"TeacherStore.build: merging the parts into {path}", error, group)
+        return cls.open(path)
 
     # ---- read
 
@@ -207,6 +261,15 @@ class TeacherWriter:
         """Sentences committed so far."""
         return len(self.done_ids)
 
+    @property
+    def rows(self) -> int:
+        """Target positions committed so far."""
+        return self._build.count
+
+    def file(self, name: str) -> str:
+        """The building file ``name`` ("tokens" or "scores")."""
+        return self._build.file(name)
+
     def add(self, sentence_ids: List[int], tokens: Tensor, scores: Tensor) -> None:
         """Append the teachers (tokens / scores [n, k]) of these sentences' positions."""
         done = self.done_ids + [int(i) for i in sentence_ids]
@@ -219,19 +282,21 @@ class TeacherWriter:
         """Give up the build lock without finalizing (the committed prefix stays resumable)."""
         self._build.release()
 
-    def finalize(self, examples: Sequence[Example]) -> TeacherStore:
-        """Reorder the rows into corpus order, write offsets and meta.json, move into place."""
-        k, T, S = self.meta["k"], self._build.count, len(examples)
-        tokens = memmap(self._build.file("tokens"), np.int32, (T, k))
-        scores = memmap(self._build.file("scores"), np.float16, (T, k))
+    def finalize(self, examples: Sequence[Example],
+                 sources: Optional[Sequence["TeacherWriter"]] = None) -> TeacherStore:
+        """Reorder the rows into corpus order, write offsets and meta.json, move into place.
+        ``sources``: the writers whose rows make the store (default: this one; a parallel
+        build passes every rank's part)."""
+        sources = list(sources) if sources is not None else [self]
+        k, S = self.meta["k"], len(examples)
+        T = sum(w.rows for w in sources)
         lengths = torch.tensor([target_length(e) for e in examples], dtype=torch.int64)
         offsets = torch.zeros(S + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(lengths, 0)
-        build_start = torch.zeros(S, dtype=torch.int64)
-        build_start[torch.tensor(self.done_ids, dtype=torch.int64)] = torch.cumsum(
-            lengths[self.done_ids], 0) - lengths[self.done_ids]
-        rows = torch.cat([torch.arange(build_start[i], build_start[i] + lengths[i])
-                          for i in range(S)]) if S else torch.zeros(0, dtype=torch.int64)
+        rows = corpus_rows(sources, lengths)
+        tokens = [memmap(w.file("tokens"), np.int32, (w.rows, k)) for w in sources]
+        scores = [memmap(w.file("scores"), np.float16, (w.rows, k)) for w in sources]
+        bases = [0] + np.cumsum([w.rows for w in sources]).tolist()
         out_dir = self._build.tmp + ".final"
         crcs = {name: checksums.BlockCRC() for name in FILES}
         try:
@@ -239,7 +304,7 @@ class TeacherWriter:
             for name, src in (("tokens", tokens), ("scores", scores)):
                 with open(os.path.join(out_dir, name), "wb") as f:
                     for s in range(0, T, 1 << 16):
-                        piece = src[rows[s:s + (1 << 16)]].numpy().tobytes()
+                        piece = gather_rows(src, bases, rows[s:s + (1 << 16)]).numpy().tobytes()
                         f.write(piece)
                         crcs[name].update(piece)
                     fsync_file(f)
@@ -256,6 +321,56 @@ class TeacherWriter:
                     checksums=checksums.record(crcs))
         self._build.publish(meta, out_dir)
         return TeacherStore.open(self.path)
+
+
+def corpus_rows(sources: Sequence[TeacherWriter], lengths: Tensor) -> Tensor:
+    """Row of every target position, in corpus order, in the concatenation of the sources'
+    rows (each source holds whole sentences, in its build order)."""
+    S = lengths.shape[0]
+    start = torch.full((S,), -1, dtype=torch.int64)
+    base = 0
+    for w in sources:
+        ids = torch.tensor(w.done_ids, dtype=torch.int64)
+        if ids.numel():
+            start[ids] = base + torch.cumsum(lengths[ids], 0) - lengths[ids]
+        base += w.rows
+    missing = int((start < 0).sum())
+    if missing:
+        raise DatastoreError(f"TeacherStore.build: {missing} of {S} sentences have no teacher "
+                             f"rows in the build's parts; rerun the build (resume=True)")
+    if not S:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(S)])
+
+
+def gather_rows(sources: Sequence[Tensor], bases: Sequence[int], rows: Tensor) -> Tensor:
+    """``rows`` of the concatenation of ``sources`` (bases[p] = first row of source p)."""
+    out = torch.empty((rows.shape[0],) + tuple(sources[0].shape[1:]), dtype=sources[0].dtype)
+    for p, src in enumerate(sources):
+        mine = (rows >= bases[p]) & (rows < bases[p + 1])
+        if mine.any():
+            out[mine] = src[rows[mine] - bases[p]]
+    return out
+
+
+def part_path(parts: str, rank: int) -> str:
+    """Rank ``rank``'s part of a parallel teacher build."""
+    return os.path.join(parts, f"part-{rank:05d}")
+
+
+def merge_parts(path: str, parts: str, world: int, meta: dict, examples: Sequence[Example], *,
+                resume: bool, overwrite: bool) -> None:
+    """Write the ``world`` parts of a parallel build into one store at ``path`` (corpus
+    order, the bytes of a single-process build), then delete the parts."""
+    sources = [TeacherWriter(part_path(parts, r), meta, resume=True, overwrite=False)
+               for r in range(world)]
+    final = TeacherWriter(path, meta, resume=resume, overwrite=overwrite)
+    try:
+        final.finalize(examples, sources)
+    finally:
+        for w in sources + [final]:
+            w.release()
+    shutil.rmtree(parts)
 
 
 # --------------------------------------------------------------------------- training

@@ -8,6 +8,7 @@ import knnfast
 from knnfast.app.reproduce import VERDICTS, reproduce
 from knnfast.app.reproduce import ink, ink_arms
 from knnfast.app.reproduce.mt_world import MTWorld
+from knnfast.app.reproduce.report import Report
 from knnfast.app.reproduce.runner import StudyRun
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -124,6 +125,36 @@ def test_memory_table(study):
     # the INK datastore holds the same in_train positions as the base datastore
     assert mem["ink_datastore"]["entries"] == mem["datastore"]["entries"] > 0
     assert rows["robust kNN-MT"]["MB"] > rows["kNN-MT"]["MB"] > rows["INK"]["MB"]
+
+
+def test_paper_table_puts_the_abstract_beside_this_run(study):
+    t = table(study, "INK against the state-of-the-art kNN-MT system")
+    assert t["columns"] == ["measure", "paper", "this run (INK vs robust kNN-MT)"]
+    rows = rows_by(t, "measure")
+    assert list(rows) == ["BLEU gain", "COMET gain", "× memory", "× inference speed"]
+    assert [r["paper"] for r in rows.values()] == [1.0, 1.99, 0.02, 1.9]
+    ours = {m: r["this run (INK vs robust kNN-MT)"] for m, r in rows.items()}
+    systems, mem = study["json"]["results"]["systems"], study["json"]["results"]["memory"]
+    assert ours["BLEU gain"] == pytest.approx(
+        systems["INK"]["bleu"] - systems["robust kNN-MT"]["bleu"])
+    assert ours["COMET gain"] is None                  # not measured: no COMET model offline
+    assert ours["× inference speed"] == pytest.approx(
+        systems["INK"]["sentences_per_s"] / systems["robust kNN-MT"]["sentences_per_s"])
+    # the same robust kNN-MT bytes as the memory table's row
+    robust_mb = rows_by(table(study, "Memory beside"), "system")["robust kNN-MT"]["MB"]
+    assert ours["× memory"] == pytest.approx(mem["adapter_bytes"] / (robust_mb * 1e6))
+
+
+def test_paper_table_compares_ink_with_robust_knn_mt():
+    # distinct synthetic figures (at --quick several of them coincide)
+    systems = {"INK": {"bleu": 5.0, "sentences_per_s": 10.0},
+               "robust kNN-MT": {"bleu": 3.0, "sentences_per_s": 4.0, "extra_params": 10,
+                                 "extra_bytes": 60}}
+    mem = {"adapter_bytes": 50, "datastore": {"store": 700, "index": 200}}
+    report = Report("ink", "t", "p", quick=True)
+    ink.paper_table(report, systems, mem)
+    ours = [r["this run (INK vs robust kNN-MT)"] for r in report.tables[0].rows]
+    assert ours == [2.0, None, pytest.approx(50 / 1000), 2.5]   # robust: 700 + 200 + 4·10 + 60
 
 
 def test_knn_accuracy_table(study):

@@ -7,6 +7,7 @@ import pytest
 from knnfast.app.reproduce import VERDICTS, reproduce
 from knnfast.app.reproduce import knn_kd
 from knnfast.app.reproduce.mt_world import QUICK
+from knnfast.app.reproduce.report import Report
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -83,12 +84,44 @@ def test_settings_table_puts_the_paper_beside_this_run(study):
     assert ours["kNN-KD k"] == knn_kd.MAIN_K
 
 
+def test_paper_bleu_table_quotes_the_paper_beside_this_run(study):
+    t = table(study, "The paper's kNN-KD BLEU")
+    assert t["columns"] == ["data", "kNN-KD BLEU", "kNN-MT BLEU", "CE BLEU"]
+    quoted = knn_kd.PAPER_NUMBERS["reported_bleu"]
+    paper, ours = t["rows"][:3], t["rows"][3:]
+    assert [(r["data"], r["kNN-KD BLEU"]) for r in paper] == [
+        ("Koran", 24.86), ("Medical", 56.50), ("Law", 61.89)]
+    assert all(quoted[r["data"]] == r["kNN-KD BLEU"] for r in paper)
+    assert all(r["kNN-MT BLEU"] is None and r["CE BLEU"] is None for r in paper)
+    ev, base = study["json"]["results"]["evaluations"], study["json"]["results"]["baselines"]
+    assert [r["kNN-KD BLEU"] for r in ours] == [ev["kd_paper"]["in_test"]["bleu"],
+                                               ev["kd_code"]["in_test"]["bleu"]]
+    assert {r["kNN-MT BLEU"] for r in ours} == {base["knn_mt"]["in_test"]["bleu"]}
+    assert {r["CE BLEU"] for r in ours} == {ev["ce"]["in_test"]["bleu"]}
+    assert "issues/3" in t["note"]
+
+
+def test_paper_bleu_table_maps_each_loss_to_its_arm():
+    # at --quick both kNN-KD arms score the same BLEU, so the mapping is checked on distinct
+    # synthetic scores
+    report = Report("knn-kd", "t", "p", quick=True)
+    ev = lambda bleu: {"in_test": {"bleu": bleu}}  # noqa: E731
+    knn_kd.paper_bleu_table(report, {"knn_mt": ev(3.0)},
+                            {"ce": ev(1.0), "kd_paper": ev(2.0), "kd_code": ev(4.0)})
+    ours = report.tables[0].rows[3:]
+    assert [(r["data"][-11:], r["kNN-KD BLEU"], r["kNN-MT BLEU"], r["CE BLEU"]) for r in ours] \
+        == [("paper loss)", 2.0, 3.0, 1.0), ("(code loss)", 4.0, 3.0, 1.0)]
+
+
 def test_claims_have_valid_verdicts(study):
     claims = study["json"]["claims"]
     assert len(claims) == 5
     for c in claims:
         assert c["verdict"] in VERDICTS and c["paper"] and c["ours"] and c["why"]
     assert any("0.22–0.40" in c["paper"] for c in claims)
+    bleu_claims = [c for c in claims if c["claim"].startswith("kNN-KD beats")]
+    assert len(bleu_claims) == 2
+    assert all("Koran 24.86, Medical 56.50, Law 61.89" in c["paper"] for c in bleu_claims)
 
 
 def test_lambda_zero_decodes_like_the_base_model(study):

@@ -64,6 +64,27 @@ def test_tables_rows_and_columns(study):
     assert len({r["scored tokens"] for r in t["rows"]}) == 1
 
 
+def test_settings_table_puts_the_authors_scripts_beside_this_run(study):
+    js = study[0]
+    t = table(js, "Setting: the authors' scripts")
+    assert t["columns"] == ["setting", "paper (authors' scripts)", "this run"]
+    rows = {r["setting"]: r for r in t["rows"]}
+    assert list(rows) == ["datastore entries", "subsampled datastores", "key dimension", "k",
+                          "λ", "FAISS nprobe (approximate search)", "evaluation context"]
+    paper = {k: r["paper (authors' scripts)"] for k, r in rows.items()}
+    assert paper["datastore entries"] == "153,225,485" and paper["k"] == "1024"
+    assert paper["subsampled datastores"] == "5%: 7,661,274, 10%: 15,322,548"
+    assert (paper["λ"], paper["key dimension"]) == ("0.25", "1024")
+    main = js["results"]["settings"]["att-l2"]
+    assert rows["datastore entries"]["this run"] == f"{main['entries']:,}"
+    assert rows["k"]["this run"].startswith(f"{main['k']} ")
+    sizes = js["results"]["sizes"]
+    assert rows["subsampled datastores"]["this run"] == ", ".join(
+        f"{s['entries']:,}" for s in sizes[:-1])
+    size_claim = next(c for c in js["claims"] if c["claim"].startswith("a larger datastore"))
+    assert "7,661,274 (5%)" in size_claim["paper"] and "153,225,485" in size_claim["paper"]
+
+
 def test_claims_have_valid_verdicts(study):
     claims = study[0]["claims"]
     assert len(claims) == 8

@@ -148,11 +148,8 @@ def _stage_run(cache, log):
     return run, result, calls
 
 
-@cell("truncated file", "reproduce stage cache", "pending the runner.py change in issue 19's "
-      "report: a bare JSONDecodeError today; wanted: a warning and the stage runs again")
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="StudyRun.stage reads a truncated stage JSON with a bare json.loads "
-                          "(runner.py is the lead's; the change is described in the report)")
+@cell("truncated file", "reproduce stage cache", "a warning naming the stage file "
+      "(\"unreadable ...; the stage runs again\") and the stage is recomputed")
 def test_reproduce_truncated_stage_runs_again(tmp_path):
     logs = []
     run, result, calls = _stage_run(tmp_path, logs.append)
@@ -161,3 +158,21 @@ def test_reproduce_truncated_stage_runs_again(tmp_path):
     run, again, calls = _stage_run(tmp_path, logs.append)
     assert again == result and calls == [1]
     assert any("numbers.json" in line and "unreadable" in line for line in logs)
+
+
+@cell("two writers on one path", "reproduce stage cache", "the second `knnfast reproduce "
+      "<study>` on a cache: DatastoreError \"... is being built by another writer (pid N; "
+      "lock ...)\" before any stage runs")
+def test_reproduce_second_run_on_a_cache_fails_at_once(tmp_path):
+    from knnfast.app import reproduce as rp
+    from knnfast.storage.building import acquire_build_lock
+    first = rp.StudyRun("knn-kd", tmp_path, tmp_path / "out", quick=True, log=lambda s: None)
+    held = acquire_build_lock(first.cache, "the first run")
+    logs = []
+    try:
+        with pytest.raises(DatastoreError, match="being built by another writer"):
+            rp.reproduce("knn-kd", quick=True, out_dir=tmp_path / "out", cache_dir=tmp_path,
+                         log=logs.append)
+    finally:
+        os.close(held)
+    assert not any("..." in line for line in logs)   # no stage started

@@ -9,10 +9,12 @@ returns the JSON. Stages are cached (``runner.StudyRun``): a killed run resumes.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Callable
 
 import knnfast
+from knnfast.storage.building import acquire_build_lock
 
 from .report import DOES_NOT_HOLD, HOLDS, UNTESTABLE, VERDICTS, Claim, Report, Table, verdict
 from .runner import StudyRun, canonical_settings, machine
@@ -40,8 +42,13 @@ def reproduce(study: str, *, quick: bool = False, out_dir: str | Path = "reprodu
     ``out_dir``; returns the report's JSON. ``kwargs`` go to the study's ``run``."""
     module = study_module(study)
     run = StudyRun(study, cache_dir, out_dir, quick=quick, log=log)
-    run.use_settings({**module.cache_settings(quick), "knnfast": knnfast.__version__})
-    report = module.run(run, **kwargs)
+    # one run per study cache: a second one fails at once instead of mixing their stages
+    lock = acquire_build_lock(run.cache, f"knnfast reproduce {study}")
+    try:
+        run.use_settings({**module.cache_settings(quick), "knnfast": knnfast.__version__})
+        report = module.run(run, **kwargs)
+    finally:
+        os.close(lock)
     m = machine()
     md, js = report.write(run.out, m, run.seconds(), run.stage_seconds)
     log(f"[{study}] report: {md} and {js.name} ({run.seconds() / 60:.1f} min of stages)")

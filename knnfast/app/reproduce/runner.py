@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,33 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def write_json_atomic(path: Path, value: Any, **dump) -> None:
+    """``value`` as JSON at ``path``: a unique temporary file, fsynced, then renamed (a kill
+    or a second run never leaves a mixed or half-written file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, ensure_ascii=False, **dump)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, log: Log, what: str) -> Any:
+    """The JSON at ``path``; None when it is missing, or unreadable (truncated, bit rot: a
+    warning says so, and the caller recomputes it)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log(f"warning: {path} is unreadable ({e}); the {what} runs again")
+        return None
 
 
 def canonical_settings(settings: dict) -> dict:
@@ -84,7 +112,7 @@ class StudyRun:
         moves to ``<scale>.stale`` (replacing an older one) and the study runs afresh."""
         wanted = canonical_settings(settings)
         path = self.cache / "settings.json"
-        saved = json.loads(path.read_text()) if path.exists() else None
+        saved = read_json(path, self.log, f"{self.study} study")
         has_stages = any((self.cache / "stages").glob("*.json"))
         if saved != wanted and (saved is not None or has_stages):
             changed = sorted(k for k in set(wanted) | set(saved or {})
@@ -96,9 +124,7 @@ class StudyRun:
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(self.cache, stale)
             (self.cache / "stages").mkdir(parents=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(wanted, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, wanted, indent=1, sort_keys=True)
 
     def stage(self, key: str, fn: Callable[[], Any]) -> Any:
         """``fn()``'s result, computed once: cached as JSON under ``key`` (a file name), with
@@ -106,8 +132,12 @@ class StudyRun:
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"StudyRun.stage: key must be a plain file name, got {key!r}")
         path = self.cache / "stages" / f"{key}.json"
-        if path.exists():
-            saved = json.loads(path.read_text())
+        saved = read_json(path, self.log, f"stage {key}")
+        if saved is not None and not (isinstance(saved, dict)
+                                      and {"seconds", "result"} <= set(saved)):
+            self.log(f"warning: {path} is not a stage result; the stage {key} runs again")
+            saved = None
+        if saved is not None:
             self.stage_seconds[key] = saved["seconds"]
             self.log(f"[{self.study}] {key}: done earlier ({saved['seconds']:.0f} s), cached")
             return saved["result"]
@@ -122,9 +152,7 @@ class StudyRun:
         if self._nested:                 # the enclosing stage does not count this one again
             self._nested[-1] += elapsed
         seconds = elapsed - inner        # own time: a stage run inside it is counted there
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": seconds, "result": result}, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_json_atomic(path, {"seconds": seconds, "result": result})
         self.stage_seconds[key] = seconds
         self.log(f"[{self.study}] {key}: {seconds:.0f} s")
         return result

@@ -12,7 +12,7 @@ NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu) $(wildcard tests/cuda/*.cu)
 
-.PHONY: venv build test cuda-check bench demo reproduce clean
+.PHONY: venv build test test-deep cuda-check bench demo reproduce clean
 
 venv: $(VENV)/.deps-installed
 
@@ -58,6 +58,13 @@ cuda-check: venv
 
 test: build cuda-check
 	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+# The property tests (every @given test: each op against its pure-PyTorch twin over random
+# shapes, dtypes, metrics, padding) with the "thorough" hypothesis profile: 500 examples per
+# property instead of CI's 25. Not in CI; results in benchmarks/RESULTS.md.
+PROPERTY_TESTS = $(shell grep -l "@given" tests/test_*.py)
+test-deep: build
+	HYPOTHESIS_PROFILE=thorough $(VPY) -m pytest -q -p no:cacheprovider --durations=0 $(PROPERTY_TESTS)
 
 # The main job: English->German kNN-MT on the system's gettext catalogs (no network).
 # Trains (or loads from .cache/demo) a small Marian model, builds the in-domain datastore,

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .storage.datastore import Datastore
-from .storage.files import DatastoreError, PathLike
+from .storage.files import DatastoreError, PathLike, check_store_path, os_error
 from .storage.sharded import (MANIFEST, ShardedStore, is_sharded, read_manifest, shard_name,
                               write_manifest)
 from .topk import merge_topk
@@ -261,6 +261,7 @@ def build_sharded(path: PathLike, n_units: int, build_shard: Callable[[str, int,
 
 
 def _prepare(path: str, overwrite: bool, owner: str) -> None:
+    check_store_path(path, owner)  # a file or a symlink loop: refused before anything is done
     if overwrite and os.path.exists(path):
         shutil.rmtree(path)
     if is_sharded(path):
@@ -268,7 +269,11 @@ def _prepare(path: str, overwrite: bool, owner: str) -> None:
                               f"with Datastore.open or pass overwrite=True")
     if os.path.exists(os.path.join(path, "meta.json")):
         raise FileExistsError(f"{owner}: {path} already holds a datastore; pass overwrite=True")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise os_error(owner, "create", path, e, "make the parent directory writable or build "
+                       "somewhere else (nothing was written)") from None
 
 
 def open_datastore(path: PathLike, group: Any = None) -> Any:

@@ -110,8 +110,9 @@ def test_disk_full_in_a_sharded_build(tmp_path):
       "lock file ... (Permission denied); make the directory writable or build somewhere "
       "else\"; an existing store opens, searches and verifies read-only")
 @cell("read-only directory", "sharded datastore", "building: DatastoreError \"preparing "
-      "<path> failed ...: PermissionError: Permission denied: <path>\" (no advice); an "
-      "existing store opens and verifies read-only")
+      "<path> failed ...: cannot create <path> (Permission denied); make the parent directory "
+      "writable or build somewhere else\" on every rank; an existing store opens and verifies "
+      "read-only")
 def test_read_only_directory(ds, tmp_path):
     parent = tmp_path / "ro"
     parent.mkdir()
@@ -128,7 +129,7 @@ def test_read_only_directory(ds, tmp_path):
             store = Datastore.open(str(parent / "ds"))
             return len(store), verify(store.path).ok, store.search(_data()[0][:2], 1)[1].tolist()
         for fn, advice in ((build_there, "make the directory writable"),
-                           (build_sharded_there, "Permission denied")):
+                           (build_sharded_there, "make the parent directory writable")):
             kind, msg = in_child(fn, read_only=True)
             assert kind == "DatastoreError", msg
             assert "Permission denied" in msg and advice in msg and str(parent) in msg
@@ -255,8 +256,8 @@ def test_newer_format_version(ds, tmp_path):
       "directory; use another path (nothing was changed)\", from open, create (even with "
       "overwrite=True) and verify; the file is untouched")
 @cell("path is a file", "sharded datastore", "open / verify as a datastore; build_sharded: "
-      "DatastoreError \"preparing <path> failed ...: FileExistsError ... <path>\" (no "
-      "advice); the file is untouched")
+      "DatastoreError \"preparing <path> failed ...: <path> is a file, not a store "
+      "directory; use another path (nothing was changed)\"; the file is untouched")
 def test_path_is_a_file(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("precious")
@@ -264,7 +265,8 @@ def test_path_is_a_file(tmp_path):
                  lambda: Datastore.create(str(path), D, overwrite=True, progress=False)):
         with pytest.raises(DatastoreError, match="notes.txt is a file, not a store directory"):
             call()
-    with pytest.raises(DatastoreError, match="preparing .*notes.txt failed.*File exists"):
+    with pytest.raises(DatastoreError, match="preparing .*notes.txt failed.*is a file, not a "
+                       "store directory; use another path"):
         build_sharded(str(path), 1, lambda p, s, e: _build(p))
     assert "is a file" in verify(str(path)).problems[0]
     assert path.read_text() == "precious"
@@ -274,14 +276,15 @@ def test_path_is_a_file(tmp_path):
       "symbolic links); use another path or fix the link\" from open, create and verify; "
       "the links stay")
 @cell("symlink loop", "sharded datastore", "open / verify as a datastore; build_sharded: "
-      "DatastoreError \"preparing <path> failed ...: FileExistsError ... <path>\" (no "
-      "advice); the links stay")
+      "DatastoreError \"preparing <path> failed ...: cannot use <path> (Too many levels of "
+      "symbolic links); use another path or fix the link\"; the links stay")
 def test_symlink_loop(tmp_path):
     loop = symlink_loop(str(tmp_path))
     for call in (lambda: Datastore.open(loop), lambda: _build(loop)):
         with pytest.raises(DatastoreError, match="Too many levels of symbolic links"):
             call()
-    with pytest.raises(DatastoreError, match="preparing .*loop failed.*File exists"):
+    with pytest.raises(DatastoreError, match="preparing .*loop failed.*Too many levels of "
+                       "symbolic links.*use another path"):
         build_sharded(loop, 1, lambda p, s, e: _build(p))
     assert "Too many levels" in verify(loop).problems[0]
     assert os.path.islink(loop) and not os.path.exists(loop + ".building")

@@ -311,7 +311,8 @@ class Datastore(MetaFields):
                 "IVF4096,PQ64" from 1M on (PQ sub-quantizers reduced to divide D).
             metric: "l2" or "ip"; "cos" indexes normalized keys with inner product.
             train_size: keys sampled (seeded) to train the quantizers.
-            device: "auto" (GPU when faiss has GPUs and torch sees CUDA), "cpu" or "cuda".
+            device: "auto" (GPU when faiss has GPUs and torch sees CUDA), "cpu", "cuda" or
+                "all" (sharded over every visible GPU, for an index larger than one GPU).
             nprobe: IVF lists visited per query (stored, overridable in ``search``).
         """
         metric = metric or self.metric
@@ -326,7 +327,8 @@ class Datastore(MetaFields):
         return built.index
 
     def load_index(self, device: str = "auto") -> Any:
-        """Load ``index.faiss`` (onto the GPU when ``device`` allows)."""
+        """Load ``index.faiss`` onto ``device`` (as ``build_index``: "all" shards it over
+        every visible GPU)."""
         self._index = faiss_index.load(self.path, len(self), device)
         return self._index.index
 

@@ -41,16 +41,34 @@ def default_factory(n: int, dim: int) -> str:
     return f"IVF4096,PQ{m}"
 
 
-def resolve_faiss_device(device: str) -> bool:
-    """True when ``device`` ("auto", "cpu", "cuda") means building/searching on a GPU."""
+def resolve_faiss_device(device: str) -> str:
+    """Where an index lives: "cpu", "cuda" (GPU 0) or "all" (sharded over every visible GPU),
+    from ``device`` ("auto": the GPU when faiss-gpu sees one and torch has CUDA)."""
     import faiss
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device not in ("auto", "cpu", "cuda", "all"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'all', got {device!r}")
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if device == "cuda" and gpus == 0:
-        raise ValueError("device='cuda' needs faiss-gpu with a visible GPU "
-                         "(this faiss has no GPU support)")
-    return device == "cuda" or (device == "auto" and gpus > 0 and torch.cuda.is_available())
+    if device in ("cuda", "all") and gpus == 0:
+        raise ValueError(f"device={device!r} needs faiss-gpu with a visible GPU "
+                         f"(this faiss has no GPU support or sees no GPU)")
+    if device == "auto":
+        return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    return device
+
+
+def to_device(index: Any, where: str) -> Tuple[Any, Any]:
+    """(the index on ``where``, the GPU resources that must outlive it). "all" shards the
+    entries over every visible GPU (each GPU holds 1/G of them and searches its part; FAISS
+    merges the per-GPU top-k), for datastores larger than one GPU's memory."""
+    import faiss
+    if where == "cpu":
+        return index, None
+    if where == "cuda":
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index), res
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=options), None
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
@@ -96,9 +114,8 @@ def build(keys: Tensor, factory: str, metric: str, *, train_size: int, device: s
     except RuntimeError as e:
         raise ValueError(f"Datastore.build_index: faiss rejected factory {factory!r}: "
                          f"{str(e).strip().splitlines()[-1]}") from None
-    use_gpu = resolve_faiss_device(device)
-    res = faiss.StandardGpuResources() if use_gpu else None
-    work = faiss.index_cpu_to_gpu(res, 0, index) if use_gpu else index
+    where = resolve_faiss_device(device)
+    work, res = to_device(index, where)
     if not index.is_trained:
         gen = torch.Generator().manual_seed(seed)
         n_train = min(n, train_size)
@@ -110,7 +127,7 @@ def build(keys: Tensor, factory: str, metric: str, *, train_size: int, device: s
             raise ValueError(f"Datastore.build_index: training {factory!r} on {n_train} keys "
                              f"failed: {str(e).strip().splitlines()[-1]}") from None
     add_keys(work, keys, metric, progress)
-    cpu_index = faiss.index_gpu_to_cpu(work) if use_gpu else work
+    cpu_index = faiss.index_gpu_to_cpu(work) if where != "cpu" else work
     info = {"factory": factory, "metric": metric, "ntotal": int(cpu_index.ntotal),
             "seed": seed, "train_size": min(n, train_size)}
     if faiss.try_extract_index_ivf(cpu_index) is not None:  # nprobe means nothing elsewhere
@@ -146,10 +163,7 @@ def load(directory: str, size: int, device: str = "auto") -> FaissIndex:
     if index.ntotal != size:
         raise DatastoreError(f"Datastore.load_index: {INDEX_FILE} holds {index.ntotal} "
                              f"entries but the datastore has {size}; rebuild it")
-    use_gpu = resolve_faiss_device(device)
-    res = faiss.StandardGpuResources() if use_gpu else None
-    if use_gpu:
-        index = faiss.index_cpu_to_gpu(res, 0, index)
+    index, res = to_device(index, resolve_faiss_device(device))
     set_nprobe(index, info.get("nprobe", 32))
     return FaissIndex(index, info, res)
 

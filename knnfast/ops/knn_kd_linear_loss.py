@@ -29,7 +29,7 @@ def knn_kd_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
                        reduction: str = "mean", kd: str = "ce", chunk: int = 0) -> Tensor:
     """knn_kd_loss(hidden @ weight.T + bias, targets, teacher_tokens, ...) without the [T, V]
     logits: the vocabulary is processed in chunks of `chunk` columns (0: automatic, a tile
-    of at most 4 Mi floats) with an online log-sum-exp, and backward recomputes each chunk
+    of at most 2 Mi floats) with an online log-sum-exp, and backward recomputes each chunk
     and accumulates the gradients of hidden, weight and bias. Without a teacher
     (teacher_tokens None) it is label-smoothed cross-entropy times ce_weight: with the
     defaults a drop-in for F.cross_entropy(F.linear(hidden, weight, bias), targets). Inputs

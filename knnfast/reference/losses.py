@@ -59,7 +59,7 @@ def knn_kd_loss(logits: Tensor, targets: Tensor, teacher_tokens: Tensor,
 
 #: knn_kd_linear_loss's automatic chunk: a [T, C] tile of at most this many elements (the
 #: kernels' rule, csrc/cpu/knn_kd_linear_loss_cpu.cpp), and never fewer than 128 columns.
-LINEAR_TILE = 1 << 22
+LINEAR_TILE = 1 << 21
 
 
 def knn_kd_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor,

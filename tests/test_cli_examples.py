@@ -6,7 +6,8 @@ corpora its tiny TSV, substituted into each line, which then runs through ``main
 fresh directory, in --help order (later examples use what earlier ones wrote). Three
 commands are too heavy to run for real in a test: ``bench`` gets small shapes appended (the
 last value of an option wins), ``demo`` and ``reproduce`` run with their work functions
-replaced by recorders (they have their own tests)."""
+replaced by recorders (they have their own tests). The `torchrun ...` example of
+build-datastore runs in tests/test_cli_torchrun.py."""
 import contextlib
 import io
 import re

@@ -204,6 +204,13 @@ class ShardedStore(MetaFields):
         return (f"ShardedStore({self.path!r}, N={len(self)}, D={self.dim}, "
                 f"shards={len(self.shards)}/{len(self.meta['shards'])}, metric={self.metric!r})")
 
+    def update_extra(self, **items) -> None:
+        """Add entries to the manifest's ``extra`` and rewrite manifest.json atomically (a
+        stamp about the whole datastore; the shards' meta.json files stay as built)."""
+        self.meta.setdefault("extra", {}).update(items)
+        if self.path is not None:
+            fsync_write_json(os.path.join(self.path, MANIFEST), self.meta)
+
     def to(self, device: Union[str, torch.device]) -> "ShardedStore":
         """Every held shard's keys, values and |k|^2 on ``device``."""
         return ShardedStore(self.path, self.meta, [s.to(device) for s in self.shards],

@@ -10,6 +10,7 @@ import time
 
 from ...defaults import KNN_LM, KNN_MT
 from ...storage.format import KEY_DTYPES
+from . import launch
 from .errors import DataError, UsageError, from_library, warn
 from .loading import (check_readable, check_writable, dumps, load_model, open_datastore, print_json,
                       read_corpus, read_lines, resolve_knn, tokenizer_fingerprint, write_json)
@@ -25,46 +26,76 @@ def command_line(argv, drop=(), add=()) -> str:
 # --------------------------------------------------------------------------- build-datastore
 
 def cmd_build_datastore(args) -> None:
-    from ...integrations import hf
-    from ...storage import DatastoreError
+    """One datastore; under torchrun a sharded one, a shard per rank (rank 0 commits the
+    manifest and prints the summary)."""
+    with launch.process_group(args.dist_timeout) as (rank, world):
+        model, tok, examples = launch.on_every_rank(lambda: _build_inputs(args, world > 1))
+        t0 = time.perf_counter()
+        ds = _build(args, model, examples, world > 1, progress=rank == 0)
+        stamp = dict(corpus=os.path.abspath(args.corpus), tokenizer_sha256=tokenizer_fingerprint(tok))
+        # the manifest (or meta.json) has one writer; every rank learns whether it failed
+        launch.on_every_rank(lambda: rank == 0 and ds.update_extra(**stamp))
+        summary = {"datastore": ds.path, "entries": len(ds), "dim": ds.dim, "hidden": args.hidden,
+                   "examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)}
+        if rank == 0:
+            print_json(dict(summary, shards=len(ds.meta["shards"]), ranks=world)
+                       if world > 1 else summary)
+
+
+def _build_inputs(args, sharded: bool):
     model, tok = load_model(args.model)
     examples = read_corpus(args.corpus, model, tok, args.limit)
-    _check_build_target(args)
+    _check_build_target(args, sharded)
     args.total = len(examples)
-    t0 = time.perf_counter()
+    return model, tok, examples
+
+
+def _build(args, model, examples, sharded: bool, progress: bool):
+    from ...integrations import hf
+    from ...storage import DatastoreError
     try:
-        ds = hf.build_datastore(model, examples, args.out, hidden=args.hidden,
-                                batch_size=args.batch_size, key_dtype=KEY_DTYPES[args.key_dtype],
-                                metric=args.metric, model_id=os.path.abspath(args.model),
-                                resume=args.resume, overwrite=args.overwrite)
+        # sharded: build_sharded exchanges failures itself, so every rank raises here
+        return hf.build_datastore(model, examples, args.out, hidden=args.hidden,
+                                  batch_size=args.batch_size,
+                                  key_dtype=KEY_DTYPES[args.key_dtype], metric=args.metric,
+                                  model_id=os.path.abspath(args.model), resume=args.resume,
+                                  overwrite=args.overwrite, progress=progress, sharded=sharded)
     except (DatastoreError, FileExistsError) as e:
         raise from_library(e, f"--out {args.out!r}: ") from None
-    ds.update_extra(corpus=os.path.abspath(args.corpus), tokenizer_sha256=tokenizer_fingerprint(tok))
-    print_json({"datastore": ds.path, "entries": len(ds), "dim": ds.dim, "hidden": args.hidden,
-                "examples": len(examples), "seconds": round(time.perf_counter() - t0, 2)})
 
 
-def _check_build_target(args) -> None:
+def _check_build_target(args, sharded: bool) -> None:
     """An existing datastore or interrupted build at --out, said in the options' words."""
+    from ...storage.sharded import unfinished_sharded
     if args.overwrite:
         return
+    if sharded and unfinished_sharded(args.out):
+        if args.resume:
+            return
+        raise DataError(f"an interrupted sharded build of {args.out!r} exists (shards, no "
+                        f"manifest.json)", "pass --resume to continue it or --overwrite to "
+                        "start over")
     if os.path.exists(args.out):
         raise DataError(f"--out {args.out!r} already exists", "pass --overwrite to replace it")
     building = args.out + ".building"
-    if os.path.exists(building) and not args.resume:
+    if not sharded and os.path.exists(building) and not args.resume:
         raise DataError(f"an interrupted build of {args.out!r} exists ({building})",
                         "pass --resume to continue it or --overwrite to start over")
 
 
 def stopped_build_datastore(args, argv) -> str:
     from ...storage import Datastore
+    resume = command_line(argv, drop=('--overwrite',), add=('--resume',))
+    if launch.torchrun_world() > 1:
+        return (f"every rank's committed chunks are kept under {args.out}; resume: the same "
+                f"torchrun command running {resume}")
     try:
         done = Datastore.building_cursor(args.out)
     except (OSError, ValueError):
         done = None
     where = (f"after {done or 0} of {getattr(args, 'total', '?')} examples were committed to "
              f"{args.out}.building")
-    return f"{where}; resume: {command_line(argv, drop=('--overwrite',), add=('--resume',))}"
+    return f"{where}; resume: {resume}"
 
 
 # --------------------------------------------------------------------------- build-index

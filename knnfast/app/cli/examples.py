@@ -11,6 +11,7 @@ EXAMPLES = {
     "build-datastore": f"""examples:
   knnfast build-datastore {_M} --corpus {CORPUS}/in_train.tsv --out ds/postgres
   knnfast build-datastore {_M} --corpus {CORPUS}/in_train.tsv --out ds/postgres-att --hidden att --limit 2000
+  torchrun --nproc-per-node 2 -m knnfast build-datastore {_M} --corpus {CORPUS}/in_train.tsv --out ds/postgres-sharded   # a shard per rank
 A causal LM works the same way, with one text per corpus line.""",
     "build-index": """examples:
   knnfast build-index ds/postgres                      # Flat below 1M entries, IVF4096,PQ64 above

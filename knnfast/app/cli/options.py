@@ -7,6 +7,7 @@ from typing import Callable, List
 
 from ...defaults import ANALYSIS, KNN_LM, KNN_MT, MAX_K, METRICS
 from ...storage.format import KEY_DTYPES
+from .launch import DEFAULT_TIMEOUT_S
 
 
 # --------------------------------------------------------------------------- value types
@@ -126,6 +127,9 @@ def build_datastore_args(p: argparse.ArgumentParser) -> None:
     option(p, "--metric", choices=METRICS, default="l2", help="score function the keys are for")
     option(p, "--resume", action="store_true", help="continue an interrupted build")
     option(p, "--overwrite", action="store_true", help="replace an existing datastore or build")
+    option(p, "--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
+           help="under torchrun (one shard per rank): seconds a rank waits for the others at "
+           "a collective (joining, the end of the build) before failing")
 
 
 def build_index_args(p: argparse.ArgumentParser) -> None:

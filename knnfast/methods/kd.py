@@ -414,11 +414,27 @@ def seq2seq_batch(examples: Sequence[Example], ids: Sequence[int], pad_id: int =
             "decoder_input_ids": decoder_input_ids, "labels": labels}
 
 
+def rank_slice(ids: Sequence[int], group: Any = None) -> List[int]:
+    """This rank's contiguous share of a global batch of sentence ids (shares differ in size
+    by at most one; all of ``ids`` without a process group). Data-parallel kNN-KD: every rank
+    draws the same global batch, trains its DDP replica on its share, and
+    ``TeacherStore.batch`` reads only those sentences' teacher rows from the memmap.
+
+    DDP averages the ranks' gradients, and ``train_step``'s loss is a mean over the rank's
+    target tokens, so the update equals one process training on the whole batch only when
+    the shares hold equal token counts; otherwise use ``reduction="sum"`` and scale each
+    rank's loss by world size / the global batch's token count."""
+    rank, world = distributed.rank_and_world(group)
+    start, end = distributed.split(len(ids), rank, world)
+    return list(ids)[start:end]
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Example],
                ids: Sequence[int], store: Optional[TeacherStore], **loss_kwargs) -> float:
     """One update of a plain training loop: kNN-KD when ``store`` is given, else
-    label-smoothed CE through the same fused op (kd_weight 0). Returns the loss."""
-    cfg = model.config
+    label-smoothed CE through the same fused op (kd_weight 0). Returns the loss. ``model``
+    may be wrapped in ``DistributedDataParallel`` (see ``rank_slice``)."""
+    cfg = getattr(model, "module", model).config  # DDP keeps the HF model in .module
     batch = seq2seq_batch(examples, ids, cfg.pad_token_id or 0,
                           cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else 0)
     labels = batch.pop("labels")

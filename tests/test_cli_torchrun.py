@@ -4,6 +4,8 @@ tests/cli_env.py (gloo on 127.0.0.1, a free port), gives a sharded datastore, on
 rank, whose global bytes equal the single-process build; rank 0 alone prints the summary.
 Failures print the same one-line error and exit code on every rank: an existing --out (every
 rank fails its check), and a shard only rank 1 cannot write (the other rank learns of it).
+Half a torchrun environment (WORLD_SIZE > 1 without MASTER_ADDR, a non-integer WORLD_SIZE) is
+a usage error before any work; WORLD_SIZE 1 is the plain single-process build.
 
 Every rank's collectives time out after --dist-timeout 60 s and every torchrun run has a
 deadline, after which its whole process group is killed: a failure never hangs the suite."""
@@ -21,7 +23,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from cli_env import env  # noqa: E402,F401
+from cli_env import env, fail  # noqa: E402,F401
 from knnfast.app.cli import EXAMPLES, main  # noqa: E402
 from knnfast.app.cli.examples import CORPUS, DEMO_MODEL  # noqa: E402
 from knnfast.storage import sharded  # noqa: E402
@@ -152,3 +154,29 @@ def test_one_rank_failing_fails_every_rank(built, env):
     assert not sharded.is_sharded(out_dir)              # nothing committed
     assert_exit_codes(err)
     assert_no_rank_traceback(err)
+
+
+@pytest.mark.parametrize("environ, words", [
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "1"}, "WORLD_SIZE=2 is set but MASTER_ADDR"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+])
+def test_half_a_torchrun_environment_is_a_usage_error(env, environ, words, monkeypatch,
+                                                      capsys, tmp_path):
+    """Before any work or any wait for other ranks: exit 2, one line naming the variable."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    argv = ["build-datastore", "--model", env["marian"], "--corpus", env["tsv"], "--out",
+            str(tmp_path / "ds")]
+    line = fail(capsys, *argv)
+    assert words in line and "torchrun" in line, line
+    assert main(argv) == 2 and not (tmp_path / "ds").exists()
+
+
+def test_world_size_one_is_a_plain_build(env, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    out = tmp_path / "ds"
+    assert main(["build-datastore", "--model", env["marian"], "--corpus", env["tsv"],
+                 "--out", str(out)]) == 0
+    assert (out / "meta.json").exists() and not sharded.is_sharded(out)

@@ -124,7 +124,10 @@ def _fail(args, error: BaseException, line: str, code: int) -> int:
     if args is not None and getattr(args, "debug", False):
         import traceback
         traceback.print_exception(error)
-    print(line, file=sys.stderr)
+    # one write: ranks under torchrun share one stderr, and print's separate newline write
+    # could land inside another rank's line
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     return code
 
 

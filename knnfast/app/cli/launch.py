@@ -46,8 +46,8 @@ def torchrun_world() -> int:
 
 @contextlib.contextmanager
 def process_group(timeout_s: float) -> Iterator[Tuple[int, int]]:
-    """Join torchrun's process group for the body (gloo; nccl when CUDA is available, each
-    rank on GPU LOCAL_RANK) and always leave it. Yields (rank, world size): (0, 1), and no
+    """Join torchrun's process group for the body (gloo; nccl when CUDA is available and
+    this rank has a GPU of its own, GPU LOCAL_RANK) and always leave it. Yields (rank, world size): (0, 1), and no
     group, outside torchrun."""
     world = torchrun_world()
     if world == 1:
@@ -56,9 +56,10 @@ def process_group(timeout_s: float) -> Iterator[Tuple[int, int]]:
     import torch
     import torch.distributed as dist
     rank, backend = int(os.environ["RANK"]), "gloo"
-    if torch.cuda.is_available():
-        backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        backend = "nccl"  # one GPU per rank; more ranks than GPUs stay on gloo
+        torch.cuda.set_device(local_rank)
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:  # torch's DistNetworkError / DistStoreError

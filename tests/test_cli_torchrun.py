@@ -180,3 +180,16 @@ def test_world_size_one_is_a_plain_build(env, monkeypatch, capsys, tmp_path):
     assert main(["build-datastore", "--model", env["marian"], "--corpus", env["tsv"],
                  "--out", str(out)]) == 0
     assert (out / "meta.json").exists() and not sharded.is_sharded(out)
+
+
+def test_ctrl_c_under_torchrun_says_rerun_with_resume(monkeypatch):
+    from knnfast.app.cli import STOPPED, build_parser
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    argv = ["build-datastore", "--model", "m", "--corpus", "c.tsv", "--out", "ds/x",
+            "--overwrite"]
+    where = STOPPED["build-datastore"](build_parser().parse_args(argv), argv)
+    assert where == ("every rank's committed chunks are kept under ds/x; resume: the same "
+                     "torchrun command running knnfast build-datastore --model m --corpus "
+                     "c.tsv --out ds/x --resume")

@@ -3,7 +3,8 @@
 tests/cli_env.py (gloo on 127.0.0.1, a free port), gives a sharded datastore, one shard per
 rank, whose global bytes equal the single-process build; rank 0 alone prints the summary.
 Failures print the same one-line error and exit code on every rank: an existing --out (every
-rank fails its check), and a shard only rank 1 cannot write (the other rank learns of it).
+rank fails its check), and a shard only rank 1 cannot write (the other rank learns of it;
+rerun with --resume, the build finishes keeping rank 0's shard).
 Half a torchrun environment (WORLD_SIZE > 1 without MASTER_ADDR, a non-integer WORLD_SIZE) is
 a usage error before any work; WORLD_SIZE 1 is the plain single-process build.
 
@@ -135,9 +136,10 @@ def test_existing_out_fails_on_every_rank(built, env):
     assert_no_rank_traceback(err)
 
 
-def test_one_rank_failing_fails_every_rank(built, env):
+def test_one_rank_failing_fails_every_rank_then_resumes(built, env):
     """rank 1 cannot create its shard (a file is in the way); rank 0 builds its shard and
-    then fails too, with the same line, instead of committing a manifest or waiting."""
+    then fails too, with the same line, instead of committing a manifest or waiting. With
+    the file gone, rerunning with --resume keeps rank 0's shard and finishes the build."""
     argv = list(built["argv"])
     out_dir = Path(built["cwd"]) / "ds" / "blocked"
     out_dir.mkdir()
@@ -154,6 +156,17 @@ def test_one_rank_failing_fails_every_rank(built, env):
     assert not sharded.is_sharded(out_dir)              # nothing committed
     assert_exit_codes(err)
     assert_no_rank_traceback(err)
+
+    # out of the way, the same command resumes: rank 0's finished shard is kept as it is
+    finished = out_dir / sharded.shard_name(0) / "meta.json"
+    stamp = finished.stat().st_mtime_ns
+    (out_dir / sharded.shard_name(1)).unlink()
+    code, out, err = torchrun([*argv, "--resume"], env, built["cwd"])
+    assert code == 0, err[-3000:]
+    assert finished.stat().st_mtime_ns == stamp
+    got, _ = _global_bytes(str(out_dir))
+    want, _ = _global_bytes(built["single"])
+    assert all(got[name] == want[name] for name in ("keys", "values", "key_sq_norms"))
 
 
 @pytest.mark.parametrize("environ, words", [

@@ -18,6 +18,7 @@ import knnfast
 from knnfast.integrations import hf
 from knnfast.methods.analysis import retrieval_by_frequency, target_counts
 from knnfast.methods.ink import ADAPTERS_ATTR, add_adapters, train_ink
+from knnfast.storage.checkpoint import load_checkpoint
 
 from ..demo.base_model import seq2seq_loss
 from ..demo.knn_mt import IVF_NPROBE, ivf_factory, train_adaptive, train_robust, tune_knn
@@ -252,7 +253,8 @@ def train_arm(run: StudyRun, world: MTWorld, s: InkSettings, arm: Arm) -> dict:
 
 def checkpoint_history(checkpoint: Path) -> list:
     """The per-epoch log in a train_ink checkpoint ([] when there is none)."""
-    return torch.load(checkpoint, weights_only=False)["history"] if checkpoint.exists() else []
+    saved = load_checkpoint(checkpoint, "knnfast reproduce ink", "the arm trains again")
+    return saved["history"] if saved is not None else []
 
 
 def ink_arms(run: StudyRun, world: MTWorld, s: InkSettings) -> tuple[dict, dict]:

@@ -142,8 +142,9 @@ def build_index_args(p: argparse.ArgumentParser) -> None:
            help="keys sampled to train the quantizers")
     option(p, "--nprobe", type=positive_int, default=32,
            help="IVF lists searched per query (recorded for IVF indexes only)")
-    option(p, "--device", choices=("auto", "cpu", "cuda"), default="auto",
-           help="where FAISS trains and adds (auto: a GPU when faiss has one)")
+    option(p, "--device", choices=("auto", "cpu", "cuda", "all"), default="auto",
+           help="where FAISS trains and adds (auto: a GPU when faiss has one; all: sharded "
+                "over every visible GPU)")
 
 
 def verify_args(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,10 @@ Environment:
   KNNFAST_CUDA=auto|on|off   build the CUDA kernels (auto: when torch has CUDA and nvcc exists)
   KNNFAST_BUILD_TYPE=Release|Debug|RelWithDebInfo
   MAX_JOBS=N                 parallel compile jobs (default: number of cores)
+
+The library is compiled against the torch installed in this environment, so build without
+build isolation (`pip install --no-build-isolation .`, `python -m build --no-isolation`):
+pyproject.toml lists no torch, and an isolated build fails here with that advice.
 """
 import os
 import shutil
@@ -21,9 +25,23 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def import_installed_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise RuntimeError(
+            "knnfast: torch is not importable by this build. knnfast compiles against the "
+            "torch already installed (a C++ extension works only with the torch it was built "
+            "against), so install torch first (e.g. `pip install torch==2.13.0`; supported: "
+            ">= 2.4) and build without build isolation, which hides it: "
+            "`pip install --no-build-isolation .` or `python -m build --no-isolation`"
+        ) from e
+    return torch
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        import torch
+        torch = import_installed_torch()
 
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
         out_dir = os.path.dirname(out_path)

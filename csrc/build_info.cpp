@@ -13,11 +13,15 @@
 #ifndef KNNFAST_VERSION
 #define KNNFAST_VERSION "unknown"
 #endif
+#ifndef KNNFAST_TORCH_VERSION
+#define KNNFAST_TORCH_VERSION "unknown"
+#endif
 
 namespace knnfast {
 
 std::string build_info() {
   std::string s = "version=" KNNFAST_VERSION;
+  s += ";built_with_torch=" KNNFAST_TORCH_VERSION;
 #ifdef KNNFAST_WITH_CUDA
   s += ";cuda_compiled=1";
 #else

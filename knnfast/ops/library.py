@@ -1,5 +1,7 @@
-"""Loads the compiled library (knnfast/_C*.so) once and exposes its raw ops as ``OPS``
-(= ``torch.ops.knnfast``), plus ``build_info()``."""
+"""Loads the compiled library (knnfast/_C*.so, or the file named by KNNFAST_LIBRARY) once and
+exposes its raw ops as ``OPS`` (= ``torch.ops.knnfast``), plus ``build_info()``; checks the
+running torch against the supported range and the one the library was built against
+(``compat``)."""
 from __future__ import annotations
 
 import glob
@@ -7,35 +9,63 @@ import os
 
 import torch
 
+from .compat import REBUILD, check_supported, warn_on_mismatch
+
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: another build of the library to load instead of knnfast/_C*.so (`make sanitize` uses it)
+LIBRARY_VARIABLE = "KNNFAST_LIBRARY"
 
 
-def load_library() -> None:
+def library_path() -> str:
+    override = os.environ.get(LIBRARY_VARIABLE, "").strip()
+    if override:
+        if not os.path.isfile(override):
+            raise ImportError(f"knnfast: {LIBRARY_VARIABLE}={override!r} is not a file")
+        return override
     candidates = sorted(glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")))
     if not candidates:
         raise ImportError(
             "knnfast: the compiled library (knnfast/_C*.so) is missing; build it with "
             "`pip install --no-build-isolation -e .` (or `make build`)"
         )
-    torch.ops.load_library(candidates[0])
+    return candidates[0]
 
 
+def load_library() -> None:
+    path = library_path()
+    try:
+        torch.ops.load_library(path)
+    except OSError as e:  # typically undefined torch symbols: built against another torch
+        raise ImportError(
+            f"knnfast: cannot load {path} under torch {torch.__version__} ({e}); it was most "
+            f"likely built against another torch. Rebuild it in this environment: {REBUILD}"
+        ) from e
+
+
+def parse_build_info(raw: str) -> dict:
+    """The library's "key=value;..." string as a dict of strings."""
+    return dict(item.partition("=")[::2] for item in raw.split(";"))
+
+
+check_supported(torch.__version__)
 load_library()
 OPS = torch.ops.knnfast
+warn_on_mismatch(parse_build_info(OPS.build_info()).get("built_with_torch", ""),
+                 torch.__version__)
 
 
 def build_info() -> dict:
     """How knnfast was built and what it will use here.
 
-    Keys: version, torch_version, cuda_compiled (CUDA kernels built in), cuda_available,
-    openmp, openmp_threads, simd ("avx512" or "generic" for the CPU kernels),
-    avx512_bf16 (bf16 dot products available to the bf16 GEMM search path), max_k (the
-    largest k the kernels accept), cpu_plans (the knn_search plans this CPU can run).
+    Keys: version, torch_version (the torch running now), built_with_torch (the torch the
+    library was compiled against; "unknown" for a library older than this key; import warns
+    when the two releases differ), cuda_compiled (CUDA kernels built in), cuda_available,
+    openmp, openmp_threads, simd ("avx512" or "generic" for the CPU kernels), avx512_bf16
+    (bf16 dot products available to the bf16 GEMM search path), max_k (the largest k the
+    kernels accept), cpu_plans (the knn_search plans this CPU can run).
     """
-    info: dict = {}
-    for item in OPS.build_info().split(";"):
-        key, _, value = item.partition("=")
-        info[key] = value
+    info = parse_build_info(OPS.build_info())
+    info.setdefault("built_with_torch", "unknown")
     for key in ("cuda_compiled", "openmp", "avx512_bf16"):
         info[key] = info.get(key) == "1"
     info["openmp_threads"] = int(info.get("openmp_threads", "0"))

@@ -5,6 +5,7 @@
 | ``KNNFAST_CUDA_CHECKS``  | once, at ``import knnfast`` | ``0``: CUDA ops skip reading their value-check status back (no host sync per call; bad values then go unreported, never out of bounds). Default ``1``. |
 | ``KNNFAST_DEBUG``        | once, at ``import knnfast`` | ``1``: the bf16 CPU search prints its candidate counts to stderr. Default ``0``. |
 | ``KNNFAST_SIMD``         | once, when the library loads | ``generic``: the CPU kernels use the portable code instead of AVX-512. |
+| ``KNNFAST_LIBRARY``      | once, when the library loads | path of another build of the compiled library to load instead of ``knnfast/_C*.so`` (``make sanitize`` loads its ASan/UBSan build this way). |
 | ``KNNFAST_CUDA``, ``KNNFAST_BUILD_TYPE``, ``MAX_JOBS`` | at build time (setup.py) | build switches, see README. |
 | ``KNNFAST_BENCH_QUICK``, ``KNNFAST_DEMO_CACHE`` | by the benchmark suites (benchmarks/), never by the library | shrink every benchmark shape; where the demo's cached model lives. |
 

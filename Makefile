@@ -7,12 +7,12 @@ VPY := $(VENV)/bin/python
 # torch is pinned everywhere: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 DEPS := numpy pytest hypothesis pytest-benchmark faiss-cpu setuptools wheel cmake ninja tqdm \
-	transformers tokenizers sacrebleu matplotlib accelerate
+	transformers tokenizers sacrebleu matplotlib accelerate build
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu) $(wildcard tests/cuda/*.cu)
 
-.PHONY: venv build test test-deep cuda-check bench demo reproduce clean
+.PHONY: venv build test test-deep cuda-check sanitize package-check bench demo reproduce clean
 
 venv: $(VENV)/.deps-installed
 
@@ -65,6 +65,43 @@ test: build cuda-check
 PROPERTY_TESTS = $(shell grep -l "@given" tests/test_*.py)
 test-deep: build
 	HYPOTHESIS_PROFILE=thorough $(VPY) -m pytest -q -p no:cacheprovider --durations=0 $(PROPERTY_TESTS)
+
+# Pre-release check (not in `make test`: see README, Reliability): the op tests under
+# AddressSanitizer + UndefinedBehaviorSanitizer. The instrumented library is built in
+# build/sanitize (never replacing knnfast/_C*.so) and loaded through KNNFAST_LIBRARY; python
+# itself is not instrumented, so the ASan runtime is preloaded, with libstdc++: python does not
+# link it, and without it ASan's __cxa_throw interceptor finds no real __cxa_throw and aborts at
+# the first C++ exception (every bad-input test throws; google/sanitizers#934). Options:
+#   detect_leaks=0  CPython and torch keep allocations alive until exit by design (interned
+#                   objects, op registries); LeakSanitizer would report those, not knnfast.
+#   halt_on_error=1 (UBSan; ASan halts by default) the first report fails the run.
+#   --capture=sys   a report is written to fd 2 as the process dies: pytest's fd capture
+#                   would swallow it.
+# The tests run twice: with the AVX-512 kernels, then with KNNFAST_SIMD=generic, because ASan
+# does not see AVX-512 masked loads/stores (compiler builtins, not instrumented memory
+# accesses); the portable bodies make the same index arithmetic with plain, checked accesses.
+SAN_DIR := build/sanitize
+SAN_TESTS := $(wildcard tests/test_knn_*.py) tests/test_label_counts.py \
+	tests/test_op_arguments.py tests/test_simd.py tests/test_build_info.py
+sanitize: venv
+	PATH=$(abspath $(VENV))/bin:$$PATH cmake -S . -B $(SAN_DIR) -GNinja -DCMAKE_BUILD_TYPE=Debug \
+	  -DKNNFAST_SANITIZE=ON -DKNNFAST_CUDA=off -DKNNFAST_OUTPUT_DIR=$(abspath $(SAN_DIR)) \
+	  -DPython_EXECUTABLE=$(abspath $(VPY))
+	PATH=$(abspath $(VENV))/bin:$$PATH cmake --build $(SAN_DIR)
+	for simd in auto generic; do echo "== sanitize: KNNFAST_SIMD=$$simd"; \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  KNNFAST_LIBRARY=$(abspath $(SAN_DIR))/_C.so KNNFAST_SIMD=$$simd \
+	  $(VPY) -m pytest $(SAN_TESTS) -q -p no:cacheprovider --capture=sys || exit 1; done
+
+# The package as a user gets it (several minutes, so not in `make test`: python -m build compiles
+# the wheel from the sdist): sdist + wheel into build/dist, then tests/test_packaging.py
+# installs the wheel into a fresh venv and runs a smoke test there, outside the source tree.
+package-check: venv
+	rm -rf build/dist
+	$(VPY) -m build --no-isolation --outdir build/dist
+	KNNFAST_WHEEL=$$(ls build/dist/knnfast-*.whl) $(VPY) -m pytest tests/test_packaging.py -q \
+	  -p no:cacheprovider -rs
 
 # The main job: English->German kNN-MT on the system's gettext catalogs (no network).
 # Trains (or loads from .cache/demo) a small Marian model, builds the in-domain datastore,

@@ -347,3 +347,37 @@ def tiny_gpt2(vocab, *, n_embd, n_layer, n_positions, pad=0, eos=1, seed=0):
                      n_positions=n_positions, pad_token_id=pad, eos_token_id=eos,
                      bos_token_id=eos, initializer_range=0.2)
     return GPT2LMHeadModel(cfg).eval()
+
+
+# ------------------------------------------------------------------ forked torch.distributed ranks
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(target, world, *args, deadline_s=120):
+    """``target(rank, world, port, *args)`` in ``world`` forked processes (gloo on loopback
+    only), joined one by one (torch's spawn helper would kill the surviving ranks as soon as
+    one dies, before they report). Fails if any rank is still running after ``deadline_s``;
+    returns the exit codes (a rank killed by signal s exits with -s)."""
+    import multiprocessing
+    import os
+    import time
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    port, ctx = free_port(), multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + deadline_s
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} still running after {deadline_s} s"
+    return [p.exitcode for p in procs]

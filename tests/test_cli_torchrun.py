@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +24,11 @@ import pytest
 pytest.importorskip("transformers")
 
 from cli_env import env, fail  # noqa: E402,F401
+from helpers import free_port  # noqa: E402
 from knnfast.app.cli import EXAMPLES, main  # noqa: E402
 from knnfast.app.cli.examples import CORPUS, DEMO_MODEL  # noqa: E402
 from knnfast.storage import sharded  # noqa: E402
-from test_distributed import _global_bytes  # noqa: E402
+from test_distributed import global_bytes  # noqa: E402
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 DEADLINE_S = 240
@@ -37,11 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.usefixtures("single_threaded"),
               pytest.mark.skipif(not TORCHRUN.exists(), reason=f"no {TORCHRUN}")]
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _example_argv():
@@ -56,7 +51,7 @@ def torchrun(argv, env, cwd):
     """Run torchrun with ``argv`` (a free local port added): (returncode, stdout, stderr)."""
     demo = {DEMO_MODEL: env["marian"], f"{CORPUS}/in_train.tsv": env["tsv"]}
     argv = [demo.get(a, a) for a in argv]
-    cmd = [str(TORCHRUN), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    cmd = [str(TORCHRUN), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            *argv, "--dist-timeout", "60"]
     child_env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                      PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -105,8 +100,8 @@ def built(env, tmp_path_factory):
 
 
 def test_torchrun_build_equals_single_process(built):
-    got, ds = _global_bytes(built["out"])
-    want, plain = _global_bytes(built["single"])
+    got, ds = global_bytes(built["out"])
+    want, plain = global_bytes(built["single"])
     assert isinstance(ds, sharded.ShardedStore) and len(ds.meta["shards"]) == 2
     for name in ("keys", "values", "key_sq_norms"):
         assert got[name] == want[name], name
@@ -121,7 +116,7 @@ def test_torchrun_build_equals_single_process(built):
 def test_torchrun_summary_printed_once(built):
     summary = json.loads(built["stdout"])   # one JSON object: rank 0's alone
     assert summary["shards"] == 2 and summary["ranks"] == 2
-    assert summary["entries"] == len(_global_bytes(built["single"])[1])
+    assert summary["entries"] == len(global_bytes(built["single"])[1])
     assert os.path.samefile(built["cwd"] / summary["datastore"], built["out"])
 
 
@@ -164,8 +159,8 @@ def test_one_rank_failing_fails_every_rank_then_resumes(built, env):
     code, out, err = torchrun([*argv, "--resume"], env, built["cwd"])
     assert code == 0, err[-3000:]
     assert finished.stat().st_mtime_ns == stamp
-    got, _ = _global_bytes(str(out_dir))
-    want, _ = _global_bytes(built["single"])
+    got, _ = global_bytes(str(out_dir))
+    want, _ = global_bytes(built["single"])
     assert all(got[name] == want[name] for name in ("keys", "values", "key_sq_norms"))
 
 

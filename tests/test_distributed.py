@@ -7,11 +7,9 @@ killed mid-build makes the others fail with a clear error (not a hang), and reru
 resumes to the same bytes.
 Every collective has the group's 20 s timeout and every spawn a 120 s deadline."""
 import datetime
-import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import time
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import knnfast
-from helpers import tiny_gpt2
+from helpers import free_port, run_ranks, tiny_gpt2
 from knnfast import Datastore, DatastoreError
 from knnfast.storage import sharded
 from test_sharded import build_pair
@@ -77,16 +75,11 @@ def _worker(rank, world, port, root):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _spawn(world, root):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     # fork: the ranks start without importing torch again (seconds each on a busy box)
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), root), nprocs=world,
+    ctx = mp.start_processes(_worker, args=(world, free_port(), root), nprocs=world,
                              join=False, start_method="fork")
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     try:
@@ -151,7 +144,7 @@ def test_missing_shard_fails_on_every_rank(ranks):
         assert "shard-00002) is missing" in msg
 
 
-def _global_bytes(path):
+def global_bytes(path):
     ds = Datastore.open(path)
     shards = ds.shards if isinstance(ds, sharded.ShardedStore) else [ds]
     out = {}
@@ -171,9 +164,9 @@ def test_builds_identical_for_1_2_3_ranks(root, ranks):
                            key_dtype=torch.float32)
         hf.build_datastore(_gpt2(), _corpus(), one, batch_size=3, progress=False,
                            key_dtype=torch.float32, sharded=True)  # no group: 1 rank
-    want, plain_ds = _global_bytes(plain)
+    want, plain_ds = global_bytes(plain)
     for path in (one, os.path.join(root, f"build-w{world}")):
-        got, ds = _global_bytes(path)
+        got, ds = global_bytes(path)
         assert isinstance(ds, sharded.ShardedStore)
         assert len(ds.meta["shards"]) == (1 if path == one else world)
         for name in ("keys", "values", "key_sq_norms"):
@@ -223,23 +216,7 @@ def _build_worker(rank, world, port, root, kill):
 
 
 def _run_ranks(world, root, kill):
-    """Each rank in a forked process, joined one by one (torch's spawn helper would kill the
-    surviving ranks as soon as one dies, before they report)."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    port, ctx = _free_port(), multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_build_worker, args=(r, world, port, root, kill))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} still running after {SPAWN_DEADLINE_S} s"
-    return [p.exitcode for p in procs]
+    return run_ranks(_build_worker, world, root, kill, deadline_s=SPAWN_DEADLINE_S)
 
 
 def test_rank_killed_mid_build_fails_clearly_then_resumes(tmp_path):
@@ -263,8 +240,8 @@ def test_rank_killed_mid_build_fails_clearly_then_resumes(tmp_path):
     plain = os.path.join(root, "plain")
     hf.build_datastore(_gpt2(), _corpus(), plain, batch_size=3, progress=False,
                        key_dtype=torch.float32)
-    got, ds = _global_bytes(killed)
-    want, _ = _global_bytes(plain)
+    got, ds = global_bytes(killed)
+    want, _ = global_bytes(plain)
     assert len(ds.meta["shards"]) == 2
     for name in ("keys", "values", "key_sq_norms"):
         assert got[name] == want[name], name
@@ -294,18 +271,7 @@ def _teacher_worker(rank, world, port, root):
 
 
 def _run_teacher_ranks(world, root):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    port, ctx = _free_port(), multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_teacher_worker, args=(r, world, port, root))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    run_ranks(_teacher_worker, world, root, deadline_s=SPAWN_DEADLINE_S)
     return [open(os.path.join(root, f"teacher{r}")).read() for r in range(world)]
 
 

@@ -12,10 +12,7 @@ gradient is again the whole batch's mean (what ``rank_slice``'s docstring says t
 
 Every collective has a 20 s timeout and the ranks a 120 s deadline."""
 import datetime
-import multiprocessing
 import os
-import socket
-import time
 
 import pytest
 import torch
@@ -23,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 import knnfast.integrations.hf as H  # noqa: E402
-from helpers import random_sequences, tiny_marian  # noqa: E402
+from helpers import random_sequences, run_ranks, tiny_marian  # noqa: E402
 from knnfast.methods import kd  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -122,27 +119,8 @@ def _worker(rank, world, port, root):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world, root, target=_worker):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    port, ctx = _free_port(), multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, world, port, root)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} still running after {DEADLINE_S} s"
-    return [p.exitcode for p in procs]
+    return run_ranks(target, world, root, deadline_s=DEADLINE_S)
 
 
 @pytest.fixture(scope="module")

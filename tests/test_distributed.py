@@ -50,6 +50,25 @@ def _searches(ds, q, exclude):
     return out
 
 
+def _lm_uses(ds):
+    """What the decoding APIs make of ``ds`` (a Datastore or a ShardedDatastore, unchanged):
+    kNN-LM and adaptive kNN-LM perplexities (evaluate_lm) and kNN beam search (generate)."""
+    import dataclasses
+    from knnfast.integrations import hf
+    model, corpus = _gpt2(), _corpus()
+    torch.manual_seed(0)   # the adaptive decoder's meta-k network starts from this seed
+    decoders = {"knn": knnfast.KNNDecoder(ds, k=4, temperature=5.0, lam=0.3),
+                "adaptive": knnfast.AdaptiveKNNDecoder(ds, max_k=4, temperature=5.0)}
+    out = {name: dataclasses.asdict(hf.evaluate_lm(model, corpus, dec, batch_size=4,
+                                                   progress=False)) for name, dec in decoders.items()}
+    for result in out.values():
+        del result["seconds"]                 # wall time: the only field that may differ
+    prompt = torch.tensor([corpus[0][:3], corpus[1][:3]])
+    out["generate"] = hf.generate(model, decoders["knn"], prompt, max_new_tokens=4, num_beams=2,
+                                  do_sample=False, pad_token_id=PAD)
+    return out
+
+
 def _worker(rank, world, port, root):
     import torch.distributed as dist
     from knnfast import distributed
@@ -68,8 +87,9 @@ def _worker(rank, world, port, root):
             res["broken"] = None
         except DatastoreError as e:
             res["broken"] = str(e)
-        hf.build_datastore(_gpt2(), _corpus(), os.path.join(root, f"build-w{world}"),
-                           batch_size=3, key_dtype=torch.float32, progress=False)
+        built = hf.build_datastore(_gpt2(), _corpus(), os.path.join(root, f"build-w{world}"),
+                                   batch_size=3, key_dtype=torch.float32, progress=False)
+        res["lm"] = _lm_uses(distributed.ShardedDatastore.open(built.path))
         torch.save(res, os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -131,6 +151,22 @@ def test_search_equals_single_store_bitwise(root, ranks):
     # every rank held a different, contiguous part of the ids
     assert [r["held"] for r in results] == ([(0, 42), (42, 135)] if world == 2 else
                                             [(0, 37), (37, 42), (42, 135)])
+
+
+def test_decoding_apis_take_a_sharded_datastore_unchanged(root, ranks):
+    """evaluate_lm (KNNDecoder and AdaptiveKNNDecoder) and kNN generate on every rank give
+    what they give over the single-process datastore of the same build."""
+    from knnfast.integrations import hf
+    world, results = ranks
+    plain = os.path.join(root, "plain-lm")
+    if not os.path.exists(plain):
+        hf.build_datastore(_gpt2(), _corpus(), plain, batch_size=3, progress=False,
+                           key_dtype=torch.float32)
+    want = _lm_uses(Datastore.open(plain))
+    for rank, res in enumerate(results):
+        for name in ("knn", "adaptive"):
+            assert res["lm"][name] == want[name], (rank, name)
+        assert torch.equal(res["lm"]["generate"], want["generate"]), rank
 
 
 def test_missing_shard_fails_on_every_rank(ranks):

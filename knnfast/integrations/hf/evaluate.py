@@ -104,6 +104,7 @@ class LMEvalResult:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
+@torch.no_grad()  # evaluation: a trainable decoder (adaptive, robust) builds no graph
 def evaluate_lm(model: nn.Module, examples: Sequence[Example], decoder: KNNDecoder, *,
                 hidden: HiddenSpec = "ffn", batch_size: int = 8, return_tokens: bool = False,
                 progress: bool = True, scored: Optional[Sequence[int]] = None) -> LMEvalResult:

@@ -86,6 +86,16 @@ def test_manifest_contents(tmp_path):
     assert "created_at" in m and "model_id" in m and "hidden" in m
 
 
+def test_key_rows_equal_the_single_store(tmp_path):
+    single, sh, _ = build_pair(str(tmp_path))
+    ids = torch.tensor([[0, len(single) - 1, -1], [7, 3, 12]])
+    got, want = sh.key_rows(ids), single.key_rows(ids)
+    assert got.shape == (2, 3, 12) and got.dtype == want.dtype
+    valid = ids >= 0
+    assert torch.equal(got[valid], want[valid])
+    assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+
+
 def test_lookup_rejects_bad_ids(tmp_path):
     _, sh, _ = build_pair(str(tmp_path))
     with pytest.raises(ValueError, match=r"indices must be -1 or global ids.*got 132"):

@@ -191,6 +191,12 @@ class Datastore(MetaFields):
         tokens = self.values[idx.clamp(min=0)].to(torch.int64)
         return tokens.masked_fill_(idx < 0, -1).to(indices.device)
 
+    def key_rows(self, indices: Tensor) -> Tensor:
+        """Keys (as stored) of entry ids ``indices`` [..., D] on ``indices``' device; -1 slots
+        read entry 0 (mask them by ``lookup``'s -1). No range check: ids from ``search``."""
+        idx = indices.to(self.keys.device).clamp(min=0)
+        return self.keys[idx].to(indices.device)
+
     # ---- provenance
 
     def set_provenance(self, example_ids: Tensor, lengths: Tensor) -> None:

@@ -263,6 +263,17 @@ class ShardedStore(MetaFields):
             tokens = torch.where(local >= 0, shard.lookup(local, check=False), tokens)
         return tokens
 
+    def key_rows(self, indices: Tensor) -> Tensor:
+        """Keys (as stored) of global ids on the held shards [..., D], on ``indices``' device;
+        -1 slots and ids not held here read zeros. No range check: ids from ``search``."""
+        dtype = self.shards[0].keys.dtype if self.shards else torch.float32
+        rows = torch.zeros(*indices.shape, self.dim, dtype=dtype, device=indices.device)
+        for shard, offset in zip(self.shards, self.offsets):
+            local = _local_ids(indices, offset, len(shard))
+            inside = local >= 0
+            rows[inside] = shard.key_rows(local[inside])
+        return rows
+
 
 def _local_ids(ids: Tensor, offset: int, size: int) -> Tensor:
     """Global ids -> ids inside the shard [offset, offset + size); -1 for the rest."""

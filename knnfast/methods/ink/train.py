@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ... import distributed
 from ...storage import Datastore, DatastoreError
 from ...storage import index as faiss_index
 from ...storage.building import acquire_build_lock
@@ -61,13 +63,33 @@ class _EntryIds:
         return torch.cat([torch.arange(self.start[s], self.start[s] + self.lengths[s])
                           for s in slots])
 
+    def rows(self, slots: List[int]) -> int:
+        return sum(self.lengths[s] for s in slots)
+
+
+@dataclass
+class _Epoch:
+    """One epoch's inputs: the examples in length order (``order``), the batches as lists of
+    slots into it, their entry ids, and this rank's place in the process group."""
+    examples: Sequence
+    order: List[int]
+    batches: List[List[int]]
+    entries: _EntryIds
+    group: Any = None
+
+    def share(self, slots: List[int]) -> List[int]:
+        """This rank's contiguous share of a batch (all of it in a single process)."""
+        start, end = distributed.split(len(slots), *distributed.rank_and_world(self.group))
+        return slots[start:end]
+
 
 def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
               batch_size: int = 16, k: int = 32, alpha: float = 0.1, beta: float = 0.1,
               lr: float = 1e-3, adapter_size: int = 64, dropout: float = 0.1,
               variant: str = "paper", seed: int = 0, index_factory: str = None,
               nprobe: int = 16, hidden="ffn", refresh: bool = True,
-              initial_datastore: Optional[Datastore] = None, progress: bool = True, log=print):
+              initial_datastore: Optional[Datastore] = None, progress: bool = True, log=print,
+              group: Any = None):
     """INK (2023): refine the representation space with adapters against kNN knowledge.
 
     Every epoch re-encodes the datastore keys with the current adapters (teacher-forced
@@ -92,13 +114,27 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     training, used instead of encoding it again for the first epoch (and, without refresh, for
     every epoch). Adapters start as the identity, so the base model's datastore of the same
     examples (``build_datastore``, same ``hidden``) qualifies; its length is checked.
+
+    Under an initialized ``torch.distributed`` process group (call it on every rank of
+    ``group`` with the same arguments; ``workdir`` on a filesystem every rank sees) the work
+    is split across the ranks: every refresh encodes a sharded datastore, each rank its
+    contiguous share of the examples (``build_datastore``), and every batch's examples are
+    split across the ranks, each rank's loss weighted by its share of the batch's target
+    positions and the adapter gradients summed with one all-reduce per step: the update is
+    the single-process one (up to float rounding; adapter dropout draws differ per rank).
+    Rank 0 holds the lock, writes the checkpoints and logs. A failure on any rank raises on
+    every rank. ``index_factory`` is single-process only.
     """
     from ...integrations import hf
     if hidden == "att":
         raise ValueError("train_ink: hidden must be the input of the output projection ('ffn' "
                          "or its module path), got 'att' (ink_loss multiplies it by the "
                          "output weight)")
-    with _locked_workdir(workdir):
+    rank, world = distributed.rank_and_world(group)
+    if world > 1 and index_factory:
+        raise ValueError("train_ink: index_factory is single-process only; under a process "
+                         "group of several ranks train with exact search (index_factory=None)")
+    with _locked_workdir(workdir, group):
         if not hasattr(model, ADAPTERS_ATTR):
             add_adapters(model, size=adapter_size, dropout=dropout)
         adapters = getattr(model, ADAPTERS_ATTR)
@@ -120,7 +156,7 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
                     ds = _own_handle(initial_datastore)
                 else:
                     ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"),
-                                          hidden, reuse=not refresh and epoch > 0)
+                                          hidden, reuse=not refresh and epoch > 0, group=group)
                 if index_factory:
                     _refresh_index(ds, index_factory, nprobe,
                                    os.path.join(workdir, "ink_index.faiss"))
@@ -128,32 +164,48 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
             batches = [list(range(s, min(s + batch_size, len(order))))
                        for s in range(0, len(order), batch_size)]
             batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-            entry = _train_epoch(model, [[examples[order[s]] for s in b] for b in batches],
-                                 [entries.of(b) for b in batches], ds, opt, settings,
-                                 f"INK epoch {epoch + 1}", progress)
+            entry = _train_epoch(model, _Epoch(examples, order, batches, entries, group), ds,
+                                 opt, settings, f"INK epoch {epoch + 1}", progress and rank == 0)
             entry["epoch"] = epoch + 1
             entry["refreshed"] = bool(refresh or epoch == 0)
             history.append(entry)
-            log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align {entry['align']:.4f}, "
-                f"kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
-            _save(ckpt_path, adapters, opt, epoch + 1, history)
+            if rank == 0:
+                log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align "
+                    f"{entry['align']:.4f}, kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
+            _save(ckpt_path, adapters, opt, epoch + 1, history, group)
         return history
 
 
 @contextlib.contextmanager
-def _locked_workdir(workdir: str):
-    """Create ``workdir`` and hold its lock for the run (a second run there fails at once)."""
+def _locked_workdir(workdir: str, group: Any = None):
+    """Create ``workdir`` and hold its lock for the run (a second run there fails at once);
+    under a process group rank 0 holds it for all ranks, which learn of its failure."""
+    rank, world = distributed.rank_and_world(group)
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = _lock_workdir(workdir)
+        except (OSError, ValueError) as e:
+            if world == 1:
+                raise
+            error = e
+    try:
+        if world > 1:
+            distributed.agree(f"train_ink: locking {workdir}", error, group)
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_workdir(workdir: str) -> int:
     check_store_path(workdir, "train_ink")
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise os_error("train_ink", "create the work directory", workdir, e,
                        "make its parent writable or use another workdir") from None
-    lock = acquire_build_lock(workdir, "train_ink")
-    try:
-        yield
-    finally:
-        os.close(lock)
+    return acquire_build_lock(workdir, "train_ink")
 
 
 def _own_handle(ds: Datastore) -> Datastore:
@@ -161,37 +213,77 @@ def _own_handle(ds: Datastore) -> Datastore:
     return Datastore.open(ds.path) if ds.path is not None else ds
 
 
-def _epoch_datastore(model: nn.Module, examples, path: str, hidden, reuse: bool) -> Datastore:
-    """The epoch's datastore: re-encoded by the current model, or (``reuse``, no refresh) the
-    one an earlier epoch of this run encoded."""
+def _epoch_datastore(model: nn.Module, examples, path: str, hidden, reuse: bool,
+                     group: Any = None) -> Datastore:
+    """The epoch's datastore: re-encoded by the current model (sharded across the ranks of
+    a process group), or (``reuse``, no refresh) the one an earlier epoch of this run
+    encoded."""
     from ...integrations import hf
-    if reuse and os.path.exists(os.path.join(path, "meta.json")):
+    from ...storage.sharded import is_sharded
+    if reuse and (os.path.exists(os.path.join(path, "meta.json")) or is_sharded(path)):
         return Datastore.open(path)
     return hf.build_datastore(model, examples, path, hidden=hidden, overwrite=True,
-                              resume=False, progress=False)
+                              resume=False, progress=False,
+                              sharded=distributed.rank_and_world(group)[1] > 1, group=group)
 
 
-def _train_epoch(model: nn.Module, batches: List[list], entry_ids: List[torch.Tensor],
-                 ds: Datastore, opt: torch.optim.Optimizer, settings: _Settings, desc: str,
-                 progress: bool) -> dict:
-    """One pass over the batches (examples, and their positions' datastore entry ids);
-    returns the mean loss and parts."""
+def _train_epoch(model: nn.Module, epoch: _Epoch, ds: Datastore, opt: torch.optim.Optimizer,
+                 settings: _Settings, desc: str, progress: bool) -> dict:
+    """One pass over the epoch's batches; returns the mean loss and parts."""
     from tqdm.auto import tqdm
     model.train()
     weight, bias = _output_layer(model)
+    params = [p for p in opt.param_groups[0]["params"]]
     sums = dict.fromkeys(("loss",) + PARTS, 0.0)
-    bar = tqdm(range(len(batches)), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(len(epoch.batches)), desc=desc, disable=not progress, leave=False)
     for b in bar:
-        loss, parts = _ink_step(model, batches[b], entry_ids[b], ds, weight, bias, settings)
-        opt.zero_grad()
-        loss.backward()
+        slots = epoch.batches[b]
+        if distributed.rank_and_world(epoch.group)[1] == 1:
+            loss, parts = _ink_step(model, [epoch.examples[epoch.order[s]] for s in slots],
+                                    epoch.entries.of(slots), ds, weight, bias, settings)
+            opt.zero_grad()
+            loss.backward()
+            stats = [float(loss.detach())] + [parts[name] for name in PARTS]
+        else:
+            opt.zero_grad()
+            stats = _shared_step(model, epoch, slots, ds, weight, bias, settings, params,
+                                 f"train_ink: {desc}, batch {b + 1}")
         opt.step()
-        sums["loss"] += float(loss.detach())
-        for name in PARTS:
-            sums[name] += parts[name]
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        for name, value in zip(("loss",) + PARTS, stats):
+            sums[name] += value
+        bar.set_postfix(loss=f"{stats[0]:.3f}")
     model.eval()
-    return {name: v / max(1, len(batches)) for name, v in sums.items()}
+    return {name: v / max(1, len(epoch.batches)) for name, v in sums.items()}
+
+
+def _shared_step(model: nn.Module, epoch: _Epoch, slots: List[int], ds: Datastore,
+                 weight: torch.Tensor, bias: Optional[torch.Tensor], settings: _Settings,
+                 params: List[torch.Tensor], what: str) -> List[float]:
+    """This rank's share of one batch: its loss weighted by its share of the batch's target
+    positions (so the ranks' losses add up to the batch mean), backward, then the gradients
+    and loss parts summed over the ranks in one all-reduce. Leaves the batch gradient in
+    ``params``; returns [loss, *parts] of the whole batch."""
+    mine = epoch.share(slots)
+    stats, error = torch.zeros(1 + len(PARTS), dtype=torch.float64), None
+    try:
+        if mine:
+            loss, parts = _ink_step(model, [epoch.examples[epoch.order[s]] for s in mine],
+                                    epoch.entries.of(mine), ds, weight, bias, settings)
+            weight_share = epoch.entries.rows(mine) / epoch.entries.rows(slots)
+            (loss * weight_share).backward()
+            stats = torch.tensor([float(loss.detach())] + [parts[n] for n in PARTS],
+                                 dtype=torch.float64) * weight_share
+    except Exception as e:  # the other ranks must not wait in the all-reduce for this one
+        error = e
+    distributed.agree(what, error, epoch.group)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).double() for g in grads] + [stats])
+    dist.all_reduce(flat, group=epoch.group)
+    at = 0
+    for p in params:
+        p.grad = flat[at:at + p.numel()].view_as(p).to(p.dtype)
+        at += p.numel()
+    return flat[at:].tolist()
 
 
 def _ink_step(model: nn.Module, batch: list, ids: torch.Tensor, ds: Datastore,
@@ -208,7 +300,7 @@ def _ink_step(model: nn.Module, batch: list, ids: torch.Tensor, ds: Datastore,
     _, nbr = ds.search(hidden.detach(), settings.k, exact=settings.exact, rescore=True,
                        exclude=ids)
     tokens = ds.lookup(nbr, check=False)
-    keys = ds.keys[nbr.clamp(min=0)].float()
+    keys = ds.key_rows(nbr).float()
     return ink_loss(hidden, weight, targets, keys, tokens, alpha=settings.alpha,
                     beta=settings.beta, out_bias=bias, variant=settings.variant)
 
@@ -230,9 +322,20 @@ def _resume(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer,
 
 
 def _save(ckpt_path: str, adapters: nn.Module, opt: torch.optim.Optimizer, epoch: int,
-          history: list) -> None:
-    save_checkpoint({"adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
-                     "epoch": epoch, "history": history}, ckpt_path, "train_ink")
+          history: list, group: Any = None) -> None:
+    """Rank 0 writes the checkpoint; every rank learns whether it was written."""
+    rank, world = distributed.rank_and_world(group)
+    error = None
+    try:
+        if rank == 0:
+            save_checkpoint({"adapters": adapters.state_dict(), "optimizer": opt.state_dict(),
+                             "epoch": epoch, "history": history}, ckpt_path, "train_ink")
+    except (OSError, DatastoreError) as e:
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        distributed.agree(f"train_ink: saving {ckpt_path}", error, group)
 
 
 def _refresh_index(ds: Datastore, factory: str, nprobe: int, template_path: str) -> None:

@@ -47,3 +47,49 @@ def test_index_sharded_over_all_gpus_finds_what_the_cpu_index_finds(tmp_path):
     got = ds.search(q, 4, exact=False)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def _cpu_stand_in_for_all_gpus(monkeypatch, gpus=2):
+    """faiss's multi-GPU cloner replaced by what it builds, on CPU: an IndexShards whose g-th
+    part holds the g-th contiguous run of the entries (``shard=True``; ids successive), so
+    the device="all" plumbing runs here. Returns the cloner options it was called with."""
+    import faiss
+    seen, kept = [], []
+
+    class Options:
+        shard = False
+
+    def to_all(index, co=None):
+        seen.append(co)
+        assert co is not None and co.shard, "device='all' must shard, not replicate"
+        vectors = index.reconstruct_n(0, index.ntotal)
+        shards = faiss.IndexShards(index.d, False, True)
+        parts = []
+        for g in range(gpus):
+            part = faiss.IndexFlat(index.d, index.metric_type)
+            part.add(vectors[g * len(vectors) // gpus:(g + 1) * len(vectors) // gpus])
+            parts.append(part)
+            shards.add_shard(part)
+        kept.extend(parts)  # IndexShards does not own its parts
+        return shards
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus, raising=False)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Options, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all, raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_device_all_plumbing_with_a_cpu_stand_in(tmp_path, monkeypatch, metric):
+    """Not a GPU test: the cloner is a CPU stand-in. It checks that load_index("all") asks
+    for a sharded clone and that search maps the shards' successive ids back to entries."""
+    ds = _store(tmp_path)
+    ds.build_index("Flat", metric=metric, device="cpu")
+    q = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    want = ds.search(q, 5, exact=False, metric=metric)
+    seen = _cpu_stand_in_for_all_gpus(monkeypatch)
+    ds.load_index(device="all")
+    assert len(seen) == 1 and seen[0].shard
+    got = ds.search(q, 5, exact=False, metric=metric)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])

@@ -138,6 +138,38 @@ def test_demo_disk_full(tmp_path):
     assert not (tmp_path / "base_model").exists()
 
 
+@cell("read-only directory", "demo base-model checkpoint", "DatastoreError \"cannot create "
+      "the lock file <cache>/.base_model.lock (Permission denied); make the directory "
+      "writable or build somewhere else (nothing was written)\"")
+def test_demo_read_only_cache(tmp_path):
+    os.chmod(tmp_path, 0o555)
+    try:
+        kind, msg = in_child(lambda: _demo_train(tmp_path), read_only=True)
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert kind == "DatastoreError", msg
+    assert "knnfast demo: cannot create the lock file" in msg and "Permission denied" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@cell("path is a file", "demo base-model checkpoint", "DatastoreError \"<cache> is a file, not "
+      "a store directory; use another path (nothing was changed)\"")
+@cell("symlink loop", "demo base-model checkpoint", "DatastoreError \"cannot use <cache> (Too "
+      "many levels of symbolic links); use another path or fix the link\"; the links stay")
+def test_demo_cache_in_the_way(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DatastoreError, match="knnfast demo: .*f is a file, not a store dir"):
+        _demo_train(tmp_path / "f")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "base_model").write_text("x")
+    with pytest.raises(DatastoreError, match="base_model is a file, not a store directory"):
+        _demo_train(tmp_path / "c")
+    loop = symlink_loop(str(tmp_path))
+    with pytest.raises(DatastoreError, match="knnfast demo: cannot use .*Too many levels"):
+        _demo_train(loop)
+    assert os.path.islink(loop) and (tmp_path / "f").read_text() == "x"
+
+
 # --------------------------------------------------------------------------- reproduce
 
 def _stage_run(cache, log):
@@ -176,3 +208,96 @@ def test_reproduce_second_run_on_a_cache_fails_at_once(tmp_path):
     finally:
         os.close(held)
     assert not any("..." in line for line in logs)   # no stage started
+
+
+@cell("disk full during a write", "reproduce stage cache", "DatastoreError \"cannot write "
+      "<stage>.json (File too large); free disk space or make the cache writable, then rerun "
+      "(finished stages are kept)\"; no partial file; the rerun runs only that stage")
+def test_reproduce_disk_full_keeps_finished_stages(tmp_path):
+    from knnfast.app.reproduce.runner import StudyRun
+    _stage_run(tmp_path, lambda s: None)
+
+    def two_stages():
+        run = StudyRun("study", tmp_path, tmp_path / "out", quick=True, log=lambda s: None)
+        run.stage("numbers", lambda: 0)
+        return run.stage("more", lambda: ["x" * 5000])
+    kind, msg = in_child(two_stages, file_size_limit=2000)
+    assert kind == "DatastoreError", msg
+    assert "cannot write" in msg and "more.json (File too large)" in msg
+    assert "finished stages are kept" in msg
+    stages = tmp_path / "study" / "quick" / "stages"
+    assert sorted(p.name for p in stages.iterdir()) == ["numbers.json"]
+    run, result, calls = _stage_run(tmp_path, lambda s: None)
+    assert result == {"bleu": 1.5} and calls == []            # the finished stage is reused
+
+
+@cell("read-only directory", "reproduce stage cache", "finished stages load; a new stage: "
+      "DatastoreError \"cannot write <stage>.json (Permission denied); make the cache "
+      "directory writable or pass another --cache-dir (finished stages are kept)\"")
+def test_reproduce_read_only_cache(tmp_path):
+    from knnfast.app.reproduce.runner import StudyRun
+    _stage_run(tmp_path, lambda s: None)
+    stages = tmp_path / "study" / "quick" / "stages"
+    os.chmod(stages, 0o555)
+
+    def rerun():
+        run = StudyRun("study", tmp_path, tmp_path / "out", quick=True, log=lambda s: None)
+        cached = run.stage("numbers", lambda: 0)
+        return cached, run.stage("more", lambda: 1)
+    try:
+        kind, msg = in_child(rerun, read_only=True)
+    finally:
+        os.chmod(stages, 0o755)
+    assert kind == "DatastoreError", msg
+    assert "knnfast reproduce: cannot write" in msg and "more.json (Permission denied)" in msg
+    assert "pass another --cache-dir" in msg
+    assert sorted(p.name for p in stages.iterdir()) == ["numbers.json"]
+
+
+@cell("bit-flipped file", "reproduce stage cache", "each stage file carries a CRC-32 of its "
+      "result: a warning \"<stage>.json is corrupt (crc32 mismatch); the stage ... runs "
+      "again\" and the stage is recomputed (a flipped digit would still parse as JSON)")
+def test_reproduce_bit_flipped_stage_runs_again(tmp_path):
+    logs = []
+    run, result, calls = _stage_run(tmp_path, logs.append)
+    stage = run.cache / "stages" / "numbers.json"
+    text = stage.read_text()
+    stage.write_text(text.replace("1.5", "1.4"))          # '5' -> '4': one flipped bit
+    run, again, calls = _stage_run(tmp_path, logs.append)
+    assert again == result == {"bleu": 1.5} and calls == [1]
+    assert any("numbers.json is corrupt (crc32 mismatch)" in line for line in logs)
+
+
+@cell("newer format version", "reproduce stage cache", "the cache's settings.json records the "
+      "knnfast version it was built by: another version's cache moves to `<scale>.stale` (a "
+      "log line names the changed settings) and the study runs afresh")
+def test_reproduce_cache_from_another_version_is_set_aside(tmp_path):
+    import json
+    from knnfast.app.reproduce.runner import StudyRun
+    logs = []
+    settings = {"knnfast": "1.0", "scale": "quick"}  # as reproduce() records it
+    run = StudyRun("study", tmp_path, tmp_path / "out", quick=True, log=logs.append)
+    run.use_settings(settings)
+    run.stage("numbers", lambda: 1)
+    saved = json.loads((run.cache / "settings.json").read_text())
+    (run.cache / "settings.json").write_text(json.dumps(dict(saved, knnfast="99.0")))
+    run = StudyRun("study", tmp_path, tmp_path / "out", quick=True, log=logs.append)
+    run.use_settings(settings)
+    assert any("settings changed" in line and "knnfast" in line and ".stale" in line
+               for line in logs)
+    assert list((run.cache / "stages").iterdir()) == []
+    assert (tmp_path / "study" / "quick.stale" / "stages" / "numbers.json").exists()
+
+
+@cell("path is a file", "reproduce stage cache", "DatastoreError \"<cache> is a file, not a "
+      "store directory; use another path (nothing was changed)\"")
+@cell("symlink loop", "reproduce stage cache", "DatastoreError \"cannot use <cache> (Too many "
+      "levels of symbolic links); use another path or fix the link\"; the links stay")
+def test_reproduce_cache_in_the_way(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DatastoreError, match="knnfast reproduce: .*f is a file, not a store"):
+        _stage_run(tmp_path / "f", lambda s: None)
+    loop = symlink_loop(str(tmp_path))
+    with pytest.raises(DatastoreError, match="knnfast reproduce: cannot use .*Too many levels"):
+        _stage_run(tmp_path / "loop", lambda s: None)
+    assert os.path.islink(loop) and (tmp_path / "f").read_text() == "x"

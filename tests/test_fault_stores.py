@@ -114,6 +114,20 @@ def test_teacher_bad_paths(marian, ds, pairs, tmp_path):
     assert file.read_text() == "x"
 
 
+@cell("read-only directory", "teacher store", "DatastoreError \"cannot create the lock file "
+      "<.t.lock> (Permission denied); make the directory writable or build somewhere else "
+      "(nothing was written)\"")
+def test_teacher_read_only_directory(marian, ds, pairs, tmp_path):
+    os.chmod(tmp_path, 0o555)
+    try:
+        kind, msg = in_child(lambda: _teacher(marian, ds, pairs, tmp_path / "t"), read_only=True)
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert kind == "DatastoreError", msg
+    assert "TeacherStore.build: cannot create the lock file" in msg and "Permission denied" in msg
+    assert "make the directory writable" in msg and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- INK
 
 def _ink(pairs, workdir, epochs=1):
@@ -175,3 +189,34 @@ def test_ink_disk_full_keeps_the_previous_checkpoint(pairs, tmp_path):
     assert "the previous checkpoint is intact" in msg
     assert ckpt.read_bytes() == before
     assert [h["epoch"] for h in _ink(pairs, tmp_path / "w", epochs=2)] == [1, 2]
+
+
+@cell("read-only directory", "INK checkpoint", "DatastoreError \"Datastore.create: cannot "
+      "prepare <workdir>/datastore.building (Permission denied); make the directory writable "
+      "...\" before any training; the checkpoint is intact and the rerun resumes")
+def test_ink_read_only_workdir(pairs, tmp_path):
+    _ink(pairs, tmp_path / "w")
+    ckpt = tmp_path / "w" / "ink_ckpt.pt"
+    before = ckpt.read_bytes()
+    os.chmod(tmp_path / "w", 0o555)
+    try:
+        kind, msg = in_child(lambda: _ink(pairs, tmp_path / "w", epochs=2), read_only=True)
+    finally:
+        os.chmod(tmp_path / "w", 0o755)
+    assert kind == "DatastoreError", msg
+    assert "datastore.building (Permission denied); make the directory writable" in msg, msg
+    assert ckpt.read_bytes() == before
+    assert [h["epoch"] for h in _ink(pairs, tmp_path / "w", epochs=2)] == [1, 2]
+
+
+@cell("newer format version", "INK checkpoint", "DatastoreError \"checkpoint <ink_ckpt.pt> has "
+      "format version 2, written by a newer knnfast; upgrade knnfast, or delete it (training "
+      "restarts from epoch 0)\"")
+def test_ink_checkpoint_from_a_newer_knnfast(pairs, tmp_path):
+    from knnfast.storage.checkpoint import MAGIC
+    _ink(pairs, tmp_path / "w")
+    ckpt = tmp_path / "w" / "ink_ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes().replace(MAGIC + b" 1 ", MAGIC + b" 2 ", 1))
+    with pytest.raises(DatastoreError, match=f"train_ink: checkpoint {ckpt} has format version "
+                       "2, written by a newer knnfast; upgrade knnfast, or delete it"):
+        _ink(pairs, tmp_path / "w", epochs=2)

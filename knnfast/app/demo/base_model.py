@@ -23,7 +23,7 @@ from transformers import MarianConfig, MarianMTModel
 
 from ...storage.building import acquire_build_lock
 from ...storage.checkpoint import load_checkpoint, save_checkpoint
-from ...storage.files import os_error
+from ...storage.files import check_store_path, os_error
 from ..corpus import DemoSplit, TextCodec
 
 Log = Callable[[str], None]
@@ -251,6 +251,8 @@ def train_base_model(split: DemoSplit, codec: TextCodec, cache_dir: str | Path,
     caller's setting is restored afterwards.
     """
     cache_dir = Path(cache_dir)
+    for path in (cache_dir, cache_dir / "base_model"):  # a file or a link loop in the way
+        check_store_path(str(path), "knnfast demo")
     final_dir, ckpt_path = cache_dir / "base_model", cache_dir / "base_model.ckpt"
     key = _cache_key(split, codec, config, seed)
     meta = _cached_meta(final_dir / "train_meta.json", log)

@@ -18,12 +18,16 @@ import platform
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ...storage.files import check_store_path, os_error
+
 Log = Callable[[str], None]
+OWNER = "knnfast reproduce"
 
 
 def machine() -> str:
@@ -41,17 +45,33 @@ def machine() -> str:
 
 def write_json_atomic(path: Path, value: Any, **dump) -> None:
     """``value`` as JSON at ``path``: a unique temporary file, fsynced, then renamed (a kill
-    or a second run never leaves a mixed or half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    or a second run never leaves a mixed or half-written file). A failed write (disk full,
+    read-only) is a DatastoreError naming the file; the previous file stays as it was."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise os_error(OWNER, "write", str(path), e, "make the cache directory writable or "
+                       "pass another --cache-dir (finished stages are kept)") from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(value, f, ensure_ascii=False, **dump)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise os_error(OWNER, "write", str(path), e, "free disk space or make the cache "
+                       "writable, then rerun (finished stages are kept)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def stage_crc(seconds: float, result: Any) -> int:
+    """CRC-32 of a stage's (seconds, result) in canonical JSON: bit rot in a stage file
+    changes it (a flipped digit would still parse as JSON)."""
+    text = json.dumps([seconds, result], ensure_ascii=False, sort_keys=True)
+    return zlib.crc32(text.encode())
 
 
 def read_json(path: Path, log: Log, what: str) -> Any:
@@ -82,6 +102,18 @@ def canonical_settings(settings: dict) -> dict:
     return plain(settings)
 
 
+def make_dir(path: Path) -> None:
+    """``path`` and its parents as directories, or a DatastoreError naming what is in the
+    way (a file, a symbolic link loop, a read-only parent)."""
+    for part in reversed([path, *path.parents]):
+        check_store_path(str(part), OWNER)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(OWNER, "create the directory", str(path), e, "make its parent "
+                       "writable or pass another --cache-dir / --out") from None
+
+
 class StudyRun:
     """Where one study keeps its state, and its resumable stages.
 
@@ -100,7 +132,7 @@ class StudyRun:
         self.shared = Path(cache_root) / "shared" / scale
         self.out = Path(out_dir)
         for d in (self.cache / "stages", self.shared, self.out):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dir(d)
         self.started = time.perf_counter()
         self.stage_seconds: dict[str, float] = {}
         self._nested: list[float] = []   # seconds of stages finished inside the running ones
@@ -134,8 +166,11 @@ class StudyRun:
         path = self.cache / "stages" / f"{key}.json"
         saved = read_json(path, self.log, f"stage {key}")
         if saved is not None and not (isinstance(saved, dict)
-                                      and {"seconds", "result"} <= set(saved)):
+                                      and {"seconds", "result", "crc32"} <= set(saved)):
             self.log(f"warning: {path} is not a stage result; the stage {key} runs again")
+            saved = None
+        if saved is not None and saved["crc32"] != stage_crc(saved["seconds"], saved["result"]):
+            self.log(f"warning: {path} is corrupt (crc32 mismatch); the stage {key} runs again")
             saved = None
         if saved is not None:
             self.stage_seconds[key] = saved["seconds"]
@@ -152,7 +187,8 @@ class StudyRun:
         if self._nested:                 # the enclosing stage does not count this one again
             self._nested[-1] += elapsed
         seconds = elapsed - inner        # own time: a stage run inside it is counted there
-        write_json_atomic(path, {"seconds": seconds, "result": result})
+        write_json_atomic(path, {"seconds": seconds, "result": result,
+                                 "crc32": stage_crc(seconds, result)})
         self.stage_seconds[key] = seconds
         self.log(f"[{self.study}] {key}: {seconds:.0f} s")
         return result

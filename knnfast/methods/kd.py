@@ -23,6 +23,10 @@ Rows follow the corpus order (sentence 0 first), whatever order the build ran in
 goes through the same resumable chunk writer as a Datastore build
 (``knnfast.storage.building``): chunks are appended, fsynced and committed; a killed build
 continues with ``resume=True`` (nothing lost or duplicated).
+
+Training (the distillation loss over batches, fused with the output layer or from the
+logits, ``train_step``, the HF Trainer subclass) lives in ``kd_training`` and is re-exported
+here.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ from ..storage import checksums
 from ..storage.building import ChunkedBuild
 from ..storage.files import DatastoreError, fsync_file, memmap, os_error, read_checked_meta
 from ..storage.verify import VerifyReport, verify_store
+from .kd_training import (batch_loss, distillation_loss, fused_layer,  # noqa: F401 (re-exported)
+                          knn_kd_trainer_class, rank_slice, seq2seq_batch, train_step)
 
 FORMAT_VERSION = 1
 FILES = ("tokens", "scores", "offsets")
@@ -371,114 +377,3 @@ def merge_parts(path: str, parts: str, world: int, meta: dict, examples: Sequenc
         for w in sources + [final]:
             w.release()
     shutil.rmtree(parts)
-
-
-# --------------------------------------------------------------------------- training
-
-
-def distillation_loss(logits: Tensor, labels: Tensor, teacher: Tuple[Tensor, Tensor], *,
-                      compact: bool = False, temperature: float = 100.0,
-                      ce_weight: float = 1.0, kd_weight: float = 1.0,
-                      label_smoothing: float = 0.1, ignore_index: int = -100, kd: str = "kl",
-                      reduction: str = "mean") -> Tensor:
-    """knn_kd_loss over a [B, L] batch: logits [B, L, V], labels [B, L], teacher = a
-    TeacherStore.batch(...) pair ([B, L, k] tokens and scores, or probabilities when
-    ``compact``). Defaults follow the released code: LS-CE(0.1) + 1.0 * KL, tau = 100."""
-    tokens, values = (t.to(logits.device) for t in teacher)
-    if tokens.shape[:2] != labels.shape or logits.shape[:2] != labels.shape:
-        raise ValueError(f"distillation_loss: logits {tuple(logits.shape)}, labels "
-                         f"{tuple(labels.shape)} and teacher {tuple(tokens.shape)} must share [B, L]")
-    flat = dict(teacher_probs=values.flatten(0, 1)) if compact else dict(
-        teacher_scores=values.flatten(0, 1), temperature=temperature)
-    return ops.knn_kd_loss(logits.flatten(0, 1), labels.flatten(), tokens.flatten(0, 1), **flat,
-                           ce_weight=ce_weight, kd_weight=kd_weight,
-                           label_smoothing=label_smoothing, ignore_index=ignore_index, kd=kd,
-                           reduction=reduction)
-
-
-def seq2seq_batch(examples: Sequence[Example], ids: Sequence[int], pad_id: int = 0,
-                  start_id: int = 0, ignore_index: int = -100) -> dict:
-    """Model inputs of sentences ``ids``: input_ids, attention_mask, decoder_input_ids and
-    labels (pads = ignore_index), aligned with TeacherStore.batch(ids)."""
-    src = [list(examples[i][0]) for i in ids]
-    tgt = [list(examples[i][1]) for i in ids]
-    S, L = max(map(len, src)), max(map(len, tgt))
-    input_ids = torch.full((len(ids), S), pad_id, dtype=torch.long)
-    labels = torch.full((len(ids), L), ignore_index, dtype=torch.long)
-    for b, (s, t) in enumerate(zip(src, tgt)):
-        input_ids[b, :len(s)] = torch.tensor(s)
-        labels[b, :len(t)] = torch.tensor(t)
-    decoder_input_ids = torch.cat([torch.full((len(ids), 1), start_id, dtype=torch.long),
-                                   labels[:, :-1].masked_fill(labels[:, :-1] == ignore_index, pad_id)], 1)
-    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(),
-            "decoder_input_ids": decoder_input_ids, "labels": labels}
-
-
-def rank_slice(ids: Sequence[int], group: Any = None) -> List[int]:
-    """This rank's contiguous share of a global batch of sentence ids (shares differ in size
-    by at most one; all of ``ids`` without a process group). Data-parallel kNN-KD: every rank
-    draws the same global batch, trains its DDP replica on its share, and
-    ``TeacherStore.batch`` reads only those sentences' teacher rows from the memmap.
-
-    DDP averages the ranks' gradients, and ``train_step``'s loss is a mean over the rank's
-    target tokens, so the update equals one process training on the whole batch only when
-    the shares hold equal token counts; otherwise use ``reduction="sum"`` and scale each
-    rank's loss by world size / the global batch's token count."""
-    rank, world = distributed.rank_and_world(group)
-    start, end = distributed.split(len(ids), rank, world)
-    return list(ids)[start:end]
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, examples: Sequence[Example],
-               ids: Sequence[int], store: Optional[TeacherStore], **loss_kwargs) -> float:
-    """One update of a plain training loop: kNN-KD when ``store`` is given, else
-    label-smoothed CE through the same fused op (kd_weight 0). Returns the loss. ``model``
-    may be wrapped in ``DistributedDataParallel`` (see ``rank_slice``)."""
-    cfg = getattr(model, "module", model).config  # DDP keeps the HF model in .module
-    batch = seq2seq_batch(examples, ids, cfg.pad_token_id or 0,
-                          cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else 0)
-    labels = batch.pop("labels")
-    logits = model(**batch).logits
-    if store is not None:
-        teacher = store.batch(ids, length=labels.shape[1])
-        loss = distillation_loss(logits, labels, teacher, compact=store.compact, **loss_kwargs)
-    else:
-        k0 = torch.full((*labels.shape, 1), -1, dtype=torch.long)
-        kw = dict(loss_kwargs, kd_weight=0.0)
-        loss = distillation_loss(logits, labels, (k0, torch.zeros(k0.shape)), compact=True, **kw)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def knn_kd_trainer_class(base=None):
-    """An HF ``Trainer`` subclass (``Seq2SeqTrainer`` by default) whose ``compute_loss`` uses
-    the teacher store: the dataset yields dicts with a ``sentence_ids`` entry, and the
-    trainer needs ``remove_unused_columns=False``.
-
-        Trainer = knnfast.methods.kd.knn_kd_trainer_class()
-        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate,
-                          teacher_store=store, kd_kwargs=dict(temperature=100.0))
-    """
-    if base is None:
-        from transformers import Seq2SeqTrainer as base
-
-    class KNNKDTrainer(base):
-        def __init__(self, *args, teacher_store: TeacherStore, kd_kwargs: Optional[dict] = None,
-                     **kwargs):
-            super().__init__(*args, **kwargs)
-            self.teacher_store = teacher_store
-            self.kd_kwargs = kd_kwargs or {}
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            ids = inputs.pop("sentence_ids").tolist()
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            teacher = self.teacher_store.batch(ids, length=labels.shape[1])
-            loss = distillation_loss(outputs.logits, labels, teacher,
-                                     compact=self.teacher_store.compact, **self.kd_kwargs)
-            return (loss, outputs) if return_outputs else loss
-
-    return KNNKDTrainer

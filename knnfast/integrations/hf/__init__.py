@@ -23,7 +23,9 @@ Examples (``ids`` are token-id lists; for seq2seq, (source_ids, target_ids) pair
     res = hf.evaluate_lm(model, wins, knn, scored=scored)                  # each token once
 
 Modules: ``capture`` (key layers, hidden-state hook, teacher forcing, ``build_datastore``),
-``evaluate`` (perplexities, tuning), ``generate`` (kNN in ``model.generate``).
+``evaluate`` (perplexities, tuning), ``generate`` (kNN in ``model.generate``),
+``output_layer`` (the head as weight and bias, and a forward pass without the logits, for
+fused linear losses).
 """
 from .capture import (Example, HiddenCapture, HiddenSpec, TeacherForcedBatch, build_datastore,
                       corpus_fingerprint, decoder_blocks, ffn_module, forward_batch,
@@ -33,6 +35,7 @@ from .evaluate import (TUNE_KS, TUNE_LAMS, TUNE_TEMPERATURES, GoldFeatures, LMEv
                        TuneResult, base_gold_logprob, collect_gold_features, evaluate_lm,
                        scored_mask, sliding_windows, tune, tune_from_features)
 from .generate import KNNLogitsProcessor, KNNModel, generate, knn_logits, knn_processor
+from .output_layer import OutputLayer, output_layer
 
 __all__ = ["Example", "HiddenCapture", "HiddenSpec", "TeacherForcedBatch", "build_datastore",
            "corpus_fingerprint", "decoder_blocks", "ffn_module", "forward_batch",
@@ -41,4 +44,5 @@ __all__ = ["Example", "HiddenCapture", "HiddenSpec", "TeacherForcedBatch", "buil
            "GoldFeatures", "LMEvalResult", "TuneResult", "base_gold_logprob",
            "collect_gold_features", "evaluate_lm", "scored_mask", "sliding_windows", "tune",
            "tune_from_features",
-           "KNNLogitsProcessor", "KNNModel", "generate", "knn_logits", "knn_processor"]
+           "KNNLogitsProcessor", "KNNModel", "generate", "knn_logits", "knn_processor",
+           "OutputLayer", "output_layer"]

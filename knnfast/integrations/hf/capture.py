@@ -44,7 +44,7 @@ def lm_head(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _probe_forward(model: nn.Module, target_len: int = 2):
+def probe_forward(model: nn.Module, target_len: int = 2):
     """A tiny teacher-forced forward pass (batch 1) in eval mode; the mode is restored."""
     device = next(model.parameters()).device
     src = torch.tensor([[0, 1]], device=device)
@@ -67,7 +67,7 @@ def _find_logits_module(model: nn.Module) -> nn.Module:
     handles = [m.register_forward_hook(lambda mod, args, out: seen.append((mod, out)))
                for m in model.modules() if m is not model]
     try:
-        logits = getattr(_probe_forward(model), "logits", None)
+        logits = getattr(probe_forward(model), "logits", None)
     finally:
         for h in handles:
             h.remove()
@@ -94,7 +94,7 @@ def input_layout(model: nn.Module, module: nn.Module) -> str:
         handle = module.register_forward_pre_hook(
             lambda mod, args: shapes.append(tuple(args[0].shape)) if args else None)
         try:
-            _probe_forward(model, target_len=3)
+            probe_forward(model, target_len=3)
         finally:
             handle.remove()
         shape = shapes[-1] if shapes else ()

@@ -1,51 +1,44 @@
-"""Fused INK loss L_a + alpha L_i + beta L_r (DESIGN §6): the only [B, V] buffer is the logits,
-which become their own gradient (knn_kd_loss + the in-place knn_kd_loss_grad_)."""
+"""Fused INK loss L_a + alpha L_i + beta L_r (DESIGN §6) without any [B, V] tensor: L_a + alpha
+L_i go through knn_kd_linear_loss (the output projection fused with the loss, in vocabulary
+chunks), the kNN side is [B, k] PyTorch code."""
 from __future__ import annotations
 
 import torch
 
-from ... import ops, reference
+from ... import reference
 from ...reference import COS_EPS
 from ...reference.losses import check_ink_loss_args, ink_knn_weights, ink_refine
 
 
-class _LogitsLoss(torch.autograd.Function):
-    """L_a + alpha L_i over logits = hidden W^T + b, with the kNN weights w held fixed.
+# The neighbour logits h . W[t_j] + b[t_j] are gathered in row blocks of at most this many
+# weight floats (8 MiB), so no [B, k, D] copy of the weight rows is ever whole.
+GATHER_FLOATS = 1 << 21
 
-    Forward computes the GEMM, the per-row losses (knn_kd_loss: one read of the logits) and
-    log p at the neighbour tokens, then overwrites the logits buffer with d loss / d logits
-    (knn_kd_loss_grad_), so one [B, V] buffer serves both directions. Backward only scales it
-    and runs the two GEMMs for hidden and the output weight."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tokens, w, alpha, eps, ignore_index, count):
-        logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
-        tau = torch.ones(1, device=hidden.device)
-        args = (targets, tokens, None, w, tau, 1.0, float(alpha), float(eps), int(ignore_index))
-        rows = torch.ops.knnfast.knn_kd_loss(logits, *args, True)
-        live = targets != ignore_index
-        y = targets.masked_fill(~live, 0)
-        no_nbr = torch.full((logits.shape[0], 1), -1, dtype=torch.long, device=logits.device)
-        gold = ops.knn_gold_logprob(logits, y, no_nbr, weights=torch.zeros(no_nbr.shape,
-                                                                          device=logits.device),
-                                    lam=0.0)
-        lse = logits.gather(1, y[:, None]).squeeze(1) - gold
-        logp_nbr = logits.gather(1, tokens.clamp(min=0)) - lse[:, None]
-        torch.ops.knnfast.knn_kd_loss_grad_(logits, live.float() / count, *args)
-        ctx.save_for_backward(logits, hidden, weight)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(logp_nbr)
-        return rows.sum() / count, logp_nbr
+def _align_and_kd(hidden, weight, bias, targets, tokens, w, alpha, eps, ignore_index, count):
+    """(L_a + alpha L_i with the kNN weights ``w`` held fixed, mean over the ``count``
+    counted rows; log p at every neighbour slot [B, k], without gradient).
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_logp):
-        grad_logits, hidden, weight = ctx.saved_tensors
-        # scale in place: a second [B, V] buffer is exactly what this function avoids
-        g = grad_logits if bool(g_loss == 1) else grad_logits.mul_(g_loss)
-        g_hidden = g @ weight if ctx.needs_input_grad[0] else None
-        g_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
-        g_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return g_hidden, g_weight, g_bias, None, None, None, None, None, None, None
+    One knn_kd_linear_loss call with ``w`` as the teacher probabilities (KL form): the
+    vocabulary is walked in chunks, forward and backward, so no [B, V] tensor exists. Its
+    per-row log-sum-exp gives log p(t_j) = h . W[t_j] + b[t_j] - lse from k dot products per
+    row: nothing of INK needs the full logits."""
+    tau = torch.ones(1, device=hidden.device)
+    rows, lse = torch.ops.knnfast.knn_kd_linear_loss(
+        hidden, weight, bias, targets, tokens, None, w, tau, 1.0, float(alpha), float(eps),
+        int(ignore_index), True, 0)
+    with torch.no_grad():
+        logp_nbr = _neighbour_logits(hidden, weight, bias, tokens) - lse[:, None]
+    return rows.sum() / count, logp_nbr
+
+
+def _neighbour_logits(hidden, weight, bias, tokens):
+    """[B, k] logits of the neighbour tokens (padding -1 reads token 0; callers mask it)."""
+    idx = tokens.clamp(min=0)
+    step = max(1, GATHER_FLOATS // max(1, tokens.shape[1] * hidden.shape[1]))
+    out = torch.cat([torch.einsum("bd,bkd->bk", hidden[s:s + step], weight[idx[s:s + step]])
+                     for s in range(0, hidden.shape[0], step)])
+    return out if bias is None else out + bias[idx]
 
 
 def ink_loss(hidden: torch.Tensor, out_weight: torch.Tensor, targets: torch.Tensor,
@@ -53,8 +46,8 @@ def ink_loss(hidden: torch.Tensor, out_weight: torch.Tensor, targets: torch.Tens
              beta: float = 0.1, out_bias: torch.Tensor = None, ignore_index: int = -100,
              variant: str = "paper", detach_knn: bool = False, reference_k: int = 8):
     """INK loss L_a + alpha L_i + beta L_r, mean over the counted rows (DESIGN §6; the same
-    contract as knnfast.reference.ink_loss with reduction="mean"), fused: the only [B, V]
-    buffer is the logits, which become their own gradient (see _LogitsLoss). The kNN side
+    contract as knnfast.reference.ink_loss with reduction="mean"), fused: no [B, V] tensor
+    in forward or backward (see _align_and_kd). The kNN side
     ([B, k] cosine kernels, p_kNN merged per token, L_r) is small PyTorch code; the gradient
     through p_kNN enters via a surrogate with the value 0. Returns (loss, {"align", "kd",
     "refine"}) with the parts detached."""
@@ -76,8 +69,8 @@ def ink_loss(hidden: torch.Tensor, out_weight: torch.Tensor, targets: torch.Tens
     w = ink_knn_weights(cos, valid, variant, reference_k)
     kd_valid = w > 0  # softmax weights of cosines never underflow: > 0 exactly on the used slots
 
-    loss_ai, logp_nbr = _LogitsLoss.apply(hidden, out_weight, out_bias, targets, tokens,
-                                          w.detach(), float(alpha), eps, ignore_index, count)
+    loss_ai, logp_nbr = _align_and_kd(hidden, out_weight, out_bias, targets, tokens,
+                                      w.detach(), alpha, eps, ignore_index, count)
     # p_kNN at each slot's token (duplicates merged) and the L_i gradient through w:
     # d L_i / d w_j = log P(t_j) + 1 - log p(t_j); the +1 sums to 0 over a softmax.
     same = (tokens[:, :, None] == tokens[:, None, :]) & kd_valid[:, None, :]

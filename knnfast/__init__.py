@@ -20,6 +20,7 @@ from .storage import Datastore, DatastoreError, DatastoreWriter
 from .methods.decoding import AdaptiveKNNDecoder, KNNDecoder, Neighbours
 from .methods.ink.loss import ink_loss
 from .methods.robust import RobustKNNDecoder
+from .methods.skipping import RetrievalSkip
 
 __all__ = ["__version__", *ops.__all__, "Datastore", "DatastoreError", "DatastoreWriter",
-           "KNNDecoder", "AdaptiveKNNDecoder", "RobustKNNDecoder", "Neighbours", "ink_loss"]
+           "KNNDecoder", "AdaptiveKNNDecoder", "RobustKNNDecoder", "Neighbours", "RetrievalSkip", "ink_loss"]

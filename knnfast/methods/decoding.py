@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .. import ops, reference
 from ..defaults import KNN_MT, MAX_K, OPS
 from ..storage import Datastore
+from .skipping import RetrievalSkip, SkipStats
 
 Scalar = Union[float, Tensor]
 
@@ -37,10 +38,31 @@ Scalar = Union[float, Tensor]
 @dataclass
 class Neighbours:
     """Retrieved neighbours of B queries: scores [B, k] float32 (-inf pads), tokens [B, k]
-    int64 (-1 pads), ids [B, k] datastore entry ids (-1 pads)."""
+    int64 (-1 pads), ids [B, k] datastore entry ids (-1 pads). ``log_counts`` [B, k] float32
+    (0 on pads): log of how many entries each neighbour stands for in a pruned datastore
+    (``Datastore.prune``), None for an unpruned one."""
     scores: Tensor
     tokens: Tensor
     ids: Tensor
+    log_counts: Optional[Tensor] = None
+
+
+def empty_neighbours(rows: int, k: int, device: torch.device, counted: bool) -> Neighbours:
+    """``rows`` rows with no neighbour (what a skipped row gets: mixed as λ = 0)."""
+    return Neighbours(torch.full((rows, k), float("-inf"), device=device),
+                      torch.full((rows, k), -1, dtype=torch.long, device=device),
+                      torch.full((rows, k), -1, dtype=torch.long, device=device),
+                      torch.zeros(rows, k, device=device) if counted else None)
+
+
+def count_weighted_scores(nbrs: Neighbours, temperature: Scalar) -> Tensor:
+    """Scores with each neighbour's merge count folded in, s + τ·log c, so that
+    softmax(s'/τ) ∝ c·exp(s/τ): a merged entry weighs as the c entries it replaced (He et
+    al. 2021). The scores themselves when the datastore is not pruned."""
+    if nbrs.log_counts is None:
+        return nbrs.scores
+    tau = torch.as_tensor(temperature, dtype=torch.float32, device=nbrs.scores.device)
+    return nbrs.scores + (tau.reshape(-1, 1) if tau.dim() else tau) * nbrs.log_counts
 
 
 def _check_backend(backend: str) -> None:
@@ -60,12 +82,15 @@ class KNNDecoder:
             the datastore has no index, else the index with its own scores.
         nprobe: IVF lists to visit (index search only).
         backend: "fused" (knnfast ops) or "reference" (pure PyTorch twin).
+        skip: a ``RetrievalSkip`` (confidence threshold and/or learned gate): rows it skips
+            are not searched and get the model's log-probs. None (default): every row
+            retrieves. ``skip_stats`` counts skipped rows and steps (``reset()`` zeroes it).
     """
 
     def __init__(self, datastore: Datastore, k: int = KNN_MT.k,
                  temperature: Scalar = KNN_MT.temperature, lam: Scalar = KNN_MT.lam, metric: Optional[str] = None, exact: Optional[bool] = None,
                  rescore: Optional[bool] = None, nprobe: Optional[int] = None,
-                 backend: str = "fused"):
+                 backend: str = "fused", skip: Optional[RetrievalSkip] = None):
         _check_backend(backend)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"KNNDecoder: k must be an int in [1, {MAX_K}], got {k!r}")
@@ -78,47 +103,98 @@ class KNNDecoder:
         self.rescore = rescore
         self.nprobe = nprobe
         self.backend = backend
+        self.skip = skip
+        self.skip_stats = SkipStats()
 
-    def retrieve(self, hidden: Tensor, k: Optional[int] = None) -> Neighbours:
-        """Search the datastore for hidden [B, D] and look up the neighbours' tokens."""
+    @property
+    def skip(self) -> Optional[RetrievalSkip]:
+        """The retrieval-skipping rule (None: every row retrieves)."""
+        return self._skip
+
+    @skip.setter
+    def skip(self, skip: Optional[RetrievalSkip]) -> None:
+        if skip is not None and not isinstance(skip, RetrievalSkip):
+            raise ValueError(f"skip must be a knnfast.RetrievalSkip or None, got "
+                             f"{type(skip).__name__}")
+        if skip is not None:
+            skip.check_datastore(self.datastore)
+        self._skip = skip
+
+    def retrieve(self, hidden: Tensor, k: Optional[int] = None, *,
+                 logits: Optional[Tensor] = None) -> Neighbours:
+        """Search the datastore for hidden [B, D] and look up the neighbours' tokens.
+
+        With the step's ``logits`` [B, V] the step is counted in ``skip_stats`` and, when
+        ``skip`` is set, only the rows it keeps are searched; the others get no neighbours
+        (score -inf, token -1, id -1), which every decoder mixes as λ = 0."""
         k = k or self.k
         if hidden.dim() != 2:
             raise ValueError(f"hidden must be [B, D] (flatten batch x beam first), "
                              f"got {tuple(hidden.shape)}")
+        if logits is None:
+            return self.search_rows(hidden, k)
+        B = hidden.shape[0]
+        if self.skip is None:
+            self.skip_stats.add(B, B)
+            return self.search_rows(hidden, k)
+        rows = self.skip.retrieve_mask(hidden, logits).to(hidden.device).nonzero().squeeze(1)
+        self.skip_stats.add(B, rows.numel())
+        if rows.numel() == B:
+            return self.search_rows(hidden, k)
+        out = empty_neighbours(B, k, hidden.device, self.datastore_counts() is not None)
+        if rows.numel():
+            found = self.search_rows(hidden[rows], k)
+            for name in ("scores", "tokens", "ids", "log_counts"):
+                if getattr(out, name) is not None:
+                    getattr(out, name)[rows] = getattr(found, name).to(hidden.device)
+        return out
+
+    def datastore_counts(self) -> Optional[Tensor]:
+        """log merge counts [N] of a pruned datastore (None: unpruned)."""
+        return getattr(self.datastore, "log_counts", None)  # sharded stores are never pruned
+
+    def search_rows(self, hidden: Tensor, k: int) -> Neighbours:
+        """Neighbours of every row of hidden [B, D] (no skipping)."""
         ds = self.datastore
         if self.backend == "reference" and (self.exact or (self.exact is None and not ds.has_index())):
-            q = hidden.detach().to(ds.keys.device)
+            q = ds.project(hidden.detach()).to(ds.keys.device)
             scores, ids = reference.knn_search(q, ds.keys, k, self.metric)
             scores, ids = scores.to(hidden.device), ids.to(hidden.device)
         else:
             scores, ids = ds.search(hidden, k, exact=self.exact, rescore=self.rescore,
                                     metric=self.metric, nprobe=self.nprobe)
-        return Neighbours(scores, ds.lookup(ids, check=False), ids)
+        log_counts = self.datastore_counts()
+        if log_counts is not None:
+            idx = ids.to(log_counts.device)
+            log_counts = log_counts[idx.clamp(min=0)].masked_fill(idx < 0, 0.0).to(ids.device)
+        return Neighbours(scores, ds.lookup(ids, check=False), ids, log_counts)
 
     def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam: Optional[Scalar] = None,
                     temperature: Optional[Scalar] = None, out: Optional[Tensor] = None) -> Tensor:
         """Mix already retrieved neighbours into logits [B, V] -> float32 log-probs [B, V]."""
         fn = ops.knn_interpolate if self.backend == "fused" else reference.knn_interpolate
-        return fn(logits, nbrs.tokens.to(logits.device), scores=nbrs.scores.to(logits.device),
-                  temperature=self.temperature if temperature is None else temperature,
-                  lam=self.lam if lam is None else lam, out=out)
+        tau = self.temperature if temperature is None else temperature
+        return fn(logits, nbrs.tokens.to(logits.device),
+                  scores=count_weighted_scores(nbrs, tau).to(logits.device),
+                  temperature=tau, lam=self.lam if lam is None else lam, out=out)
 
     def __call__(self, hidden: Tensor, logits: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
         """One decoding step: hidden [B, D], logits [B, V] -> float32 log-probs [B, V]."""
         if logits.dim() != 2 or hidden.shape[0] != logits.shape[0]:
             raise ValueError(f"hidden [B, D] and logits [B, V] must have the same B, got "
                              f"{tuple(hidden.shape)} and {tuple(logits.shape)}")
-        return self.interpolate(logits, self.retrieve(hidden), out=out)
+        return self.interpolate(logits, self.retrieve(hidden, logits=logits), out=out)
 
     def gold_logprob(self, logits: Tensor, targets: Tensor, nbrs: Neighbours, *,
                      lam: Optional[Scalar] = None, temperature: Optional[Scalar] = None,
                      ignore_index: int = -100) -> Tensor:
         """log P(target) under the mixture, [B] float32 (perplexity, tuning)."""
         fn = ops.knn_gold_logprob if self.backend == "fused" else reference.knn_gold_logprob
+        tau = self.temperature if temperature is None else temperature
         return fn(logits, targets, nbrs.tokens.to(logits.device),
-                  scores=nbrs.scores.to(logits.device),
-                  temperature=self.temperature if temperature is None else temperature,
-                  lam=self.lam if lam is None else lam, ignore_index=ignore_index)
+                  scores=count_weighted_scores(nbrs, tau).to(logits.device),
+                  temperature=tau, lam=self.lam if lam is None else lam,
+                  ignore_index=ignore_index)
 
 
 # --------------------------------------------------------------------------- gold-only math
@@ -210,13 +286,17 @@ class MetaKNetwork(nn.Module):
         """p(k) [B, len(ks)]."""
         return torch.softmax(self.net(self.features(scores, tokens)), dim=-1)
 
-    def mixture(self, scores: Tensor, tokens: Tensor, temperature: Scalar) -> Tuple[Tensor, Tensor]:
-        """Per-neighbour weights [B, K] (rows sum to 1 where valid) and λ [B] = 1 - p(k=0)."""
+    def mixture(self, scores: Tensor, tokens: Tensor, temperature: Scalar,
+                log_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Per-neighbour weights [B, K] (rows sum to 1 where valid) and λ [B] = 1 - p(k=0);
+        ``log_counts`` (pruned datastores) multiplies each weight by its merge count."""
         p_k = self.forward(scores, tokens)
         K = self.max_k
         s = scores.float().masked_fill(tokens < 0, float("-inf"))
         tau = torch.as_tensor(temperature, dtype=torch.float32, device=s.device)
         z = s / (tau.reshape(-1, 1) if tau.dim() else tau)
+        if log_counts is not None:
+            z = z + log_counts.to(z.device)
         weights = torch.zeros_like(z)
         cols = torch.arange(K, device=s.device)
         for r, kr in enumerate(self.ks[1:], start=1):
@@ -234,7 +314,7 @@ class AdaptiveKNNDecoder(KNNDecoder):
     """Adaptive kNN-MT: λ and the effective k predicted per step by a meta-k network.
 
     Args:
-        datastore, temperature, metric, exact, rescore, nprobe, backend: as KNNDecoder.
+        datastore, temperature, metric, exact, rescore, nprobe, backend, skip: as KNNDecoder.
         max_k: K neighbours retrieved (power of two; the reference code uses 4-32).
         hidden: width of the meta-k network.
     """
@@ -242,10 +322,10 @@ class AdaptiveKNNDecoder(KNNDecoder):
     def __init__(self, datastore: Datastore, max_k: int = KNN_MT.k,
                  temperature: Scalar = KNN_MT.temperature, hidden: int = 32, metric: Optional[str] = None, exact: Optional[bool] = None,
                  rescore: Optional[bool] = None, nprobe: Optional[int] = None,
-                 backend: str = "fused"):
+                 backend: str = "fused", skip: Optional[RetrievalSkip] = None):
         # lam is a placeholder: the meta-k network predicts λ per row
         super().__init__(datastore, k=max_k, temperature=temperature, lam=OPS.lam, metric=metric,
-                         exact=exact, rescore=rescore, nprobe=nprobe, backend=backend)
+                         exact=exact, rescore=rescore, nprobe=nprobe, backend=backend, skip=skip)
         self.network = MetaKNetwork(max_k, hidden)
 
     def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam=None, temperature=None,
@@ -253,14 +333,15 @@ class AdaptiveKNNDecoder(KNNDecoder):
         with torch.no_grad():
             weights, lam_rows = self.network.mixture(nbrs.scores.to(logits.device),
                                                      nbrs.tokens.to(logits.device),
-                                                     self.temperature)
+                                                     self.temperature, nbrs.log_counts)
         fn = ops.knn_interpolate if self.backend == "fused" else reference.knn_interpolate
         return fn(logits, nbrs.tokens.to(logits.device), weights=weights, lam=lam_rows, out=out)
 
     def gold_logprob(self, logits: Tensor, targets: Tensor, nbrs: Neighbours, *,
                      lam=None, temperature=None, ignore_index: int = -100) -> Tensor:
         weights, lam_rows = self.network.mixture(nbrs.scores.to(logits.device),
-                                                 nbrs.tokens.to(logits.device), self.temperature)
+                                                 nbrs.tokens.to(logits.device), self.temperature,
+                                                 nbrs.log_counts)
         fn = ops.knn_gold_logprob if self.backend == "fused" else reference.knn_gold_logprob
         return fn(logits, targets, nbrs.tokens.to(logits.device), weights=weights,
                   lam=lam_rows, ignore_index=ignore_index)
@@ -278,11 +359,12 @@ class AdaptiveKNNDecoder(KNNDecoder):
             is a held-out ``valid_fraction`` of the positions (mean -log P(y)).
         """
         logits2, tokens2 = gold_two_column(base_gold_logp, nbrs.tokens, targets)
-        scores, tokens = nbrs.scores.float(), nbrs.tokens
+        scores, tokens, counts = nbrs.scores.float(), nbrs.tokens, nbrs.log_counts
         zeros = torch.zeros(targets.shape[0], dtype=torch.long, device=targets.device)
 
         def nll(rows: Tensor, update: Optional[int]) -> Tensor:
-            w, lam = self.network.mixture(scores[rows], tokens[rows], self.temperature)
+            w, lam = self.network.mixture(scores[rows], tokens[rows], self.temperature,
+                                          None if counts is None else counts[rows])
             return -ops.knn_gold_logprob(logits2[rows], zeros[rows], tokens2[rows], weights=w,
                                          lam=lam).mean()
 

@@ -61,6 +61,7 @@ from .. import ops, reference
 from ..defaults import KNN_MT
 from ..storage import Datastore
 from .decoding import KNNDecoder, Neighbours, fit_gold_network, gold_two_column
+from .skipping import RetrievalSkip
 
 LOGP_FLOOR = -50.0
 DIST_CAP = 1e4
@@ -107,9 +108,10 @@ class RobustCombiner(nn.Module):
         self.distance = nn.Sequential(nn.Linear(2 * k, hidden), nn.Tanh(), nn.Linear(hidden, 2))
 
     def forward(self, scores: Tensor, tokens: Tensor, key_logp: Tensor, query_logp: Tensor,
-                top_logp: Tensor) -> Tuple[Tensor, Tensor]:
+                top_logp: Tensor, log_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Per-neighbour weights [B, K] (rows sum to 1 where a neighbour is valid, else 0)
-        and λ [B] (0 where no neighbour is valid)."""
+        and λ [B] (0 where no neighbour is valid). ``log_counts`` (pruned datastores)
+        multiplies each weight by its entry's merge count."""
         valid = tokens >= 0
         dist = (-scores.float()).clamp(max=DIST_CAP).masked_fill(~valid, DIST_CAP)
         kl = key_logp.float().clamp(min=LOGP_FLOOR).masked_fill(~valid, LOGP_FLOOR)
@@ -118,7 +120,10 @@ class RobustCombiner(nn.Module):
         conf = self.confidence(torch.stack([kl, ql], -1)).squeeze(-1)
         s = self.model_lambda(torch.cat([top, kl, ql], 1)).squeeze(1)
         a, t = self.distance(torch.cat([dist, ops.label_counts(tokens).float()], 1)).unbind(1)
-        z = (conf - dist * torch.sigmoid(t)[:, None]).masked_fill(~valid, float("-inf"))
+        z = conf - dist * torch.sigmoid(t)[:, None]
+        if log_counts is not None:
+            z = z + log_counts.to(z.device)
+        z = z.masked_fill(~valid, float("-inf"))
         weights = torch.softmax(z, 1).nan_to_num(0.0)
         lam = torch.where(valid.any(1), torch.sigmoid(a - s), torch.zeros_like(a))
         return weights, lam
@@ -128,7 +133,8 @@ class RobustKNNDecoder(KNNDecoder):
     """Robust kNN-MT: λ, per-neighbour confidence and distance scale predicted per step.
 
     Args:
-        datastore, k, exact, rescore, nprobe, backend: as KNNDecoder (metric must be "l2").
+        datastore, k, exact, rescore, nprobe, backend, skip: as KNNDecoder (metric must be
+            "l2").
         entry_logp: [N] float, log p_NMT(v_i | k_i) of every datastore entry
             (``entry_logprobs`` for HF models).
         hidden: width of the distance network. noise_std, noise_decay: the training
@@ -139,9 +145,9 @@ class RobustKNNDecoder(KNNDecoder):
                  hidden: int = 32, noise_std: float = 0.01, noise_decay: float = 1000.0,
                  metric: Optional[str] = None, exact: Optional[bool] = None,
                  rescore: Optional[bool] = None, nprobe: Optional[int] = None,
-                 backend: str = "fused"):
+                 backend: str = "fused", skip: Optional[RetrievalSkip] = None):
         super().__init__(datastore, k=k, metric=metric, exact=exact, rescore=rescore, nprobe=nprobe,
-                         backend=backend)
+                         backend=backend, skip=skip)
         if self.metric != "l2":
             raise ValueError(f"RobustKNNDecoder: the datastore's metric must be 'l2' (the "
                              f"combiner reads squared L2 distances), got {self.metric!r}")
@@ -165,7 +171,7 @@ class RobustKNNDecoder(KNNDecoder):
         tokens = nbrs.tokens.to(logits.device)
         query, top = model_logp_features(logits, tokens)
         return self.network(nbrs.scores.to(logits.device), tokens,
-                            self.key_logp(nbrs.ids.to(logits.device)), query, top)
+                            self.key_logp(nbrs.ids.to(logits.device)), query, top, nbrs.log_counts)
 
     def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam=None, temperature=None,
                     out: Optional[Tensor] = None) -> Tensor:

@@ -20,6 +20,8 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Optional, Tuple, Union
 
@@ -34,6 +36,7 @@ from .building import building_cursor
 from .files import (DatastoreError, PathLike, fsync_file, fsync_write_json, memmap,
                     read_checked_meta, row_chunks)
 from .format import FILES, FORMAT_VERSION, KEY_DTYPES, dtype_name, memmap_keys
+from .sidecar import Projection, load_sidecars
 from .writer import DatastoreWriter
 
 
@@ -46,6 +49,10 @@ class MetaFields:
     """Size, key width, metric and vocabulary read from ``self.meta`` (meta.json or a sharded
     store's manifest): one definition for every kind of store."""
     meta: dict
+    #: merge counts [N] / their logs of a pruned store, the key projection of a reduced one
+    counts: Optional[Tensor] = None
+    log_counts: Optional[Tensor] = None
+    projection: Optional[Projection] = None
 
     def __len__(self) -> int:
         return int(self.meta["size"])
@@ -62,6 +69,22 @@ class MetaFields:
     def vocab_size(self) -> Optional[int]:
         return self.meta.get("vocab_size")
 
+    @property
+    def query_dim(self) -> int:
+        """Width of the states ``search`` takes: the model's D_in for a dimension-reduced
+        store (its keys are projected, ``dim`` < D_in), else ``dim``."""
+        return self.dim if self.projection is None else self.projection.input_dim
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits identifying this store's contents: a hash of its meta without
+        ``extra`` (size, dim, dtypes, metric, creation time, per-block checksums), so a
+        rebuilt, pruned or reduced store has another one. What trained decoder parts (the
+        retrieval gate) record to refuse another datastore."""
+        meta = {k: v for k, v in self.meta.items() if k != "extra"}
+        return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:16]
+
 
 class Datastore(MetaFields):
     """An opened datastore: ``keys`` [N, D] and ``values`` [N] (memmapped until ``to``)."""
@@ -76,6 +99,12 @@ class Datastore(MetaFields):
         self._index: Optional[faiss_index.FaissIndex] = None
         self._memmapped = memmapped
         self._provenance: Optional[Tensor] = None  # [S, 2] (example id, first entry), lazily
+
+    def set_sidecars(self, counts: Optional[Tensor], projection: Optional[Projection]) -> None:
+        """Attach merge counts [N] (pruned store) and a key projection (reduced store)."""
+        self.counts = None if counts is None else counts.to(self.values.device)
+        self.log_counts = None if counts is None else self.counts.double().log().float()
+        self.projection = projection
 
     # ---- construction
 
@@ -131,7 +160,9 @@ class Datastore(MetaFields):
         keys = memmap_keys(path, n, d, key_dtype)
         values = memmap(os.path.join(path, "values"), np.int32, (n,))
         norms = memmap(os.path.join(path, "key_sq_norms"), np.float32, (n,))
-        return cls(path, meta, keys, values, norms, memmapped=True)
+        ds = cls(path, meta, keys, values, norms, memmapped=True)
+        ds.set_sidecars(*load_sidecars(path, meta))
+        return ds
 
     @classmethod
     def verify(cls, path: PathLike) -> Any:
@@ -174,6 +205,7 @@ class Datastore(MetaFields):
         other = Datastore(self.path, self.meta, keys, self.values.to(device, copy=True),
                           self.key_sq_norms.to(device, copy=True))
         other._index = self._index
+        other.set_sidecars(self.counts, self.projection)
         return other
 
     # ---- lookup
@@ -257,10 +289,22 @@ class Datastore(MetaFields):
 
     # ---- search
 
+    def project(self, queries: Tensor) -> Tensor:
+        """Model states [B, query_dim] in the keys' space: the stored projection applied
+        (float32) for a dimension-reduced store, the states themselves otherwise."""
+        if self.projection is None:
+            return queries
+        if queries.dim() != 2 or queries.shape[1] != self.projection.input_dim:
+            raise ValueError(f"Datastore.search: queries must have shape "
+                             f"[B, {self.projection.input_dim}] (the model's states; this "
+                             f"datastore keeps their {self.projection.method} projection to "
+                             f"{self.dim} dims), got {tuple(queries.shape)}")
+        return self.projection(queries)
+
     def search(self, queries: Tensor, k: int, exact: Optional[bool] = None,
                rescore: Optional[bool] = None, *, metric: Optional[str] = None,
-               exclude: Optional[Tensor] = None, nprobe: Optional[int] = None
-               ) -> Tuple[Tensor, Tensor]:
+               exclude: Optional[Tensor] = None, nprobe: Optional[int] = None,
+               projected: bool = False) -> Tuple[Tensor, Tensor]:
         """k nearest entries of each query: (scores [B, k] float32 descending, ids [B, k]).
 
         ``exact`` picks the neighbours, ``rescore`` the scores (DESIGN §4):
@@ -276,10 +320,14 @@ class Datastore(MetaFields):
 
         Defaults: ``exact`` is True when there is no index, ``rescore`` follows ``exact``.
         Exact search runs on the keys' device and streams a memmap in chunks, so
-        datastores larger than RAM work. Results are on the queries' device.
+        datastores larger than RAM work. Results are on the queries' device. A
+        dimension-reduced store projects the queries first (``projected=True``: they are
+        already in the keys' space, e.g. keys of this store).
         """
         metric = metric or self.metric
         _check_metric("search", metric)
+        if not projected:
+            queries = self.project(queries)
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"Datastore.search: queries must have shape [B, {self.dim}], "
                              f"got {tuple(queries.shape)}")
@@ -379,3 +427,20 @@ class Datastore(MetaFields):
                 rows = pick[s:e].to(self.keys.device)
                 writer.add(self.keys[rows], self.values[rows])
         return writer.datastore
+
+    # ---- smaller datastores (knnfast.storage.compact)
+
+    def prune(self, path: PathLike, k: int = 8, **kwargs: Any) -> "Datastore":
+        """Greedy-merge pruning (He et al. 2021) into a new datastore at ``path``: each entry
+        absorbs its later same-value neighbours among its k nearest, their count kept as a
+        weight (``counts``). Atomic, resumable; see ``knnfast.storage.compact.prune``."""
+        from . import compact
+        return compact.prune(self, path, k, **kwargs)
+
+    def reduce_dim(self, path: PathLike, dim: int, method: str = "pca",
+                   **kwargs: Any) -> "Datastore":
+        """A copy at ``path`` with keys projected to ``dim`` dims ("pca" or "random"); the
+        projection is stored and applied to queries by ``search``. Atomic, resumable; see
+        ``knnfast.storage.compact.reduce_dim``."""
+        from . import compact
+        return compact.reduce_dim(self, path, dim, method, **kwargs)

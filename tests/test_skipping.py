@@ -327,3 +327,17 @@ class _Recording(KNNDecoder):
     def __call__(self, hidden, logits, **kw):
         self.max_probs.append(max_prob(logits))
         return super().__call__(hidden, logits, **kw)
+
+
+def test_tune_on_a_pruned_store_weighs_counts_as_decoding(hf_world, tmp_path):
+    """tune_from_features over a pruned store's neighbours = evaluate_lm with that cell."""
+    H, gpt2, _, lm, _, gds, _ = hf_world
+    pr = gds.prune(tmp_path / "pr", k=8, progress=False)
+    assert int(pr.counts.max()) > 1
+    feats = H.collect_gold_features(gpt2, lm[1], KNNDecoder(pr, k=8), progress=False)
+    assert feats.neighbours.log_counts is not None
+    res = H.tune_from_features(feats, ks=(4, 8), temperatures=(1.0, 10.0), lams=(0.5,))
+    for cell in res.grid:
+        dec = KNNDecoder(pr, k=cell["k"], temperature=cell["temperature"], lam=cell["lam"])
+        ev = H.evaluate_lm(gpt2, lm[1], dec, progress=False)
+        assert cell["ppl"] == pytest.approx(ev.knn_ppl, rel=1e-5), cell

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
-from ...methods.decoding import KNNDecoder, Neighbours, gold_two_column
+from ...methods.decoding import KNNDecoder, Neighbours, count_weighted_scores, gold_two_column
 from ...storage import Datastore
 from .capture import Example, HiddenSpec, TeacherForcedBatch, target_length, teacher_forced
 
@@ -176,7 +176,7 @@ def collect_gold_features(model: nn.Module, examples: Sequence[Example], decoder
     (only the scored ones, see ``evaluate_lm``)."""
     from tqdm.auto import tqdm
     check_scored(examples, scored)
-    base, targets, scores, tokens, ids = [], [], [], [], []
+    base, targets, scores, tokens, ids, counts = [], [], [], [], [], []
     bar = tqdm(total=len(examples), desc="dev retrieval", unit="ex", disable=not progress,
                leave=False)
     for tf in scored_batches(model, examples, scored, hidden, batch_size):
@@ -186,10 +186,13 @@ def collect_gold_features(model: nn.Module, examples: Sequence[Example], decoder
         scores.append(nb.scores.cpu())
         tokens.append(nb.tokens.cpu())
         ids.append(nb.ids.cpu())
+        if nb.log_counts is not None:       # a pruned datastore's merge counts
+            counts.append(nb.log_counts.cpu())
         bar.update(tf.examples)
     bar.close()
     return GoldFeatures(torch.cat(base), torch.cat(targets),
-                        Neighbours(torch.cat(scores), torch.cat(tokens), torch.cat(ids)))
+                        Neighbours(torch.cat(scores), torch.cat(tokens), torch.cat(ids),
+                                   torch.cat(counts) if counts else None))
 
 
 @dataclass
@@ -209,7 +212,8 @@ def tune_from_features(feats: GoldFeatures, ks: Sequence[int] = TUNE_KS,
                        temperatures: Sequence[float] = TUNE_TEMPERATURES,
                        lams: Sequence[float] = TUNE_LAMS) -> TuneResult:
     """Grid over (k, τ, λ) of the mean gold NLL, each cell one fused knn_gold_logprob over
-    all T positions (2-column form, see ``gold_two_column``)."""
+    all T positions (2-column form, see ``gold_two_column``; a pruned datastore's merge
+    counts weigh the neighbours as in decoding)."""
     K = feats.neighbours.scores.shape[1]
     if max(ks) > K:
         raise ValueError(f"ks go up to {max(ks)} but only {K} neighbours were retrieved")
@@ -217,9 +221,11 @@ def tune_from_features(feats: GoldFeatures, ks: Sequence[int] = TUNE_KS,
     zeros = torch.zeros_like(feats.targets)
     base_nll = float(-feats.base_gold_logp.mean())
     grid = []
+    nb = feats.neighbours
     for k in ks:
-        sc, tk = feats.neighbours.scores[:, :k].contiguous(), tokens2[:, :k].contiguous()
+        tk = tokens2[:, :k].contiguous()
         for tau in temperatures:
+            sc = count_weighted_scores(nb, float(tau))[:, :k].contiguous()
             for lam in lams:
                 nll = float(-ops.knn_gold_logprob(logits2, zeros, tk, scores=sc,
                                                   temperature=float(tau), lam=float(lam)).mean())

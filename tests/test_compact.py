@@ -286,3 +286,23 @@ def test_reduce_dim_bad_arguments(rand_ds, low_rank, tmp_path):
     os.remove(os.path.join(rd.path, "projection_mean.npy"))
     with pytest.raises(DatastoreError, match="projection_mean.npy"):
         Datastore.open(rd.path)
+
+
+def test_faiss_pq_recipe_on_a_reduced_store_and_prune_through_an_index(low_rank, tmp_path):
+    """The documented recipe: PQ index candidates, exact rescoring, on a reduced store (the
+    queries are projected before FAISS); prune's neighbour search through the index."""
+    ds = low_rank[0]
+    rd = ds.reduce_dim(tmp_path / "rd", 4, progress=False)
+    rd.build_index("PQ2x4", train_size=300, save=False, progress=False)
+    q = torch.randn(5, D)
+    scores, ids = rd.search(q, 8, exact=False, rescore=True)
+    exact = -torch.cdist(rd.project(q), rd.keys.float()) ** 2
+    torch.testing.assert_close(scores, exact.gather(1, ids), rtol=1e-4, atol=1e-4)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()                   # re-sorted
+    dec = KNNDecoder(rd, k=8, exact=False, rescore=True)
+    assert torch.equal(dec.retrieve(q).ids, ids)
+    flat = ds.to("cpu")
+    flat.build_index("Flat", save=False, progress=False)
+    a = flat.prune(tmp_path / "a", k=4, exact=False, progress=False)
+    b = ds.prune(tmp_path / "b", k=4, exact=True, progress=False)
+    assert torch.equal(a.counts, b.counts) and int(a.counts.sum()) == len(ds)

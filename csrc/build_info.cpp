@@ -35,6 +35,7 @@ std::string build_info() {
   s += ";openmp_threads=" + std::to_string(at::get_num_threads());
   s += std::string(";simd=") + cpu::simd_level();
   s += std::string(";avx512_bf16=") + (cpu::cpu_has_avx512_bf16() ? "1" : "0");
+  s += ";isa=" + cpu::cpu_isa_flags();
   s += ";max_k=" + std::to_string(kMaxK);
   // knn_search plans this process can run (bf16 only with AVX512-BF16)
   s += ";cpu_plans=";

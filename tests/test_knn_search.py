@@ -476,7 +476,10 @@ def test_bad_exclude_reports_the_absolute_row():
 # bf16; CUDA stream, tensor, tensor_recheck) or a setting with                #
 # knnfast.ops.settings.override (debug, cuda_checks).                        #
 # =========================================================================== #
-SEARCH_PATHS = ["stream", "gemm_f32"] + (["bf16"] if knnfast.build_info()["avx512_bf16"] else [])
+SEARCH_PATHS = (["stream", "gemm_f32"] + (["bf16"] if knnfast.build_info()["avx512_bf16"] else [])
+                + ["bf16_gemm"])
+# the plans that rank with bf16 bounds and rescore the candidates exactly
+BOUNDED_PATHS = [p for p in SEARCH_PATHS if p.startswith("bf16")]
 
 
 @pytest.fixture
@@ -516,23 +519,23 @@ def test_forced_search_path_key_sq_norms(search_path, metric):
     assert_topk_valid(s, i, q, keys, 9, metric)
 
 
-@pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
+@pytest.mark.parametrize("plan", BOUNDED_PATHS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("offset", [10.0, 30.0])
-def test_bf16_path_exact_with_large_common_component(capfd, metric, offset):
+def test_bf16_path_exact_with_large_common_component(capfd, plan, metric, offset):
     """Real hidden states share a large common component; bf16 rounding alone would lose the
     ranking there. The bounds must keep every true neighbour as a candidate."""
     g = torch.Generator().manual_seed(1)
     keys = (torch.randn(3000, 256, generator=g) + offset).to(torch.bfloat16)
     q = torch.randn(40, 256, generator=g) + offset
     with override(debug=True):
-        s, i = knnfast.knn_search(q, keys, 8, metric, plan="bf16")
+        s, i = knnfast.knn_search(q, keys, 8, metric, plan=plan)
     assert_topk_valid(s, i, q, keys, 8, metric)
-    assert "candidates rescored per row" in capfd.readouterr().err
+    assert f"[{plan}]" in capfd.readouterr().err
 
 
-@pytest.mark.skipif("bf16" not in SEARCH_PATHS, reason="CPU has no AVX512-BF16")
-def test_bf16_path_rescans_rows_over_the_candidate_cap(capfd):
+@pytest.mark.parametrize("plan", BOUNDED_PATHS)
+def test_bf16_path_rescans_rows_over_the_candidate_cap(capfd, plan):
     """140,000 keys whose cosines to the query all agree within the bf16 error bound: every
     key stays a candidate, the cap (65,536 per row and thread) is exceeded, and the rows must
     be searched again exactly instead of being cut short."""
@@ -540,7 +543,7 @@ def test_bf16_path_rescans_rows_over_the_candidate_cap(capfd):
     keys = 1000.0 + 1e-3 * torch.randn(140_000, 16, generator=g)
     q = 1000.0 + 1e-3 * torch.randn(2, 16, generator=g)
     with override(debug=True):
-        s, i = knnfast.knn_search(q, keys, 5, "cos", plan="bf16")
+        s, i = knnfast.knn_search(q, keys, 5, "cos", plan=plan)
     assert_topk_valid(s, i, q, keys, 5, "cos")
     over_cap = re.search(r"(\d+) rows over the candidate cap", capfd.readouterr().err)
     assert over_cap and int(over_cap.group(1)) == 2

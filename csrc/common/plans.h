@@ -7,9 +7,11 @@
 
 namespace knnfast {
 
-// knn_search on CPU (see csrc/cpu/knn_search_cpu.cpp): bf16 needs AVX512-BF16.
-enum class CpuSearchPlan : int { Auto = 0, Stream, GemmF32, Bf16 };
-inline constexpr std::array<const char*, 4> kCpuSearchPlans{"auto", "stream", "gemm_f32", "bf16"};
+// knn_search on CPU (see csrc/cpu/knn_search_cpu.cpp): bf16 needs AVX512-BF16; bf16_gemm (ATen's
+// bf16 matmul, AMX tiles where the CPU has them) runs everywhere.
+enum class CpuSearchPlan : int { Auto = 0, Stream, GemmF32, Bf16, Bf16Gemm };
+inline constexpr std::array<const char*, 5> kCpuSearchPlans{"auto", "stream", "gemm_f32", "bf16",
+                                                            "bf16_gemm"};
 
 // knn_search on CUDA (see csrc/cuda/knn_search.h). tensor_recheck = the tensor plan with every
 // row's exactness proof failed, so every row is searched again on the stream plan. Where the

@@ -15,6 +15,20 @@
 // Centering keeps E small: the rounding error scales with |q - c| |k - c|, not |q| |k|, which
 // matters for real hidden states (large common component). l2 ranks are translation invariant;
 // ip and cos use q.k = q.(k - c) + q.c with q.c exact in fp32.
+//
+// Two scorers give the approximate dots; everything else (centering, bounds, candidates,
+// rescoring) is shared:
+//   bf16       our vdpbf16ps kernel (bf16_dot.h): fp32 accumulation in a known order, fp32 out.
+//   bf16_gemm  ATen's bf16 matmul (at::mm) on tiles of kGemmTile centered keys, converted from
+//              the stored dtype once per tile: oneDNN, which uses AMX tiles where the CPU has
+//              them and AVX512-BF16 / AVX2 / reference code elsewhere. We do not know its
+//              summation order or blocking, so its bound (gemm_dot_error) assumes only what
+//              holds for any of them: exact bf16 x bf16 products (8-bit significands), fp32
+//              accumulation in any order (a sum of D terms in any tree has error <= gamma_D
+//              sum |x_i y_i|; doubled to allow faithful rather than nearest rounding), the
+//              result rounded to bf16 (at::mm's output dtype; <= 2u relative, again allowing
+//              faithful rounding), and subnormals flushed on input and output (DAZ/FTZ, as AMX
+//              and vdpbf16ps do: an absolute term, see flush_error).
 #include "cpu/knn_search_bf16.h"
 
 #include <ATen/Parallel.h>
@@ -22,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 #include "common/settings.h"
 #include "cpu/bf16_dot.h"
@@ -33,9 +48,13 @@ namespace knnfast::cpu {
 namespace {
 
 constexpr int64_t kTile = 21 * kBf16KeyBlock;  // 252 keys: a multiple of the register block
+constexpr int64_t kGemmTile = 512;              // bf16_gemm: keys per at::mm
 constexpr size_t kMaxCandidates = size_t(1) << 16;  // per row and part; beyond: exact rescan
 constexpr float kUnitRoundoffBf16 = 1.0f / 256.0f;
 constexpr float kEpsF32 = 1.0f / 16777216.0f;
+// Twice the smallest normal fp32 (= bf16) number: what one flushed subnormal can cost, with room
+// for the rounding of the terms it is added to.
+constexpr float kFlushUnit = 2.0f * 1.17549435e-38f;
 
 // Per-row constants of the error bound E(b, j) = a[b] * s[j] + c_t[b] * t[j] + c0[b] where
 // s, t are per-key factors (see KeyFactors).
@@ -58,9 +77,12 @@ struct Setup {
   int64_t B, D, N, k;
   Metric metric;
   const int64_t* exclude;
+  Bf16Scorer scorer;
+  int64_t tile;
   std::vector<float> center;
-  std::vector<uint32_t> packed_queries;
+  std::vector<uint32_t> packed_queries;  // bf16: the kernel's layout
   int64_t B_padded;
+  at::Tensor query_matrix;  // bf16_gemm: [B, D] bf16 (centered for l2)
   std::vector<RowBound> bounds;
 };
 
@@ -70,10 +92,34 @@ float norm2(const float* x, int64_t D) {
   return s;
 }
 
+// Relative error of one approximate dot q'.k' in units of |q'| |k'|: bf16 rounding of both
+// factors, fp32 accumulation over D terms (Cauchy-Schwarz turns sum |q_i| |k_i| into |q| |k|)
+// and, for bf16_gemm, the bf16 output (see the file comment).
+float dot_error_factor(Bf16Scorer scorer, int64_t D) {
+  const float u = kUnitRoundoffBf16;
+  if (scorer == Bf16Scorer::Kernel) return (2 * u + u * u + (D + 4) * kEpsF32) * 1.0001f;
+  const float accumulation = 2 * (D + 4) * kEpsF32;
+  const float output = 2 * u * (1 + u) * (1 + u) * (1 + accumulation);
+  return (2 * u + u * u + accumulation + output) * 1.0001f;
+}
+
+// Absolute error of one dot from flushed subnormals: an input x_i flushed to zero drops
+// |x_i y_i| < 2^-126 |y_i|, so at most 2^-126 sqrt(D) (|q'| + |k'|) over the row (Cauchy-
+// Schwarz); each of the D partial sums and the output can lose 2^-126 more. Returned as
+// {per |k'|, per |q'| and constant}: err = first * |k'| + second(|q'|).
+struct FlushError {
+  float per_key, rest;
+};
+FlushError flush_error(int64_t D, float query_norm) {
+  const float root = std::sqrt(float(D));
+  return {kFlushUnit * root, kFlushUnit * (root * query_norm + float(D + 1))};
+}
+
 Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, Metric metric,
-                 const int64_t* exclude) {
+                 const int64_t* exclude, Bf16Scorer scorer) {
   const int64_t B = queries.size(0), D = queries.size(1), N = keys.size(0);
-  Setup st{queries, keys, B, D, N, k, metric, exclude, {}, {}, 0, {}};
+  const int64_t tile = scorer == Bf16Scorer::Gemm ? kGemmTile : kTile;
+  Setup st{queries, keys, B, D, N, k, metric, exclude, scorer, tile, {}, {}, 0, {}, {}};
   // Center = mean of up to 4096 evenly spaced keys. Any fixed vector keeps the result exact
   // (the bound accounts for it); a good one makes the bound tight. Non-finite keys (never
   // returned) must not poison it.
@@ -85,18 +131,21 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
   st.center.assign(mean.data_ptr<float>(), mean.data_ptr<float>() + D);
   const float center_norm = std::sqrt(norm2(st.center.data(), D));
 
-  st.B_padded = (B + kBf16QueryBlock - 1) / kBf16QueryBlock * kBf16QueryBlock;
-  st.packed_queries.resize(((D + 1) / 2) * st.B_padded);
   const float* q = queries.data_ptr<float>();
   const bool center_queries = metric == Metric::L2;
-  pack_queries_bf16(q, B, D, center_queries ? st.center.data() : nullptr,
-                    st.packed_queries.data(), st.B_padded);
+  if (scorer == Bf16Scorer::Gemm) {
+    st.query_matrix = center_queries ? queries - mean.unsqueeze(0) : queries;
+    st.query_matrix = st.query_matrix.to(at::kBFloat16).contiguous();  // round to nearest even
+  } else {
+    st.B_padded = (B + kBf16QueryBlock - 1) / kBf16QueryBlock * kBf16QueryBlock;
+    st.packed_queries.resize(((D + 1) / 2) * st.B_padded);
+    pack_queries_bf16(q, B, D, center_queries ? st.center.data() : nullptr,
+                      st.packed_queries.data(), st.B_padded);
+  }
 
-  // bf16 rounding of both factors plus fp32 accumulation over D terms (Cauchy-Schwarz turns
-  // sum |q_i| |k_i| into |q| |k|), and a relative slack for the fp32 arithmetic that forms and
-  // compares ranks (exact rescoring included).
-  const float u = kUnitRoundoffBf16;
-  const float dot_factor = (2 * u + u * u + (D + 4) * kEpsF32) * 1.0001f;
+  // the dot's error (see dot_error_factor, flush_error) and a relative slack for the fp32
+  // arithmetic that forms and compares ranks (exact rescoring included).
+  const float dot_factor = dot_error_factor(scorer, D);
   const float slack = (D + 16) * 2 * kEpsF32;
   st.bounds.resize(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -112,21 +161,26 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
         std::vector<float> centered(qb, qb + D);
         for (int64_t d = 0; d < D; ++d) centered[d] -= st.center[d];
         const float cq = norm2(centered.data(), D);
-        rb.a = 2 * dot_factor * std::sqrt(cq);  // s = |k'|
-        rb.c_t = (D + 2) * kEpsF32 + slack;     // t = |k'|^2 (its own fp32 error + slack)
-        rb.c0 = slack * cq;
+        const FlushError flush = flush_error(D, std::sqrt(cq));
+        rb.a = 2 * (dot_factor * std::sqrt(cq) + flush.per_key);  // s = |k'|
+        rb.c_t = (D + 2) * kEpsF32 + slack;  // t = |k'|^2 (its own fp32 error + slack)
+        rb.c0 = slack * cq + 2 * flush.rest;
         break;
       }
-      case Metric::IP:  // rank = q.(k - c) + q.c
-        rb.a = dot_factor * qn;  // s = |k - c|
-        rb.c_t = slack * qn;     // t = |k|
-        rb.c0 = qc_error;
+      case Metric::IP: {  // rank = q.(k - c) + q.c
+        const FlushError flush = flush_error(D, qn);
+        rb.a = dot_factor * qn + flush.per_key;  // s = |k - c|
+        rb.c_t = slack * qn;                     // t = |k|
+        rb.c0 = qc_error + flush.rest;
         break;
-      default:  // rank = (q.(k - c) + q.c) / |k|
-        rb.a = dot_factor * qn;  // s = |k - c| / |k|
-        rb.c_t = qc_error;       // t = 1 / |k|
+      }
+      default: {  // rank = (q.(k - c) + q.c) / |k|
+        const FlushError flush = flush_error(D, qn);
+        rb.a = dot_factor * qn + flush.per_key;  // s = |k - c| / |k|
+        rb.c_t = qc_error + flush.rest;          // t = 1 / |k|
         rb.c0 = slack * qn;
         break;
+      }
     }
   }
   return st;
@@ -224,27 +278,83 @@ KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const f
   }
 }
 
+// The same test as push_tile in portable code (CPUs without AVX-512, KNNFAST_SIMD=generic):
+// bf16_gemm runs everywhere.
+template <Metric M>
+void push_tile_generic(const Setup& st, RowState& row, int64_t b, const float* dots,
+                       const KeyFactors& f, int64_t n, int64_t first) {
+  const RowBound& rb = st.bounds[b];
+  const int64_t excluded = st.exclude ? st.exclude[b] : -1;
+  for (int64_t j = 0; j < n && !row.overflow; ++j) {
+    float rank;
+    if constexpr (M == Metric::L2) rank = (dots[j] + dots[j]) - f.centered_sq[j];
+    else if constexpr (M == Metric::IP) rank = dots[j] + rb.query_center_dot;
+    else rank = (dots[j] + rb.query_center_dot) * f.inv_norm[j];
+    const float err = std::fma(rb.a, f.s[j], std::fma(rb.c_t, f.t[j], rb.c0));
+    if (first + j != excluded && rank + err >= row.threshold)  // NaN never passes
+      insert(st, row, rank, err, first + j);
+  }
+}
+
+// The scratch of one part's tiles.
+struct TileBuffers {
+  std::vector<uint16_t> packed;  // bf16: the kernel's key layout
+  at::Tensor centered, rounded, approx;  // bf16_gemm: [tile, D] fp32, [tile, D] bf16, [B, tile]
+  std::vector<float> dots;  // [B, n] fp32
+  TileBuffers(const Setup& st) : dots(st.B * st.tile) {
+    if (st.scorer == Bf16Scorer::Kernel) {
+      packed.resize(st.tile * 2 * ((st.D + 1) / 2));
+      return;
+    }
+    const auto options = st.queries.options();
+    centered = at::empty({st.tile, st.D}, options);
+    rounded = at::empty({st.tile, st.D}, options.dtype(at::kBFloat16));
+    approx = at::empty({st.B, st.tile}, options.dtype(at::kBFloat16));
+  }
+};
+
+// Approximate dots [B, n] of keys [first, first + n) and their centered (and, with need_full,
+// full) squared norms from the unrounded keys.
+void score_tile(const Setup& st, TileBuffers& buf, int64_t first, int64_t n, KeyFactors& f,
+                bool need_full) {
+  const char* key_ptr =
+      static_cast<const char*>(st.keys.data_ptr()) + first * st.D * st.keys.element_size();
+  if (st.scorer == Bf16Scorer::Kernel) {
+    pack_keys_bf16(key_ptr, st.keys.scalar_type(), n, st.D, st.center.data(), buf.packed.data(),
+                   f.centered_sq.data(), need_full ? f.full_sq.data() : nullptr);
+    dot_tile_bf16(st.packed_queries.data(), st.B, st.B_padded, buf.packed.data(), n, st.D,
+                  buf.dots.data(), n);
+    return;
+  }
+  // bf16_gemm: the tile converted once (stored dtype -> centered fp32 -> bf16), then at::mm
+  at::Tensor centered = buf.centered.narrow(0, 0, n);
+  at::sub_out(centered, st.keys.narrow(0, first, n),
+              at::from_blob(const_cast<float*>(st.center.data()), {st.D}, at::kFloat));
+  key_sq_norms(centered.data_ptr<float>(), at::kFloat, n, st.D, f.centered_sq.data());
+  if (need_full) key_sq_norms(key_ptr, st.keys.scalar_type(), n, st.D, f.full_sq.data());
+  const at::Tensor rounded = buf.rounded.narrow(0, 0, n).copy_(centered);  // nearest even
+  at::Tensor approx = buf.approx.narrow(1, 0, n);
+  at::mm_out(approx, st.query_matrix, rounded.t());
+  at::from_blob(buf.dots.data(), {st.B, n}, at::kFloat).copy_(approx);
+}
+
+bool avx512_push() { return std::strcmp(simd_level(), "avx512") == 0; }
+
 template <Metric M>
 std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
-  const int64_t D = st.D;
   std::vector<RowState> rows(st.B);
   for (RowState& r : rows) {
     r.lower.reserve(2 * st.k);
     r.prune_at = std::max<size_t>(4 * st.k, 256);
   }
-  std::vector<uint16_t> packed(kTile * 2 * ((D + 1) / 2));
-  std::vector<float> dots(st.B * kTile);
+  TileBuffers buf(st);
   KeyFactors f;
-  f.resize(kTile);
+  f.resize(st.tile);
   const bool need_full = M != Metric::L2;
-  for (int64_t first = begin; first < end; first += kTile) {
-    const int64_t n = std::min(kTile, end - first);
-    const char* key_ptr =
-        static_cast<const char*>(st.keys.data_ptr()) + first * D * st.keys.element_size();
-    pack_keys_bf16(key_ptr, st.keys.scalar_type(), n, D, st.center.data(), packed.data(),
-                   f.centered_sq.data(), need_full ? f.full_sq.data() : nullptr);
-    dot_tile_bf16(st.packed_queries.data(), st.B, st.B_padded, packed.data(), n, D, dots.data(),
-                  n);
+  const bool vector_push = avx512_push();
+  for (int64_t first = begin; first < end; first += st.tile) {
+    const int64_t n = std::min(st.tile, end - first);
+    score_tile(st, buf, first, n, f, need_full);
     for (int64_t j = 0; j < n; ++j) {
       const float cn = std::sqrt(f.centered_sq[j]);
       if constexpr (M == Metric::L2) {
@@ -259,7 +369,11 @@ std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
         f.t[j] = f.inv_norm[j];
       }
     }
-    for (int64_t b = 0; b < st.B; ++b) push_tile<M>(st, rows[b], b, dots.data() + b * n, f, n, first);
+    for (int64_t b = 0; b < st.B; ++b) {
+      const float* dots = buf.dots.data() + b * n;
+      if (vector_push) push_tile<M>(st, rows[b], b, dots, f, n, first);
+      else push_tile_generic<M>(st, rows[b], b, dots, f, n, first);
+    }
   }
   return rows;
 }
@@ -310,13 +424,13 @@ int64_t finish_row(const Setup& st, const std::vector<std::vector<RowState>>& pa
 
 template <Metric M>
 std::vector<int64_t> run(const Setup& st, float* out_scores, int64_t* out_indices) {
-  const int64_t tiles = (st.N + kTile - 1) / kTile;
+  const int64_t tiles = (st.N + st.tile - 1) / st.tile;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
   std::vector<std::vector<RowState>> states(parts);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t t0 = tiles * p / parts, t1 = tiles * (p + 1) / parts;
-      states[p] = scan_part<M>(st, t0 * kTile, std::min(st.N, t1 * kTile));
+      states[p] = scan_part<M>(st, t0 * st.tile, std::min(st.N, t1 * st.tile));
     }
   });
   std::vector<int64_t> rescored(st.B);
@@ -332,8 +446,9 @@ std::vector<int64_t> run(const Setup& st, float* out_scores, int64_t* out_indice
   }
   if (settings().debug.load(std::memory_order_relaxed))
     std::fprintf(stderr,
-                 "knnfast.knn_search[bf16]: B=%lld k=%lld: %.1f candidates rescored per row, "
+                 "knnfast.knn_search[%s]: B=%lld k=%lld: %.1f candidates rescored per row, "
                  "%lld rows over the candidate cap\n",
+                 st.scorer == Bf16Scorer::Gemm ? "bf16_gemm" : "bf16",
                  static_cast<long long>(st.B), static_cast<long long>(st.k),
                  double(total) / double(std::max<int64_t>(1, st.B - int64_t(unfinished.size()))),
                  static_cast<long long>(unfinished.size()));
@@ -344,8 +459,8 @@ std::vector<int64_t> run(const Setup& st, float* out_scores, int64_t* out_indice
 
 std::vector<int64_t> knn_search_bf16(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
                                      Metric metric, const int64_t* exclude, float* out_scores,
-                                     int64_t* out_indices) {
-  const Setup st = make_setup(queries, keys, k, metric, exclude);
+                                     int64_t* out_indices, Bf16Scorer scorer) {
+  const Setup st = make_setup(queries, keys, k, metric, exclude, scorer);
   switch (metric) {
     case Metric::L2: return run<Metric::L2>(st, out_scores, out_indices);
     case Metric::IP: return run<Metric::IP>(st, out_scores, out_indices);

@@ -15,10 +15,14 @@
 //             accumulation): the k best lower bounds r - E give T, a lower bound on the
 //             exact k-th rank, and every key whose upper bound r + E reaches T is kept. The
 //             survivors are rescored exactly in fp32, so the result is exact by construction.
+//   bf16_gemm B >= 32 on CPUs with AMX-BF16: the bf16 plan's centering, bounds and exact
+//             rescoring, with the approximate dots from ATen's bf16 matmul on key tiles
+//             (oneDNN: AMX tiles where present; it runs, slower, on every CPU).
 //
-// plan="stream"|"gemm_f32"|"bf16" forces a path (tests, benchmarks; bf16 raises ValueError on
-// a CPU without AVX512-BF16); configure("debug", 1) reports how many candidates the bf16 path
-// rescored.
+// This is the fixed rule of plan="auto"; the Python wrapper replaces it by a measured choice
+// (knnfast/ops/plan_choice.py) where calibration is on. plan="stream"|"gemm_f32"|"bf16"|
+// "bf16_gemm" forces a path (tests, benchmarks; bf16 raises ValueError on a CPU without
+// AVX512-BF16); configure("debug", 1) reports how many candidates the bf16 paths rescored.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -39,7 +43,7 @@ namespace {
 constexpr const char* kOp = "knn_search";
 constexpr int64_t kSmallBatch = 32;
 
-enum class Path { Stream, GemmF32, Bf16 };
+enum class Path { Stream, GemmF32, Bf16, Bf16Gemm };
 
 struct Plan {
   Path path;
@@ -50,14 +54,18 @@ struct Plan {
 // The path of the requested plan (auto: by batch size and CPU; the wrapper has made sure bf16
 // is available when requested).
 Plan make_plan(int64_t B, int64_t k, CpuSearchPlan requested) {
-  Path path = B < kSmallBatch ? Path::Stream : bf16_dot_available() ? Path::Bf16 : Path::GemmF32;
+  Path path = B < kSmallBatch          ? Path::Stream
+              : cpu_has_amx_bf16()     ? Path::Bf16Gemm
+              : bf16_dot_available()   ? Path::Bf16
+                                       : Path::GemmF32;
   if (requested == CpuSearchPlan::Stream) path = Path::Stream;
   if (requested == CpuSearchPlan::GemmF32) path = Path::GemmF32;
   if (requested == CpuSearchPlan::Bf16) path = Path::Bf16;
+  if (requested == CpuSearchPlan::Bf16Gemm) path = Path::Bf16Gemm;
   switch (path) {
     case Path::Stream: return {path, 256, k};
     case Path::GemmF32: return {path, B >= 256 ? 1024 : 2048, k};
-    default: return {path, 0, k};  // knn_search_bf16 tiles on its own
+    default: return {path, 0, k};  // bf16, bf16_gemm: knn_search_bf16 tiles on its own
   }
 }
 
@@ -249,14 +257,15 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries,
   at::Tensor out_indices = at::empty({B, k}, in.queries.options().dtype(at::kLong));
   if (B == 0) return {out_scores, out_indices};
   const Plan plan = make_plan(B, k, requested);
-  if (plan.path != Path::Bf16) {
+  if (plan.path != Path::Bf16 && plan.path != Path::Bf16Gemm) {
     search_with_plan(in, plan, out_scores, out_indices);
     return {out_scores, out_indices};
   }
   const std::vector<int64_t> unfinished = knn_search_bf16(
       in.queries, in.keys, k, in.metric,
       in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr,
-      out_scores.data_ptr<float>(), out_indices.data_ptr<int64_t>());
+      out_scores.data_ptr<float>(), out_indices.data_ptr<int64_t>(),
+      plan.path == Path::Bf16Gemm ? Bf16Scorer::Gemm : Bf16Scorer::Kernel);
   // rows whose candidate set outgrew its cap (a bound too loose for their data): exact rescan
   if (!unfinished.empty()) research_rows(in, unfinished, out_scores, out_indices);
   return {out_scores, out_indices};

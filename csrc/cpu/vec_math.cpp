@@ -1,5 +1,8 @@
 #include "cpu/vec_math.h"
 
+#include <ATen/cpu/Utils.h>
+#include <unordered_map>
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include "cpu/simd_load.h"
@@ -298,6 +301,32 @@ const char* simd_level() { return use_avx512() ? "avx512" : "generic"; }
 bool cpu_has_avx512_bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16");
+}
+
+namespace {
+bool torch_cpu_capability(const std::unordered_map<std::string, c10::IValue>& caps,
+                          const char* name) {
+  const auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+}  // namespace
+
+bool cpu_has_amx_bf16() {
+  // cpuinfo's flag; oneDNN asks the OS for the tile state itself before it uses AMX
+  static const bool amx = torch_cpu_capability(at::cpu::get_cpu_capabilities(), "amx_bf16") &&
+                          torch_cpu_capability(at::cpu::get_cpu_capabilities(), "amx_tile");
+  return amx;
+}
+
+std::string cpu_isa_flags() {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  std::string out;
+  const char* names[][2] = {{"avx512f", "avx512_f"},     {"avx512_bf16", "avx512_bf16"},
+                            {"avx512_fp16", "avx512_fp16"}, {"amx_tile", "amx_tile"},
+                            {"amx_bf16", "amx_bf16"},     {"amx_fp16", "amx_fp16"}};
+  for (const auto& name : names)
+    if (torch_cpu_capability(caps, name[1])) out += std::string(out.empty() ? "" : ",") + name[0];
+  return out;
 }
 
 }  // namespace knnfast::cpu

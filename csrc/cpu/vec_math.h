@@ -5,6 +5,7 @@
 
 #include <c10/core/ScalarType.h>
 #include <cstdint>
+#include <string>
 
 namespace knnfast::cpu {
 
@@ -52,5 +53,10 @@ PairSums pair_sums(const float* query, const void* key, c10::ScalarType key_type
 const char* simd_level();
 // The CPU has AVX512-BF16 dot products (used through oneDNN's bf16 GEMM).
 bool cpu_has_avx512_bf16();
+// The CPU (and OS) offer AMX-BF16 tiles, which oneDNN's bf16 matmul uses (plan bf16_gemm).
+bool cpu_has_amx_bf16();
+// The CPU's x86 extensions that matter to the kernels, as "name,name,...": avx512f,
+// avx512_bf16, avx512_fp16, amx_tile, amx_bf16, amx_fp16 (those present; torch's cpuinfo).
+std::string cpu_isa_flags();
 
 }  // namespace knnfast::cpu

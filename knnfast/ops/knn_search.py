@@ -14,7 +14,7 @@ from . import args
 from .library import OPS
 
 #: Kernel plans per device type ("auto" picks by shape and CPU features).
-PLANS = {"cpu": ("auto", "stream", "gemm_f32", "bf16"),
+PLANS = {"cpu": ("auto", "stream", "gemm_f32", "bf16", "bf16_gemm"),
          "cuda": ("auto", "stream", "tensor", "tensor_recheck")}
 
 
@@ -32,7 +32,8 @@ def knn_search(queries: Tensor, keys: Tensor, k: int, metric: str = "l2", *,
         exclude: optional int64 [B]: one entry id per query never returned (-1 = none).
         plan: kernel variant; "auto" chooses by shape and CPU features. CPU: "stream"
             (streaming fp32 dot products), "gemm_f32" (sgemm tiles), "bf16" (AVX512-BF16
-            ranking with rigorous bounds + exact rescoring). CUDA: "stream", "tensor"
+            ranking with rigorous bounds + exact rescoring), "bf16_gemm" (the same bounds
+            with the ranking from ATen's bf16 matmul: AMX where present). CUDA: "stream", "tensor"
             (tensor-core GEMM tiles + per-row proof), "tensor_recheck" (the tensor plan with
             every row re-searched on the stream plan). Every plan is exact.
 

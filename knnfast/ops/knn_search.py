@@ -10,10 +10,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import args
+from . import args, plan_choice
 from .library import OPS
 
-#: Kernel plans per device type ("auto" picks by shape and CPU features).
+#: Kernel plans per device type ("auto" picks by shape and CPU features; on CPU by measurement,
+#: see plan_choice).
 PLANS = {"cpu": ("auto", "stream", "gemm_f32", "bf16", "bf16_gemm"),
          "cuda": ("auto", "stream", "tensor", "tensor_recheck")}
 
@@ -30,7 +31,8 @@ def knn_search(queries: Tensor, keys: Tensor, k: int, metric: str = "l2", *,
         metric: "l2" (score = -|q-k|^2), "ip" (q.k) or "cos".
         key_sq_norms: optional float32 [N] cache of |k|^2 (used by l2 and cos).
         exclude: optional int64 [B]: one entry id per query never returned (-1 = none).
-        plan: kernel variant; "auto" chooses by shape and CPU features. CPU: "stream"
+        plan: kernel variant; "auto" chooses by shape and CPU features (on CPU: the fastest
+            plan timed once per shape bucket, see knnfast.ops.plan_choice). CPU: "stream"
             (streaming fp32 dot products), "gemm_f32" (sgemm tiles), "bf16" (AVX512-BF16
             ranking with rigorous bounds + exact rescoring), "bf16_gemm" (the same bounds
             with the ranking from ATen's bf16 matmul: AMX where present). CUDA: "stream", "tensor"
@@ -53,6 +55,8 @@ def knn_search(queries: Tensor, keys: Tensor, k: int, metric: str = "l2", *,
     args.check_k(op, k)
     args.check_metric(op, metric)
     args.check_choice(op, "plan", plan, PLANS.get(queries.device.type, ("auto",)))
+    if plan == "auto":
+        plan = plan_choice.choose(queries, keys, k, metric)
     return OPS.knn_search(queries, keys, k, metric, key_sq_norms, exclude, plan)
 
 

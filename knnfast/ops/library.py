@@ -42,6 +42,24 @@ def load_library() -> None:
         ) from e
 
 
+#: knn_search CPU plans chosen by measurement in this process, bucket -> plan
+#: (knnfast/ops/plan_choice.py fills it; build_info() reports it)
+CHOSEN_CPU_PLANS: dict = {}
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ("model name" in /proc/cpuinfo; platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def parse_build_info(raw: str) -> dict:
     """The library's "key=value;..." string as a dict of strings."""
     return dict(item.partition("=")[::2] for item in raw.split(";"))
@@ -62,7 +80,10 @@ def build_info() -> dict:
     when the two releases differ), cuda_compiled (CUDA kernels built in), cuda_available,
     openmp, openmp_threads, simd ("avx512" or "generic" for the CPU kernels), avx512_bf16
     (bf16 dot products available to the bf16 GEMM search path), max_k (the largest k the
-    kernels accept), cpu_plans (the knn_search plans this CPU can run).
+    kernels accept), cpu_plans (the knn_search plans this CPU can run), cpu_model, isa (the
+    x86 extensions present among avx512f, avx512_bf16, avx512_fp16, amx_tile, amx_bf16,
+    amx_fp16), cpu_plans_chosen (bucket -> plan: the measured choices of plan="auto" so far,
+    see knnfast/ops/plan_choice.py).
     """
     info = parse_build_info(OPS.build_info())
     info.setdefault("built_with_torch", "unknown")
@@ -71,8 +92,11 @@ def build_info() -> dict:
     info["openmp_threads"] = int(info.get("openmp_threads", "0"))
     if "max_k" in info:
         info["max_k"] = int(info["max_k"])
-    if "cpu_plans" in info:
-        info["cpu_plans"] = tuple(p for p in info["cpu_plans"].split(",") if p)
+    for key in ("cpu_plans", "isa"):
+        if key in info:
+            info[key] = tuple(p for p in info[key].split(",") if p)
+    info["cpu_model"] = cpu_model()
+    info["cpu_plans_chosen"] = dict(CHOSEN_CPU_PLANS)
     info["torch_version"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
     return info

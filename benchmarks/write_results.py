@@ -103,7 +103,8 @@ def table(header, rows, align=None):
 
 # ---------------------------------------------------------------------------------- loading
 class Row:
-    __slots__ = ("op", "impl", "dtype", "shape", "metric", "variant", "median", "rounds", "iterations", "info")
+    __slots__ = ("op", "impl", "dtype", "shape", "metric", "variant", "median", "min", "rounds", "iterations",
+                 "info")
 
     def __init__(self, bench):
         info = bench.get("extra_info") or {}
@@ -115,6 +116,7 @@ class Row:
         self.metric = info.get("metric")
         self.variant = info.get("variant")
         self.median = float(st["median"])
+        self.min = float(st.get("min", st["median"]))
         self.rounds = int(st.get("rounds", 0))
         self.iterations = int(st.get("iterations", 1))
         self.info = info
@@ -136,6 +138,18 @@ def load(paths):
                 continue
             by_name[b.get("fullname") or b.get("name")] = Row(b)
     return data, list(by_name.values()), skipped
+
+
+def load_all(paths):
+    """Every row of every file in file order, without merging: repeated passes of one suite
+    (their rows share test ids). Run metadata comes from the last file."""
+    data, rows = {}, []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows += [Row(b) for b in data.get("benchmarks", [])
+                 if {"op", "impl"} <= set(b.get("extra_info") or {}) and b.get("stats")]
+    return data, rows
 
 
 def by_cell(rows, op, key_fn, col_fn):
@@ -693,6 +707,97 @@ def section_scaleout(rows):
     return "\n".join(out)
 
 
+KDLIN_MAX_VS_LINEAR = 1.25   # fused fwd+bwd <= 1.25x F.linear + knn_kd_loss (issue 18)
+KDLIN_MIN_VS_DENSE = 1.3     # and >= 1.3x faster than the dense pure-PyTorch path
+KDLIN_MAX_EXTRA_MIB = 66.0   # peak extra at T=8192, V=42024, D=512, k=64: 5% of one fp32 [T, V]
+KDLIN_MEMORY_CELL = (8192, 42024, 512, 64)
+KDLIN_IMPLS = ("fused", "linear+knn_kd_loss", "dense_reference")
+
+
+def _mib(x):
+    """MiB without a sign on rounding noise (resident-set growth can come out a little < 0)."""
+    return "0" if abs(x) < 0.5 else f"{x:,.0f}"
+
+
+def section_kd_linear(rows):
+    """Issue 18: knn_kd_linear_loss against F.linear + knn_kd_loss and the dense PyTorch path.
+    Several passes of the suite may be given (``load_all``): times are the minimum over every
+    timed round of every pass, peak memory the largest first-call growth of any pass."""
+    cells = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.op == "knn_kd_linear_loss" and r.impl in KDLIN_IMPLS:
+            cells[shape_key(r, ("T", "V", "D", "k"))][r.impl].append(r)
+    if not cells:
+        return None
+    out, lin_ok, dense_ok, memory = [], [], [], None
+    for key, c in sorted(cells.items()):
+        T, v, d, k = key
+        best = {i: min(x.min for x in rs) for i, rs in c.items()}
+        peak = {i: max(x.info.get("peak_extra_mib", float("nan")) for x in rs) for i, rs in c.items()}
+        grad = next(iter(c.values()))[0].info.get("grad_mib", float("nan"))
+        f, lin, dense = (best.get(i) for i in KDLIN_IMPLS)
+        vs_lin, vs_dense = ratio(f, lin), ratio(dense, f)
+        lin_ok.append(None if vs_lin is None else vs_lin <= KDLIN_MAX_VS_LINEAR)
+        dense_ok.append(None if vs_dense is None else vs_dense >= KDLIN_MIN_VS_DENSE)
+        if key == KDLIN_MEMORY_CELL and "fused" in peak:
+            memory = (peak["fused"], grad)
+        reps = "/".join(f"{len(c[i])}×{min(x.rounds for x in c[i])}" if i in c else "—"
+                        for i in KDLIN_IMPLS)
+        mib = lambda i: "—" if i not in peak else f"{peak[i]:,.0f}"  # noqa: E731
+        out.append((fmt_int(T), fmt_int(v), k, fmt_ms(f), fmt_ms(lin), fmt_ms(dense),
+                    f"{fmt_ratio(vs_lin)} {mark(lin_ok[-1])}", f"{fmt_ratio(vs_dense)} {mark(dense_ok[-1])}",
+                    mib("fused"), _mib(peak.get("fused", float("nan")) - grad), mib("linear+knn_kd_loss"),
+                    mib("dense_reference"), f"{grad:,.0f}", reps))
+    hdr = ["T", "V", "k", "fused ms", "F.linear + knn_kd_loss ms", "dense PyTorch ms",
+           f"fused / linear (≤ {KDLIN_MAX_VS_LINEAR:g}×)", f"dense / fused (≥ {KDLIN_MIN_VS_DENSE:g}×)",
+           "fused peak extra MiB", "fused minus gradients MiB", "linear peak extra MiB", "dense peak extra MiB",
+           "gradients MiB", "passes × rounds (fused/linear/dense)"]
+    verdicts = [_kdlin_verdict(f"fwd+bwd ≤ {KDLIN_MAX_VS_LINEAR:g}× F.linear + knn_kd_loss", lin_ok),
+                _kdlin_verdict(f"fwd+bwd ≥ {KDLIN_MIN_VS_DENSE:g}× faster than the dense PyTorch path", dense_ok)]
+    if memory is not None:
+        total, grad = memory
+        verdicts.append(f"- peak extra memory at T = 8,192, V = 42,024, D = 512, k = 64 ≤ "
+                        f"{KDLIN_MAX_EXTRA_MIB:g} MiB: {total:,.0f} MiB in all, "
+                        f"{mark(total <= KDLIN_MAX_EXTRA_MIB)}; {_mib(total - grad)} MiB beyond the {grad:,.0f} MiB "
+                        f"of gradients every path returns, {mark(total - grad <= KDLIN_MAX_EXTRA_MIB)}")
+    return ("## knn_kd_linear_loss (issue 18)\n\nForward + backward of the kNN-KD loss of hidden·Wᵀ + b "
+            "(KL form, label smoothing 0.1, τ = 100, every 50th target ignored; D = 512, fp32): the fused op "
+            "against F.linear + the fused `knn_kd_loss` (the [T, V] logits and their gradient) and against the "
+            "dense pure-PyTorch path (F.linear + `reference.knn_kd_loss`). Times: minimum over every timed round "
+            "of every pass (passes run one after another, each cell's three paths back to back). Peak extra MiB: "
+            "resident-set growth during a pass's first call (largest over passes), the gradients of hidden, "
+            "weight and bias included.\n\n" + table(hdr, out) + "\n\nIssue 18's \"Must hold\" targets:\n\n"
+            + "\n".join(verdicts) + _ink_after_issue18(rows))
+
+
+def _ink_after_issue18(rows):
+    """ink_loss rows run with the kd_linear passes: INK's L_a + α·L_i moved onto
+    knn_kd_linear_loss in issue 18 (the issue-6 section above measured the one-buffer path)."""
+    cells = by_cell(rows, "ink_loss", lambda r: shape_key(r, ("T", "V", "D", "k")), lambda r: r.impl)
+    if not cells:
+        return ""
+    out = []
+    for (T, v, d, k), c in sorted(cells.items()):
+        best = {i: r.min for i, r in c.items()}
+        mib = lambda i: "—" if i not in c else f"{c[i].info.get('peak_extra_mib', float('nan')):,.0f}"  # noqa: E731
+        sp = ratio(best.get("reference"), best.get("fused"))
+        out.append((fmt_int(T), fmt_int(v), d, k, fmt_ms(best.get("fused")), fmt_ms(best.get("reference")),
+                    f"{fmt_ratio(sp)} {mark(None if sp is None else sp >= INK_MIN_SPEEDUP)}",
+                    mib("fused"), mib("reference")))
+    hdr = ["T", "V", "D", "k", "fused ms (min)", "reference ms (min)", f"ref/fused (≥ {INK_MIN_SPEEDUP:g}×)",
+           "fused peak extra MiB", "reference peak extra MiB"]
+    return ("\n\n`ink_loss` after issue 18 (L_a + α·L_i through `knn_kd_linear_loss`, no [T, V] tensor; "
+            "`benchmarks/bench_ink_loss.py` in the same session):\n\n" + table(hdr, out))
+
+
+def _kdlin_verdict(name, oks):
+    known = [o for o in oks if o is not None]
+    if not known:
+        return f"- {name}: not measured"
+    held = sum(known)
+    return f"- {name}: holds in {held} of {len(known)} cells" + ("" if held == len(known) else " (**FAIL**)")
+
+
 def render(json_paths):
     if isinstance(json_paths, (str, Path)):
         json_paths = [json_paths]
@@ -769,12 +874,15 @@ def kept_sections(path: Path) -> str:
 
 # Suites measured on their own (another day or machine than the main tables): their section
 # is appended after the marker, with the run's machine and date, replacing an older one.
-APPENDABLE = {"scaleout": section_scaleout}
+APPENDABLE = {"scaleout": section_scaleout, "kd_linear": section_kd_linear}
+
+
+SUITES = {"scaleout": "bench_distributed.py", "kd_linear": "bench_knn_kd_linear_loss.py"}
 
 
 def appended_section(name, json_paths):
     """``## ...`` of suite ``name`` from its own run, headed by that run's CPU and date."""
-    data, rows, _ = load(json_paths)
+    data, rows = load_all(json_paths)   # repeated passes of one suite are all kept
     text = APPENDABLE[name](rows)
     if text is None:
         raise SystemExit(f"write_results: no {name} rows in {', '.join(map(str, json_paths))}")
@@ -783,8 +891,8 @@ def appended_section(name, json_paths):
     where = (f"Measured {data.get('datetime', '?')[:16].replace('T', ' ')} UTC on "
              f"{info.get('cpu_model', '?')} ({info.get('cpu_count', '?')} cores, "
              f"{', '.join(info.get('cpu_flags', []))}), torch {info.get('torch_version', '?')}; "
-             f"`python -m pytest benchmarks/bench_{name.replace('scaleout', 'distributed')}.py "
-             f"--benchmark-json J && python benchmarks/write_results.py --appended {name} J`.")
+             f"`python -m pytest benchmarks/{SUITES[name]} --benchmark-json J && "
+             f"python benchmarks/write_results.py --appended {name} J [J2 ...]`.")
     return f"{APPENDED} write_results.py --appended {name} -->\n{title}\n\n{where}\n{rest}\n"
 
 

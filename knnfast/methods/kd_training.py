@@ -74,13 +74,14 @@ def _student(logits: Optional[Tensor], hidden: Optional[Tensor], weight: Optiona
 
 def fused_layer(model: nn.Module, fused: Optional[bool]) -> Optional[OutputLayer]:
     """The output layer the fused loss trains through: None when ``fused`` is False, or when
-    it is None (automatic) and ``model``'s logits are not hidden @ W.T + b (see
-    ``knnfast.integrations.hf.output_layer``); with True that case is the ValueError."""
+    it is None (automatic) and ``knnfast.integrations.hf.output_layer`` cannot use the model
+    (its logits are not hidden @ W.T + b, or its probe forward pass fails: the logits path
+    still works for such models); with True that case raises."""
     if fused is False:
         return None
     try:
         return output_layer(model)
-    except ValueError:
+    except Exception:
         if fused:
             raise
         return None

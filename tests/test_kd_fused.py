@@ -5,7 +5,7 @@ gradient, fp32, ~1e-5) on tiny HF models built here from configs: a Marian with 
 ``final_logits_bias`` and a GPT-2 whose head has its own bias. Models whose logits are not
 h W^T + b fall back (automatic) or fail (fused=True); bad argument combinations are clear
 ValueErrors; the profiler sees no T x V allocation on the fused paths (Trainer, train_step,
-ink_loss)."""
+ink_loss). Every architecture of the issue-12 matrix fuses and matches."""
 import pytest
 import torch
 
@@ -17,6 +17,8 @@ import knnfast  # noqa: E402
 from helpers import check_bad_input, random_sequences, tiny_gpt2, tiny_marian  # noqa: E402
 from knnfast.integrations.hf import output_layer  # noqa: E402
 from knnfast.methods import ink, kd  # noqa: E402
+from test_architectures import BUILDERS as ARCHITECTURES, SEQ2SEQ  # noqa: E402
+from test_architectures import build as build_architecture  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 V, K = 61, 4
@@ -134,6 +136,31 @@ def test_train_step_fused_by_default_and_equal(monkeypatch):
     for other in params[1:]:
         for name, p in params[0].items():
             torch.testing.assert_close(other[name], p, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_of_the_matrix_fuses_and_matches(name):
+    """The issue-12 matrix (tests/test_architectures.py: random head biases and
+    final_logits_bias): output_layer finds a usable head on all 16 architectures (FSMT's
+    output projection, T5's rescaled input, Phi's biased head) and the fused loss equals the
+    logits path, value and every parameter's gradient."""
+    model = build_architecture(name)
+    layer = output_layer(model)
+    g = torch.Generator().manual_seed(0)
+    vocab = layer.weight.shape[0]
+    L = 5
+    inputs = {"input_ids": torch.randint(3, vocab, (2, 6), generator=g)}
+    if name in SEQ2SEQ:
+        inputs["decoder_input_ids"] = torch.randint(3, vocab, (2, L), generator=g)
+    else:
+        inputs["input_ids"] = inputs["input_ids"][:, :L]
+    labels = torch.randint(0, vocab, (2, L), generator=g)
+    teacher = StubStore(vocab=vocab).batch([0, 1], L)
+    runs = [_loss_and_grads(model, lambda: kd.batch_loss(model, dict(inputs), labels, teacher,
+                                                         compact=False, layer=lay,
+                                                         temperature=2.0)[0])
+            for lay in (None, layer)]
+    _assert_same(runs[1], runs[0])
 
 
 # --------------------------------------------------------------------------- Trainer

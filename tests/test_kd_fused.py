@@ -229,8 +229,12 @@ class SoftCapped(GPT2LMHeadModel):
 
 def test_models_whose_logits_are_not_linear(tmp_path):
     capped = SoftCapped(tiny_gpt2(V, n_embd=16, n_layer=1, n_positions=32).config)
+    forwards = []
+    capped.register_forward_pre_hook(lambda *a: forwards.append(1))
     check_bad_input(output_layer, "soft-capping", capped)
+    probes = len(forwards)
     assert kd.fused_layer(capped, None) is None and kd.fused_layer(capped, False) is None
+    assert kd.fused_layer(capped, None) is None and len(forwards) == probes  # no new probe
     check_bad_input(kd.fused_layer, "soft-capping.*fused=False", capped, True)
     odd = _with_weighted_head()
     assert kd.fused_layer(odd, None) is None

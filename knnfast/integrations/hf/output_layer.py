@@ -22,7 +22,9 @@ from .capture import lm_head, probe_forward
 # LM head's output outside the head; it is part of the output layer's bias.
 EXTRA_BIAS = "final_logits_bias"
 
-_LAYERS: "weakref.WeakKeyDictionary[nn.Module, OutputLayer]" = weakref.WeakKeyDictionary()
+# Per model: its OutputLayer, or the error that says why it has none (kept, so automatic
+# fusion does not re-run the probe at every training step of a model that cannot fuse).
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,14 @@ def output_layer(model: nn.Module) -> OutputLayer:
     head input, a quantised head) is a ValueError naming the reason."""
     model = unwrap(model)
     if model not in _LAYERS:
-        _LAYERS[model] = _checked_layer(model)
-    return _LAYERS[model]
+        try:
+            _LAYERS[model] = _checked_layer(model)
+        except Exception as e:
+            _LAYERS[model] = e
+    found = _LAYERS[model]
+    if isinstance(found, Exception):
+        raise found.with_traceback(None)
+    return found
 
 
 def _checked_layer(model: nn.Module) -> OutputLayer:

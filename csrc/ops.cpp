@@ -65,4 +65,8 @@ TORCH_LIBRARY(knnfast, m) {
   m.def("build_info() -> str", &knnfast::build_info);
   // process-wide setting name ("cuda_checks", "debug") := value; returns the previous value
   m.def("configure(str name, int value) -> int", &knnfast::configure);
+  // like: any tensor on a CUDA device -> that device's deferred-check status [kNumStatusCodes]
+  // int64 on the CPU (-1: clear; else the first bad flat position per status code), cleared
+  // (csrc/cuda/status_buffer_cuda.cpp; CUDA builds only)
+  m.def("take_cuda_status(Tensor like) -> Tensor");
 }

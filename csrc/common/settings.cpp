@@ -16,8 +16,9 @@ int64_t configure(const std::string& name, int64_t value) {
   if (name == "debug") slot = &settings().debug;
   TORCH_CHECK_VALUE(slot != nullptr, "configure: name must be 'cuda_checks' or 'debug', got '",
                     name, "'");
-  TORCH_CHECK_VALUE(value == 0 || value == 1, "configure: ", name, " must be 0 or 1, got ",
-                    value);
+  const int64_t top = slot == &settings().cuda_checks ? kCudaChecksDeferred : 1;
+  TORCH_CHECK_VALUE(value >= 0 && value <= top, "configure: ", name, " must be in [0, ", top,
+                    "], got ", value);
   return slot->exchange(value);
 }
 

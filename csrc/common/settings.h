@@ -11,10 +11,13 @@
 namespace knnfast {
 
 struct Settings {
-  // 1: the CUDA wrappers read the status buffer back after each op (one small device-to-host
-  // copy, which waits for the kernels) and raise ValueError on a bad value. 0: no host sync
-  // (e.g. for CUDA graphs); bad values then go unreported but never cause out-of-bounds
-  // accesses.
+  // How CUDA ops report the bad values their kernels find (never an out-of-bounds access):
+  // 1 (kCudaChecksSync): each op reads its status back (one small device-to-host copy, which
+  //   waits for the kernels) and raises ValueError;
+  // 2 (kCudaChecksDeferred): the kernels record into one persistent status buffer per device
+  //   and the op returns without a host sync; take_cuda_status reads and clears it (Python:
+  //   knnfast.check_cuda_errors, called by the decoding loops), e.g. for CUDA graphs;
+  // 0 (kCudaChecksOff): nothing is read back; bad values go unreported.
   std::atomic<int64_t> cuda_checks{1};
   // 1: the CPU bf16 search prints how many candidates it rescored per row to stderr.
   std::atomic<int64_t> debug{0};
@@ -22,8 +25,10 @@ struct Settings {
 
 Settings& settings();
 
-// Sets setting `name` ("cuda_checks" or "debug") to `value` (0 or 1) and returns the previous
-// value; anything else is a ValueError.
+enum CudaChecks : int64_t { kCudaChecksOff = 0, kCudaChecksSync = 1, kCudaChecksDeferred = 2 };
+
+// Sets setting `name` ("cuda_checks": 0-2, see above; "debug": 0 or 1) to `value` and returns the
+// previous value; anything else is a ValueError.
 int64_t configure(const std::string& name, int64_t value);
 
 }  // namespace knnfast

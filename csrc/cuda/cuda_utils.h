@@ -30,14 +30,22 @@ inline FloatType float_type(const at::Tensor& t) {
   }
 }
 
-// configure("cuda_checks", 0) skips reading the status back (no host sync per call, e.g. for
-// CUDA graphs); bad values then go unreported but never cause out-of-bounds accesses.
+// The per-call read-back of configure("cuda_checks", 1) (common/settings.h); deferred (2) and
+// off (0) never synchronize with the host.
 inline bool status_readback_enabled() {
-  return settings().cuda_checks.load(std::memory_order_relaxed) != 0;
+  return settings().cuda_checks.load(std::memory_order_relaxed) == kCudaChecksSync;
 }
 
-// A fresh status buffer: kNumStatusCodes uint64 slots, all kStatusClear (every bit set).
+// The device's persistent status buffer of deferred checks (status_buffer_cuda.cpp): kernels
+// atomicMin into it across calls until take_cuda_status reads and clears it.
+at::Tensor deferred_status(const at::Device& device);
+
+// The status buffer of one op call: kNumStatusCodes uint64 slots, all kStatusClear (every bit
+// set); fresh per call, or the device's persistent one when checks are deferred (no
+// allocation, and a fixed address a CUDA graph can capture).
 inline at::Tensor new_status(const at::Device& device) {
+  if (settings().cuda_checks.load(std::memory_order_relaxed) == kCudaChecksDeferred)
+    return deferred_status(device);
   return at::full({kNumStatusCodes}, -1, at::TensorOptions().dtype(at::kLong).device(device));
 }
 

@@ -34,6 +34,11 @@ __global__ void __launch_bounds__(kStreamThreads)
     stream_scan_kernel(StreamScanArgs a) {
   extern __shared__ float smem[];
   const int G = static_cast<int>(a.G);
+  if (a.needs) {  // block-uniform: nothing to search unless a row of the group is marked
+    int marked = 0;
+    for (int b = 0; b < G; ++b) marked |= a.needs[b];
+    if (!marked) return;
+  }
   float* q_s = smem;                          // [G, D] queries
   float* rank_s = smem + G * a.D;             // [G, kStreamThreads] ranking keys of a tile
   for (int64_t i = threadIdx.x; i < G * a.D; i += blockDim.x) q_s[i] = a.queries[i];
@@ -134,7 +139,7 @@ __device__ __forceinline__ void check_exclude(const int64_t* exclude, int64_t ro
 
 __global__ void merge_lists_kernel(MergeArgs a, unsigned long long* status) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
-  if (row >= a.rows) return;  // warp-uniform
+  if (row >= a.rows || (a.needs && !a.needs[row])) return;  // warp-uniform
   const int lane = threadIdx.x % kWarp;
   float* os = a.out_scores + row * a.K_out;
   int64_t* oi = a.out_indices + row * a.K_out;

@@ -41,6 +41,9 @@ struct StreamScanArgs {
   int parts;                    // blocks; part p scans keys [N p / parts, N (p + 1) / parts)
   float* list_scores;           // [parts, G, K] ranking keys
   int64_t* list_indices;        // [parts, G, K]
+  // [G] or null: when no row of the group is marked, every block returns at once (the lists
+  // stay empty); the tensor plan's re-search of unproven rows, without a host sync
+  const int32_t* needs = nullptr;
 };
 // Blocks worth launching for N keys and lists of K (fills the GPU, >= 8K keys per list).
 int stream_scan_parts(int64_t N, int64_t K);
@@ -63,6 +66,7 @@ struct MergeArgs {
   const int64_t* exclude;       // [rows] or null: validated when finalizing (ids in [-1, N))
   int64_t N;
   int64_t row_offset;           // added to the row numbers reported in the status
+  const int32_t* needs = nullptr;  // [rows] or null: unmarked rows are left as they are
 };
 void launch_merge_lists(const MergeArgs& a, unsigned long long* status, cudaStream_t stream);
 

@@ -28,8 +28,11 @@ const int64_t* exclude_ptr(const SearchInputs& in) {
 
 // Exact search of `in` on the stream plan into out_scores / out_indices [B, k]. `validate`:
 // check the exclude ids (off when re-searching rows the tensor plan already checked).
+// needs [B] int32 (optional): search only the groups of rows with a marked row and write only
+// the marked rows (the tensor plan's unproven rows, chosen on the device: no host sync).
 void stream_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out_indices,
-                 const at::Tensor& status, bool validate = true) {
+                 const at::Tensor& status, bool validate = true,
+                 const at::Tensor& needs = at::Tensor()) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0), k = in.k;
   const int64_t group = std::min<int64_t>(stream_scan_max_rows(D), B);
   TORCH_CHECK_VALUE(group >= 1, kOp, ": D = ", D,
@@ -58,6 +61,7 @@ void stream_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out
     a.parts = parts;
     a.list_scores = list_scores.data_ptr<float>();
     a.list_indices = list_indices.data_ptr<int64_t>();
+    a.needs = needs.defined() ? needs.data_ptr<int32_t>() + g0 : nullptr;
     launch_stream_scan(a, stream);
     MergeArgs m;
     m.in_scores = a.list_scores;
@@ -77,6 +81,7 @@ void stream_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out
     m.exclude = validate ? a.exclude : nullptr;
     m.N = N;
     m.row_offset = g0;
+    m.needs = a.needs;
     launch_merge_lists(m, status_ptr(status), stream);
   }
 }
@@ -152,8 +157,8 @@ std::pair<at::Tensor, at::Tensor> tensor_candidates(const SearchInputs& in, cons
   return {cand_keys, cand_indices};
 }
 
-// Tensor-core plan; returns the rows whose exactness proof failed (synchronizes). fail_proofs:
-// every row counts as unproven (plan tensor_recheck).
+// Tensor-core plan; returns needs_exact [B] int32, 1 on the rows whose exactness proof failed
+// (on the device: no host sync). fail_proofs: every row counts as unproven (tensor_recheck).
 at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tensor& out_indices,
                        const at::Tensor& status, bool fail_proofs) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1), N = in.keys.size(0), k = in.k;
@@ -161,11 +166,15 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   const auto f32 = in.queries.options();
   const cudaStream_t stream = current_stream();
 
-  // |k|^2 from the stored keys even when the caller caches them: the exactness proof
-  // assumes norms accurate to fp32 rounding, which a user cache need not be
-  at::Tensor norms = at::empty({N}, f32);
-  launch_key_sq_norms(in.keys.data_ptr(), float_type(in.keys), N, D, norms.data_ptr<float>(),
-                      stream);
+  // |k|^2: the caller's cache (Datastore keeps one, computed in fp32 from the stored keys; the
+  // op's contract, as on the stream plan, is that a cache holds exactly those norms), else
+  // computed here once per call over all N keys
+  at::Tensor norms = in.key_sq_norms;
+  if (!norms.defined()) {
+    norms = at::empty({N}, f32);
+    launch_key_sq_norms(in.keys.data_ptr(), float_type(in.keys), N, D, norms.data_ptr<float>(),
+                        stream);
+  }
   const at::Tensor kmax_sq = norms.amax().reshape({1}).contiguous();
   auto [scale, inv_scale] = query_scales(in.queries);
   const at::Tensor q_lp = (in.queries * scale.unsqueeze(1)).to(in.keys.scalar_type());
@@ -199,20 +208,7 @@ at::Tensor tensor_plan(const SearchInputs& in, at::Tensor& out_scores, at::Tenso
   v.N = N;
   launch_verify(v, status_ptr(status), stream);
   if (fail_proofs) needs_exact.fill_(1);
-  return at::nonzero(needs_exact).reshape({-1});
-}
-
-// Exact stream search of `rows` (int64 on the device), written into the outputs.
-void research_rows(const SearchInputs& in, const at::Tensor& rows, at::Tensor& out_scores,
-                   at::Tensor& out_indices, const at::Tensor& status) {
-  SearchInputs sub = in;
-  sub.queries = in.queries.index_select(0, rows).contiguous();
-  if (in.exclude.defined()) sub.exclude = in.exclude.index_select(0, rows).contiguous();
-  at::Tensor s = at::empty({rows.size(0), in.k}, out_scores.options());
-  at::Tensor i = at::empty({rows.size(0), in.k}, out_indices.options());
-  stream_plan(sub, s, i, status, /*validate=*/false);
-  out_scores.index_copy_(0, rows, s);
-  out_indices.index_copy_(0, rows, i);
+  return needs_exact;
 }
 
 bool use_tensor_plan(const SearchInputs& in, CudaSearchPlan plan) {
@@ -247,7 +243,8 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
   if (use_tensor_plan(in, plan)) {
     const bool fail_proofs = plan == CudaSearchPlan::TensorRecheck;
     const at::Tensor unproven = tensor_plan(in, out_scores, out_indices, status, fail_proofs);
-    if (unproven.numel() > 0) research_rows(in, unproven, out_scores, out_indices, status);
+    // the unproven rows searched again exactly; their groups only, decided on the device
+    stream_plan(in, out_scores, out_indices, status, /*validate=*/false, unproven);
   } else {
     stream_plan(in, out_scores, out_indices, status);
   }

@@ -5,12 +5,15 @@ kernel (metadata checks for torch.compile / meta tensors) and its autograd, side
                                places an op lives)
     knnfast/ops/args.py        the Python-side argument rules, shared with knnfast.reference
     knnfast/ops/library.py     loads knnfast/_C*.so; build_info()
+    knnfast/ops/settings.py    process-wide settings (KNNFAST_* environment), CUDA check modes
 
 Every op is registered as ``torch.ops.knnfast.<op>``; C++ checks every argument on the data,
 so the wrappers only check what C++ cannot see (Python scalar types, float -> tensor).
 """
 from . import library
+from . import settings  # reads the KNNFAST_* environment, once, at import
 from .library import build_info
+from .settings import check_cuda_errors, deferred_checks
 from .knn_search import knn_search
 from .knn_rescore import knn_rescore
 from .knn_probs import knn_probs, knn_probs_sparse
@@ -22,6 +25,8 @@ from .knn_kd_linear_loss import knn_kd_linear_loss
 
 __all__ = [
     "build_info",
+    "check_cuda_errors",
+    "deferred_checks",
     "knn_search",
     "knn_rescore",
     "knn_probs",

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ...methods.decoding import KNNDecoder
+from ...ops.settings import deferred_checks
 from .capture import HiddenCapture, HiddenSpec
 
 
@@ -85,7 +86,8 @@ def generate(model: nn.Module, decoder: Optional[KNNDecoder], *args, hidden: Hid
     processor and warper of ``generate`` (and a user ``logits_processor``) sees it."""
     if decoder is None:
         return model.generate(*args, **kwargs)
-    with knn_logits(model, decoder, hidden):
+    # CUDA: the kNN ops of the steps report bad values once, at the end (no host sync per step)
+    with knn_logits(model, decoder, hidden), deferred_checks():
         return model.generate(*args, **kwargs)
 
 

@@ -30,6 +30,7 @@ TARGET_LENGTHS = (3, 5, 4, 4, 2, 6, 3, 7, 5, 5, 5)
 EQUAL = [0, 1, 2, 3]        # shares [0, 1] and [2, 3]: 3 + 5 = 4 + 4 target tokens
 UNEQUAL = [4, 5, 6]         # shares [4] and [5, 6]: 2 and 9 target tokens
 TRAINER = [1, 8, 9, 10]     # 5 target tokens each: any split of the Trainer's sampler is even
+TRAINER_UNEQUAL = [4, 5, 7, 8]  # 2, 6, 7, 5 target tokens: every split into 2 + 2 is uneven
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)
 DEADLINE_S = 120
 
@@ -72,21 +73,22 @@ def _collate(rows):
     return out
 
 
-def _trainer(root, out, per_device):
-    """knn_kd_trainer_class on the TRAINER sentences, one SGD step, no clipping."""
+def _trainer(root, out, per_device, sentences=TRAINER, accumulation=1):
+    """knn_kd_trainer_class on ``sentences``, one SGD step, no clipping."""
     from transformers import Seq2SeqTrainingArguments
     args = Seq2SeqTrainingArguments(
         output_dir=os.path.join(root, out), max_steps=1, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
         logging_strategy="no", learning_rate=LR, optim="sgd", max_grad_norm=0.0,
         lr_scheduler_type="constant", ddp_timeout=int(COLLECTIVE_TIMEOUT.total_seconds()))
     store = kd.TeacherStore.open(os.path.join(root, "teacher"))
     return kd.knn_kd_trainer_class()(
-        model=_student(), args=args, train_dataset=[{"sentence_ids": i} for i in TRAINER],
+        model=_student(), args=args, train_dataset=[{"sentence_ids": i} for i in sentences],
         data_collator=_collate, teacher_store=store, kd_kwargs=dict(temperature=TEMPERATURE))
 
 
-def _trainer_worker(rank, world, port, root):
+def _trainer_worker(rank, world, port, root, sentences):
     """The HF Trainer as torchrun starts it: the environment says rank and world, the
     Trainer (accelerate) joins the group and wraps the model in DDP itself."""
     from accelerate.state import AcceleratorState, PartialState
@@ -95,7 +97,8 @@ def _trainer_worker(rank, world, port, root):
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: no inherited singleton
-    trainer = _trainer(root, f"trainer-rank{rank}", per_device=len(TRAINER) // world)
+    trainer = _trainer(root, f"trainer-rank{rank}", per_device=len(sentences) // world,
+                       sentences=sentences)
     trainer.train()
     torch.save({"params": trainer.model.state_dict()}, os.path.join(root, f"trainer{rank}.pt"))
 
@@ -119,8 +122,8 @@ def _worker(rank, world, port, root):
         dist.destroy_process_group()
 
 
-def _run_ranks(world, root, target=_worker):
-    return run_ranks(target, world, root, deadline_s=DEADLINE_S)
+def _run_ranks(world, root, target=_worker, *args):
+    return run_ranks(target, world, root, *args, deadline_s=DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +166,35 @@ def test_ddp_two_ranks_equal_one_process(root):
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in want)
 
 
-def test_hf_trainer_two_ranks_equal_one_process(root):
+@pytest.mark.parametrize("sentences", [TRAINER, TRAINER_UNEQUAL], ids=["equal", "unequal"])
+def test_hf_trainer_two_ranks_equal_one_process(root, sentences):
     """knn_kd_trainer_class under DDP (the Trainer's own, as under torchrun): one step of
-    2 ranks x 2 sentences equals one process's step on the 4."""
-    assert _run_ranks(2, root, _trainer_worker) == [0, 0]
-    trainer = _trainer(root, "trainer-single", per_device=len(TRAINER))
-    assert trainer.train().global_step == 1
-    want = trainer.model.state_dict()
-    start = _student().state_dict()
-    assert any(not torch.equal(start[k], want[k]) for k in want)
+    2 ranks x 2 sentences equals one process's step on the 4, also when the ranks hold
+    different numbers of target tokens (the loss is summed and divided by the Trainer's
+    num_items_in_batch, counted across ranks)."""
+    assert _run_ranks(2, root, _trainer_worker, sentences) == [0, 0]
+    want = _trained(root, "trainer-single", per_device=len(sentences), sentences=sentences)
     for r in range(2):
         got = torch.load(os.path.join(root, f"trainer{r}.pt"))["params"]
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"rank {r}, {name}: {m}")
+
+
+def test_hf_trainer_gradient_accumulation_equals_one_batch(root):
+    """Two micro-batches of 2 sentences (2 + 6 and 7 + 5 target tokens) accumulated equal
+    one batch of 4: the Trainer counts num_items_in_batch over both."""
+    want = _trained(root, "trainer-whole", per_device=4, sentences=TRAINER_UNEQUAL)
+    got = _trained(root, "trainer-accumulated", per_device=2, sentences=TRAINER_UNEQUAL,
+                   accumulation=2)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _trained(root, out, **kw):
+    trainer = _trainer(root, out, **kw)
+    assert trainer.train().global_step == 1
+    params = trainer.model.state_dict()
+    start = _student().state_dict()
+    assert any(not torch.equal(start[k], params[k]) for k in params)   # training moved something
+    return params

@@ -191,8 +191,8 @@ def _trainer(model, pairs, tmp_path, store, **kw):
 
 def test_trainer_fused_equals_unfused_with_gradient_accumulation(tmp_path, monkeypatch):
     """Two updates of two accumulated micro-batches each: the same parameters with and
-    without fusion, and compute_loss ignores num_items_in_batch on both paths (the mean over
-    the micro-batch's tokens, as before fusion)."""
+    without fusion, and compute_loss divides the summed loss by num_items_in_batch on both
+    paths (without it: the mean over the micro-batch's tokens)."""
     pairs, store = _pairs(n=8), StubStore()
     calls = []
     real = knnfast.ops.knn_kd_linear_loss
@@ -203,7 +203,8 @@ def test_trainer_fused_equals_unfused_with_gradient_accumulation(tmp_path, monke
         trainer, batch = _trainer(_marian(), pairs, tmp_path, store, fused=fused)
         losses = [trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
                   for n in (None, 7)]
-        torch.testing.assert_close(losses[0], losses[1])
+        tokens = int((batch["labels"] != -100).sum())
+        torch.testing.assert_close(losses[1], losses[0] * tokens / 7)
         loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
         assert outputs.logits.shape[-1] == V                # predictions need the logits
         torch.testing.assert_close(loss, losses[0], **TOL)

@@ -166,8 +166,11 @@ def knn_kd_trainer_class(base=None):
     trainer needs ``remove_unused_columns=False``. ``fused`` (default None: whenever the model
     allows it) computes the training loss through the output layer without the logits;
     ``compute_loss(..., return_outputs=True)`` (evaluation with predictions) and
-    ``fused=False`` compute the logits. ``num_items_in_batch`` is not used: the loss is the
-    batch's mean over its target tokens either way.
+    ``fused=False`` compute the logits. Where the Trainer counts ``num_items_in_batch``
+    (the target tokens of all accumulated micro-batches, across ranks by default), the loss is
+    summed and divided by it, as the Trainer does for the model's own loss, so gradient
+    accumulation and ranks holding different numbers of tokens give the update of one batch
+    holding them all; otherwise it is the micro-batch's mean over its target tokens.
 
         Trainer = knnfast.methods.kd.knn_kd_trainer_class()
         trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate,
@@ -192,9 +195,21 @@ def knn_kd_trainer_class(base=None):
             labels = inputs.pop("labels")
             teacher = self.teacher_store.batch(ids, length=labels.shape[1])
             layer = None if return_outputs else fused_layer(model, self.fused)
+            per_item = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+            kwargs = dict(self.kd_kwargs, reduction="sum") if per_item else self.kd_kwargs
             loss, outputs = batch_loss(model, inputs, labels, teacher,
                                        compact=self.teacher_store.compact, layer=layer,
-                                       **self.kd_kwargs)
+                                       **kwargs)
+            if per_item:
+                loss = loss / num_items_in_batch * self.item_scale()
             return (loss, outputs) if return_outputs else loss
+
+        def item_scale(self) -> int:
+            """What the Trainer multiplies a loss normalized by num_items_in_batch with: the
+            ranks, when it counts tokens across them (DDP then averages the gradients)."""
+            if not self.args.average_tokens_across_devices:
+                return 1
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            return self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu
 
     return KNNKDTrainer

@@ -341,3 +341,20 @@ def test_tune_on_a_pruned_store_weighs_counts_as_decoding(hf_world, tmp_path):
         dec = KNNDecoder(pr, k=cell["k"], temperature=cell["temperature"], lam=cell["lam"])
         ev = H.evaluate_lm(gpt2, lm[1], dec, progress=False)
         assert cell["ppl"] == pytest.approx(ev.knn_ppl, rel=1e-5), cell
+
+
+def test_subclass_overriding_retrieve_sees_only_the_retrieving_rows(ds):
+    """Skipping sits in retrieve_step, so a subclass's retrieve(hidden, k) keeps working
+    (test_architectures' RecordingDecoder) and is asked only for the rows that search."""
+    class Recording(KNNDecoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.asked = []
+
+        def retrieve(self, hidden, k=None):
+            self.asked.append(hidden.shape[0])
+            return super().retrieve(hidden, k)
+    hidden, logits = _step()
+    dec = Recording(ds, k=8, skip=RetrievalSkip(confidence=0.99))
+    dec(hidden, logits)
+    assert dec.asked == [9]

@@ -122,39 +122,15 @@ class KNNDecoder:
 
     def retrieve(self, hidden: Tensor, k: Optional[int] = None, *,
                  logits: Optional[Tensor] = None) -> Neighbours:
-        """Search the datastore for hidden [B, D] and look up the neighbours' tokens.
-
-        With the step's ``logits`` [B, V] the step is counted in ``skip_stats`` and, when
-        ``skip`` is set, only the rows it keeps are searched; the others get no neighbours
-        (score -inf, token -1, id -1), which every decoder mixes as λ = 0."""
+        """Search the datastore for every row of hidden [B, D] and look up the neighbours'
+        tokens (no skipping: dev-set passes, tuning and fitting use this). With ``logits``
+        it is ``retrieve_step(hidden, logits, k)``."""
+        if logits is not None:
+            return self.retrieve_step(hidden, logits, k)
         k = k or self.k
         if hidden.dim() != 2:
             raise ValueError(f"hidden must be [B, D] (flatten batch x beam first), "
                              f"got {tuple(hidden.shape)}")
-        if logits is None:
-            return self.search_rows(hidden, k)
-        B = hidden.shape[0]
-        if self.skip is None:
-            self.skip_stats.add(B, B)
-            return self.search_rows(hidden, k)
-        rows = self.skip.retrieve_mask(hidden, logits).to(hidden.device).nonzero().squeeze(1)
-        self.skip_stats.add(B, rows.numel())
-        if rows.numel() == B:
-            return self.search_rows(hidden, k)
-        out = empty_neighbours(B, k, hidden.device, self.datastore_counts() is not None)
-        if rows.numel():
-            found = self.search_rows(hidden[rows], k)
-            for name in ("scores", "tokens", "ids", "log_counts"):
-                if getattr(out, name) is not None:
-                    getattr(out, name)[rows] = getattr(found, name).to(hidden.device)
-        return out
-
-    def datastore_counts(self) -> Optional[Tensor]:
-        """log merge counts [N] of a pruned datastore (None: unpruned)."""
-        return getattr(self.datastore, "log_counts", None)  # sharded stores are never pruned
-
-    def search_rows(self, hidden: Tensor, k: int) -> Neighbours:
-        """Neighbours of every row of hidden [B, D] (no skipping)."""
         ds = self.datastore
         if self.backend == "reference" and (self.exact or (self.exact is None and not ds.has_index())):
             q = ds.project(hidden.detach()).to(ds.keys.device)
@@ -169,6 +145,33 @@ class KNNDecoder:
             log_counts = log_counts[idx.clamp(min=0)].masked_fill(idx < 0, 0.0).to(ids.device)
         return Neighbours(scores, ds.lookup(ids, check=False), ids, log_counts)
 
+    def retrieve_step(self, hidden: Tensor, logits: Tensor, k: Optional[int] = None) -> Neighbours:
+        """The neighbours of one decoding step: counted in ``skip_stats``; with a ``skip``
+        rule only the rows it keeps go to ``retrieve``, the others get no neighbours (score
+        -inf, token -1, id -1), which every decoder mixes as λ = 0."""
+        if hidden.dim() != 2 or logits.dim() != 2 or hidden.shape[0] != logits.shape[0]:
+            raise ValueError(f"hidden [B, D] and logits [B, V] must have the same B, got "
+                             f"{tuple(hidden.shape)} and {tuple(logits.shape)}")
+        B = hidden.shape[0]
+        if self.skip is None:
+            self.skip_stats.add(B, B)
+            return self.retrieve(hidden, k)
+        rows = self.skip.retrieve_mask(hidden, logits).to(hidden.device).nonzero().squeeze(1)
+        self.skip_stats.add(B, rows.numel())
+        if rows.numel() == B:
+            return self.retrieve(hidden, k)
+        out = empty_neighbours(B, k or self.k, hidden.device, self.datastore_counts() is not None)
+        if rows.numel():
+            found = self.retrieve(hidden[rows], k)
+            for name in ("scores", "tokens", "ids", "log_counts"):
+                if getattr(out, name) is not None:
+                    getattr(out, name)[rows] = getattr(found, name).to(hidden.device)
+        return out
+
+    def datastore_counts(self) -> Optional[Tensor]:
+        """log merge counts [N] of a pruned datastore (None: unpruned)."""
+        return getattr(self.datastore, "log_counts", None)  # sharded stores are never pruned
+
     def interpolate(self, logits: Tensor, nbrs: Neighbours, *, lam: Optional[Scalar] = None,
                     temperature: Optional[Scalar] = None, out: Optional[Tensor] = None) -> Tensor:
         """Mix already retrieved neighbours into logits [B, V] -> float32 log-probs [B, V]."""
@@ -180,10 +183,7 @@ class KNNDecoder:
 
     def __call__(self, hidden: Tensor, logits: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
         """One decoding step: hidden [B, D], logits [B, V] -> float32 log-probs [B, V]."""
-        if logits.dim() != 2 or hidden.shape[0] != logits.shape[0]:
-            raise ValueError(f"hidden [B, D] and logits [B, V] must have the same B, got "
-                             f"{tuple(hidden.shape)} and {tuple(logits.shape)}")
-        return self.interpolate(logits, self.retrieve(hidden, logits=logits), out=out)
+        return self.interpolate(logits, self.retrieve_step(hidden, logits), out=out)
 
     def gold_logprob(self, logits: Tensor, targets: Tensor, nbrs: Neighbours, *,
                      lam: Optional[Scalar] = None, temperature: Optional[Scalar] = None,

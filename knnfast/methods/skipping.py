@@ -84,7 +84,7 @@ class RetrievalSkip:
 @dataclass
 class SkipStats:
     """Counters of the steps a decoder ran with the model's logits at hand (``__call__``,
-    ``retrieve(..., logits=)``): ``steps`` / ``rows`` seen, ``skipped_steps`` (no row
+    ``retrieve_step``): ``steps`` / ``rows`` seen, ``skipped_steps`` (no row
     searched) and ``skipped_rows``. ``reset()`` zeroes them."""
     steps: int = 0
     rows: int = 0

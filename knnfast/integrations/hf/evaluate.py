@@ -120,7 +120,7 @@ def evaluate_lm(model: nn.Module, examples: Sequence[Example], decoder: KNNDecod
     t0 = time.perf_counter()
     bar = tqdm(total=len(examples), desc="eval", unit="ex", disable=not progress, leave=False)
     for tf in scored_batches(model, examples, scored, hidden, batch_size):
-        nbrs = decoder.retrieve(tf.hidden, logits=tf.logits)  # the decoder's skip rule applies
+        nbrs = decoder.retrieve_step(tf.hidden, tf.logits)  # the decoder's skip rule applies
         parts["interpolated"].append(decoder.gold_logprob(tf.logits, tf.targets, nbrs).cpu())
         parts["knn"].append(decoder.gold_logprob(tf.logits, tf.targets, nbrs, lam=1.0).cpu())
         parts["base"].append(base_gold_logprob(tf.logits, tf.targets, decoder.backend).cpu())

@@ -35,7 +35,7 @@ class KNNLogitsProcessor(_logits_processor_base()):
         self.capture = capture
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        nbrs = self.decoder.retrieve(self.capture.step(), logits=scores)
+        nbrs = self.decoder.retrieve_step(self.capture.step(), scores)
         logp = self.decoder.interpolate(scores, nbrs)
         # transformers runs its own processors (min length, bad words, forced EOS, ...)
         # before user ones: what they forbade (-inf) must stay forbidden after the mixture.

@@ -306,3 +306,12 @@ def test_faiss_pq_recipe_on_a_reduced_store_and_prune_through_an_index(low_rank,
     a = flat.prune(tmp_path / "a", k=4, exact=False, progress=False)
     b = ds.prune(tmp_path / "b", k=4, exact=True, progress=False)
     assert torch.equal(a.counts, b.counts) and int(a.counts.sum()) == len(ds)
+
+
+def test_derived_stores_verify_and_refuse_subsample(rand_ds, tmp_path):
+    pr = rand_ds.prune(tmp_path / "pr", k=4, progress=False)
+    rd = rand_ds.reduce_dim(tmp_path / "rd", 4, progress=False)
+    for store in (pr, rd):
+        assert Datastore.verify(store.path).ok
+        with pytest.raises(ValueError, match="pruned or dimension-reduced"):
+            store.subsample(0.5, path=tmp_path / "sub")

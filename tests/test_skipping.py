@@ -222,6 +222,22 @@ def test_gate_save_load_and_datastore_checks(ds, fitted, tmp_path):
         RetrievalGate.load(tmp_path / "gate", other)
     with pytest.raises(ValueError, match="fitted for datastore"):
         KNNDecoder(other, skip=RetrievalSkip(gate=gate))
+    class Unfingerprinted:            # e.g. a torch.distributed ShardedDatastore
+        dim = query_dim = D
+
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+    recorded = gate.fitted_for
+    try:   # fitted on such a store: matched on size and width only
+        gate.fitted_for = dict(recorded, fingerprint=None)
+        gate.check_datastore(Unfingerprinted(N))
+        with pytest.raises(ValueError, match="fitted for datastore"):
+            gate.check_datastore(Unfingerprinted(N + 1))
+    finally:
+        gate.fitted_for = recorded
     with pytest.raises(ValueError, match="width D=16"):
         gate.lam(hidden[:, :8], logits)
     feats = _dev(ds, T=20)[0]

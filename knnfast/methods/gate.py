@@ -113,7 +113,9 @@ class RetrievalGate(nn.Module):
                              "of this datastore, or RetrievalGate.load a fitted one)")
         fp, d = getattr(datastore, "fingerprint", None), getattr(datastore, "query_dim",
                                                                  datastore.dim)
-        if fp != f["fingerprint"] or d != f["dim"]:
+        # a store without a fingerprint (a torch.distributed ShardedDatastore) is matched
+        # on its size and width only
+        if fp != f["fingerprint"] or d != f["dim"] or len(datastore) != f["size"]:
             raise ValueError(f"RetrievalGate: fitted for datastore {f['fingerprint']} "
                              f"({f['size']} entries, states of D={f['dim']}), this one is "
                              f"{fp} ({len(datastore)} entries, D={d}); fit a gate for it")

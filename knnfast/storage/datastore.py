@@ -409,6 +409,10 @@ class Datastore(MetaFields):
         their original order. Written to ``path`` (default ``<path>.sub<frac>-s<seed>``)."""
         if not 0.0 < frac <= 1.0:
             raise ValueError(f"Datastore.subsample: frac must be in (0, 1], got {frac!r}")
+        if self.counts is not None or self.projection is not None:
+            raise ValueError(f"Datastore.subsample: {self.path} is pruned or dimension-reduced "
+                             f"(its side arrays would not follow); subsample the source "
+                             f"datastore, then prune / reduce the result")
         n = max(1, round(frac * len(self)))
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(self), generator=gen)[:n].sort().values

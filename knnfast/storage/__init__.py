@@ -6,6 +6,8 @@
   ``knnfast.methods.kd.TeacherStore``
 - ``index``: FAISS helpers (build, save/load, search, reconstructed scores)
 - ``search``: exact search, streamed over a memmap in chunks, and exact rescoring
+- ``compact``: smaller datastores (``prune``: greedy merge with counts; ``reduce_dim``: PCA /
+  random key projection); ``sidecar``: their side arrays (counts, source ids, ``Projection``)
 - ``format``, ``files``: the on-disk format and its primitives (fsync, atomic JSON, memmap)
 - ``checksums``, ``verify``: per-block CRC-32s recorded at finalize and ``verify(path)``, which
   checks a store against them (``knnfast verify PATH``)

@@ -138,7 +138,9 @@ def read_cache(path: str) -> Dict[str, dict]:
 
 
 def write_cache(path: str, key: str, entry: dict) -> None:
-    """Adds one choice to the file: read, merge, write a temporary file, rename (atomic)."""
+    """Adds one choice to the file: read, merge, write a temporary file, rename (atomic: a
+    reader never sees half a file). Two processes writing at once can drop each other's new
+    entry, never corrupt the file; a dropped entry is measured again."""
     choices = read_cache(path)
     choices[key] = entry
     try:

@@ -4,6 +4,8 @@
 |--------------------------|--------------------------|-----------------------------------------------------|
 | ``KNNFAST_CUDA_CHECKS``  | once, at ``import knnfast`` | how CUDA ops report bad values (never out of bounds): ``auto`` (default; also ``1``): each op raises at once, except inside knnfast's decoding loops (``deferred_checks``); ``sync``: every op raises at once, loops included (debugging); ``deferred``: never at the call, only from ``check_cuda_errors``; ``off`` (``0``): never. |
 | ``KNNFAST_DEBUG``        | once, at ``import knnfast`` | ``1``: the bf16 CPU search prints its candidate counts to stderr. Default ``0``. |
+| ``KNNFAST_CALIBRATE``    | once, at ``import knnfast`` | ``0``: ``knn_search(plan="auto")`` on CPU keeps the fixed batch rule instead of timing the plans once per shape bucket (reproducible benchmarks; at run time ``knnfast.ops.plan_choice.set_calibration`` / ``calibration``). Default ``1``. |
+| ``KNNFAST_PLAN_CACHE``   | at each first choice per bucket | JSON file of the measured CPU plan choices (``knnfast/ops/plan_choice.py``). Default ``$XDG_CACHE_HOME/knnfast/plans.json``, else ``~/.cache/knnfast/plans.json``. |
 | ``KNNFAST_SIMD``         | once, when the library loads | ``generic``: the CPU kernels use the portable code instead of AVX-512. |
 | ``KNNFAST_LIBRARY``      | once, when the library loads | path of another build of the compiled library to load instead of ``knnfast/_C*.so`` (``make sanitize`` loads its ASan/UBSan build this way). |
 | ``KNNFAST_CUDA``, ``KNNFAST_BUILD_TYPE``, ``MAX_JOBS`` | at build time (setup.py) | build switches, see README. |

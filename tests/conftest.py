@@ -8,6 +8,10 @@
   whole suite runs in a few minutes on a 2-core machine. Set
   HYPOTHESIS_PROFILE=thorough for a longer run.
 * every test starts from the same torch seed.
+* KNNFAST_CALIBRATE=0 unless set: CPU knn_search(plan="auto") keeps the fixed plan rule, so
+  the plans a test runs do not depend on timings and no plan cache is written under the
+  user's home (also by the commands tests start); tests/test_knn_search_plans.py turns the
+  measurement on where it tests it.
 """
 import os
 import sys
@@ -32,6 +36,7 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "knnfast"))
 
+os.environ.setdefault("KNNFAST_CALIBRATE", "0")  # read at import knnfast
 import knnfast  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()

@@ -181,9 +181,9 @@ def prune(ds: "Datastore", path: PathLike, k: int = 8, *, exact: Optional[bool] 
     writer = _create(ds, path, ds.dim, extra, resume=resume, overwrite=overwrite,
                      size=len(kept), progress=progress)
     sidecars = {COUNTS: kept_counts, SOURCE_IDS: kept.astype(np.int64)}
-    if ds.projection is not None:   # the keys stay in the source's reduced space
-        writer_projection(writer, ds.projection)
     try:
+        if ds.projection is not None:   # the keys stay in the source's reduced space
+            writer_projection(writer, ds.projection)
         _copy_rows(ds, writer, torch.from_numpy(kept), lambda keys: keys)
     except BaseException:
         writer.close()

@@ -203,6 +203,22 @@ def test_k_above_datastore_size_warns_and_clamps(world, capsys, monkeypatch):
         in lines
 
 
+def test_a_reduced_store_pairs_with_the_model_its_keys_came_from(world, capsys, monkeypatch):
+    """reduce_dim keeps the model's width as the query width: the CLI checks that, not the
+    stored key width (issue 17)."""
+    ds = Datastore.open(world / "ds_marian")
+    ds.reduce_dim(world / "ds_reduced", ds.dim // 2, method="random")
+    code, lines = run_case(world, ["eval-ppl", "--model", "marian", "--datastore", "ds_reduced",
+                                   "--corpus", "train.tsv", "--limit", "4"], capsys, monkeypatch)
+    assert code == 0, lines
+    Datastore.open(world / "ds_dim16").reduce_dim(world / "ds_dim16_reduced", 8,
+                                                  method="random")
+    code, lines = run_case(world, ["eval-ppl", "--model", "marian", "--datastore",
+                                   "ds_dim16_reduced", "--corpus", "train.tsv"], capsys,
+                           monkeypatch)
+    assert code == 3 and "8-dim keys projected from 16-dim states" in lines[-1], lines
+
+
 def test_strict_json_for_infinite_perplexity(world, capsys):
     """λ = 1 on a corpus whose gold tokens the datastore lacks: the kNN-LM perplexity is
     infinite, written as null (strict JSON), not Infinity."""

@@ -51,10 +51,12 @@ def check_pairing(args, model, tokenizer, ds) -> str:
     hidden = key_layer(args, ds)
     source = "--hidden" if getattr(args, "hidden", None) else 'meta.json field "hidden"'
     width = _key_width(model, hidden, source)
-    if width is not None and width != ds.dim:
-        raise DataError(f"datastore {ds.path} has {ds.dim}-dim keys (meta.json field \"dim\") "
-                        f"but model {args.model} has {width}-dim states at key layer {hidden!r}",
-                        REBUILD)
+    wanted = getattr(ds, "query_dim", ds.dim)  # a reduced store projects the model's states
+    if width is not None and width != wanted:
+        keys = (f"{ds.dim}-dim keys (meta.json field \"dim\")" if wanted == ds.dim else
+                f"{ds.dim}-dim keys projected from {wanted}-dim states")
+        raise DataError(f"datastore {ds.path} has {keys} but model {args.model} has "
+                        f"{width}-dim states at key layer {hidden!r}", REBUILD)
     vocab = int(hf.lm_head(model).weight.shape[0])
     if ds.vocab_size is not None and ds.vocab_size != vocab:
         raise DataError(f"datastore {ds.path} has a vocabulary of {ds.vocab_size} tokens "

@@ -42,26 +42,45 @@ from knnfast.methods.gate import RetrievalGate, collect_gate_features, fit_gate 
 Arm = Tuple[str, Optional[KNNDecoder]]
 
 
-def derived_store(ds, path: Path, build: Callable, progress: bool):
-    """A pruned / reduced store at ``path`` (reused when finished), indexed like ``ds``."""
+def derived_store(ds, path: Path, build: Callable, progress: bool, search: str = "exact"):
+    """A pruned / reduced store at ``path`` (reused when finished), searched like ``ds``:
+    keys in RAM for exact search, or (``search="index"``) indexed like ``ds``."""
     out = knnfast.Datastore.open(path) if (path / "meta.json").exists() else build(path)
-    if ds.has_saved_index() and not out.has_index():
-        info = json.loads((Path(ds.path) / "index.json").read_text())
-        out.build_index(info.get("factory"), nprobe=info.get("nprobe", 32), progress=progress)
-    return out
+    return searched_as(out, search, like=ds, progress=progress)
+
+
+def searched_as(store, search: str, like=None, progress: bool = False):
+    """``store`` ready for the arms: "exact" loads the keys into RAM (the fused exact search,
+    no memmap streaming); "index" loads its saved FAISS index, or builds one with the
+    factory of ``like``'s."""
+    if search == "exact":
+        return store.to("cpu") if store.is_memmapped else store
+    if store.has_saved_index():
+        store.load_index()
+    elif like is not None and like.has_saved_index() and not store.has_index():
+        info = json.loads((Path(like.path) / "index.json").read_text())
+        store.build_index(info.get("factory"), nprobe=info.get("nprobe", 32), progress=progress)
+    return store
 
 
 def make_arms(ds, work: Path, *, k: int, temperature: float, lam: float, confidence: float,
               gate_threshold: float, prune_k: int, pca_dim: int, fit_gate_on: Callable,
-              progress: bool = False) -> List[Arm]:
-    """The study's (name, decoder) arms; ``fit_gate_on(decoder) -> fitted RetrievalGate``."""
+              progress: bool = False, search: str = "exact") -> List[Arm]:
+    """The study's (name, decoder) arms; ``fit_gate_on(decoder) -> fitted RetrievalGate``.
+    Every arm searches the same way (``search``: "exact" fused search over keys in RAM, or
+    "index": FAISS)."""
     work.mkdir(parents=True, exist_ok=True)
-    pruned = derived_store(ds, work / "pruned",
-                           lambda p: ds.prune(p, k=prune_k, progress=progress), progress)
-    reduced = derived_store(ds, work / f"pca{pca_dim}",
-                            lambda p: ds.reduce_dim(p, pca_dim, progress=progress), progress)
-    both = derived_store(pruned, work / f"pruned-pca{pca_dim}",
-                         lambda p: pruned.reduce_dim(p, pca_dim, progress=progress), progress)
+    source = ds
+    pruned = derived_store(source, work / "pruned",
+                           lambda p: source.prune(p, k=prune_k, progress=progress), progress,
+                           search)
+    reduced = derived_store(source, work / f"pca{pca_dim}",
+                            lambda p: source.reduce_dim(p, pca_dim, progress=progress),
+                            progress, search)
+    both = derived_store(source, work / f"pruned-pca{pca_dim}",
+                         lambda p: pruned.reduce_dim(p, pca_dim, progress=progress), progress,
+                         search)
+    ds = searched_as(source, search)
 
     def dec(store, skip=None):
         return KNNDecoder(store, k=k, temperature=temperature, lam=lam, skip=skip)
@@ -206,7 +225,8 @@ def demo_mt(args) -> dict:
     arms = make_arms(ds, Path(args.work) / "mt", k=args.k, temperature=args.temperature,
                      lam=args.lam, confidence=args.confidence,
                      gate_threshold=args.gate_threshold, prune_k=args.prune_k,
-                     pca_dim=args.pca_dim, fit_gate_on=gate_fitter(model, dev))
+                     pca_dim=args.pca_dim, fit_gate_on=gate_fitter(model, dev),
+                     search=args.search)
     sources, refs = [s for s, _ in tests], [t for _, t in tests]
     run = mt_runner(lambda dec: demo.translate_knn(model, codec, sources, dec),
                     lambda hyps: demo.evaluate_bleu(hyps, refs), len(sources))
@@ -237,7 +257,8 @@ def demo_lm(args) -> dict:
     arms = make_arms(ds, work, k=args.lm_k, temperature=args.lm_temperature,
                      lam=args.lm_lam, confidence=args.confidence,
                      gate_threshold=args.gate_threshold, prune_k=args.prune_k,
-                     pca_dim=min(args.pca_dim, ds.dim // 2), fit_gate_on=gate_fitter(model, dv))
+                     pca_dim=min(args.pca_dim, ds.dim // 2), fit_gate_on=gate_fitter(model, dv),
+                     search=args.search)
     rows = run_arms(arms, lm_runner(model, te), "tokens_per_s")
     return write_outputs(rows, Path(args.out), "decode_speed_lm", "ppl", False,
                          f"kNN-LM speed options, Python reference test topics "
@@ -262,6 +283,8 @@ def main(argv=None) -> None:
     p.add_argument("--prune-k", type=int, default=8)
     p.add_argument("--pca-dim", type=int, default=64)
     p.add_argument("--study", choices=("mt", "lm", "both"), default="both")
+    p.add_argument("--search", choices=("exact", "index"), default="exact",
+                   help="every arm: fused exact search over keys in RAM, or the FAISS index")
     p.add_argument("--lm-k", type=int, default=16)
     p.add_argument("--lm-temperature", type=float, default=10.0)
     p.add_argument("--lm-lam", type=float, default=0.25)

@@ -21,9 +21,12 @@ import knnfast
 import knnfast.reference as ref
 from conftest import requires_cuda
 from helpers import check_bad_input
+from knnfast.ops import knn_kd_linear_rows as row_strategy
+from knnfast.ops.knn_kd_linear_loss import pick_strategy
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
+CHUNK = {"vocab": 64, "rows": 5}   # columns / rows per chunk in the tests of both strategies
 HALF_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
@@ -101,10 +104,14 @@ def test_reference_gradcheck_double(kd):
 @pytest.mark.parametrize("probs", [False, True])
 @pytest.mark.parametrize("eps,reduction", [(0.0, "mean"), (0.1, "sum"), (0.1, "none")])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_op_matches_dense_float64(dtype, kd, probs, eps, reduction, with_bias):
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+def test_op_matches_dense_float64(dtype, kd, probs, eps, reduction, with_bias, strategy):
     """Value (float32) to 1e-4 relative; gradients to 1e-4 relative for float32 inputs and
     to the rounding of the gradient's own dtype (it is returned in the input's dtype) for
-    float16 / bfloat16 inputs: the kernels accumulate in float32 either way."""
+    float16 / bfloat16 inputs: the kernels accumulate in float32 either way. chunk: 64
+    vocabulary columns or 5 rows (several chunks either way)."""
+    if strategy == "rows" and reduction == "none":
+        pytest.skip("the rows strategy needs a scalar loss (test_strategy_bad_values)")
     h, w, b, y, tokens, teacher = _data(T=23, D=16, V=301, k=7, seed=3, dtype=dtype,
                                         probs=probs)
     b = b if with_bias else None
@@ -112,7 +119,7 @@ def test_op_matches_dense_float64(dtype, kd, probs, eps, reduction, with_bias):
     up = torch.rand(len(y), dtype=torch.float64) if reduction == "none" else None
     inputs = (h, w) + ((b,) if with_bias else ())
     op = lambda h_, w_, b_=None: knnfast.knn_kd_linear_loss(  # noqa: E731
-        h_, w_, y, tokens, bias=b_, chunk=64, **teacher, **kw)
+        h_, w_, y, tokens, bias=b_, chunk=CHUNK[strategy], strategy=strategy, **teacher, **kw)
     got, got_g = _grads(op, inputs, None if up is None else up.float())
     want, want_g = _grads(lambda h_, w_, b_=None: _dense64(h_, w_, b_, y, tokens,
                                                            _double(teacher), **kw),
@@ -127,12 +134,16 @@ def test_op_matches_dense_float64(dtype, kd, probs, eps, reduction, with_bias):
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_op_without_teacher_is_cross_entropy(eps, reduction):
+@pytest.mark.parametrize("reduction,strategy", [("mean", "vocab"), ("sum", "vocab"),
+                                                ("none", "vocab"), ("mean", "rows"),
+                                                ("sum", "rows")])
+def test_op_without_teacher_is_cross_entropy(eps, reduction, strategy):
     h, w, b, y, _, _ = _data(T=19, D=8, V=203, seed=4)
     up = torch.rand(len(y)) if reduction == "none" else None
+    chunk = 50 if strategy == "vocab" else 4
     got, got_g = _grads(lambda h_, w_, b_: knnfast.knn_kd_linear_loss(
-        h_, w_, y, bias=b_, label_smoothing=eps, reduction=reduction, chunk=50), (h, w, b), up)
+        h_, w_, y, bias=b_, label_smoothing=eps, reduction=reduction, chunk=chunk,
+        strategy=strategy), (h, w, b), up)
     want, want_g = _grads(lambda h_, w_, b_: F.cross_entropy(
         F.linear(h_, w_, b_), y, label_smoothing=eps, reduction=reduction), (h, w, b), up)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -176,10 +187,12 @@ def test_only_requested_gradients():
     assert w.grad is not None and w.grad.shape == w.shape and not h.requires_grad
 
 
-def test_op_gradcheck():
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+def test_op_gradcheck(strategy):
     h, w, b, y, tokens, teacher = _data(T=5, D=3, V=7, k=3, seed=9)
     fn = lambda h_, w_, b_: knnfast.knn_kd_linear_loss(  # noqa: E731
-        h_, w_, y, tokens, bias=b_, chunk=3, label_smoothing=0.1, kd="kl", **teacher)
+        h_, w_, y, tokens, bias=b_, chunk=3 if strategy == "vocab" else 2,
+        label_smoothing=0.1, kd="kl", strategy=strategy, **teacher)
     xs = tuple(t.double().requires_grad_() for t in (h, w, b))
     # the kernels compute in float32: a coarse step keeps rounding out of the differences
     assert torch.autograd.gradcheck(fn, xs, eps=1e-2, atol=1e-3, rtol=1e-2)
@@ -240,12 +253,12 @@ def test_direct_op_call_rejects_empty_rows():
 
 
 def _largest_allocation(fn) -> int:
-    """Largest single CPU allocation (bytes) while fn() runs: the profiler's memory usage of
-    the leaf events (an op's own event also counts what its children allocate)."""
+    """Largest memory one op allocates itself (bytes) while fn() runs: the profiler's
+    self_cpu_memory_usage (a leaf-only count would miss aten::addmm, which has children)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         fn()
-    return max(e.cpu_memory_usage for e in prof.events() if not e.cpu_children)
+    return max(e.self_cpu_memory_usage for e in prof.events())
 
 
 def test_no_dense_buffer():
@@ -269,6 +282,103 @@ def test_no_dense_buffer():
     biggest = _largest_allocation(fused)
     assert biggest <= V * D * 4                       # grad_weight (an output) is the largest
     assert biggest < dense_bytes / 2
+
+
+# --------------------------------------------------------------------------- strategies
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("probs,with_bias", [(False, True), (True, False)])
+@pytest.mark.parametrize("chunk", [0, 1, 4, 100])
+def test_strategies_agree(reduction, probs, with_bias, chunk):
+    """rows (chunk: rows) and vocab (chunk 0 / 7 columns) give the same loss and gradients,
+    also under a scaled loss (the rows strategy's backward scales its saved gradients)."""
+    h, w, b, y, tokens, teacher = _data(T=13, D=6, V=53, k=5, seed=12, probs=probs)
+    inputs = (h, w, b) if with_bias else (h, w)
+    kw = dict(label_smoothing=0.1, kd="kl", reduction=reduction, ce_weight=0.7, **teacher)
+    runs = {}
+    for strategy, c in (("rows", chunk), ("vocab", 7), ("vocab", 0)):
+        runs[strategy, c] = _grads(lambda h_, w_, b_=None: 2.5 * knnfast.knn_kd_linear_loss(
+            h_, w_, y, tokens, bias=b_, chunk=c, strategy=strategy, **kw), inputs)
+    want, want_g = runs["vocab", 0]
+    for got, got_g in runs.values():
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, e in zip(got_g, want_g):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_strategy_only_requested_gradients_and_backward_twice():
+    h, w, b, y, tokens, teacher = _data(seed=13)
+    w.requires_grad_()
+    loss = 3 * knnfast.knn_kd_linear_loss(h, w, y, tokens, bias=b, strategy="rows", **teacher)
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    loss.backward()                                   # the saved gradients were not scaled
+    torch.testing.assert_close(w.grad, 2 * first)
+    assert h.grad is None and b.grad is None
+
+
+def test_auto_strategy_choice():
+    p = torch.zeros(2, requires_grad=True)
+    assert pick_strategy("auto", "mean", 0, p) == "rows" and pick_strategy("auto", "sum", 0, None, p) == "rows"
+    assert pick_strategy("auto", "none", 0, p) == "vocab"      # per-row losses: backward needs rows
+    assert pick_strategy("auto", "mean", 64, p) == "vocab"     # an explicit vocabulary chunk
+    assert pick_strategy("auto", "mean", 0, p.detach()) == "vocab"
+    with torch.no_grad():
+        assert pick_strategy("auto", "mean", 0, p) == "vocab"
+    assert pick_strategy("vocab", "mean", 0, p) == "vocab" and pick_strategy("rows", "sum", 3, p) == "rows"
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(strategy="fast"), "strategy must be one of"),
+    (dict(strategy="rows", reduction="none"), "strategy='rows' needs reduction"),
+    (dict(strategy=None), "strategy must be one of"),
+])
+def test_strategy_bad_values(change, match):
+    h, w, b, y, tokens, teacher = _data(seed=14)
+    check_bad_input(knnfast.knn_kd_linear_loss, match, h.requires_grad_(), w, y, tokens,
+                    bias=b, **teacher, **change)
+
+
+@pytest.mark.parametrize("change,match", [c for c in BAD if "chunk" not in c[1]
+                                          and "reduction" not in c[1]])
+def test_bad_inputs_rows_strategy(change, match):
+    """The row strategy (hidden needs a gradient) rejects what the op rejects: shapes before
+    any GEMM, values in the row kernels (knn_kd_loss's messages)."""
+    kw = dict(hidden=torch.randn(3, 4), weight=torch.randn(20, 4), bias=torch.randn(20),
+              targets=torch.tensor([0, 1, 2]), teacher_tokens=torch.tensor([[0, 1], [1, 2], [3, 4]]),
+              teacher_scores=torch.zeros(3, 2), temperature=1.0, strategy="rows")
+    kw.update(change)
+    if kw["hidden"].is_floating_point():
+        kw["hidden"] = kw["hidden"].requires_grad_()
+    check_bad_input(knnfast.knn_kd_linear_loss, match, **kw)
+
+
+def test_row_chunk_bound():
+    row_chunk = row_strategy.row_chunk
+    budget = row_strategy.ROW_BUFFER_BYTES
+    for T, V in [(1, 7), (5, 50257), (128, 50000), (4096, 42024), (8192, 50257), (10 ** 6, 3)]:
+        rows = row_chunk(T, V)
+        assert 1 <= rows <= T
+        assert rows == 1 or (rows * V * 4 <= budget and rows * 4 <= T)
+    assert row_chunk(4096, 42024) == budget // (4 * 42024)   # the byte budget binds
+    assert row_chunk(100, 10) == 25                           # a quarter of T binds
+    assert row_chunk(100, 10, chunk=7) == 7 and row_chunk(5, 10, chunk=7) == 5
+
+
+def test_rows_strategy_largest_buffer_is_the_chunk():
+    """The profiler's largest allocation is the bounded [rows, V] buffer (or a gradient),
+    where the dense path allocates T x V: auto chunk with the byte budget binding."""
+    T, D, V = 1024, 4, 40_000                         # dense: 156 MiB; chunk: 209 rows, 32 MiB
+    g = torch.Generator().manual_seed(15)
+    h = torch.randn(T, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (T,), generator=g)
+    tokens = torch.randint(0, V, (T, 8), generator=g)
+    scores = torch.randn(T, 8, generator=g)
+    buffer = row_strategy.row_chunk(T, V) * V * 4
+    biggest = _largest_allocation(
+        lambda: knnfast.knn_kd_linear_loss(h, w, y, tokens, scores).backward())
+    assert biggest == buffer <= 32 << 20                # the documented budget
+    assert buffer < T * V * 4 / 4
 
 
 # --------------------------------------------------------------------------- CUDA

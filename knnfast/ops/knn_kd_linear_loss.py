@@ -13,10 +13,12 @@ from torch import Tensor
 
 from ..defaults import OPS as DEFAULTS
 from . import args
+from .knn_kd_linear_rows import linear_kd_rows
 from .knn_kd_loss import TEACHER_NAMES, reduce_rows
 from .library import OPS
 
 OP = "knn_kd_linear_loss"
+STRATEGIES = ("auto", "rows", "vocab")
 
 
 def knn_kd_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
@@ -26,11 +28,19 @@ def knn_kd_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
                        temperature: args.RowScalar = DEFAULTS.temperature,
                        ce_weight: float = 1.0, kd_weight: float = 1.0,
                        label_smoothing: float = 0.0, ignore_index: int = -100,
-                       reduction: str = "mean", kd: str = "ce", chunk: int = 0) -> Tensor:
+                       reduction: str = "mean", kd: str = "ce", chunk: int = 0,
+                       strategy: str = "auto") -> Tensor:
     """knn_kd_loss(hidden @ weight.T + bias, targets, teacher_tokens, ...) without the [T, V]
-    logits: the vocabulary is processed in chunks of `chunk` columns (0: automatic, a tile
+    logits, by one of two strategies:
+
+    "vocab": the vocabulary is processed in chunks of `chunk` columns (0: automatic, a tile
     of at most 2 Mi floats) with an online log-sum-exp, and backward recomputes each chunk
-    and accumulates the gradients of hidden, weight and bias. Without a teacher
+    and accumulates the gradients of hidden, weight and bias (4 GEMMs over [T, V, D]).
+    "rows": the forward walks row chunks of `chunk` rows (0: automatic, a [rows, V] float32
+    buffer of at most 32 MiB and a quarter of T x V), computing the loss and the gradients
+    at once (3 GEMMs); backward only scales them. Needs reduction "mean" or "sum".
+    "auto": "rows" when a gradient is wanted, reduction is "mean" / "sum" and chunk is 0
+    (an explicit chunk keeps its older meaning, vocabulary columns); else "vocab". Without a teacher
     (teacher_tokens None) it is label-smoothed cross-entropy times ce_weight: with the
     defaults a drop-in for F.cross_entropy(F.linear(hidden, weight, bias), targets). Inputs
     may be float32 / float16 / bfloat16 (float32 accumulation); the loss is float32.
@@ -43,10 +53,27 @@ def knn_kd_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
     args.check_choice(OP, "kd", kd, args.KD_FORMS)
     args.check_int(OP, "chunk", chunk, 0)
     tau = args.row_scalar(OP, "temperature", temperature, hidden.shape[0], hidden.device, True)
+    weights = (ce_weight, kd_weight, label_smoothing, ignore_index)
+    if pick_strategy(strategy, reduction, chunk, hidden, weight, bias) == "rows":
+        check_linear_kd_meta(hidden, weight, bias, targets, tokens, scores, probs, tau)
+        return linear_kd_rows(hidden, weight, bias, targets, tokens, scores, probs, tau,
+                              *weights, kd == "kl", reduction, chunk)[0]
     rows, _ = OPS.knn_kd_linear_loss(hidden, weight, bias, targets, tokens, scores, probs, tau,
                                      float(ce_weight), float(kd_weight), float(label_smoothing),
                                      int(ignore_index), kd == "kl", chunk)
     return reduce_rows(rows, targets, ignore_index, reduction)
+
+
+def pick_strategy(strategy: str, reduction: str, chunk: int, *params) -> str:
+    """"rows" or "vocab" (see knn_kd_linear_loss); rows on request needs a scalar loss."""
+    args.check_choice(OP, "strategy", strategy, STRATEGIES)
+    scalar = reduction in ("mean", "sum")
+    if strategy == "rows" and not scalar:
+        args.fail(OP, f"strategy='rows' needs reduction 'mean' or 'sum', got {reduction!r}")
+    if strategy != "auto":
+        return strategy
+    grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    return "rows" if grad and scalar and chunk == 0 else "vocab"
 
 
 def teacher_inputs(hidden: Tensor, tokens: Optional[Tensor], scores: Optional[Tensor],

@@ -1,11 +1,13 @@
 """Fused INK loss L_a + alpha L_i + beta L_r (DESIGN §6) without any [B, V] tensor: L_a + alpha
-L_i go through knn_kd_linear_loss (the output projection fused with the loss, in vocabulary
-chunks), the kNN side is [B, k] PyTorch code."""
+L_i go through knn_kd_linear_loss (the output projection fused with the loss, in row or
+vocabulary chunks), the kNN side is [B, k] PyTorch code."""
 from __future__ import annotations
 
 import torch
 
 from ... import reference
+from ...ops.knn_kd_linear_loss import pick_strategy
+from ...ops.knn_kd_linear_rows import linear_kd_rows
 from ...reference import COS_EPS
 from ...reference.losses import check_ink_loss_args, ink_knn_weights, ink_refine
 
@@ -19,17 +21,24 @@ def _align_and_kd(hidden, weight, bias, targets, tokens, w, alpha, eps, ignore_i
     """(L_a + alpha L_i with the kNN weights ``w`` held fixed, mean over the ``count``
     counted rows; log p at every neighbour slot [B, k], without gradient).
 
-    One knn_kd_linear_loss call with ``w`` as the teacher probabilities (KL form): the
-    vocabulary is walked in chunks, forward and backward, so no [B, V] tensor exists. Its
+    One knn_kd_linear_loss pass with ``w`` as the teacher probabilities (KL form), by its
+    row strategy when a gradient is wanted (row chunks, loss and gradients in one walk), else
+    by the registered op (vocabulary chunks): no [B, V] tensor exists. Its
     per-row log-sum-exp gives log p(t_j) = h . W[t_j] + b[t_j] - lse from k dot products per
     row: nothing of INK needs the full logits."""
     tau = torch.ones(1, device=hidden.device)
-    rows, lse = torch.ops.knnfast.knn_kd_linear_loss(
-        hidden, weight, bias, targets, tokens, None, w, tau, 1.0, float(alpha), float(eps),
-        int(ignore_index), True, 0)
+    if pick_strategy("auto", "mean", 0, hidden, weight, bias) == "rows":
+        # knn_kd_linear_loss's row strategy: 3 GEMMs instead of the vocabulary strategy's 4
+        loss, lse = linear_kd_rows(hidden, weight, bias, targets, tokens, None, w, tau, 1.0,
+                                   alpha, eps, ignore_index, True, "mean", want_lse=True)
+    else:
+        rows, lse = torch.ops.knnfast.knn_kd_linear_loss(
+            hidden, weight, bias, targets, tokens, None, w, tau, 1.0, float(alpha), float(eps),
+            int(ignore_index), True, 0)
+        loss = rows.sum() / count
     with torch.no_grad():
         logp_nbr = _neighbour_logits(hidden, weight, bias, tokens) - lse[:, None]
-    return rows.sum() / count, logp_nbr
+    return loss, logp_nbr
 
 
 def _neighbour_logits(hidden, weight, bias, tokens):

@@ -1,5 +1,6 @@
 """knn_kd_linear_loss forward + backward (output projection fused with the kNN-KD loss) against
-F.linear + the fused knn_kd_loss (today's path: [T, V] logits and their gradient), against
+F.linear + the fused knn_kd_loss (today's path: [T, V] logits and their gradient), by both
+of the op's strategies (default "auto" = row chunks here; "vocab" = vocabulary chunks), against
 the pure-PyTorch chunked reference (knnfast.reference.knn_kd_linear_loss) and against the dense
 pure-PyTorch path (F.linear + knnfast.reference.knn_kd_loss), with the peak extra resident
 memory of each call.
@@ -17,6 +18,7 @@ select one with -k, e.g. -k "4096-42024-64".
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -28,7 +30,9 @@ D = 64 if QUICK else 512
 CELLS = [(64, 5000, 16)] if QUICK else [
     (T, V, k) for T in (4096, 8192) for V in (42024, 50257) for k in (16, 64)]
 SEED = 23
-IMPLS = ["fused", "linear+knn_kd_loss", "reference", "dense_reference"]
+# fused: the op as called by default (strategy "auto": the row strategy here, a gradient of a
+# mean); fused_vocab: strategy="vocab" (vocabulary chunks, backward recomputes the logits)
+IMPLS = ["fused", "fused_vocab", "linear+knn_kd_loss", "reference", "dense_reference"]
 
 
 def _data(T, V, k):
@@ -47,6 +51,8 @@ def _loss_fn(kb, impl):
     if impl in ("linear+knn_kd_loss", "dense_reference"):
         kd = kb.op("knn_kd_loss", "fused" if impl == "linear+knn_kd_loss" else "reference")
         return lambda h, w, y, t, s, **kw: kd(F.linear(h, w, kw.pop("bias")), y, t, s, **kw)
+    if impl == "fused_vocab":
+        return functools.partial(kb.op("knn_kd_linear_loss", "fused"), strategy="vocab")
     return kb.op("knn_kd_linear_loss", "fused" if impl == "fused" else "reference")
 
 

@@ -121,9 +121,8 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
     contiguous share of the examples (``build_datastore``), and every batch's examples are
     split across the ranks, each rank's loss weighted by its share of the batch's target
     positions and the adapter gradients summed with one all-reduce per step: the update is
-    the single-process one (up to float rounding; adapter dropout draws differ per rank).
-    Rank 0 holds the lock, writes the checkpoints and logs. A failure on any rank raises on
-    every rank. ``index_factory`` is single-process only.
+    the single-process one (up to float rounding; adapter dropout draws differ per rank). Rank
+    0 locks, checkpoints and logs; a failure raises on every rank; no ``index_factory``.
     """
     from ...integrations import hf
     if hidden == "att":
@@ -151,29 +150,26 @@ def train_ink(model: nn.Module, examples, workdir: str, *, epochs: int = 1,
         for epoch in range(start, epochs):
             model.eval()
             if refresh or ds is None:
-                if initial_datastore is not None and (epoch == 0 or not refresh):
-                    # an own handle: the index attached below stays off the caller's object
-                    ds = _own_handle(initial_datastore)
-                else:
-                    ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"),
-                                          hidden, reuse=not refresh and epoch > 0, group=group)
-                if index_factory:
-                    _refresh_index(ds, index_factory, nprobe,
-                                   os.path.join(workdir, "ink_index.faiss"))
-            gen = torch.Generator().manual_seed(seed + epoch)
-            batches = [list(range(s, min(s + batch_size, len(order))))
-                       for s in range(0, len(order), batch_size)]
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+                ds = _epoch_store(model, examples, workdir, epoch, refresh, initial_datastore,
+                                  hidden, (index_factory, nprobe), group)
+            batches = _shuffled_batches(len(order), batch_size, seed + epoch)
             entry = _train_epoch(model, _Epoch(examples, order, batches, entries, group), ds,
                                  opt, settings, f"INK epoch {epoch + 1}", progress and rank == 0)
             entry["epoch"] = epoch + 1
             entry["refreshed"] = bool(refresh or epoch == 0)
             history.append(entry)
             if rank == 0:
-                log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (align "
-                    f"{entry['align']:.4f}, kd {entry['kd']:.4f}, refine {entry['refine']:.4f})")
+                log(f"INK epoch {epoch + 1}: loss {entry['loss']:.4f} (" +
+                    ", ".join(f"{name} {entry[name]:.4f}" for name in PARTS) + ")")
             _save(ckpt_path, adapters, opt, epoch + 1, history, group)
         return history
+
+
+def _shuffled_batches(n: int, batch_size: int, seed: int) -> List[List[int]]:
+    """Consecutive slots [0, n) in batches of ``batch_size``, the batches in a seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 @contextlib.contextmanager
@@ -206,6 +202,22 @@ def _lock_workdir(workdir: str) -> int:
         raise os_error("train_ink", "create the work directory", workdir, e,
                        "make its parent writable or use another workdir") from None
     return acquire_build_lock(workdir, "train_ink")
+
+
+def _epoch_store(model: nn.Module, examples, workdir: str, epoch: int, refresh: bool,
+                 initial: Optional[Datastore], hidden, index: tuple, group: Any) -> Datastore:
+    """The datastore epoch ``epoch`` retrieves from: the caller's initial one (first epoch,
+    or every epoch without refresh), else encoded (or reused) in ``workdir``; with its FAISS
+    index when ``index`` = (factory, nprobe) names one."""
+    if initial is not None and (epoch == 0 or not refresh):
+        ds = _own_handle(initial)  # the index attached below stays off the caller's object
+    else:
+        ds = _epoch_datastore(model, examples, os.path.join(workdir, "datastore"), hidden,
+                              reuse=not refresh and epoch > 0, group=group)
+    factory, nprobe = index
+    if factory:
+        _refresh_index(ds, factory, nprobe, os.path.join(workdir, "ink_index.faiss"))
+    return ds
 
 
 def _own_handle(ds: Datastore) -> Datastore:

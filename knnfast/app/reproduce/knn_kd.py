@@ -30,6 +30,7 @@ from ..demo.base_model import seq2seq_loss
 from ..demo.knn_mt import tune_knn
 from ..plots import plot_grouped_bars
 from . import mt_world
+from .knn_kd_paper import PAPER_NUMBERS, quote, quoted_bleu
 from .mt_world import MTWorld, save_model
 from .report import Report
 from .runner import StudyRun
@@ -41,50 +42,6 @@ PAPER = ("Zhixian Yang, Renliang Sun, Xiaojun Wan. Nearest Neighbor Knowledge Di
          "(code: github.com/FadedCosine/kNN-KD)")
 
 # The paper's own numbers and statements, each with where it comes from. Searched offline
-# (issue 13): the stored pages hold the abstract (arXiv, ACL Anthology, ar5iv, SPIQA's LaTeX
-# and paragraph copies) and only the opening of the body: every stored page is read from its
-# beginning, and the result tables come later. The released code (README, criterion, scripts)
-# and its issue tracker are readable: the per-domain kNN-KD BLEU below is the paper's as
-# quoted in issue #3 there; CE's and kNN-MT's BLEU and the speed table stay unavailable.
-PAPER_NUMBERS = {
-    "abstract": {
-        "source": "arXiv:2205.00479, abstract",
-        "quality": "the proposed method achieves consistent improvement over the "
-                   "state-of-the-art baselines including kNN-MT",
-        "speed": "while maintaining the same training and decoding speed as the standard NMT "
-                 "model"},
-    "knn_mt_speed_vs_base": {
-        "source": "kNN-KD paper's speed comparison, as recorded in the project's "
-                  "shared/ANCHORS.md (the table itself is not available offline)",
-        "low": 0.22, "high": 0.40},
-    "kd_settings": {
-        "source": "released code README, 'Train NMT Model with KNN-KD'",
-        "IWSLT'14 De-En": {"k": 64, "temperature": 100},
-        "IWSLT'15 En-Vi": {"k": 64, "temperature": 100},
-        "Koran": {"k": 16, "temperature": 100},
-        "Medical": {"k": 4, "temperature": 10},
-        "Law": {"k": 4, "temperature": 10}},
-    "knn_mt_settings": {
-        "source": "released code README, 'Inference of Vanilla kNN-MT'",
-        "IWSLT'14 De-En": {"k": 8, "lambda": 0.3, "temperature": 100},
-        "IWSLT'15 En-Vi": {"k": 16, "lambda": 0.4, "temperature": 100},
-        "Koran": {"k": 16, "lambda": 0.8, "temperature": 100},
-        "Medical": {"k": 4, "lambda": 0.8, "temperature": 10},
-        "Law": {"k": 4, "lambda": 0.8, "temperature": 10}},
-    "datastore_sizes": {
-        "source": "released code README, 'Build Datastore'",
-        "IWSLT'14 De-En": 3_949_106, "IWSLT'15 En-Vi": 3_581_500, "Koran": 524_374,
-        "Medical": 6_903_141, "Law": 19_062_738},
-    "reported_bleu": {
-        "source": "the paper's kNN-KD BLEU on the multi-domain sets, as quoted (\"reported "
-                  "results in the paper\") by OwenNJU in github.com/FadedCosine/kNN-KD/issues/3",
-        "Koran": 24.86, "Medical": 56.50, "Law": 61.89},
-    "code_loss": {
-        "source": "released code, fairseq/criterions/knn_label_smoothed_cross_entropy.py "
-                  "(distil_strategy 'knn_kd') and commands/train_knnmt.sh",
-        "label_smoothing": 0.1, "kl_rate": 1.0},
-}
-
 STORE_K = 64                 # the teacher store keeps the paper's largest k; cells use a prefix
 MAIN_K = 16                  # the paper's k for Koran, its datastore closest to ours in size
 SWEEP_KS = (4, 16, 64)       # the paper's k values (Medical/Law, Koran, IWSLT)
@@ -436,18 +393,6 @@ def checks_table(report: Report, check: dict, teacher: dict) -> None:
             {"check": "nearest neighbour's token is the gold token (self-match)",
              "expected": "≈ 1", "measured": f"{teacher['nearest_is_gold']:.3f}"}]
     report.table("Sanity checks", ["check", "expected", "measured"], rows)
-
-
-def quote(key: str) -> str:
-    a = PAPER_NUMBERS["abstract"]
-    return f"\"{a[key]}\" ({a['source']})"
-
-
-def quoted_bleu() -> str:
-    q = PAPER_NUMBERS["reported_bleu"]
-    return ("kNN-KD BLEU " + ", ".join(f"{d} {q[d]:.2f}" for d in ("Koran", "Medical", "Law"))
-            + " (quoted in FadedCosine/kNN-KD issue #3); the baselines' per-dataset BLEU: "
-              "not available offline")
 
 
 def claims(report: Report, world: MTWorld, base: dict, evals: dict, trained: dict) -> None:

@@ -323,9 +323,10 @@ def random_sequences(n, lo, hi, seed, vocab):
 
 
 def tiny_marian(vocab, *, d_model, decoder_layers=1, max_positions, pad=0, eos=1, start=0,
-                seed=0):
+                seed=0, dropout=0.1):
     """A seeded random MarianMTModel (one encoder layer, 2 heads, FFN 2·d_model) in eval
-    mode; init_std 0.3 keeps its hidden states well separated (no kNN ties)."""
+    mode; init_std 0.3 keeps its hidden states well separated (no kNN ties). ``dropout=0``
+    for training tests that compare runs (train mode would draw dropout masks)."""
     from transformers import MarianConfig, MarianMTModel
     torch.manual_seed(seed)
     cfg = MarianConfig(vocab_size=vocab, d_model=d_model, encoder_layers=1,
@@ -333,8 +334,18 @@ def tiny_marian(vocab, *, d_model, decoder_layers=1, max_positions, pad=0, eos=1
                        decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
                        decoder_ffn_dim=2 * d_model, pad_token_id=pad, eos_token_id=eos,
                        decoder_start_token_id=start, max_position_embeddings=max_positions,
-                       init_std=0.3)
+                       init_std=0.3, dropout=dropout)
     return MarianMTModel(cfg).eval()
+
+
+def random_pairs(vocab, n, seed):
+    """``n`` seeded (source, target + [eos 1]) pairs of random ids in [2, vocab), lengths 3-7."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand():
+        return torch.randint(2, vocab, (int(torch.randint(3, 8, (1,), generator=g)),),
+                             generator=g).tolist()
+    return [(rand(), rand() + [1]) for _ in range(n)]
 
 
 def tiny_gpt2(vocab, *, n_embd, n_layer, n_positions, pad=0, eos=1, seed=0):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel
 
+from helpers import random_pairs, tiny_marian
 from knnfast.methods import ink
 from knnfast.methods.multi_embedding import MultiEmbeddingSoftmax
 
@@ -133,19 +134,11 @@ def test_multi_embedding_interpolated_loss():
 
 
 def _pairs(n=12, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda: torch.randint(2, V, (int(torch.randint(3, 8, (1,), generator=g)),),  # noqa: E731
-                                 generator=g).tolist()
-    return [(rand(), rand() + [1]) for _ in range(n)]
+    return random_pairs(V, n, seed)
 
 
 def _quiet_marian():
-    torch.manual_seed(0)
-    return MarianMTModel(MarianConfig(
-        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
-        eos_token_id=1, decoder_start_token_id=0, max_position_embeddings=64, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, init_std=0.3)).eval()
+    return tiny_marian(V, d_model=32, max_positions=64, dropout=0.0)
 
 
 def test_ink_training_loop_refines_only_adapters_and_resumes(tmp_path):

@@ -17,12 +17,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import run_ranks  # noqa: E402
+from helpers import random_pairs, run_ranks, tiny_marian  # noqa: E402
 from knnfast import Datastore  # noqa: E402
 from knnfast.methods import ink  # noqa: E402
 from knnfast.methods.ink.train import PARTS  # noqa: E402
 from knnfast.storage import DatastoreError  # noqa: E402
-from transformers import MarianConfig, MarianMTModel  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -32,20 +31,12 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)
 DEADLINE_S = 180
 
 
-def _pairs(n=36, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda: torch.randint(2, V, (int(torch.randint(3, 8, (1,), generator=g)),),  # noqa: E731
-                                 generator=g).tolist()
-    return [(rand(), rand() + [1]) for _ in range(n)]
+def _pairs():
+    return random_pairs(V, 36, seed=3)
 
 
 def _model():
-    torch.manual_seed(0)
-    return MarianMTModel(MarianConfig(
-        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0,
-        eos_token_id=1, decoder_start_token_id=0, max_position_embeddings=64, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, init_std=0.3)).eval()
+    return tiny_marian(V, d_model=32, max_positions=64, dropout=0.0)
 
 
 def _adapters(model):

@@ -12,6 +12,8 @@
   the plans a test runs do not depend on timings and no plan cache is written under the
   user's home (also by the commands tests start); tests/test_knn_search_plans.py turns the
   measurement on where it tests it.
+* tqdm starts no monitor thread: tests/fault_helpers.in_child forks pytest's process, and a
+  child forked while that thread held tqdm's lock would hang on its first progress bar.
 """
 import os
 import sys
@@ -38,6 +40,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "knnfast"))
 
 os.environ.setdefault("KNNFAST_CALIBRATE", "0")  # read at import knnfast
 import knnfast  # noqa: E402
+
+try:
+    import tqdm
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:  # tqdm is optional for the library
+    pass
 
 HAS_GPU = torch.cuda.is_available()
 CUDA_BUILT = knnfast.build_info()["cuda_compiled"]

@@ -2,10 +2,13 @@
 read-only directory (that root cannot write either), flipped bits, symlink loops; and the
 registry of (fault, format) -> outcome that README's reliability table is rendered from."""
 import ctypes
+import faulthandler
 import os
 import pickle
 import resource
+import select
 import signal
+import time
 import traceback
 
 import torch
@@ -42,16 +45,19 @@ def cells(*pairs, outcome):
 
 # --------------------------------------------------------------------------- a forked child
 
-def in_child(fn, *, file_size_limit=None, read_only=False):
+def in_child(fn, *, file_size_limit=None, read_only=False, deadline_s=120):
     """Run ``fn()`` in a forked child; returns ``("ok", value)`` or ``(exception type name,
     message)``. ``file_size_limit``: RLIMIT_FSIZE in bytes, with SIGXFSZ ignored so a write
     past it fails with EFBIG ("File too large"), as on a full disk. ``read_only``: the child
-    loses CAP_DAC_OVERRIDE, so root too is held to the permission bits (chmod a-w)."""
+    loses CAP_DAC_OVERRIDE, so root too is held to the permission bits (chmod a-w).
+    A child still running after ``deadline_s`` is killed and fails the test (its Python
+    stack is on stderr) instead of hanging the suite."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         os.close(r)
         try:
+            faulthandler.dump_traceback_later(max(1, deadline_s - 5))
             torch.set_num_threads(1)
             if file_size_limit is not None:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -67,10 +73,27 @@ def in_child(fn, *, file_size_limit=None, read_only=False):
             pickle.dump(result, f)
         os._exit(0)
     os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
+    data = _read_until(r, pid, deadline_s)
     os.waitpid(pid, 0)
     return pickle.loads(data)
+
+
+def _read_until(fd, pid, deadline_s):
+    """Everything the child writes to ``fd`` until it closes it; the child is killed and the
+    test fails if that takes longer than ``deadline_s``."""
+    deadline, chunks = time.monotonic() + deadline_s, []
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"in_child: the forked child still ran after {deadline_s} s "
+                                     "(its stack is on stderr)")
+            chunk = f.read(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 def drop_dac_override():

@@ -371,16 +371,23 @@ def free_port() -> int:
 
 
 def run_ranks(target, world, *args, deadline_s=120):
-    """``target(rank, world, port, *args)`` in ``world`` forked processes (gloo on loopback
+    """``target(rank, world, port, *args)`` in ``world`` spawned processes (gloo on loopback
     only), joined one by one (torch's spawn helper would kill the surviving ranks as soon as
     one dies, before they report). Fails if any rank is still running after ``deadline_s``;
-    returns the exit codes (a rank killed by signal s exits with -s)."""
+    returns the exit codes (a rank killed by signal s exits with -s). ``target`` is a
+    module-level function and ``args`` are picklable.
+
+    Spawned, not forked: pytest's process has threads by then (tqdm monitors, a compile
+    pool, OpenMP workers), and a child forked while one of them held a lock hangs on it
+    (seen once in CI: both ranks of test_kd_ddp still running after 120 s). A rank that
+    hangs dumps its Python stack to stderr shortly before the deadline."""
     import multiprocessing
     import os
     import time
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    port, ctx = free_port(), multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    port, ctx = free_port(), multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=rank_main, args=(target, deadline_s, r, world, port, *args))
+             for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + deadline_s
@@ -390,5 +397,13 @@ def run_ranks(target, world, *args, deadline_s=120):
     for p in procs:
         if p.is_alive():
             p.kill()
-    assert not hung, f"ranks {hung} still running after {deadline_s} s"
+    assert not hung, f"ranks {hung} still running after {deadline_s} s (stacks above)"
     return [p.exitcode for p in procs]
+
+
+def rank_main(target, deadline_s, rank, *args):
+    """One rank of ``run_ranks``: the stacks of every thread go to stderr if the rank is
+    still running 5 s before the deadline (pytest shows them with the failure)."""
+    import faulthandler
+    faulthandler.dump_traceback_later(max(1, deadline_s - 5))
+    target(rank, *args)

@@ -324,13 +324,18 @@ def test_adapters_round_trip_is_bit_exact(name):
     model = build(name)
     exs = examples(name)
     _, before = keys_and_logits(model, exs, "ffn")
+    # Frozen parameters can take other kernels (seen: FSMT on AMD EPYC, 2.6e-8 apart), so
+    # the adapted model (frozen by add_adapters) is compared with the frozen original.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _, frozen = keys_and_logits(model, exs, "ffn")
     adapters = ink.add_adapters(model, size=4)
     layers = 4 if name == "t5" else 3 if name in SEQ2SEQ else 2  # encoder + decoder blocks
     assert len(adapters) == layers
     assert ({id(p) for p in model.parameters() if p.requires_grad}
             == {id(p) for p in adapters.parameters()})
     _, fresh = keys_and_logits(model, exs, "ffn")
-    assert torch.equal(fresh, before)  # zero-initialised up-projections: the same model
+    assert torch.equal(fresh, frozen)  # zero-initialised up-projections: the same model
     with torch.no_grad():
         adapters[-1].up.bias.fill_(0.5)  # the last decoder block's adapter is live
     _, moved = keys_and_logits(model, exs, "ffn")

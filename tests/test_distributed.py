@@ -98,9 +98,10 @@ def _worker(rank, world, port, root):
 
 def _spawn(world, root):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    # fork: the ranks start without importing torch again (seconds each on a busy box)
+    # spawn, not fork: a child forked from pytest's threaded process can hang on a lock
+    # (helpers.run_ranks says more)
     ctx = mp.start_processes(_worker, args=(world, free_port(), root), nprocs=world,
-                             join=False, start_method="fork")
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     try:
         while not ctx.join(timeout=1):
@@ -230,7 +231,7 @@ def _count_chunks(die_at=None):
         if die_at is not None and seen[0] >= die_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return add(self, *args, **kwargs)
-    DatastoreWriter.add = counting_add   # a forked rank's own copy of the class
+    DatastoreWriter.add = counting_add   # this rank's own copy of the class
     return seen
 
 

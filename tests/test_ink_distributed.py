@@ -1,7 +1,7 @@
 """INK training split across gloo ranks on 127.0.0.1 (``train_ink`` under a process group):
 every epoch's refresh is built as a sharded datastore, one shard per rank, and every batch's
 examples are split across the ranks, whose weighted gradients are summed. Two and three
-forked ranks must end with the adapters one process trains (to float rounding: the ranks sum
+spawned ranks must end with the adapters one process trains (to float rounding: the ranks sum
 their gradients in a different order), log the same losses, write one checkpoint, and resume
 from it; a rank that cannot take part makes every rank fail with its error.
 

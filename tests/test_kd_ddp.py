@@ -1,4 +1,4 @@
-"""Data-parallel kNN-KD over gloo on 127.0.0.1: two forked ranks each wrap the same tiny Marian
+"""Data-parallel kNN-KD over gloo on 127.0.0.1: two spawned ranks each wrap the same tiny Marian
 in DistributedDataParallel, take their share of a global batch of sentence ids
 (``kd.rank_slice``), read those sentences' teachers from one TeacherStore memmap, and after two
 SGD steps hold the parameters one process gets by training on the whole batches.
@@ -96,7 +96,7 @@ def _trainer_worker(rank, world, port, root, sentences):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: no inherited singleton
+    AcceleratorState._reset_state(reset_partial_state=True)  # no leftover singleton
     trainer = _trainer(root, f"trainer-rank{rank}", per_device=len(sentences) // world,
                        sentences=sentences)
     trainer.train()

@@ -771,8 +771,10 @@ def section_kd_linear(rows):
             "against F.linear + the fused `knn_kd_loss` (the [T, V] logits and their gradient) and against the "
             "dense pure-PyTorch path (F.linear + `reference.knn_kd_loss`). Times: minimum over every timed round "
             "of every pass (passes run one after another, each cell's three paths back to back). Peak extra MiB: "
-            "resident-set growth during a pass's first call (largest over passes), the gradients of hidden, "
-            "weight and bias included.\n\n" + table(hdr, out) + "\n\nIssue 18's \"Must hold\" targets:\n\n"
+            "growth of the peak resident set (VmHWM) over one forward + backward in a fresh process, after one "
+            "call on a small shape (one-time library state) and with glibc's mmap threshold fixed at 64 KiB, so "
+            "freed buffers leave the process (largest over passes); the gradients of hidden, weight and bias "
+            "included.\n\n" + table(hdr, out) + "\n\nIssue 18's \"Must hold\" targets:\n\n"
             + "\n".join(verdicts) + _ink_after_issue18(rows))
 
 

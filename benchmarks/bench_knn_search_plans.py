@@ -50,7 +50,7 @@ def run(args):
     import knnfast
     from knnfast.ops import plan_choice
     info = knnfast.build_info()
-    plans = [p for p in info["cpu_plans"] if p != "auto"]
+    plans = [p for p in info["cpu_plans"] if p != "auto" and (not args.plans or p in args.plans)]
     queries, keys32 = clustered(args.n, args.d, max(args.batches))
     rows = []
     faiss_ms = {}
@@ -113,6 +113,9 @@ def main():
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[8, 64])
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "float16"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--plans", type=lambda s: s.split(","), default=None,
+                   help="forced plans to time besides auto (default: every plan of this CPU; "
+                        "gemm_f32 is always timed, the reference of the score check)")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args()
     # a private plan cache: every bucket is calibrated in this run

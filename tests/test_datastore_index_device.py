@@ -93,3 +93,44 @@ def test_device_all_plumbing_with_a_cpu_stand_in(tmp_path, monkeypatch, metric):
     got = ds.search(q, 5, exact=False, metric=metric)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+
+
+# ------------------------------------------------------------- FAISS with torch tensors (issue 17)
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_search_through_torch_utils_equals_the_numpy_path(tmp_path, monkeypatch, metric):
+    """FAISS is queried with torch tensors (faiss.contrib.torch_utils); a FAISS without
+    that module takes numpy. Both give the same neighbours, scores and excluded ids."""
+    import sys
+    ds = _store(tmp_path)
+    ds.build_index("IVF8,Flat", metric=metric, nprobe=8, device="cpu", progress=False)
+    q = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    exclude = torch.tensor([-1, 3, 0, -1, 7, 299])
+    got = ds.search(q, 5, exact=False, metric=metric, exclude=exclude)
+    monkeypatch.setitem(sys.modules, "faiss.contrib.torch_utils", None)  # import fails
+    want = ds.search(q, 5, exact=False, metric=metric, exclude=exclude)
+    assert got[0].device.type == got[1].device.type == "cpu"
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert not (got[1] == exclude[:, None]).any()
+    exact = ds.search(q, 5, exact=True, metric=metric)
+    assert torch.equal(got[1][:, 0][exclude == -1], exact[1][:, 0][exclude == -1])
+
+
+def test_direct_map_is_made_once_per_index(tmp_path, monkeypatch):
+    """reconstructed_scores (exact neighbours, the index's own scores) needs the IVF direct
+    map; it is built on the first such search, not on every one."""
+    import faiss
+    ds = _store(tmp_path)
+    ds.build_index("IVF8,Flat", nprobe=8, device="cpu", progress=False)
+    calls = []
+    make = faiss.IndexIVF.make_direct_map
+    monkeypatch.setattr(faiss.IndexIVF, "make_direct_map",
+                        lambda self, *a: calls.append(1) or make(self, *a))
+    q = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
+    first = ds.search(q, 4, exact=True, rescore=False)
+    second = ds.search(q, 4, exact=True, rescore=False)
+    assert len(calls) == 1
+    assert torch.equal(first[1], second[1]) and torch.equal(first[0], second[0])
+    exact = ds.search(q, 4, exact=True, rescore=True)
+    assert torch.equal(first[1], exact[1])
+    torch.testing.assert_close(first[0], exact[0], rtol=1e-4, atol=1e-4)

@@ -87,10 +87,7 @@ def set_nprobe(index: Any, nprobe: int) -> None:
 
 def faiss_rows(x: Tensor, metric: str) -> np.ndarray:
     """fp32 contiguous numpy rows as faiss wants them; cos rows are normalized."""
-    x = x.detach().to("cpu", torch.float32)
-    if metric == "cos":
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    return np.ascontiguousarray(x.numpy())
+    return np.ascontiguousarray(faiss_queries(x, metric, None).numpy())
 
 
 def add_keys(index: Any, keys: Tensor, metric: str, progress: bool = False) -> None:
@@ -170,31 +167,53 @@ def load(directory: str, size: int, device: str = "auto") -> FaissIndex:
 
 def search(idx: FaissIndex, queries: Tensor, k: int, metric: str, exclude: Optional[Tensor],
            nprobe: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """The index's k neighbours and scores (larger = closer, -inf pads) on the CPU;
-    ``exclude`` [B] drops one entry id per row (one extra candidate is fetched)."""
+    """The index's k neighbours and scores (larger = closer, -inf pads); ``exclude`` [B] drops
+    one entry id per row (one extra candidate is fetched). FAISS is called with torch tensors
+    (``faiss.contrib.torch_utils``): CUDA queries of a single-GPU index stay on the GPU and so
+    do the results; everything else goes through the CPU."""
     if idx.info["metric"] != metric:
         raise ValueError(f"Datastore.search: the index was built for metric "
                          f"{idx.info['metric']!r}, not {metric!r}")
     if nprobe is not None:
         set_nprobe(idx.index, nprobe)
     extra = 0 if exclude is None else 1
-    dist, ids = idx.index.search(faiss_rows(queries.detach(), metric), k + extra)
-    scores = torch.from_numpy(dist).float()
-    ids = torch.from_numpy(ids).long()
+    dist, ids = _torch_search(idx.index, faiss_queries(queries, metric, idx.index), k + extra)
+    scores, ids = dist.float(), ids.long()
     if metric == "l2":
         scores = -scores
     scores = scores.masked_fill(ids < 0, float("-inf"))
     if exclude is not None:
-        scores, ids = drop_excluded(scores, ids, exclude.cpu().long(), k)
+        scores, ids = drop_excluded(scores, ids, exclude.to(ids.device).long(), k)
     return scores, ids
+
+
+def faiss_queries(x: Tensor, metric: str, index: Any) -> Tensor:
+    """fp32 contiguous query rows (cos rows normalized), left on the GPU only for an index
+    that lives on one GPU (a CPU or multi-GPU index takes host memory)."""
+    device = x.device if x.is_cuda and hasattr(index, "getDevice") else "cpu"
+    x = x.detach().to(device, torch.float32)
+    if metric == "cos":
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return x.contiguous()
+
+
+def _torch_search(index: Any, queries: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """``index.search`` on torch tensors (torch_utils' wrappers; numpy where a FAISS build
+    lacks them, so the results are torch tensors either way)."""
+    try:
+        import faiss.contrib.torch_utils  # noqa: F401 - registers the torch-tensor methods
+    except ImportError:
+        dist, ids = index.search(queries.cpu().numpy(), k)
+        return torch.from_numpy(dist), torch.from_numpy(ids)
+    return index.search(queries, k)
 
 
 def reconstructed_scores(index: Any, queries: Tensor, ids: Tensor, metric: str) -> Tensor:
     """Scores of given entries as the index sees them (its reconstructed keys), CPU."""
     import faiss
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.make_direct_map()
+    if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()  # once per index: it walks every list
     flat_ids = ids.reshape(-1).cpu()
     valid = flat_ids >= 0
     recon = torch.zeros(flat_ids.numel(), index.d)

@@ -239,3 +239,34 @@ def test_build_info_names_the_cpu_and_its_isa():
                                 "amx_bf16", "amx_fp16"}
     assert ("avx512_bf16" in info["isa"]) == info["avx512_bf16"]
     assert "bf16_gemm" in info["cpu_plans"]  # runs on every CPU
+
+
+def test_calibration_times_past_the_start_of_a_scan(plan_cache, monkeypatch):
+    """Plans are timed on 32,768 keys (512 k for large k, all of a smaller store) and the
+    fastest there is kept: smaller samples ranked plans by their start-up costs (see
+    plan_choice.sample_size)."""
+    cost = {"stream": (400.0, 0.001), "gemm_f32": (1.0, 0.01)}   # ms: fixed, per key
+    monkeypatch.setattr(plan_choice, "eligible_plans", lambda batch: tuple(cost))
+    seen = []
+
+    def fake_time(queries, keys, k, metric, plan):
+        seen.append(keys.shape[0])
+        fixed, per_key = cost[plan]
+        return fixed + per_key * keys.shape[0]
+    monkeypatch.setattr(plan_choice, "time_plan", fake_time)
+    q = torch.randn(4, 8)
+    plan, times = plan_choice.calibrate(q, torch.randn(100_000, 8), 8, "l2")
+    assert set(seen) == {32768} and plan == "gemm_f32"
+    assert times == {"stream": pytest.approx(400 + 32.768), "gemm_f32": pytest.approx(328.68)}
+    seen.clear()
+    plan_choice.calibrate(q, torch.randn(100_000, 8), 128, "l2")
+    assert set(seen) == {512 * 128}
+    seen.clear()
+    plan_choice.calibrate(q, torch.randn(5000, 8), 8, "l2")
+    assert set(seen) == {5000}
+
+
+def test_bucket_key_names_the_datastore_size():
+    q = torch.randn(3, 8)
+    small, large = (plan_choice.bucket_key(q, torch.empty(n, 8), 4) for n in (1000, 100_000))
+    assert "|N1024|" in small and "|N131072|" in large

@@ -4,10 +4,11 @@ Every CPU plan is exact, so the choice changes only the speed, never a result. W
 fastest depends on the CPU (AMX makes bf16_gemm win big batches; on a CPU without it gemm_f32
 or bf16 win), the key dtype and the shape, so on first use per bucket
 
-    (CPU model and ISA, key dtype, D, B, k rounded up to powers of two, threads)
+    (CPU model and ISA, key dtype, D, N, B, k rounded up to powers of two, threads)
 
-a short calibration times every eligible plan on a bounded sample of the keys (each plan run
-once to warm up, then the best of two; a few to a few tens of ms in all) and keeps the fastest.
+a short calibration times every eligible plan on the first 32,768 keys (512 k for large k;
+each plan run once to warm up, then the best of 3 to 9 runs; about 2 s per bucket at
+B = 640, D = 1,024, less for smaller batches, once per machine) and keeps the fastest.
 Choices live in memory and in a JSON file (``KNNFAST_PLAN_CACHE``, default
 ``$XDG_CACHE_HOME/knnfast/plans.json`` or ``~/.cache/knnfast/plans.json``; written atomically,
 a corrupt or unreadable file is ignored with a warning). They are listed in
@@ -83,7 +84,8 @@ def bucket(n: int) -> int:
 def bucket_key(queries: Tensor, keys: Tensor, k: int) -> str:
     info = build_info()
     return "|".join((cpu_model(), "+".join(info["isa"]), str(keys.dtype).replace("torch.", ""),
-                     f"D{bucket(queries.shape[1])}", f"B{bucket(queries.shape[0])}",
+                     f"D{bucket(queries.shape[1])}", f"N{bucket(keys.shape[0])}",
+                     f"B{bucket(queries.shape[0])}",
                      f"k{bucket(k)}", f"t{torch.get_num_threads()}"))
 
 
@@ -95,9 +97,13 @@ def eligible_plans(batch: int) -> Tuple[str, ...]:
 
 
 def sample_size(B: int, N: int, D: int, k: int) -> int:
-    """Keys to time on: enough that the k-th best is selective (64 k) and the timing is not all
-    overhead, at most ~2^25 multiply-adds per run beyond that."""
-    return min(N, max(64 * k, 2048, min(16384, (1 << 25) // max(1, B * D))))
+    """Keys to time on: well past the start of a scan, where every plan keeps nearly every key
+    while its k-th best is still poor and fixed costs weigh most. Smaller samples misled:
+    on an AMD EPYC (Zen 4) at N = 1M, D = 1,024, samples of 2,048-4,096 keys picked stream or
+    gemm_f32 at B = 16 (~370 ms; bf16: 149 ms) and gemm_f32 at B = 160, k = 64 (1.9 s;
+    bf16: 0.66 s); a line through two samples (8k, 32k keys) picked bf16_gemm at B = 1
+    (200 ms; stream: 64 ms), its slope lost in the timing noise."""
+    return min(N, max(32768, 512 * k))
 
 
 def calibrate(queries: Tensor, keys: Tensor, k: int, metric: str) -> Tuple[str, Dict[str, float]]:
@@ -105,16 +111,23 @@ def calibrate(queries: Tensor, keys: Tensor, k: int, metric: str) -> Tuple[str, 
     times in ms."""
     B, D = queries.shape
     sample = keys[: sample_size(B, keys.shape[0], D, k)].contiguous()
-    times = {}
-    for plan in eligible_plans(B):
-        OPS.knn_search(queries, sample, k, metric, None, None, plan)  # warm-up (oneDNN JIT)
-        best = float("inf")
-        for _ in range(2):
-            start = time.perf_counter()
-            OPS.knn_search(queries, sample, k, metric, None, None, plan)
-            best = min(best, time.perf_counter() - start)
-        times[plan] = round(best * 1e3, 3)
+    times = {plan: round(time_plan(queries, sample, k, metric, plan), 3)
+             for plan in eligible_plans(B)}
     return min(times, key=times.get), times
+
+
+def time_plan(queries: Tensor, keys: Tensor, k: int, metric: str, plan: str) -> float:
+    """The best timed run of one plan after a warm-up run (oneDNN JIT), in ms: at least 3
+    runs, more (up to 9) while they add up to less than 0.2 s. Short runs vary most (bf16 at
+    B = 16 on 32k keys: 8-18 ms from one run to the next on a 2-core EPYC)."""
+    OPS.knn_search(queries, keys, k, metric, None, None, plan)
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 3 or (spent < 0.2 and runs < 9):
+        start = time.perf_counter()
+        OPS.knn_search(queries, keys, k, metric, None, None, plan)
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return best * 1e3
 
 
 def read_cache(path: str) -> Dict[str, dict]:

@@ -94,30 +94,17 @@ def _peak_extra_mib(impl, T, V, k):
     return json.loads(run.stdout.strip().splitlines()[-1])["peak_extra_mib"]
 
 
-class _Ops:
-    """kb.op without the fixture, for the memory probe's own process."""
-
-    @staticmethod
-    def op(name, impl):
-        import knnfast
-        from knnfast import reference
-        return getattr(knnfast, name) if impl.startswith("fused") else getattr(reference, name)
-
-
-def _kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _memory_probe(impl, T, V, k):
-    fn_loss = _loss_fn(_Ops, impl)
+    """Runs in the probe's own process (started as a script from benchmarks/, so the suite's
+    conftest imports as a module; no benchmark fixture: KnnBench only looks the ops up)."""
+    from conftest import KnnBench, reset_peak_rss, status_kib
+    fn_loss = _loss_fn(KnnBench(None), impl)
     _step(fn_loss, *_data(256, 4096, k))()  # warm-up: one-time library state
     step = _step(fn_loss, *_data(T, V, k))
-    rss0 = _kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    rss0 = status_kib("VmRSS")
+    assert reset_peak_rss(), "the memory probe needs Linux's /proc/self/clear_refs"
     step()
-    print(json.dumps({"peak_extra_mib": round((_kib("VmHWM") - rss0) / 1024.0, 1)}))
+    print(json.dumps({"peak_extra_mib": round((status_kib("VmHWM") - rss0) / 1024.0, 1)}))
 
 
 def _step(fn_loss, hidden, weight, bias, targets, tokens, scores):

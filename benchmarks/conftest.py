@@ -106,7 +106,7 @@ def reference_op(name):
 # --------------------------------------------------------------------------- memory
 
 
-def _status_kib(field):
+def status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -114,7 +114,7 @@ def _status_kib(field):
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -190,13 +190,13 @@ class KnnBench:
         gc.collect()
         mem_ok = False
         if measure_memory:
-            rss0 = _status_kib("VmRSS")
-            mem_ok = rss0 is not None and _reset_peak_rss()
+            rss0 = status_kib("VmRSS")
+            mem_ok = rss0 is not None and reset_peak_rss()
         t0 = time.perf_counter()
         result = fn()
         t_first = time.perf_counter() - t0
         if mem_ok:
-            hwm = _status_kib("VmHWM")
+            hwm = status_kib("VmHWM")
             bm.extra_info["peak_extra_mib"] = round(max(0, hwm - rss0) / 1024.0, 1)
         bm.extra_info["first_call_s"] = round(t_first, 6)
 

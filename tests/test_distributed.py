@@ -10,14 +10,12 @@ import datetime
 import os
 import shutil
 import signal
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import knnfast
-from helpers import free_port, run_ranks, tiny_gpt2
+from helpers import run_ranks, tiny_gpt2
 from knnfast import Datastore, DatastoreError
 from knnfast.storage import sharded
 from test_sharded import build_pair
@@ -95,24 +93,6 @@ def _worker(rank, world, port, root):
         dist.destroy_process_group()
 
 
-
-def _spawn(world, root):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    # spawn, not fork: a child forked from pytest's threaded process can hang on a lock
-    # (helpers.run_ranks says more)
-    ctx = mp.start_processes(_worker, args=(world, free_port(), root), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish in {SPAWN_DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dist"))
@@ -130,7 +110,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def ranks(request, root):
     world = request.param
-    _spawn(world, root)
+    assert run_ranks(_worker, world, root, deadline_s=SPAWN_DEADLINE_S) == [0] * world
     return world, [torch.load(os.path.join(root, f"rank{r}.pt")) for r in range(world)]
 
 

@@ -96,7 +96,7 @@ def eligible_plans(batch: int) -> Tuple[str, ...]:
     return tuple(plans)
 
 
-def sample_size(B: int, N: int, D: int, k: int) -> int:
+def sample_size(N: int, k: int) -> int:
     """Keys to time on: well past the start of a scan, where every plan keeps nearly every key
     while its k-th best is still poor and fixed costs weigh most. Smaller samples misled:
     on an AMD EPYC (Zen 4) at N = 1M, D = 1,024, samples of 2,048-4,096 keys picked stream or
@@ -109,10 +109,9 @@ def sample_size(B: int, N: int, D: int, k: int) -> int:
 def calibrate(queries: Tensor, keys: Tensor, k: int, metric: str) -> Tuple[str, Dict[str, float]]:
     """Times every eligible plan on the first sample_size() keys; returns the fastest and the
     times in ms."""
-    B, D = queries.shape
-    sample = keys[: sample_size(B, keys.shape[0], D, k)].contiguous()
+    sample = keys[: sample_size(keys.shape[0], k)].contiguous()
     times = {plan: round(time_plan(queries, sample, k, metric, plan), 3)
-             for plan in eligible_plans(B)}
+             for plan in eligible_plans(queries.shape[0])}
     return min(times, key=times.get), times
 
 

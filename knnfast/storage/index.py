@@ -87,7 +87,7 @@ def set_nprobe(index: Any, nprobe: int) -> None:
 
 def faiss_rows(x: Tensor, metric: str) -> np.ndarray:
     """fp32 contiguous numpy rows as faiss wants them; cos rows are normalized."""
-    return np.ascontiguousarray(faiss_queries(x, metric, None).numpy())
+    return np.ascontiguousarray(faiss_queries(x, metric).numpy())
 
 
 def add_keys(index: Any, keys: Tensor, metric: str, progress: bool = False) -> None:
@@ -177,7 +177,9 @@ def search(idx: FaissIndex, queries: Tensor, k: int, metric: str, exclude: Optio
     if nprobe is not None:
         set_nprobe(idx.index, nprobe)
     extra = 0 if exclude is None else 1
-    dist, ids = _torch_search(idx.index, faiss_queries(queries, metric, idx.index), k + extra)
+    on_one_gpu = hasattr(idx.index, "getDevice")  # GPU index classes; not IndexShards
+    dist, ids = _torch_search(idx.index, faiss_queries(queries, metric, keep_cuda=on_one_gpu),
+                              k + extra)
     scores, ids = dist.float(), ids.long()
     if metric == "l2":
         scores = -scores
@@ -187,11 +189,10 @@ def search(idx: FaissIndex, queries: Tensor, k: int, metric: str, exclude: Optio
     return scores, ids
 
 
-def faiss_queries(x: Tensor, metric: str, index: Any) -> Tensor:
-    """fp32 contiguous query rows (cos rows normalized), left on the GPU only for an index
-    that lives on one GPU (a CPU or multi-GPU index takes host memory)."""
-    device = x.device if x.is_cuda and hasattr(index, "getDevice") else "cpu"
-    x = x.detach().to(device, torch.float32)
+def faiss_queries(x: Tensor, metric: str, keep_cuda: bool = False) -> Tensor:
+    """fp32 contiguous query rows (cos rows normalized) on the CPU; CUDA rows stay on the GPU
+    with ``keep_cuda`` (an index that lives on one GPU; others take host memory)."""
+    x = x.detach().to(x.device if keep_cuda and x.is_cuda else "cpu", torch.float32)
     if metric == "cos":
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
     return x.contiguous()

@@ -16,6 +16,12 @@ TORCH_LIBRARY(knnfast, m) {
   // stream|tensor|tensor_recheck.
   m.def("knn_search(Tensor queries, Tensor keys, int k, str metric, Tensor? key_sq_norms, "
         "Tensor? exclude, str plan=\"auto\") -> (Tensor, Tensor)");
+  // queries [B, D], keys [N, D] grouped by list (list l = rows [list_offsets[l],
+  // list_offsets[l + 1])), list_offsets [L + 1], probes [B, P] list ids (-1: none) ->
+  // scores [B, k] float32 (descending), indices [B, k] int64 rows of keys: the exact top k of
+  // each query over the union of the lists it probes (an IVF search step).
+  m.def("knn_search_lists(Tensor queries, Tensor keys, Tensor list_offsets, Tensor probes, "
+        "int k, str metric, Tensor? exclude) -> (Tensor, Tensor)");
   // queries [B, D], keys [N, D], indices [B, k] -> exact scores [B, k]
   m.def("knn_rescore(Tensor queries, Tensor keys, Tensor indices, str metric) -> Tensor");
   // scores [B, k], tokens [B, k] -> probs [B, V]

@@ -25,6 +25,9 @@ def base_call(op):
     targets = torch.tensor([1, 9, -100])
     if op == "knn_search":
         return [torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), K], {}
+    if op == "knn_search_lists":
+        return [torch.randn(B, D, generator=g), torch.randn(N, D, generator=g),
+                torch.tensor([0, 5, 5, 12, N]), torch.tensor([[0, 2], [3, -1], [1, 1]]), K], {}
     if op == "knn_rescore":
         return [torch.randn(B, D, generator=g), torch.randn(N, D, generator=g),
                 torch.tensor([[0, 5, -1, 19]] * B)], {}
@@ -90,6 +93,34 @@ CASES = [
     ("knn_search", "exclude -2", edit("exclude", torch.tensor([0, -2, -1])), "exclude"),
     ("knn_search", "exclude int32", edit("exclude", torch.tensor([0, 1, -1], dtype=torch.int32)), None),
     ("knn_search", "exclude float", edit("exclude", torch.tensor([0.0, 1.0, -1.0])), "exclude"),
+    # knn_search_lists
+    ("knn_search_lists", "valid", edit(4, K), None),
+    ("knn_search_lists", "k=0", edit(4, 0), "k"),
+    ("knn_search_lists", "k=True", edit(4, True), "k"),
+    ("knn_search_lists", "metric", edit("metric", "dot"), "metric"),
+    ("knn_search_lists", "metric ip", edit("metric", "ip"), None),
+    ("knn_search_lists", "queries 1-D", edit(0, lambda a: a[0][0]), "queries"),
+    ("knn_search_lists", "queries NaN", edit(0, lambda a: a[0].index_fill(1, torch.tensor([0]), NAN)), "queries"),
+    ("knn_search_lists", "keys D", edit(1, lambda a: a[1][:, :2]), "D"),
+    ("knn_search_lists", "keys N=0", edit(1, lambda a: a[1][:0]), "keys"),
+    ("knn_search_lists", "offsets float", edit(2, t(0, 5, 5, 12, N)), "list_offsets"),
+    ("knn_search_lists", "offsets 2-D", edit(2, torch.tensor([[0, N]])), "list_offsets"),
+    ("knn_search_lists", "offsets L=0", edit(2, torch.tensor([0])), "list_offsets"),
+    ("knn_search_lists", "offsets start", edit(2, torch.tensor([1, 5, 5, 12, N])), "list_offsets"),
+    ("knn_search_lists", "offsets decrease", edit(2, torch.tensor([0, 5, 4, 12, N])), "list_offsets"),
+    ("knn_search_lists", "offsets end", edit(2, torch.tensor([0, 5, 5, 12, N - 1])), "list_offsets"),
+    ("knn_search_lists", "offsets past N", edit(2, torch.tensor([0, 5, N + 1, 12, N])), "list_offsets"),
+    ("knn_search_lists", "offsets int32", edit(2, torch.tensor([0, 5, 5, 12, N], dtype=torch.int32)), None),
+    ("knn_search_lists", "probes range", edit(3, torch.tensor([[0, 4], [3, -1], [1, 1]])), "probes"),
+    ("knn_search_lists", "probes -2", edit(3, torch.tensor([[0, -2], [3, -1], [1, 1]])), "probes"),
+    ("knn_search_lists", "probes rows", edit(3, torch.tensor([[0, 1]] * (B + 1))), "probes"),
+    ("knn_search_lists", "probes P=0", edit(3, torch.zeros(B, 0, dtype=torch.long)), "probes"),
+    ("knn_search_lists", "probes float", edit(3, torch.zeros(B, 2)), "probes"),
+    ("knn_search_lists", "probes int32", edit(3, torch.zeros(B, 2, dtype=torch.int32)), None),
+    ("knn_search_lists", "exclude range", edit("exclude", torch.tensor([0, N, -1])), "exclude"),
+    ("knn_search_lists", "exclude shape", edit("exclude", torch.tensor([0, 1])), "exclude"),
+    ("knn_search_lists", "exclude float", edit("exclude", t(0, 1, 2)), "exclude"),
+    ("knn_search_lists", "exclude valid", edit("exclude", torch.tensor([0, 19, -1])), None),
     # knn_rescore
     ("knn_rescore", "valid", edit("metric", "ip"), None),
     ("knn_rescore", "indices range", edit(2, torch.tensor([[0, N, -1, 1]] * B)), "indices"),
@@ -252,7 +283,8 @@ META_CASES = ("queries 1-D", "queries int", "keys D", "keys N=0", "norms shape",
               "exclude float", "indices rows", "indices float", "tokens float", "tokens rows",
               "scores int", "scores k", "temperature [B+1]", "lam [2]", "logits int",
               "logits 1-D", "targets rows", "targets float", "teacher_scores shape", "float",
-              "1-D", "weight D", "weight 1-D", "bias shape", "hidden T=0")
+              "1-D", "weight D", "weight 1-D", "bias shape", "hidden T=0", "offsets float",
+              "offsets 2-D", "offsets L=0", "probes rows", "probes P=0", "probes float")
 
 
 def to_meta(x):

@@ -63,6 +63,14 @@ enum class ParamRange { Positive, UnitInterval };
                     " contains NaN or +inf (log_softmax is undefined)");
 }
 
+// list_offsets not a partition of the N key rows: offsets[0] = 0, non-decreasing,
+// offsets[L] = N; `pos` is the first position that breaks it.
+[[noreturn]] inline void raise_bad_offsets(const char* op, int64_t entries, int64_t value,
+                                           int64_t pos) {
+  TORCH_CHECK_VALUE(false, op, ": list_offsets must start at 0, never decrease and end at N = ",
+                    entries, " (the keys' rows), got ", value, " at position ", pos);
+}
+
 [[noreturn]] inline void raise_bad_queries(const char* op) {
   TORCH_CHECK_VALUE(false, op, ": queries contain NaN or inf");
 }

@@ -160,6 +160,38 @@ SearchArgs check_knn_search_args(const at::Tensor& queries, const at::Tensor& ke
   return args;
 }
 
+Metric check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
+                                   const at::Tensor& list_offsets, const at::Tensor& probes,
+                                   int64_t k, const std::string& metric,
+                                   const c10::optional<at::Tensor>& exclude, Backend backend) {
+  constexpr const char* op = "knn_search_lists";
+  check_on_backend(queries, backend, op, "queries");
+  const Metric m = parse_metric(metric, op);
+  check_queries_keys(queries, keys, /*positive_d=*/true, op);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK, op, ": k must be in [1, ", kMaxK, "], got ", k);
+  TORCH_CHECK_VALUE(keys.size(0) > 0, op, ": keys must have at least one row (N = 0)");
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, op,
+                    ": queries and keys must have the same dimension D > 0, got queries ",
+                    queries.sizes(), " and keys ", keys.sizes());
+  check_same_device(list_offsets, queries.device(), op, "list_offsets");
+  check_integer(list_offsets, op, "list_offsets");
+  TORCH_CHECK_VALUE(list_offsets.dim() == 1 && list_offsets.size(0) >= 2, op,
+                    ": list_offsets must have shape [L + 1] with L >= 1 lists, got ",
+                    list_offsets.sizes());
+  check_same_device(probes, queries.device(), op, "probes");
+  check_dim(probes, 2, op, "probes");
+  check_integer(probes, op, "probes");
+  TORCH_CHECK_VALUE(probes.size(0) == queries.size(0) && probes.size(1) >= 1, op,
+                    ": probes must have shape [", queries.size(0),
+                    ", P] with P >= 1 (list ids per query), got ", probes.sizes());
+  if (exclude.has_value()) {
+    check_same_device(*exclude, queries.device(), op, "exclude");
+    check_integer(*exclude, op, "exclude");
+    check_vector_arg(*exclude, queries.size(0), queries.device(), op, "exclude");
+  }
+  return m;
+}
+
 Metric check_knn_rescore_args(const at::Tensor& queries, const at::Tensor& keys,
                               const at::Tensor& indices, const std::string& metric,
                               Backend backend) {

@@ -211,6 +211,62 @@ KNNFAST_AVX512 void dot_tile_avx512(const float* q, int64_t B, const T* k, int64
   }
 }
 
+// r[t] = sum of the 16 lanes of a[t], t < 16: a transpose-and-add tree (46 shuffles and adds
+// for 16 sums, against ~8 each for _mm512_reduce_add_ps). Each level halves the vectors and
+// doubles the sums each one carries: 256-bit halves, then 128-bit quarters, then pairs inside
+// quarters; the last level leaves sum a[4e + q] in slot 4q + e, which one permute undoes.
+KNNFAST_AVX512 inline __m512 reduce16(__m512 a[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+// dot_tile16: 16 keys at a time, converted once into an fp32 block (zero rows past the tile's
+// end, zero columns past D) that stays in L1 while every query runs over it with 16
+// accumulators, reduced together by reduce16.
+template <typename T>
+KNNFAST_AVX512 void dot_tile16_avx512(const float* q, int64_t B, const T* k, int64_t n,
+                                      int64_t D, float* dots, int64_t ld, float* key_sq,
+                                      float* block) {
+  const int64_t Dp = (D + 15) / 16 * 16;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nn = n - j0 < 16 ? n - j0 : 16;
+    for (int64_t t = 0; t < 16; ++t) {
+      float* row = block + t * Dp;
+      __m512 ksq = _mm512_setzero_ps();
+      for (int64_t d = 0; d < Dp; d += 16) {
+        const __m512 kv = t < nn ? load16(k + (j0 + t) * D + d, tail_mask(D - d))
+                                 : _mm512_setzero_ps();
+        ksq = _mm512_fmadd_ps(kv, kv, ksq);
+        _mm512_storeu_ps(row + d, kv);
+      }
+      if (key_sq && t < nn) key_sq[j0 + t] = _mm512_reduce_add_ps(ksq);
+    }
+    const __mmask16 live = tail_mask(nn);
+    for (int64_t b = 0; b < B; ++b) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < Dp; d += 16) {
+        const __m512 qv = _mm512_maskz_loadu_ps(tail_mask(D - d), q + b * D + d);
+        for (int t = 0; t < 16; ++t)
+          acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(block + t * Dp + d), qv, acc[t]);
+      }
+      _mm512_mask_storeu_ps(dots + b * ld + j0, live, reduce16(acc));
+    }
+  }
+}
+
 template <typename T>
 KNNFAST_AVX512 PairSums pair_sums_avx512(const float* q, const T* k, int64_t D) {
   __m512 diff_sq = _mm512_setzero_ps(), dot = _mm512_setzero_ps(), ksq = _mm512_setzero_ps();
@@ -284,6 +340,19 @@ void dot_tile(const float* queries, int64_t B, const void* keys, c10::ScalarType
       dot_tile_generic(queries, B, k, n_keys, D, dots, ld, key_sq);
   });
 }
+
+void dot_tile16(const float* queries, int64_t B, const void* keys, c10::ScalarType key_type,
+                int64_t n_keys, int64_t D, float* dots, int64_t ld, float* key_sq,
+                float* block) {
+  visit_key_type(key_type, keys, [&](auto* k) {
+    if (use_avx512())
+      dot_tile16_avx512(queries, B, k, n_keys, D, dots, ld, key_sq, block);
+    else
+      dot_tile_generic(queries, B, k, n_keys, D, dots, ld, key_sq);
+  });
+}
+
+int64_t dot_tile16_block_floats(int64_t D) { return 16 * ((D + 15) / 16 * 16); }
 
 void key_sq_norms(const void* keys, c10::ScalarType key_type, int64_t n_keys, int64_t D,
                   float* key_sq) {

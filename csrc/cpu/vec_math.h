@@ -39,6 +39,15 @@ float row_sum(const float* x, int64_t n);
 void dot_tile(const float* queries, int64_t B, const void* keys, c10::ScalarType key_type,
               int64_t n_keys, int64_t D, float* dots, int64_t ld, float* key_sq);
 
+// dot_tile's contract for a few queries per key tile (2 <= B <= ~16, e.g. the queries that
+// probe one inverted list): keys are converted 16 at a time into `block` (fp32, see
+// dot_tile16_block_floats(D)) and each query's 16 dots are summed by one transpose tree instead
+// of 16 horizontal reductions. The same sums in another order than dot_tile (not bitwise equal).
+void dot_tile16(const float* queries, int64_t B, const void* keys, c10::ScalarType key_type,
+                int64_t n_keys, int64_t D, float* dots, int64_t ld, float* key_sq,
+                float* block);
+int64_t dot_tile16_block_floats(int64_t D);
+
 // key_sq[j] = |keys[j]|^2 in fp32 for j < n_keys.
 void key_sq_norms(const void* keys, c10::ScalarType key_type, int64_t n_keys, int64_t D,
                   float* key_sq);

@@ -40,7 +40,7 @@ from ..ops import __all__ as ops_all
 from .common import COS_EPS
 from .losses import ink_loss, knn_kd_linear_loss, knn_kd_loss
 from .probs import knn_gold_logprob, knn_interpolate, knn_probs, knn_probs_sparse, label_counts
-from .search import KEY_TILE, knn_rescore, knn_search
+from .search import KEY_TILE, knn_rescore, knn_search, knn_search_lists
 
 # the ops' names (knnfast.ops.__all__ less build_info) plus ink_loss, whose fused twin is a
 # method (knnfast.methods.ink), not an op

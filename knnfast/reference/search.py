@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..ops import args
 from ..ops.knn_rescore import check_rescore_meta
+from ..ops.knn_search_lists import check_lists_meta
 from ..topk import merge_topk
 from .common import COS_EPS, NEG_INF
 
@@ -132,3 +133,66 @@ def knn_rescore(queries: Tensor, keys: Tensor, indices: Tensor, metric: str = "l
     return s.masked_fill(~valid, NEG_INF).contiguous()
 
 
+
+
+def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes: Tensor,
+                     k: int, metric: str = "l2", *,
+                     exclude: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Exact top-k of each query over the lists it probes: a loop over the probed lists, each
+    scored (matmul) against the queries that probe it and merged into their running top-k,
+    as one would write an IVF scan in PyTorch."""
+    op = "knn_search_lists"
+    for name, t in (("queries", queries), ("keys", keys), ("list_offsets", list_offsets),
+                    ("probes", probes)):
+        args.check_tensor(op, name, t)
+    args.check_k(op, k)
+    args.check_metric(op, metric)
+    check_lists_meta(op, queries, keys, list_offsets, probes, k, exclude)
+    q = queries.float()
+    args.check_values_queries(op, q)
+    N, L = keys.shape[0], list_offsets.shape[0] - 1
+    check_values_offsets(op, list_offsets, N)
+    args.check_values_ids(op, "probes", probes, L)
+    if exclude is not None:
+        args.check_values_ids(op, "exclude", exclude, N, where="row")
+    B = q.shape[0]
+    run_s = torch.full((B, k), NEG_INF, dtype=torch.float32, device=q.device)
+    run_i = torch.full((B, k), -1, dtype=torch.int64, device=q.device)
+    member = torch.zeros(B, L + 1, dtype=torch.bool, device=q.device)  # column L: "none"
+    member.scatter_(1, torch.where(probes < 0, L, probes.long()), True)
+    offsets = list_offsets.tolist()
+    for lst in member[:, :L].any(0).nonzero().flatten().tolist():
+        start, end = offsets[lst], offsets[lst + 1]
+        if start == end:
+            continue
+        rows = member[:, lst].nonzero().flatten()
+        kt = keys[start:end].float()
+        qr = q[rows]
+        kt_sq = (kt * kt).sum(dim=1) if metric != "ip" else None
+        q_sq = (qr * qr).sum(dim=1, keepdim=True) if metric == "l2" else None
+        q_norm = qr.norm(dim=1, keepdim=True).clamp_min(COS_EPS) if metric == "cos" else None
+        s = tile_scores(qr, q_sq, q_norm, kt, kt_sq, metric)
+        s = torch.nan_to_num_(s, nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+        if exclude is not None:
+            ex = exclude[rows].long()
+            hit = (ex >= start) & (ex < end)
+            s[hit.nonzero().flatten(), ex[hit] - start] = NEG_INF
+        vals, pos = topk_smallest_index(s, min(k, end - start))
+        run_s[rows], run_i[rows] = merge_topk(run_s[rows], run_i[rows],
+                                              *sorted_candidates(vals, pos + start), k)
+    run_i = run_i.masked_fill(run_s == NEG_INF, -1)
+    return run_s.contiguous(), run_i.contiguous()
+
+
+def check_values_offsets(op: str, list_offsets: Tensor, entries: int) -> None:
+    """list_offsets partition the key rows: start at 0, never decrease, end at N."""
+    o = list_offsets.long()
+    bad = torch.zeros_like(o, dtype=torch.bool)
+    bad[0] = o[0] != 0
+    bad[1:] = o[1:] < o[:-1]
+    bad[-1] |= o[-1] != entries
+    bad |= o > entries
+    pos = args.first_bad(bad)
+    if pos is not None:
+        args.fail(op, f"list_offsets must start at 0, never decrease and end at N = {entries} "
+                      f"(the keys' rows), got {int(o[pos])} at position {pos}")

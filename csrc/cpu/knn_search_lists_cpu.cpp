@@ -1,0 +1,203 @@
+// knn_search_lists on CPU: exact top-k over the inverted lists each query probes (the search
+// step of an IVF index with exact in-list scores), in one call for the whole batch.
+//
+// FAISS's IVF-Flat scans the lists query by query. Here the probes are inverted first (list ->
+// the queries that probe it), so every probed list is read once per call and scored against
+// all of its queries with dot_tile16 (keys converted to fp32 16 at a time, |k|^2 from the
+// same pass, 16 dots summed by one transpose tree): at decoding batch sizes the lists are cache-resident and the scan
+// is memory bound, so grouping the queries is what makes it cheap. Lists are split into one
+// contiguous run per thread, balanced by work (queries x keys); each thread keeps its own
+// per-row heaps, merged at the end. Keys are visited in increasing row order within a thread,
+// so ties go to the smaller row exactly as in knn_search.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "cpu/topk_merge.h"
+#include "cpu/vec_math.h"
+
+namespace knnfast::cpu {
+namespace {
+
+constexpr const char* kOp = "knn_search_lists";
+constexpr int64_t kTile = 256;  // keys per dot_tile call
+
+// list -> the query rows that probe it (CSR; a row probing a list twice is listed once).
+struct ListQueries {
+  std::vector<int64_t> start;  // [L + 1]
+  std::vector<int64_t> rows;
+};
+
+ListQueries invert_probes(const at::Tensor& probes, int64_t L) {
+  const int64_t B = probes.size(0), P = probes.size(1);
+  const int64_t* p = probes.data_ptr<int64_t>();
+  std::vector<int64_t> unique(B * P, -1);  // each row's distinct lists, -1 padded
+  ListQueries out;
+  out.start.assign(L + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t* u = unique.data() + b * P;
+    std::copy(p + b * P, p + (b + 1) * P, u);
+    std::sort(u, u + P);
+    int64_t previous = -1;
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t list = u[j];
+      if (list >= 0 && list != previous) ++out.start[list + 1];
+      else u[j] = -1;  // -1 or a repeat: searched once
+      previous = list;
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) out.start[l + 1] += out.start[l];
+  out.rows.resize(out.start[L]);
+  std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);
+  for (int64_t b = 0; b < B; ++b)  // increasing b: each list's rows come out sorted
+    for (int64_t j = 0; j < P; ++j)
+      if (unique[b * P + j] >= 0) out.rows[fill[unique[b * P + j]]++] = b;
+  return out;
+}
+
+// Runs of lists [cut[p], cut[p + 1]) with about equal work (queries x keys + keys) each.
+std::vector<int64_t> split_lists(const ListQueries& lq, const int64_t* offsets, int64_t L,
+                                 int64_t D) {
+  std::vector<double> work(L + 1, 0.0);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t m = lq.start[l + 1] - lq.start[l];
+    work[l + 1] = work[l] + (m ? double(offsets[l + 1] - offsets[l]) * double(m + 1) : 0.0);
+  }
+  // small searches stay on one thread: an OpenMP wake-up costs more than they do
+  const int64_t parts = work[L] * double(D) < double(int64_t(1) << 20)
+                            ? 1
+                            : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L));
+  std::vector<int64_t> cut(parts + 1, L);
+  cut[0] = 0;
+  for (int64_t p = 1; p < parts; ++p)
+    cut[p] = std::lower_bound(work.begin(), work.end(), work[L] * double(p) / double(parts)) -
+             work.begin();
+  for (int64_t p = 1; p <= parts; ++p) cut[p] = std::max(cut[p], cut[p - 1]);
+  return cut;
+}
+
+// Running top-k of every query row, as min-heaps (worst at the root), like knn_search's.
+struct Heaps {
+  int64_t k;
+  std::vector<float> scores;
+  std::vector<int64_t> ids;
+  Heaps(int64_t rows, int64_t k_) : k(k_), scores(rows * k_, -INFINITY), ids(rows * k_, -1) {}
+};
+
+template <Metric M>
+void scan_lists(const SearchInputs& in, const int64_t* offsets, const ListQueries& lq,
+                int64_t l0, int64_t l1, Heaps& heaps) {
+  const int64_t D = in.queries.size(1);
+  const float* q = in.queries.data_ptr<float>();
+  const char* keys = static_cast<const char*>(in.keys.data_ptr());
+  const int64_t row_bytes = D * in.keys.element_size();
+  const int64_t* exclude = in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
+  std::vector<float> group, dots, key_sq(kTile), block(dot_tile16_block_floats(D));
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t m = lq.start[l + 1] - lq.start[l];
+    if (m == 0 || offsets[l + 1] == offsets[l]) continue;
+    const int64_t* rows = lq.rows.data() + lq.start[l];
+    group.resize(m * D);  // the list's queries, contiguous for the dot kernel
+    for (int64_t i = 0; i < m; ++i)
+      std::memcpy(group.data() + i * D, q + rows[i] * D, D * sizeof(float));
+    dots.resize(m * kTile);
+    for (int64_t first = offsets[l]; first < offsets[l + 1]; first += kTile) {
+      const int64_t n = std::min(kTile, offsets[l + 1] - first);
+      dot_tile16(group.data(), m, keys + first * row_bytes, in.keys.scalar_type(), n, D,
+                 dots.data(), n, M == Metric::IP ? nullptr : key_sq.data(), block.data());
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t b = rows[i];
+        float* hs = heaps.scores.data() + b * heaps.k;
+        int64_t* hi = heaps.ids.data() + b * heaps.k;
+        const int64_t skip = exclude ? exclude[b] : -1;
+        const float* d = dots.data() + i * n;
+        // rows increase within a thread, so a tie never displaces: strict > (NaN never passes)
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = ranking_key(M, d[j], M == Metric::IP ? 0.0f : key_sq[j]);
+          if (v > hs[0] && first + j != skip) heap_replace_root(hs, hi, heaps.k, v, first + j);
+        }
+      }
+    }
+  }
+}
+
+// The per-thread heaps of each row merged, ranking keys turned into scores.
+void finalize(const SearchInputs& in, const std::vector<Heaps>& parts, at::Tensor& out_s,
+              at::Tensor& out_i) {
+  const int64_t B = in.queries.size(0), D = in.queries.size(1), k = in.k;
+  const float* q = in.queries.data_ptr<float>();
+  float* os = out_s.data_ptr<float>();
+  int64_t* oi = out_i.data_ptr<int64_t>();
+  at::parallel_for(0, B, row_grain(k * 8 * int64_t(parts.size())), [&](int64_t b0, int64_t b1) {
+    TopkMerger merger(k);
+    for (int64_t b = b0; b < b1; ++b) {
+      merger.clear();
+      for (const Heaps& h : parts) merger.add(h.scores.data() + b * k, h.ids.data() + b * k, k);
+      merger.write(os + b * k, oi + b * k);
+      float qq = 0.0f;
+      for (int64_t d = 0; d < D; ++d) qq += q[b * D + d] * q[b * D + d];
+      for (int64_t j = 0; j < k; ++j)
+        if (oi[b * k + j] >= 0) os[b * k + j] = final_score(in.metric, os[b * k + j], qq);
+    }
+  });
+}
+
+// Values after the argument checks: finite queries, offsets a partition of the N rows,
+// probes in [-1, L), exclude in [-1, N).
+void check_values(const SearchInputs& in, const at::Tensor& offsets, const at::Tensor& probes) {
+  if (!at::isfinite(in.queries).all().item<bool>()) raise_bad_queries(kOp);
+  const int64_t N = in.keys.size(0), L = offsets.size(0) - 1;
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  for (int64_t l = 0; l <= L; ++l) {
+    const bool ok = l == 0 ? o[0] == 0 : o[l] >= o[l - 1] && (l < L || o[l] == N);
+    if (!ok || o[l] > N) raise_bad_offsets(kOp, N, o[l], l);
+  }
+  checked_ids(probes, L, kOp, "probes");
+  if (!in.exclude.defined()) return;
+  const int64_t* e = in.exclude.data_ptr<int64_t>();
+  for (int64_t b = 0; b < in.exclude.numel(); ++b)
+    if (!valid_id(e[b], N)) raise_bad_exclude(kOp, N, e[b], b);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
+    const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& list_offsets,
+    const at::Tensor& probes_in, int64_t k, const std::string& metric,
+    const c10::optional<at::Tensor>& exclude) {
+  const Metric m = check_knn_search_lists_args(queries, keys, list_offsets, probes_in, k, metric,
+                                               exclude, Backend::CPU);
+  const SearchInputs in = search_inputs(queries, keys, k, m, c10::nullopt, exclude);
+  const at::Tensor offsets = as_int64(list_offsets);
+  const at::Tensor probes = as_int64(probes_in);
+  check_values(in, offsets, probes);
+  const int64_t B = in.queries.size(0), L = offsets.size(0) - 1;
+  at::Tensor out_s = at::empty({B, k}, in.queries.options());
+  at::Tensor out_i = at::empty({B, k}, in.queries.options().dtype(at::kLong));
+  if (B == 0) return {out_s, out_i};
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  const ListQueries lq = invert_probes(probes, L);
+  const std::vector<int64_t> cut = split_lists(lq, o, L, in.queries.size(1));
+  const int64_t parts = int64_t(cut.size()) - 1;
+  std::vector<Heaps> heaps(parts, Heaps(B, k));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      switch (m) {
+        case Metric::L2: scan_lists<Metric::L2>(in, o, lq, cut[p], cut[p + 1], heaps[p]); break;
+        case Metric::IP: scan_lists<Metric::IP>(in, o, lq, cut[p], cut[p + 1], heaps[p]); break;
+        default: scan_lists<Metric::COS>(in, o, lq, cut[p], cut[p + 1], heaps[p]); break;
+      }
+    }
+  });
+  finalize(in, heaps, out_s, out_i);
+  return {out_s, out_i};
+}
+
+TORCH_LIBRARY_IMPL(knnfast, CPU, m) { m.impl("knn_search_lists", &knn_search_lists_cpu); }
+
+}  // namespace knnfast::cpu

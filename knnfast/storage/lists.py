@@ -1,0 +1,100 @@
+"""A FAISS IVF index's inverted lists, searched by knnfast's fused ``knn_search_lists``.
+
+FAISS scans an IVF index query by query. Decoding searches a batch (sentences x beams) every
+step, and the queries of one step probe largely the same lists, so ``ListLayout`` keeps the
+datastore's keys in list order (a copy, in the keys' dtype) and the whole batch is searched in
+one call: the probes come from an exact ``knn_search`` over the coarse centroids, then every
+probed list is read once and scored exactly against all the queries that probe it.
+
+The neighbours are those of the same index at the same ``nprobe``, scored exactly from the
+stored keys (for IVF-Flat: FAISS's own results up to ties and fp32 rounding; for IVF-PQ: the
+lists' exact top-k, not the PQ approximation). Ids are datastore ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .files import DatastoreError
+
+
+@dataclass
+class ListLayout:
+    """The lists of one IVF index over one datastore's keys."""
+    centroids: Tensor   # [L, D] float32, the coarse quantizer's
+    offsets: Tensor     # [L + 1] int64: list l = positions offsets[l]:offsets[l + 1]
+    ids: Tensor         # [N] int64: position -> datastore id
+    positions: Tensor   # [N] int64: datastore id -> position
+    keys: Tensor        # [N, D] the datastore's keys in list order
+    probe_metric: str   # the quantizer's metric: "l2" or "ip"
+    nprobe: int
+    metric: str         # the index's (and datastore's) metric: "l2", "ip" or "cos"
+
+
+def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str) -> ListLayout:
+    """The layout of a FAISS IVF ``index`` (CPU or GPU) built for ``metric`` over ``keys``
+    [N, D] in order."""
+    import faiss
+    if hasattr(index, "getDevice"):
+        index = faiss.index_gpu_to_cpu(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise DatastoreError(f"Datastore.use_lists: the index is {type(index).__name__}, not "
+                             f"an IVF index (build one with a factory such as 'IVF1024,Flat')")
+    if ivf.ntotal != keys.shape[0]:
+        raise DatastoreError(f"Datastore.use_lists: the index holds {ivf.ntotal} entries but "
+                             f"the datastore has {keys.shape[0]}; rebuild the index")
+    nlist = ivf.nlist
+    sizes = [ivf.invlists.list_size(l) for l in range(nlist)]
+    ids = torch.empty(ivf.ntotal, dtype=torch.int64)
+    at = 0
+    for l, n in enumerate(sizes):
+        if n:
+            ids[at:at + n] = torch.from_numpy(
+                faiss.rev_swig_ptr(ivf.invlists.get_ids(l), n).copy()).long()
+            at += n
+    positions = torch.empty_like(ids)
+    positions[ids] = torch.arange(ids.numel())
+    offsets = torch.zeros(nlist + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+    # a tensor once faiss.contrib.torch_utils is imported, else numpy
+    centroids = torch.as_tensor(ivf.quantizer.reconstruct_n(0, nlist)).float()
+    device = keys.device
+    return ListLayout(centroids.to(device), offsets.to(device), ids.to(device),
+                      positions.to(device), keys[ids.to(keys.device)].contiguous(),
+                      "l2" if ivf.metric_type == faiss.METRIC_L2 else "ip", nprobe, metric)
+
+
+def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
+           exclude: Optional[Tensor], nprobe: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """(scores [B, k] exact, descending; datastore ids [B, k]) on the keys' device: the
+    ``nprobe`` nearest lists of each query (exact search over the centroids), then one
+    ``knn_search_lists`` over them."""
+    if metric != layout.metric:
+        raise ValueError(f"Datastore.search: the index was built for metric "
+                         f"{layout.metric!r}, not {metric!r}")
+    nprobe = layout.nprobe if nprobe is None else nprobe
+    if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
+        raise ValueError(f"Datastore.search: nprobe must be an int >= 1, got {nprobe!r}")
+    q = queries.detach().to(layout.keys.device)
+    probe_q = q.float()
+    if metric == "cos":  # the index holds normalized keys; its quantizer sees unit queries
+        probe_q = probe_q / probe_q.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    L = layout.centroids.shape[0]
+    _, probes = ops.knn_search(probe_q, layout.centroids, min(nprobe, L), layout.probe_metric)
+    excl = None
+    if exclude is not None:
+        exclude = exclude.to(layout.keys.device, torch.int64)
+        n = layout.ids.numel()
+        if exclude.numel() and not bool(((exclude >= -1) & (exclude < n)).all()):
+            raise ValueError(f"Datastore.search: exclude must hold ids in [-1, {n}), got "
+                             f"{exclude.tolist()}")
+        excl = torch.where(exclude >= 0, layout.positions[exclude.clamp_min(0)], -1)
+    scores, pos = ops.knn_search_lists(q, layout.keys, layout.offsets, probes, k, metric,
+                                       exclude=excl)
+    ids = torch.where(pos >= 0, layout.ids[pos.clamp_min(0)], -1)
+    return scores, ids

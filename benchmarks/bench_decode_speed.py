@@ -42,11 +42,12 @@ from knnfast.methods.gate import RetrievalGate, collect_gate_features, fit_gate 
 Arm = Tuple[str, Optional[KNNDecoder]]
 
 
-def derived_store(ds, path: Path, build: Callable, progress: bool, search: str = "exact"):
+def derived_store(ds, path: Path, build: Callable, progress: bool, search: str = "exact",
+                  **index_args):
     """A pruned / reduced store at ``path`` (reused when finished), searched like ``ds``:
-    keys in RAM for exact search, or (``search="index"``) indexed like ``ds``."""
+    keys in RAM for exact search, or (``search="index"`` / ``"lists"``) indexed like ``ds``."""
     out = knnfast.Datastore.open(path) if (path / "meta.json").exists() else build(path)
-    return searched_as(out, search, like=ds, progress=progress)
+    return searched_as(out, search, like=ds, progress=progress, **index_args)
 
 
 def searched_as(store, search: str, like=None, progress: bool = False,
@@ -72,22 +73,24 @@ def searched_as(store, search: str, like=None, progress: bool = False,
 
 def make_arms(ds, work: Path, *, k: int, temperature: float, lam: float, confidence: float,
               gate_threshold: float, prune_k: int, pca_dim: int, fit_gate_on: Callable,
-              progress: bool = False, search: str = "exact") -> List[Arm]:
+              progress: bool = False, search: str = "exact", factory: str = "IVF1024,Flat",
+              nprobe: int = 8) -> List[Arm]:
     """The study's (name, decoder) arms; ``fit_gate_on(decoder) -> fitted RetrievalGate``.
     Every arm searches the same way (``search``: "exact" fused search over keys in RAM, or
-    "index": FAISS)."""
+    "index": FAISS; "lists": the index's lists through knn_search_lists). A store with no
+    index of its own or from its source gets ``factory`` at ``nprobe``."""
     work.mkdir(parents=True, exist_ok=True)
     source = ds
     pruned = derived_store(source, work / "pruned",
                            lambda p: source.prune(p, k=prune_k, progress=progress), progress,
-                           search)
+                           search, factory=factory, nprobe=nprobe)
     reduced = derived_store(source, work / f"pca{pca_dim}",
                             lambda p: source.reduce_dim(p, pca_dim, progress=progress),
-                            progress, search)
+                            progress, search, factory=factory, nprobe=nprobe)
     both = derived_store(source, work / f"pruned-pca{pca_dim}",
                          lambda p: pruned.reduce_dim(p, pca_dim, progress=progress), progress,
-                         search)
-    ds = searched_as(source, search)
+                         search, factory=factory, nprobe=nprobe)
+    ds = searched_as(source, search, factory=factory, nprobe=nprobe)
 
     def dec(store, skip=None, exact=None):
         return KNNDecoder(store, k=k, temperature=temperature, lam=lam, skip=skip, exact=exact)
@@ -235,7 +238,7 @@ def demo_mt(args) -> dict:
                      lam=args.lam, confidence=args.confidence,
                      gate_threshold=args.gate_threshold, prune_k=args.prune_k,
                      pca_dim=args.pca_dim, fit_gate_on=gate_fitter(model, dev),
-                     search=args.search)
+                     search=args.search, factory=args.lists_factory, nprobe=args.nprobe)
     sources, refs = [s for s, _ in tests], [t for _, t in tests]
     run = mt_runner(lambda dec: demo.translate_knn(model, codec, sources, dec),
                     lambda hyps: {**demo.evaluate_bleu(hyps, refs),
@@ -274,7 +277,7 @@ def demo_lm(args) -> dict:
                      lam=args.lm_lam, confidence=args.confidence,
                      gate_threshold=args.gate_threshold, prune_k=args.prune_k,
                      pca_dim=min(args.pca_dim, ds.dim // 2), fit_gate_on=gate_fitter(model, dv),
-                     search=args.search)
+                     search=args.search, factory=args.lists_factory, nprobe=args.nprobe)
     rows = run_arms(arms, lm_runner(model, te), "tokens_per_s")
     return write_outputs(rows, Path(args.out), "decode_speed_lm", "ppl", False,
                          f"kNN-LM speed options, Python reference test topics "
@@ -302,6 +305,10 @@ def main(argv=None) -> None:
     p.add_argument("--search", choices=("exact", "index", "lists"), default="exact",
                    help="every arm: fused exact search over keys in RAM, the FAISS index, or "
                         "the index's lists searched by knn_search_lists (Datastore.use_lists)")
+    p.add_argument("--lists-factory", default="IVF1024,Flat",
+                   help="--search index/lists: the index of a store that has none (the demo's "
+                        "datastore has its own)")
+    p.add_argument("--nprobe", type=int, default=8, help="the nprobe of --lists-factory")
     p.add_argument("--lm-k", type=int, default=16)
     p.add_argument("--lm-temperature", type=float, default=10.0)
     p.add_argument("--lm-lam", type=float, default=0.25)

@@ -23,6 +23,7 @@ searches too small to be worth a measurement.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -81,9 +82,15 @@ def bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=1)
+def machine_key() -> str:
+    """CPU model and ISA flags: fixed for the process, and build_info() costs ~80 us, too
+    much to pay on every decoding step."""
+    return "|".join((cpu_model(), "+".join(build_info()["isa"])))
+
+
 def bucket_key(queries: Tensor, keys: Tensor, k: int) -> str:
-    info = build_info()
-    return "|".join((cpu_model(), "+".join(info["isa"]), str(keys.dtype).replace("torch.", ""),
+    return "|".join((machine_key(), str(keys.dtype).replace("torch.", ""),
                      f"D{bucket(queries.shape[1])}", f"N{bucket(keys.shape[0])}",
                      f"B{bucket(queries.shape[0])}",
                      f"k{bucket(k)}", f"t{torch.get_num_threads()}"))

@@ -27,7 +27,7 @@ class ListLayout:
     """The lists of one IVF index over one datastore's keys."""
     centroids: Tensor   # [L, D] float32, the coarse quantizer's
     offsets: Tensor     # [L + 1] int64: list l = positions offsets[l]:offsets[l + 1]
-    ids: Tensor         # [N] int64: position -> datastore id
+    ids: Tensor         # [N + 1] int64: position -> datastore id; ids[-1] = -1 (padding)
     positions: Tensor   # [N] int64: datastore id -> position
     keys: Tensor        # [N, D] the datastore's keys in list order
     probe_metric: str   # the quantizer's metric: "l2" or "ip"
@@ -64,7 +64,8 @@ def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str) -> ListLayout
     # a tensor once faiss.contrib.torch_utils is imported, else numpy
     centroids = torch.as_tensor(ivf.quantizer.reconstruct_n(0, nlist)).float()
     device = keys.device
-    return ListLayout(centroids.to(device), offsets.to(device), ids.to(device),
+    padded = torch.cat([ids, ids.new_full((1,), -1)])  # position -1 (padding) -> id -1
+    return ListLayout(centroids.to(device), offsets.to(device), padded.to(device),
                       positions.to(device), keys[ids.to(keys.device)].contiguous(),
                       "l2" if ivf.metric_type == faiss.METRIC_L2 else "ip", nprobe, metric)
 
@@ -89,12 +90,11 @@ def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
     excl = None
     if exclude is not None:
         exclude = exclude.to(layout.keys.device, torch.int64)
-        n = layout.ids.numel()
+        n = layout.positions.numel()
         if exclude.numel() and not bool(((exclude >= -1) & (exclude < n)).all()):
             raise ValueError(f"Datastore.search: exclude must hold ids in [-1, {n}), got "
                              f"{exclude.tolist()}")
         excl = torch.where(exclude >= 0, layout.positions[exclude.clamp_min(0)], -1)
     scores, pos = ops.knn_search_lists(q, layout.keys, layout.offsets, probes, k, metric,
                                        exclude=excl)
-    ids = torch.where(pos >= 0, layout.ids[pos.clamp_min(0)], -1)
-    return scores, ids
+    return scores, layout.ids[pos]  # one gather: padding position -1 reads the -1 at the end

@@ -111,3 +111,29 @@ def test_misuse_is_a_clear_error(tmp_path):
         flat.use_lists()
     with pytest.raises(knnfast.DatastoreError, match="no index.faiss"):
         _store(tmp_path, name="none").to("cpu").use_lists()
+
+
+def test_skipped_rows_probe_nothing_instead_of_splitting_the_batch(tmp_path, monkeypatch):
+    """With a skip rule, the lists search takes the row mask (skipped rows probe no list):
+    the same neighbours and log-probs as splitting the batch, and the same skip counts."""
+    from knnfast import RetrievalSkip
+    ds = _store(tmp_path).to("cpu")
+    ds.build_index("IVF32,Flat", nprobe=8, progress=False)
+    ds.use_lists()
+    assert ds.masks_rows() and ds.masks_rows(False) and not ds.masks_rows(True)
+    hidden = _queries(ds, 16)
+    logits = torch.randn(16, 50)
+    logits[::3, 7] = 30.0  # confident rows: skipped
+    dec = KNNDecoder(ds, k=8, temperature=10.0, lam=0.5, skip=RetrievalSkip(confidence=0.9))
+    calls = []
+    real = ds.search
+    monkeypatch.setattr(ds, "search", lambda *a, **kw: calls.append(kw.get("rows")) or real(*a, **kw))
+    masked = dec(hidden, logits)
+    assert calls[-1] is not None and calls[-1].shape == (16,) and int(calls[-1].sum()) == 10
+    nb = dec.retrieve_step(hidden, logits)
+    assert (nb.ids[::3] == -1).all() and (nb.ids[1::3] >= 0).all()
+    monkeypatch.setattr(ds, "masks_rows", lambda exact=None: False)
+    split = dec(hidden, logits)
+    assert calls[-1] is None  # the split path searched the 10 kept rows only
+    assert torch.equal(masked, split)
+    assert dec.skip_stats.rows == 48 and dec.skip_stats.skipped_rows == 18

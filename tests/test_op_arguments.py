@@ -120,6 +120,8 @@ CASES = [
     ("knn_search_lists", "exclude range", edit("exclude", torch.tensor([0, N, -1])), "exclude"),
     ("knn_search_lists", "exclude shape", edit("exclude", torch.tensor([0, 1])), "exclude"),
     ("knn_search_lists", "exclude float", edit("exclude", t(0, 1, 2)), "exclude"),
+    ("knn_search_lists", "exclude list", edit("exclude", [0, 1, 2]), "exclude"),
+    ("knn_search_lists", "probes bool", edit(3, torch.zeros(B, 2, dtype=torch.bool)), "probes"),
     ("knn_search_lists", "exclude valid", edit("exclude", torch.tensor([0, 19, -1])), None),
     # knn_rescore
     ("knn_rescore", "valid", edit("metric", "ip"), None),

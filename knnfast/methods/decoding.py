@@ -121,10 +121,11 @@ class KNNDecoder:
         self._skip = skip
 
     def retrieve(self, hidden: Tensor, k: Optional[int] = None, *,
-                 logits: Optional[Tensor] = None) -> Neighbours:
+                 logits: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Neighbours:
         """Search the datastore for every row of hidden [B, D] and look up the neighbours'
         tokens (no skipping: dev-set passes, tuning and fitting use this). With ``logits``
-        it is ``retrieve_step(hidden, logits, k)``."""
+        it is ``retrieve_step(hidden, logits, k)``. ``rows`` [B] bool (a datastore that
+        ``masks_rows``): only those rows search, the others get no neighbours."""
         if logits is not None:
             return self.retrieve_step(hidden, logits, k)
         k = k or self.k
@@ -137,8 +138,9 @@ class KNNDecoder:
             scores, ids = reference.knn_search(q, ds.keys, k, self.metric)
             scores, ids = scores.to(hidden.device), ids.to(hidden.device)
         else:
+            masked = {} if rows is None else {"rows": rows}
             scores, ids = ds.search(hidden, k, exact=self.exact, rescore=self.rescore,
-                                    metric=self.metric, nprobe=self.nprobe)
+                                    metric=self.metric, nprobe=self.nprobe, **masked)
         log_counts = self.datastore_counts()
         if log_counts is not None:
             idx = ids.to(log_counts.device)
@@ -156,7 +158,17 @@ class KNNDecoder:
         if self.skip is None:
             self.skip_stats.add(B, B)
             return self.retrieve(hidden, k)
-        rows = self.skip.retrieve_mask(hidden, logits).to(hidden.device).nonzero().squeeze(1)
+        mask = self.skip.retrieve_mask(hidden, logits).to(hidden.device)
+        masks_rows = getattr(self.datastore, "masks_rows", lambda exact: False)
+        if self.backend == "fused" and masks_rows(self.exact):
+            # the lists search leaves unselected rows unsearched at no cost: no batch split
+            searched = int(mask.sum())
+            self.skip_stats.add(B, searched)
+            if searched == 0:
+                return empty_neighbours(B, k or self.k, hidden.device,
+                                        self.datastore_counts() is not None)
+            return self.retrieve(hidden, k, rows=None if searched == B else mask)
+        rows = mask.nonzero().squeeze(1)
         self.skip_stats.add(B, rows.numel())
         if rows.numel() == B:
             return self.retrieve(hidden, k)

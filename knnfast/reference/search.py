@@ -145,6 +145,8 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
     for name, t in (("queries", queries), ("keys", keys), ("list_offsets", list_offsets),
                     ("probes", probes)):
         args.check_tensor(op, name, t)
+    if exclude is not None:
+        args.check_tensor(op, "exclude", exclude)
     args.check_k(op, k)
     args.check_metric(op, metric)
     check_lists_meta(op, queries, keys, list_offsets, probes, k, exclude)

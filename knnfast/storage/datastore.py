@@ -306,7 +306,7 @@ class Datastore(MetaFields):
     def search(self, queries: Tensor, k: int, exact: Optional[bool] = None,
                rescore: Optional[bool] = None, *, metric: Optional[str] = None,
                exclude: Optional[Tensor] = None, nprobe: Optional[int] = None,
-               projected: bool = False) -> Tuple[Tensor, Tensor]:
+               projected: bool = False, rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """k nearest entries of each query: (scores [B, k] float32 descending, ids [B, k]).
 
         ``exact`` picks the neighbours, ``rescore`` the scores (DESIGN §4):
@@ -324,7 +324,10 @@ class Datastore(MetaFields):
         Exact search runs on the keys' device and streams a memmap in chunks, so
         datastores larger than RAM work. Results are on the queries' device. A
         dimension-reduced store projects the queries first (``projected=True``: they are
-        already in the keys' space, e.g. keys of this store).
+        already in the keys' space, e.g. keys of this store). ``rows`` [B] bool: only
+        those rows need neighbours (retrieval skipping); the others may come back as
+        (-inf, -1) padding. Only the lists search (``use_lists``) uses it: there a row costs
+        nothing when it probes no list; elsewhere every row is searched (``masks_rows``).
         """
         metric = metric or self.metric
         _check_metric("search", metric)
@@ -342,7 +345,8 @@ class Datastore(MetaFields):
             if not rescore:
                 scores = faiss_index.reconstructed_scores(self.index, queries, ids, metric)
         elif self._lists is not None:  # exact in-list scores: rescoring would change nothing
-            scores, ids = ivf_lists.search(self._lists, queries, k, metric, exclude, nprobe)
+            scores, ids = ivf_lists.search(self._lists, queries, k, metric, exclude, nprobe,
+                                           rows)
         else:
             scores, ids = faiss_index.search(self._faiss(), queries, k, metric, exclude, nprobe)
             if rescore:
@@ -394,6 +398,12 @@ class Datastore(MetaFields):
         """Search through a FAISS index filled elsewhere over exactly these keys, in order
         (``info`` as ``index.json``: at least ``metric``). Not saved."""
         self._index = faiss_index.FaissIndex(index, info)
+
+    def masks_rows(self, exact: Optional[bool] = None) -> bool:
+        """True when ``search(exact=exact, rows=...)`` leaves the unselected rows unsearched
+        (the lists search): a skipping decoder then passes its row mask instead of splitting
+        the batch."""
+        return self._lists is not None and not exact  # lists imply an index: None = index
 
     def use_lists(self, nprobe: Optional[int] = None) -> "Datastore":
         """Search the IVF index's lists with knnfast's fused ``knn_search_lists`` from now on

@@ -33,6 +33,12 @@ class ListLayout:
     probe_metric: str   # the quantizer's metric: "l2" or "ip"
     nprobe: int
     metric: str         # the index's (and datastore's) metric: "l2", "ip" or "cos"
+    centroids_t: Tensor = None     # [D, L] the centroids transposed, contiguous (probe GEMM)
+    neg_centroid_sq: Tensor = None  # [L] -|c|^2 (l2 probes)
+
+    def __post_init__(self) -> None:
+        self.centroids_t = self.centroids.t().contiguous()
+        self.neg_centroid_sq = -(self.centroids * self.centroids).sum(1)
 
 
 def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str) -> ListLayout:
@@ -71,10 +77,12 @@ def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str) -> ListLayout
 
 
 def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
-           exclude: Optional[Tensor], nprobe: Optional[int]) -> Tuple[Tensor, Tensor]:
+           exclude: Optional[Tensor], nprobe: Optional[int],
+           rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(scores [B, k] exact, descending; datastore ids [B, k]) on the keys' device: the
-    ``nprobe`` nearest lists of each query (exact search over the centroids), then one
-    ``knn_search_lists`` over them."""
+    ``nprobe`` nearest lists of each query, then one ``knn_search_lists`` over them. ``rows``
+    [B] bool: only those rows search (the others probe no list and get (-inf, -1) padding,
+    at no cost and without splitting the batch)."""
     if metric != layout.metric:
         raise ValueError(f"Datastore.search: the index was built for metric "
                          f"{layout.metric!r}, not {metric!r}")
@@ -85,8 +93,9 @@ def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
     probe_q = q.float()
     if metric == "cos":  # the index holds normalized keys; its quantizer sees unit queries
         probe_q = probe_q / probe_q.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    L = layout.centroids.shape[0]
-    _, probes = ops.knn_search(probe_q, layout.centroids, min(nprobe, L), layout.probe_metric)
+    probes = nearest_lists(layout, probe_q, min(nprobe, layout.centroids.shape[0]))
+    if rows is not None:
+        probes = probes.masked_fill(~rows.to(probes.device, torch.bool).view(-1, 1), -1)
     excl = None
     if exclude is not None:
         exclude = exclude.to(layout.keys.device, torch.int64)
@@ -98,3 +107,14 @@ def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
     scores, pos = ops.knn_search_lists(q, layout.keys, layout.offsets, probes, k, metric,
                                        exclude=excl)
     return scores, layout.ids[pos]  # one gather: padding position -1 reads the -1 at the end
+
+
+def nearest_lists(layout: ListLayout, queries: Tensor, nprobe: int) -> Tensor:
+    """The ``nprobe`` best lists of each query [B, nprobe]: one GEMM against the centroids
+    and a top-k (a probe set, unordered; at B x L this small a fused knn_search call costs
+    more than the work). NaN queries are refused later by knn_search_lists."""
+    if layout.probe_metric == "l2":  # 2 q.c - |c|^2 = |q|^2 - |q - c|^2: the row's order
+        scores = torch.addmm(layout.neg_centroid_sq, queries, layout.centroids_t, alpha=2.0)
+    else:
+        scores = queries @ layout.centroids_t
+    return scores.topk(nprobe, dim=1, sorted=False).indices

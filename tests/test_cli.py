@@ -149,7 +149,8 @@ def ivf_ppl(env, gpt2_ds, tmp_path_factory):
     exact = ppl()
     with contextlib.redirect_stdout(io.StringIO()):
         main(["build-index", ds, "--factory", "IVF4,Flat", "--nprobe", "1", "--device", "cpu"])
-    return {"exact": exact, "after": ppl(), "index": ppl("--index")}
+    return {"exact": exact, "after": ppl(), "index": ppl("--index"),
+            "lists": ppl("--index", "--lists")}
 
 
 def test_eval_ppl_index(ivf_ppl):
@@ -158,6 +159,28 @@ def test_eval_ppl_index(ivf_ppl):
     assert math.isfinite(index["knn_ppl"])
     # nprobe 1 misses neighbours: the approximate search gives another kNN ppl
     assert index["knn_ppl"] != pytest.approx(exact["knn_ppl"], rel=1e-6)
+
+
+def test_eval_ppl_lists_search_the_same_lists(ivf_ppl):
+    """--lists: the IVF index's lists through knn_search_lists find FAISS's neighbours (the
+    same list at nprobe 1): the same perplexity up to fp32 score rounding."""
+    index, lists = ivf_ppl["index"], ivf_ppl["lists"]
+    assert lists["settings"]["lists"] and not index["settings"]["lists"]
+    assert lists["knn_ppl"] == pytest.approx(index["knn_ppl"], rel=1e-4)
+    assert lists["knn_ppl"] != pytest.approx(ivf_ppl["exact"]["knn_ppl"], rel=1e-6)
+
+
+def test_lists_needs_an_ivf_index(env, gpt2_ds, capsys, tmp_path):
+    argv = ["eval-ppl", "--model", env["gpt2"], "--datastore", gpt2_ds, "--corpus", env["txt"]]
+    assert main(argv + ["--lists"]) == 2
+    assert "--lists searches the FAISS index's lists (add --index)" in capsys.readouterr().err
+    ds = str(tmp_path / "flat")
+    shutil.copytree(gpt2_ds, ds)
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["build-index", ds, "--factory", "Flat", "--device", "cpu"])
+    argv[4] = ds
+    assert main(argv + ["--index", "--lists"]) == 3
+    assert "--lists: Datastore.use_lists: the index is IndexFlat" in capsys.readouterr().err
 
 
 def test_eval_ppl_without_index_flag_is_exact(ivf_ppl):
@@ -345,7 +368,7 @@ def test_eval_ppl_echoes_its_settings(env, gpt2_ds, capsys):
     n = len(Datastore.open(gpt2_ds))
     assert KNN_LM.k > n
     assert res["settings"] == {"k": n, "temperature": KNN_LM.temperature,
-                               "lam": KNN_LM.lam, "hidden": "ffn", "index": False,
+                               "lam": KNN_LM.lam, "hidden": "ffn", "index": False, "lists": False,
                                "backend": "fused"}
     assert f"knnfast: warning: --k {KNN_LM.k} is more than the {n} entries" in err
 

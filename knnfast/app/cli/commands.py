@@ -172,6 +172,7 @@ def knn_settings(args, hidden: str, k: int) -> dict:
     """What a result was computed with (echoed in every result)."""
     return {"k": k, "temperature": args.temperature, "lam": args.lam, "hidden": hidden,
             "index": bool(getattr(args, "index", False)),
+            "lists": bool(getattr(args, "lists", False)),
             "backend": getattr(args, "backend", "fused")}
 
 

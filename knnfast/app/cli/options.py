@@ -88,6 +88,10 @@ def _knn(p: argparse.ArgumentParser, preset, name: str, settings: bool = True) -
                "--save FILE`; options given on the command line win (default: none)")
     option(p, "--index", action="store_true",
            help="search the datastore's FAISS index (build-index) instead of exactly")
+    option(p, "--lists", action="store_true",
+           help="with --index and an IVF index: search its lists with knnfast's fused "
+                "kernel, the whole batch in one call (the same lists and nprobe, exact "
+                "scores; loads the keys into RAM)")
     option(p, "--backend", choices=("fused", "reference"), default="fused",
            help="knnfast kernels or the pure-PyTorch reference path")
     _hidden_override(p)

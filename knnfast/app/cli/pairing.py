@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import DataError, from_library, warn
+from .errors import DataError, UsageError, from_library, warn
 from .loading import tokenizer_fingerprint
 
 UNKNOWN_LAYERS = (None, "", "unknown", "custom")
@@ -90,6 +90,17 @@ def check_index(args, ds) -> None:
              f"the index")
 
 
+def searched_by_lists(args, ds):
+    """--lists: the datastore in RAM with its IVF index's lists searched by the fused
+    kernel (Datastore.use_lists)."""
+    if not getattr(args, "index", False):
+        raise UsageError("--lists searches the FAISS index's lists", "add --index")
+    try:
+        return (ds.to("cpu") if ds.is_memmapped else ds).use_lists()
+    except (OSError, ValueError) as e:
+        raise from_library(e, "--lists: ") from None
+
+
 def fit_k(k: int, ds, option: str = "--k") -> int:
     """k clamped to the datastore's size, with a warning: the extra neighbours would be
     padding (-1) that adds nothing but work."""
@@ -102,6 +113,8 @@ def fit_k(k: int, ds, option: str = "--k") -> int:
 def make_decoder(args, datastore):
     """The decoder the options ask for (kNN-MT/kNN-LM, adaptive or robust)."""
     check_index(args, datastore)
+    if getattr(args, "lists", False):
+        datastore = searched_by_lists(args, datastore)
     from ...methods.decoding import AdaptiveKNNDecoder, KNNDecoder
     # --index: the FAISS index; otherwise exact search, even when index.faiss exists
     exact = not getattr(args, "index", False)

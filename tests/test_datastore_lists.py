@@ -126,8 +126,9 @@ def test_skipped_rows_probe_nothing_instead_of_splitting_the_batch(tmp_path, mon
     logits[::3, 7] = 30.0  # confident rows: skipped
     dec = KNNDecoder(ds, k=8, temperature=10.0, lam=0.5, skip=RetrievalSkip(confidence=0.9))
     calls = []
-    real = ds.search
-    monkeypatch.setattr(ds, "search", lambda *a, **kw: calls.append(kw.get("rows")) or real(*a, **kw))
+    real = ds.neighbours
+    monkeypatch.setattr(ds, "neighbours",
+                        lambda *a, **kw: calls.append(kw.get("rows")) or real(*a, **kw))
     masked = dec(hidden, logits)
     assert calls[-1] is not None and calls[-1].shape == (16,) and int(calls[-1].sum()) == 10
     nb = dec.retrieve_step(hidden, logits)
@@ -137,3 +138,24 @@ def test_skipped_rows_probe_nothing_instead_of_splitting_the_batch(tmp_path, mon
     assert calls[-1] is None  # the split path searched the 10 kept rows only
     assert torch.equal(masked, split)
     assert dec.skip_stats.rows == 48 and dec.skip_stats.skipped_rows == 18
+
+
+def test_neighbours_is_search_and_lookup_in_one_call(tmp_path):
+    """Datastore.neighbours: search + lookup with the tokens looked up where the datastore
+    lives; the same scores, ids and tokens as the two calls, for exact search, FAISS and the
+    lists, with exclude and a row mask."""
+    ds = _store(tmp_path).to("cpu")
+    ds.build_index("IVF16,Flat", nprobe=4, progress=False)
+    q = _queries(ds, 9)
+    ex = torch.tensor([3, -1, 5, -1, -1, 2999, -1, 0, -1])
+    rows = torch.tensor([True, False] * 4 + [True])
+    for exact, lists in ((True, False), (False, False), (False, True)):
+        if lists:
+            ds.use_lists()
+        kw = dict(exclude=ex, rows=rows) if lists else dict(exclude=ex)
+        s, i = ds.search(q, 6, exact=exact, **kw)
+        ns, ni, nt = ds.neighbours(q, 6, exact=exact, **kw)
+        assert torch.equal(ns, s) and torch.equal(ni, i)
+        assert nt.dtype == torch.int64 and torch.equal(nt, ds.lookup(i))
+        if lists:
+            assert (ni[~rows] == -1).all() and (nt[~rows] == -1).all()

@@ -51,13 +51,15 @@ def _decoders(ds):
 
 
 def _counting_search(monkeypatch, ds):
+    """The rows of every datastore search (``search`` and ``neighbours`` both go through
+    ``_search``)."""
     rows = []
-    search = Datastore.search
+    search = Datastore._search
 
     def counted(self, queries, *a, **kw):
         rows.append(queries.shape[0])
         return search(self, queries, *a, **kw)
-    monkeypatch.setattr(Datastore, "search", counted)
+    monkeypatch.setattr(Datastore, "_search", counted)
     return rows
 
 

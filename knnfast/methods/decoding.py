@@ -137,15 +137,21 @@ class KNNDecoder:
             q = ds.project(hidden.detach()).to(ds.keys.device)
             scores, ids = reference.knn_search(q, ds.keys, k, self.metric)
             scores, ids = scores.to(hidden.device), ids.to(hidden.device)
+            tokens = ds.lookup(ids, check=False)
         else:
             masked = {} if rows is None else {"rows": rows}
-            scores, ids = ds.search(hidden, k, exact=self.exact, rescore=self.rescore,
-                                    metric=self.metric, nprobe=self.nprobe, **masked)
+            search = dict(exact=self.exact, rescore=self.rescore, metric=self.metric,
+                          nprobe=self.nprobe, **masked)
+            if hasattr(ds, "neighbours"):  # tokens looked up where the datastore lives
+                scores, ids, tokens = ds.neighbours(hidden, k, **search)
+            else:  # a torch.distributed ShardedDatastore
+                scores, ids = ds.search(hidden, k, **search)
+                tokens = ds.lookup(ids, check=False)
         log_counts = self.datastore_counts()
         if log_counts is not None:
             idx = ids.to(log_counts.device)
             log_counts = log_counts[idx.clamp(min=0)].masked_fill(idx < 0, 0.0).to(ids.device)
-        return Neighbours(scores, ds.lookup(ids, check=False), ids, log_counts)
+        return Neighbours(scores, tokens, ids, log_counts)
 
     def retrieve_step(self, hidden: Tensor, logits: Tensor, k: Optional[int] = None) -> Neighbours:
         """The neighbours of one decoding step: counted in ``skip_stats``; with a ``skip``

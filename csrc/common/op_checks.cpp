@@ -97,6 +97,24 @@ void check_vector_arg(const at::Tensor& t, int64_t size, const at::Device& devic
                     size, "], got ", t.sizes());
 }
 
+// The search ops' queries [B, D] and keys [N, D] (N > 0, D > 0) and 1 <= k <= kMaxK.
+void check_search_inputs(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                         const char* op) {
+  check_queries_keys(queries, keys, /*positive_d=*/true, op);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK, op, ": k must be in [1, ", kMaxK, "], got ", k);
+  TORCH_CHECK_VALUE(keys.size(0) > 0, op, ": keys must have at least one row (N = 0)");
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, op,
+                    ": queries and keys must have the same dimension D > 0, got queries ",
+                    queries.sizes(), " and keys ", keys.sizes());
+}
+
+// exclude [B] integer on the queries' device (one id per query).
+void check_exclude_arg(const at::Tensor& exclude, const at::Tensor& queries, const char* op) {
+  check_same_device(exclude, queries.device(), op, "exclude");
+  check_integer(exclude, op, "exclude");
+  check_vector_arg(exclude, queries.size(0), queries.device(), op, "exclude");
+}
+
 // The kNN-KD loss weights: ce_weight, kd_weight finite >= 0, label_smoothing in [0, 1).
 void check_kd_weights(double ce_weight, double kd_weight, double label_smoothing,
                       const char* op) {
@@ -142,19 +160,10 @@ SearchArgs check_knn_search_args(const at::Tensor& queries, const at::Tensor& ke
   check_on_backend(queries, backend, op, "queries");
   SearchArgs args;
   args.metric = parse_metric(metric, op);
-  check_queries_keys(queries, keys, /*positive_d=*/true, op);
-  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK, op, ": k must be in [1, ", kMaxK, "], got ", k);
-  TORCH_CHECK_VALUE(keys.size(0) > 0, op, ": keys must have at least one row (N = 0)");
-  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, op,
-                    ": queries and keys must have the same dimension D > 0, got queries ",
-                    queries.sizes(), " and keys ", keys.sizes());
+  check_search_inputs(queries, keys, k, op);
   if (key_sq_norms.has_value())
     check_vector_arg(*key_sq_norms, keys.size(0), queries.device(), op, "key_sq_norms");
-  if (exclude.has_value()) {
-    check_same_device(*exclude, queries.device(), op, "exclude");
-    check_integer(*exclude, op, "exclude");
-    check_vector_arg(*exclude, queries.size(0), queries.device(), op, "exclude");
-  }
+  if (exclude.has_value()) check_exclude_arg(*exclude, queries, op);
   args.plan = backend == Backend::CPU ? parse_plan(plan, kCpuSearchPlans, "CPU", op)
                                       : parse_plan(plan, kCudaSearchPlans, "CUDA", op);
   return args;
@@ -167,12 +176,7 @@ Metric check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& 
   constexpr const char* op = "knn_search_lists";
   check_on_backend(queries, backend, op, "queries");
   const Metric m = parse_metric(metric, op);
-  check_queries_keys(queries, keys, /*positive_d=*/true, op);
-  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK, op, ": k must be in [1, ", kMaxK, "], got ", k);
-  TORCH_CHECK_VALUE(keys.size(0) > 0, op, ": keys must have at least one row (N = 0)");
-  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1) && keys.size(1) > 0, op,
-                    ": queries and keys must have the same dimension D > 0, got queries ",
-                    queries.sizes(), " and keys ", keys.sizes());
+  check_search_inputs(queries, keys, k, op);
   check_same_device(list_offsets, queries.device(), op, "list_offsets");
   check_integer(list_offsets, op, "list_offsets");
   TORCH_CHECK_VALUE(list_offsets.dim() == 1 && list_offsets.size(0) >= 2, op,
@@ -184,11 +188,7 @@ Metric check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& 
   TORCH_CHECK_VALUE(probes.size(0) == queries.size(0) && probes.size(1) >= 1, op,
                     ": probes must have shape [", queries.size(0),
                     ", P] with P >= 1 (list ids per query), got ", probes.sizes());
-  if (exclude.has_value()) {
-    check_same_device(*exclude, queries.device(), op, "exclude");
-    check_integer(*exclude, op, "exclude");
-    check_vector_arg(*exclude, queries.size(0), queries.device(), op, "exclude");
-  }
+  if (exclude.has_value()) check_exclude_arg(*exclude, queries, op);
   return m;
 }
 

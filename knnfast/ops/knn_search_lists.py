@@ -46,7 +46,13 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
         >>> i[0].tolist(), sorted(i[1].tolist())[0] >= 2
         ([0, 1], True)
     """
-    op = "knn_search_lists"
+    check_lists_call("knn_search_lists", queries, keys, list_offsets, probes, k, metric,
+                     exclude)
+    return OPS.knn_search_lists(queries, keys, list_offsets, probes, k, metric, exclude)
+
+
+def check_lists_call(op: str, queries, keys, list_offsets, probes, k, metric, exclude) -> None:
+    """What C++ cannot see: the Python types of the arguments, k and metric."""
     for name, t in (("queries", queries), ("keys", keys), ("list_offsets", list_offsets),
                     ("probes", probes)):
         args.check_tensor(op, name, t)
@@ -54,7 +60,6 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
         args.check_tensor(op, "exclude", exclude)
     args.check_k(op, k)
     args.check_metric(op, metric)
-    return OPS.knn_search_lists(queries, keys, list_offsets, probes, k, metric, exclude)
 
 
 def check_lists_meta(op: str, queries: Tensor, keys: Tensor, list_offsets: Tensor,

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..ops import args
 from ..ops.knn_rescore import check_rescore_meta
-from ..ops.knn_search_lists import check_lists_meta
+from ..ops.knn_search_lists import check_lists_call, check_lists_meta
 from ..topk import merge_topk
 from .common import COS_EPS, NEG_INF
 
@@ -142,13 +142,7 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
     scored (matmul) against the queries that probe it and merged into their running top-k,
     as one would write an IVF scan in PyTorch."""
     op = "knn_search_lists"
-    for name, t in (("queries", queries), ("keys", keys), ("list_offsets", list_offsets),
-                    ("probes", probes)):
-        args.check_tensor(op, name, t)
-    if exclude is not None:
-        args.check_tensor(op, "exclude", exclude)
-    args.check_k(op, k)
-    args.check_metric(op, metric)
+    check_lists_call(op, queries, keys, list_offsets, probes, k, metric, exclude)
     check_lists_meta(op, queries, keys, list_offsets, probes, k, exclude)
     q = queries.float()
     args.check_values_queries(op, q)

@@ -66,7 +66,7 @@ def test_exclude_is_in_datastore_ids(tmp_path):
     es, ei = ds.search(q, 3, exact=True, exclude=ex)
     assert torch.equal(i, ei)
     assert i[1, 0] == 700 and 5 not in i[0].tolist() and 2999 not in i[2].tolist()
-    with pytest.raises(ValueError, match=r"exclude must hold ids in \[-1, 3000\)"):
+    with pytest.raises(ValueError, match=r"exclude must hold ids in \[-1, 3000\), got 3000 at row 1"):
         ds.search(q, 3, exact=False, exclude=torch.tensor([5, 3000, -1]))
 
 

@@ -100,9 +100,11 @@ def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
     if exclude is not None:
         exclude = exclude.to(layout.keys.device, torch.int64)
         n = layout.positions.numel()
-        if exclude.numel() and not bool(((exclude >= -1) & (exclude < n)).all()):
+        bad = ((exclude < -1) | (exclude >= n)).nonzero()
+        if bad.numel():
+            row = int(bad[0, 0])
             raise ValueError(f"Datastore.search: exclude must hold ids in [-1, {n}), got "
-                             f"{exclude.tolist()}")
+                             f"{int(exclude[row])} at row {row}")
         excl = torch.where(exclude >= 0, layout.positions[exclude.clamp_min(0)], -1)
     scores, pos = ops.knn_search_lists(q, layout.keys, layout.offsets, probes, k, metric,
                                        exclude=excl)

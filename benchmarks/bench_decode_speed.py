@@ -123,11 +123,15 @@ def run_arms(arms: Sequence[Arm], run_one: Callable, speed_unit: str,
     """``run_one(decoder) -> (quality dict, work units, seconds)`` per arm, ``repeats`` times
     (the fastest counts: the first run of an arm pays one-off costs such as knn_search's plan
     calibration); adds the speed, its ratio to the bare arm (the first) and the skipped
-    fraction."""
+    fraction. The repeats go round the arms in turn, so that a machine whose speed drifts
+    during the study (a shared VM) slows every arm alike instead of the arms timed last."""
+    runs = [[] for _ in arms]
+    for _ in range(repeats):
+        for i, (_, dec) in enumerate(arms):
+            runs[i].append(run_one(dec))
     rows = []
-    for name, dec in arms:
-        runs = [run_one(dec) for _ in range(repeats)]
-        quality, units, seconds = min(runs, key=lambda r: r[2])
+    for (name, dec), arm_runs in zip(arms, runs):
+        quality, units, seconds = min(arm_runs, key=lambda r: r[2])
         rows.append(dict(system=name, seconds=seconds, **quality,
                          **{speed_unit: units / seconds if seconds > 0 else float("inf")},
                          skipped=dec.skip_stats.fraction_rows if dec is not None else 1.0,

@@ -99,7 +99,8 @@ def make_arms(ds, work: Path, *, k: int, temperature: float, lam: float, confide
 
     gate_full, gate_both = fit_gate_on(dec(ds)), fit_gate_on(dec(both))
     # with an index, full kNN against exact search too (the "today's exact path")
-    exact_arm = [] if search == "exact" else [("kNN-exact", dec(ds.to("cpu"), exact=True))]
+    in_ram = ds.to("cpu") if ds.is_memmapped else ds  # ("index" leaves the keys on disk)
+    exact_arm = [] if search == "exact" else [("kNN-exact", dec(in_ram, exact=True))]
     return [("bare", None), *exact_arm, ("kNN", dec(ds)),
             ("+skip", dec(ds, RetrievalSkip(confidence=confidence))),
             ("+gate", dec(ds, RetrievalSkip(gate=gate_full, gate_threshold=gate_threshold))),

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cuda/knn_rescore_cuda.h"
+
 #include "cuda/cuda_utils.h"
 #include "cuda/knn_rescore.h"
 

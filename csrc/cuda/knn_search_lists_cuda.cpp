@@ -1,7 +1,7 @@
 // knn_search_lists on CUDA: argument checks (common/op_checks.h), then a composition of ATen
-// ops around the knn_rescore kernel (no kernel of its own yet): each row's distinct probed
+// ops around knn_rescore's CUDA wrapper (no kernel of its own yet): each row's distinct probed
 // lists are expanded into candidate rows [B, P x M] (M = the longest probed list), scored
-// exactly by launch_knn_rescore, and the k best taken in knn_search's total order (score
+// exactly by knn_rescore_cuda, and the k best taken in knn_search's total order (score
 // descending, ties to the smaller row). Memory is B x P x M candidates; it synchronizes for the
 // value checks and for M. A fused kernel (one block per list and its queries, as the CPU
 // kernel groups them) is the next step; this path has never run on a GPU.
@@ -11,7 +11,7 @@
 #include <limits>
 
 #include "cuda/cuda_utils.h"
-#include "cuda/knn_rescore.h"
+#include "cuda/knn_rescore_cuda.h"
 
 namespace knnfast::cuda {
 namespace {
@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> knn_search_lists_cuda(
     const at::Tensor& queries_in, const at::Tensor& keys_in, const at::Tensor& list_offsets,
     const at::Tensor& probes_in, int64_t k, const std::string& metric_name,
     const c10::optional<at::Tensor>& exclude_in) {
-  const Metric metric = check_knn_search_lists_args(queries_in, keys_in, list_offsets, probes_in,
-                                                    k, metric_name, exclude_in, Backend::CUDA);
+  check_knn_search_lists_args(queries_in, keys_in, list_offsets, probes_in, k, metric_name,
+                              exclude_in, Backend::CUDA);
   const at::Device device = queries_in.device();
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor queries = as_float32(queries_in);
@@ -83,18 +83,8 @@ std::tuple<at::Tensor, at::Tensor> knn_search_lists_cuda(
     return {at::empty({0, k}, queries.options()), at::empty({0, k}, offsets.options())};
   const at::Tensor cand = candidates(offsets, probes, exclude).contiguous();
   const int64_t C = cand.size(1);
-  at::Tensor scores = at::empty({B, C}, queries.options());
-  const at::Tensor status = new_status(device);
-  launch_knn_rescore(queries.data_ptr<float>(), keys.data_ptr(), float_type(keys), B,
-                     keys.size(0), queries.size(1), cand.data_ptr<int64_t>(), C,
-                     static_cast<int>(metric), scores.data_ptr<float>(), status_ptr(status),
-                     current_stream());
-  StatusContext c;
-  c.op = kOp;
-  c.tokens = cand;
-  c.names.tokens = "candidates";
-  c.token_bound = keys.size(0);
-  raise_on_status(status, c);
+  // the candidate ids are valid by construction; knn_rescore_cuda checks them anyway
+  at::Tensor scores = knn_rescore_cuda(queries, keys, cand, metric_name);
   // NaN keys are never returned, like knn_search; then score descending, ties to smaller row
   scores = scores.nan_to_num(-std::numeric_limits<float>::infinity());
   const at::Tensor id_key = cand.masked_fill(cand.lt(0), std::numeric_limits<int64_t>::max());

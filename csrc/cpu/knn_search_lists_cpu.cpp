@@ -4,8 +4,8 @@
 // FAISS's IVF-Flat scans the lists query by query. Here the probes are inverted first (list ->
 // the queries that probe it), so every probed list is read once per call and scored against
 // all of its queries with dot_tile16 (keys converted to fp32 16 at a time, |k|^2 from the
-// same pass, 16 dots summed by one transpose tree): at decoding batch sizes the lists are cache-resident and the scan
-// is memory bound, so grouping the queries is what makes it cheap. Lists are split into one
+// same pass, 16 dots summed by one transpose tree): every key read serves all the queries that
+// probe its list. The heaps see only the keys rank_above finds above their root. Lists are split into one
 // contiguous run per thread, balanced by work (queries x keys); each thread keeps its own
 // per-row heaps, merged at the end. Keys are visited in increasing row order within a thread,
 // so ties go to the smaller row exactly as in knn_search.
@@ -98,6 +98,7 @@ void scan_lists(const SearchInputs& in, const int64_t* offsets, const ListQuerie
   const int64_t row_bytes = D * in.keys.element_size();
   const int64_t* exclude = in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
   std::vector<float> group, dots, key_sq(kTile), block(dot_tile16_block_floats(D));
+  std::vector<int32_t> above(kTile);
   for (int64_t l = l0; l < l1; ++l) {
     const int64_t m = lq.start[l + 1] - lq.start[l];
     if (m == 0 || offsets[l + 1] == offsets[l]) continue;
@@ -115,11 +116,13 @@ void scan_lists(const SearchInputs& in, const int64_t* offsets, const ListQuerie
         float* hs = heaps.scores.data() + b * heaps.k;
         int64_t* hi = heaps.ids.data() + b * heaps.k;
         const int64_t skip = exclude ? exclude[b] : -1;
-        const float* d = dots.data() + i * n;
-        // rows increase within a thread, so a tie never displaces: strict > (NaN never passes)
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = ranking_key(M, d[j], M == Metric::IP ? 0.0f : key_sq[j]);
-          if (v > hs[0] && first + j != skip) heap_replace_root(hs, hi, heaps.k, v, first + j);
+        float* d = dots.data() + i * n;
+        // rows increase within a thread, so a tie never displaces: strict > (NaN never
+        // passes); the root only rises, so keys above the tile's first root are all we test
+        const int64_t count = rank_above(M, d, key_sq.data(), n, hs[0], above.data());
+        for (int64_t c = 0; c < count; ++c) {
+          const int64_t j = above[c];
+          if (d[j] > hs[0] && first + j != skip) heap_replace_root(hs, hi, heaps.k, d[j], first + j);
         }
       }
     }

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "common/knn_math.h"
+
 namespace knnfast::cpu {
 
 // log(sum(exp(x))) = max + log_sum over n floats, in one read of x (blocks of it are
@@ -47,6 +49,13 @@ void dot_tile16(const float* queries, int64_t B, const void* keys, c10::ScalarTy
                 int64_t n_keys, int64_t D, float* dots, int64_t ld, float* key_sq,
                 float* block);
 int64_t dot_tile16_block_floats(int64_t D);
+
+// In place, dots[j] <- ranking_key(metric, dots[j], key_sq[j]) for j < n (key_sq unread for
+// ip), bitwise as the scalar ranking_key; then writes to `above` the positions j, increasing,
+// whose key is > threshold (NaN never is) and returns how many. A search loop visits only those
+// instead of testing n keys one by one against its heap's root.
+int64_t rank_above(Metric metric, float* dots, const float* key_sq, int64_t n, float threshold,
+                   int32_t* above);
 
 // key_sq[j] = |keys[j]|^2 in fp32 for j < n_keys.
 void key_sq_norms(const void* keys, c10::ScalarType key_type, int64_t n_keys, int64_t D,

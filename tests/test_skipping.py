@@ -137,6 +137,18 @@ def test_max_prob():
     torch.testing.assert_close(max_prob(logits), torch.tensor([0.5, 1.0 / (1 + math.exp(-20))]))
 
 
+def test_distribution_stats_masked_logits():
+    """Masked (-inf) logits add nothing to the entropy and clamp at -1e4 among the top-4,
+    never NaN; the entropy is -sum p log p of the rest."""
+    logits = torch.tensor([[0.0, 0.0, -math.inf, -math.inf, -math.inf],
+                           [1.0, 2.0, 3.0, 4.0, 5.0]])
+    stats = distribution_stats(logits)
+    p = torch.softmax(logits[1].double(), 0)
+    torch.testing.assert_close(stats[:, 0], torch.tensor([math.log(2), float(-(p * p.log()).sum())]))
+    torch.testing.assert_close(stats[0, 1:], torch.tensor([math.log(0.5)] * 2 + [-1e4] * 2))
+    torch.testing.assert_close(stats[1, 1:], p.log().flip(0)[:4].float())
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.01, float("nan"), True, "0.5"])
 def test_bad_confidence(bad):
     with pytest.raises(ValueError, match="confidence"):

@@ -26,10 +26,10 @@ from torch import Tensor
 
 
 def max_prob(logits: Tensor) -> Tensor:
-    """The model's largest probability per row, [B] float32 (one pass for the max, one
-    for the log-sum-exp; no [B, V] softmax is materialised)."""
-    x = logits.detach().float()
-    return torch.exp(x.amax(1) - torch.logsumexp(x, 1))
+    """The model's largest probability per row, [B] float32: the largest entry of one
+    softmax (on CPU about half the time of amax + logsumexp, whose chain of fresh [B, V]
+    temporaries page-faults on every decoding step)."""
+    return torch.softmax(logits.detach().float(), 1).amax(1)
 
 
 class RetrievalSkip:

@@ -68,6 +68,10 @@ TORCH_LIBRARY(knnfast, m) {
         "-> (Tensor, Tensor, Tensor)");
   // tokens [B, k] -> counts [B, k] int64
   m.def("label_counts(Tensor tokens) -> Tensor");
+  // logits [B, V] -> (entropy [B], top_logp [B, top]) float32 of softmax(logits): -sum p log p
+  // (0 log 0 = 0) and the `top` largest log-probabilities, descending; a row of only -inf
+  // gives (0, -inf). What retrieval skipping decides from, without a [B, V] temporary.
+  m.def("softmax_stats(Tensor logits, int top) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &knnfast::build_info);
   // process-wide setting name ("cuda_checks", "debug") := value; returns the previous value
   m.def("configure(str name, int value) -> int", &knnfast::configure);

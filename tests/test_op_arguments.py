@@ -43,6 +43,8 @@ def base_call(op):
         return [tokens], {}
     if op == "knn_kd_loss":
         return [logits, targets, tokens, scores], {}
+    if op == "softmax_stats":
+        return [logits, 2], {}
     if op == "knn_kd_linear_loss":
         return [torch.randn(B, D, generator=g), torch.randn(V, D, generator=g), targets, tokens,
                 scores], {"bias": torch.randn(V, generator=g)}
@@ -140,6 +142,19 @@ CASES = [
     ("label_counts", "1-D", edit(0, lambda a: a[0][0]), "tokens"),
     ("label_counts", "-2", edit(0, torch.tensor([[1, -2]])), "tokens"),
     ("label_counts", "large ids", edit(0, torch.tensor([[10 ** 9, 3]])), None),
+    # softmax_stats
+    ("softmax_stats", "valid", edit(1, 2), None),
+    ("softmax_stats", "top=V", edit(1, V), None),
+    ("softmax_stats", "top=V+1", edit(1, V + 1), "top"),
+    ("softmax_stats", "top=0", edit(1, 0), "top"),
+    ("softmax_stats", "top=True", edit(1, True), "top"),
+    ("softmax_stats", "logits -inf", edit(0, lambda a: a[0].index_fill(1, torch.tensor([2]), -INF)), None),
+    ("softmax_stats", "logits row -inf", edit(0, lambda a: a[0].index_fill(0, torch.tensor([1]), -INF)), None),
+    ("softmax_stats", "logits NaN", edit(0, lambda a: a[0].index_fill(1, torch.tensor([2]), NAN)), "logits"),
+    ("softmax_stats", "logits +inf", edit(0, lambda a: a[0].index_fill(1, torch.tensor([2]), INF)), "logits"),
+    ("softmax_stats", "logits bf16", edit(0, lambda a: a[0].bfloat16()), None),
+    ("softmax_stats", "logits int", edit(0, lambda a: a[0].long()), "logits"),
+    ("softmax_stats", "logits 1-D", edit(0, lambda a: a[0][0]), "logits"),
     # knn_probs
     ("knn_probs", "vocab_size=0", edit(2, 0), "vocab_size"),
     ("knn_probs", "vocab_size=2.0", edit(2, 2.0), "vocab_size"),

@@ -5,6 +5,7 @@
 #include "common/plans.h"
 #include "common/torch_checks.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace knnfast {
@@ -301,6 +302,17 @@ void check_label_counts_args(const at::Tensor& tokens, Backend backend) {
   check_on_backend(tokens, backend, op, "tokens");
   check_dim(tokens, 2, op, "tokens");
   check_integer(tokens, op, "tokens");
+}
+
+void check_softmax_stats_args(const at::Tensor& logits, int64_t top, Backend backend) {
+  constexpr const char* op = "softmax_stats";
+  check_logits_arg(logits, backend, op);
+  const int64_t V = logits.size(1);
+  TORCH_CHECK_VALUE(V > 0, op, ": logits must have a vocabulary dimension > 0");
+  const int64_t most = std::min<int64_t>(V, kMaxK);
+  TORCH_CHECK_VALUE(top >= 1 && top <= most, op, ": top must be an int in [1, ", most,
+                    "] (the vocabulary size V = ", V, ", at most MAX_K = ", kMaxK, "), got ",
+                    top);
 }
 
 }  // namespace knnfast

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 #include "cpu/simd_load.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -33,6 +34,29 @@ RowLogSumExp row_logsumexp_generic(const float* x, int64_t n) {
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
   return {m, std::log(s), false};
+}
+
+float row_entropy_generic(const float* x, int64_t n, float max, float log_sum) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] == -INFINITY) continue;  // p = 0: 0 log 0 = 0
+    const float d = x[i] - max;
+    s += std::exp(d - log_sum) * d;
+  }
+  return log_sum - s;
+}
+
+// v into out[top] (descending, v > out[top - 1]): equal values stay ahead of it.
+inline void insert_descending(float* out, int64_t top, float v) {
+  int64_t j = top - 1;
+  for (; j > 0 && out[j - 1] < v; --j) out[j] = out[j - 1];
+  out[j] = v;
+}
+
+void row_top_values_generic(const float* x, int64_t n, int64_t top, float* out) {
+  std::fill(out, out + top, -INFINITY);
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] > out[top - 1]) insert_descending(out, top, x[i]);
 }
 
 template <typename T>
@@ -127,6 +151,34 @@ KNNFAST_AVX512 RowLogSumExp row_logsumexp_avx512(const float* x, int64_t n) {
   const __m512 scaled = _mm512_mul_ps(run_sum, exp_nonpositive(_mm512_sub_ps(run_max,
                                                                              _mm512_set1_ps(m))));
   return {m, std::log(_mm512_reduce_add_ps(scaled)), false};
+}
+
+KNNFAST_AVX512 float row_entropy_avx512(const float* x, int64_t n, float max, float log_sum) {
+  const __m512 m = _mm512_set1_ps(max), ls = _mm512_set1_ps(log_sum);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(neg_inf, tail_mask(n - i), x + i);
+    const __mmask16 live = _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_OQ);  // p = 0 adds 0
+    const __m512 d = _mm512_sub_ps(v, m);
+    // d - log_sum <= 0: d <= 0 and the sum is >= 1 (the max contributes exp(0))
+    acc = _mm512_mask3_fmadd_ps(exp_nonpositive(_mm512_sub_ps(d, ls)), d, acc, live);
+  }
+  return log_sum - _mm512_reduce_add_ps(acc);
+}
+
+KNNFAST_AVX512 void row_top_values_avx512(const float* x, int64_t n, int64_t top, float* out) {
+  std::fill(out, out + top, -INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - i), x + i);
+    __mmask16 pass = _mm512_mask_cmp_ps_mask(tail_mask(n - i), v, _mm512_set1_ps(out[top - 1]),
+                                             _CMP_GT_OQ);
+    while (pass) {
+      const float c = x[i + __builtin_ctz(pass)];
+      pass &= pass - 1;
+      if (c > out[top - 1]) insert_descending(out, top, c);  // the bar may have risen
+    }
+  }
 }
 
 KNNFAST_AVX512 void row_shift_avx512(const float* x, float shift, float add, float* out,
@@ -371,6 +423,16 @@ void row_softmax_affine(const float* x, float max, float log_sum, float scale, f
                         float* out, int64_t n) {
   if (use_avx512()) return row_softmax_affine_avx512(x, max, log_sum, scale, add, out, n);
   for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] - max) - log_sum) + add;
+}
+
+float row_entropy(const float* x, int64_t n, float max, float log_sum) {
+  return use_avx512() ? row_entropy_avx512(x, n, max, log_sum)
+                      : row_entropy_generic(x, n, max, log_sum);
+}
+
+void row_top_values(const float* x, int64_t n, int64_t top, float* out) {
+  if (use_avx512()) return row_top_values_avx512(x, n, top, out);
+  row_top_values_generic(x, n, top, out);
 }
 
 float row_sum(const float* x, int64_t n) {

@@ -31,6 +31,14 @@ void row_shift(const float* x, float shift, float add, float* out, int64_t n);
 void row_softmax_affine(const float* x, float max, float log_sum, float scale, float add,
                         float* out, int64_t n);
 
+// -sum p log p of p = softmax(x) over n floats, given row_logsumexp(x) = (max, log_sum) of a
+// row whose max is finite: log_sum - sum p_i (x_i - max), -inf entries (p = 0) adding 0.
+float row_entropy(const float* x, int64_t n, float max, float log_sum);
+
+// The `top` (<= n) largest of n floats (no NaN), descending, into out[top]. Each block of 16 is
+// compared with the current top-th value at once; only the rare larger ones are inserted.
+void row_top_values(const float* x, int64_t n, int64_t top, float* out);
+
 // sum of x[i] (fp32 accumulation in 16 lanes).
 float row_sum(const float* x, int64_t n);
 

@@ -49,11 +49,8 @@ def distribution_stats(logits: Tensor) -> Tensor:
     if logits.dim() != 2 or logits.shape[1] < TOP:
         raise ValueError(f"RetrievalGate: logits must be [B, V] with V >= {TOP}, got "
                          f"{tuple(logits.shape)}")
-    # clamped in place, -inf log-probs (masked logits) give 0 * -1e4 = 0 in the entropy; one
-    # more [B, V] temporary only (exp), as every fresh [B, V] buffer costs page faults
-    logp = torch.log_softmax(logits.detach().float(), 1).clamp_(min=-1e4)
-    entropy = -torch.linalg.vecdot(logp.exp(), logp)
-    return torch.cat([entropy[:, None], logp.topk(TOP, dim=1).values], 1)
+    entropy, top = ops.softmax_stats(logits, TOP)  # one read of the logits
+    return torch.cat([entropy[:, None], top.clamp(min=-1e4)], 1)
 
 
 class RetrievalGate(nn.Module):

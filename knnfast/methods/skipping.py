@@ -6,8 +6,9 @@
     ...
     dec.skip_stats.fraction_rows                          # share of rows that did not search
 
-A row is skipped when the model's max probability is >= ``confidence`` or when the gate's
-predicted λ is < ``gate_threshold`` (either rule suffices). Skipped rows cost no search:
+A row is skipped when the model's max probability (``knnfast.softmax_stats``: one read of the
+logits) is >= ``confidence`` or when the gate's predicted λ is < ``gate_threshold`` (either
+rule suffices). Skipped rows cost no search:
 only the retrieving rows go to the datastore; the others get no neighbours, which every
 decoder mixes as λ = 0 (the model's log-probs). Deciding needs the row count on the host:
 one host sync per step on CUDA (the ``nonzero``), the price of searching fewer rows.
@@ -24,12 +25,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .. import ops
+
 
 def max_prob(logits: Tensor) -> Tensor:
-    """The model's largest probability per row, [B] float32: the largest entry of one
-    softmax (on CPU about half the time of amax + logsumexp, whose chain of fresh [B, V]
-    temporaries page-faults on every decoding step)."""
-    return torch.softmax(logits.detach().float(), 1).amax(1)
+    """The model's largest probability per row, [B] float32, from ``knnfast.softmax_stats``
+    (one read of the logits, no [B, V] temporary). NaN or +inf logits: ValueError."""
+    return ops.softmax_stats(logits, 1)[1][:, 0].exp()
 
 
 class RetrievalSkip:
@@ -70,7 +72,7 @@ class RetrievalSkip:
         """[B] bool on the logits' device: True where the row searches the datastore."""
         keep = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         if self.confidence is not None:
-            keep &= ~(max_prob(logits) >= self.confidence)  # NaN rows retrieve (and fail there)
+            keep &= max_prob(logits) < self.confidence
         if self.gate is not None:
             with torch.no_grad():
                 keep &= ~(self.gate.lam(hidden, logits).to(keep.device) < self.gate_threshold)

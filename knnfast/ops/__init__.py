@@ -21,6 +21,7 @@ from .knn_probs import knn_probs, knn_probs_sparse
 from .knn_interpolate import knn_interpolate
 from .knn_gold_logprob import knn_gold_logprob
 from .label_counts import label_counts
+from .softmax_stats import softmax_stats
 from .knn_kd_loss import knn_kd_loss
 from .knn_kd_linear_loss import knn_kd_linear_loss
 
@@ -36,6 +37,7 @@ __all__ = [
     "knn_interpolate",
     "knn_gold_logprob",
     "label_counts",
+    "softmax_stats",
     "knn_kd_loss",
     "knn_kd_linear_loss",
 ]

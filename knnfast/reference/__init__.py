@@ -16,7 +16,7 @@ This package serves two purposes:
   a per-row stable sort (O(k log k), no k x k matrices).
 
 Modules: ``search`` (knn_search, knn_rescore), ``probs`` (knn_probs,
-knn_probs_sparse, knn_interpolate, knn_gold_logprob, label_counts), ``losses``
+knn_probs_sparse, knn_interpolate, knn_gold_logprob, label_counts, softmax_stats), ``losses``
 (knn_kd_loss, ink_loss), ``common`` (shared math).
 
 Conventions (DESIGN.md section 2): scores, not distances (larger = closer):
@@ -40,6 +40,7 @@ from ..ops import __all__ as ops_all
 from .common import COS_EPS
 from .losses import ink_loss, knn_kd_linear_loss, knn_kd_loss
 from .probs import knn_gold_logprob, knn_interpolate, knn_probs, knn_probs_sparse, label_counts
+from .probs import softmax_stats
 from .search import KEY_TILE, knn_rescore, knn_search, knn_search_lists
 
 # the ops' names (knnfast.ops.__all__ less build_info) plus ink_loss, whose fused twin is a

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..defaults import OPS as DEFAULTS
+from ..defaults import MAX_K, OPS as DEFAULTS
 from ..ops import args
 from .common import checked_lam, checked_logits, checked_neighbours, checked_targets
 from .common import first_occurrence
@@ -124,3 +124,22 @@ def label_counts(tokens: Tensor) -> Tensor:
     perm, _, is_start = first_occurrence(tokens)
     first = torch.zeros_like(is_start).scatter_(1, perm, is_start) & (tokens >= 0)
     return torch.cumsum(first.to(torch.int64), dim=1)
+
+
+def softmax_stats(logits: Tensor, top: int = 1) -> Tuple[Tensor, Tensor]:
+    """(entropy [B], top_logp [B, top]) float32 of softmax(logits): -sum p log p (0 log 0 = 0)
+    and the ``top`` largest log-probabilities, descending; a row of only -inf gives (0, -inf).
+    torch.log_softmax, a where for the 0 log 0 terms, torch.topk."""
+    op = "softmax_stats"
+    args.check_tensor(op, "logits", logits)
+    args.check_int(op, "top", top, 1, MAX_K)
+    checked_logits(op, logits)
+    V = logits.shape[1]
+    if top > V:
+        args.fail(op, f"top must be an int in [1, {min(V, MAX_K)}] (the vocabulary size V = "
+                      f"{V}, at most MAX_K = {MAX_K}), got {top}")
+    x = logits.detach().float()
+    dead = torch.isneginf(x).all(1, keepdim=True)
+    logp = torch.log_softmax(x.masked_fill(dead, 0.0), 1).masked_fill(dead, float("-inf"))
+    terms = torch.where(torch.isneginf(logp), 0.0, logp.exp() * logp)
+    return -terms.sum(1), logp.topk(top, 1).values

@@ -1,0 +1,191 @@
+"""softmax_stats (entropy and top-k log-probabilities of softmax(logits) per row): every test
+of the op.
+
+Sections: parity with knnfast.reference and float64 math; hand-computed rows; properties
+(hypothesis); bad inputs; opcheck; the portable body; CUDA (the ATen composition).
+
+Kernel / variant -> tests:
+
+  CPU kernel, AVX-512 body (row_entropy, row_top_values)   every [cpu] test
+  CPU kernel, portable body (KNNFAST_SIMD=generic)          test_portable_body_matches
+  CUDA composition (never ran)                              every [cuda] test
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import knnfast
+import knnfast.reference as ref
+from conftest import DEVICES
+from helpers import check_bad_input
+
+INF = float("inf")
+
+
+def _float64_stats(logits, top):
+    """The definition in float64: -sum p log p over p > 0, the top log p descending."""
+    x = logits.double()
+    rows = []
+    for row in x:
+        if torch.isneginf(row).all():
+            rows.append((0.0, [-INF] * top))
+            continue
+        logp = torch.log_softmax(row, 0)
+        p = logp.exp()
+        live = ~torch.isneginf(logp)
+        rows.append((float(-(p[live] * logp[live]).sum()), logp.sort(descending=True).values[:top].tolist()))
+    entropy = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    return entropy, torch.tensor([r[1] for r in rows], dtype=torch.float64).view(len(rows), top)
+
+
+def _logits(B, V, dtype, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, generator=g) * 4
+    if masked:
+        x[torch.rand(B, V, generator=g) < masked] = -INF
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B,V,top", [(1, 1, 1), (3, 7, 4), (5, 33, 33), (64, 8000, 4),
+                                     (2, 1000, 200), (4, 17, 1)])
+@pytest.mark.parametrize("masked", [0.0, 0.3])
+def test_parity(device, dtype, B, V, top, masked):
+    x = _logits(B, V, dtype, masked).to(device)
+    entropy, top_logp = knnfast.softmax_stats(x, top)
+    assert entropy.dtype == top_logp.dtype == torch.float32
+    assert entropy.shape == (B,) and top_logp.shape == (B, top) and entropy.device == x.device
+    r_entropy, r_top = ref.softmax_stats(x, top)
+    torch.testing.assert_close(entropy, r_entropy, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(top_logp, r_top, rtol=1e-5, atol=2e-5)
+    e64, t64 = _float64_stats(x.cpu(), top)
+    torch.testing.assert_close(entropy.cpu().double(), e64, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(top_logp.cpu().double(), t64, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats], ids=["op", "reference"])
+def test_hand_computed(device, impl):
+    x = torch.tensor([[0.0, 0.0, 0.0, 0.0],                  # uniform: log 4
+                      [0.0, 0.0, -INF, -INF],                # masked: log 2, then -inf
+                      [-INF, -INF, -INF, -INF],              # no mass: (0, -inf)
+                      [100.0, 0.0, 0.0, 0.0]], device=device)  # near certain
+    entropy, top = impl(x, 3)
+    assert entropy[:3].cpu().tolist() == pytest.approx([math.log(4), math.log(2), 0.0], abs=1e-6)
+    assert 0.0 <= float(entropy[3]) < 1e-38 or float(entropy[3]) == pytest.approx(0.0, abs=1e-30)
+    assert top[1].cpu().tolist() == pytest.approx([math.log(0.5), math.log(0.5), -INF])
+    assert top[2].cpu().tolist() == [-INF] * 3
+    assert float(top[3, 0]) == pytest.approx(0.0, abs=1e-6) and float(top[3, 1]) == pytest.approx(-100.0)
+    assert not torch.isnan(entropy).any() and not torch.isnan(top).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_and_non_contiguous(device):
+    e, t = knnfast.softmax_stats(torch.zeros(0, 5, device=device), 2)
+    assert e.shape == (0,) and t.shape == (0, 2)
+    x = _logits(9, 40, torch.float32, 0.1).to(device)
+    a, b = knnfast.softmax_stats(x.t().contiguous().t(), 3), knnfast.softmax_stats(x, 3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_ties_and_duplicates():
+    """Equal values each take a slot (values, not distinct values)."""
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
+    _, top = knnfast.softmax_stats(x, 4)
+    lse = torch.logsumexp(x, 1)
+    torch.testing.assert_close(top, (torch.tensor([[3.0, 3.0, 3.0, 2.0]]) - lse))
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 5), V=st.integers(1, 300), top_frac=st.floats(0.0, 1.0),
+       scale=st.sampled_from([0.1, 3.0, 80.0]), masked=st.sampled_from([0.0, 0.5, 0.95]),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_matches_float64(B, V, top_frac, scale, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, generator=g) * scale
+    x[torch.rand(B, V, generator=g) < masked] = -INF
+    top = max(1, min(V, round(top_frac * V)))
+    entropy, top_logp = knnfast.softmax_stats(x, top)
+    e64, t64 = _float64_stats(x, top)
+    torch.testing.assert_close(entropy.double(), e64, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(top_logp.double(), t64, rtol=1e-5, atol=5e-5)
+    assert (entropy >= -1e-5).all()
+    assert (entropy <= torch.log((x > -INF).sum(1).clamp(min=1).double()).float() + 1e-4).all()
+    assert (top_logp[:, 1:] <= top_logp[:, :-1]).all()
+
+
+# ------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats], ids=["op", "reference"])
+@pytest.mark.parametrize("bad,top,match", [
+    (torch.tensor([[0.0, float("nan")], [0.0, 1.0]]), 1, "logits row 0 contains NaN"),
+    (torch.tensor([[0.0, 1.0], [INF, 1.0]]), 1, "logits row 1 contains NaN or \\+inf"),
+    (torch.zeros(3, 4), 0, "top"),
+    (torch.zeros(3, 4), 5, "top"),
+    (torch.zeros(3, 4), True, "top"),
+    (torch.zeros(3, 4), 2.0, "top"),
+    (torch.zeros(4), 1, "logits"),
+    (torch.zeros(3, 4, dtype=torch.long), 1, "logits"),
+    (torch.zeros(3, 0), 1, "logits|top"),
+    ([[0.0, 1.0]], 1, "logits"),
+], ids=["nan", "+inf", "top 0", "top > V", "top bool", "top float", "1-D", "int", "V=0", "list"])
+def test_bad_inputs(impl, bad, top, match):
+    check_bad_input(lambda: impl(bad, top), match)
+
+
+def test_top_above_max_k():
+    with pytest.raises(ValueError, match="top"):
+        knnfast.softmax_stats(torch.zeros(1, 5000), 2049)
+
+
+# ---------------------------------------------------------------------------- opcheck
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for x, top in [(_logits(4, 50, torch.float32, 0.2), 3), (_logits(2, 9, torch.float16, 0.0), 9),
+                   (torch.full((2, 6), -INF), 2)]:
+        torch.library.opcheck(torch.ops.knnfast.softmax_stats.default, (x.to(device), top))
+
+
+def test_compiles():
+    fn = torch.compile(lambda x: knnfast.softmax_stats(x, 4), fullgraph=True, backend="eager")
+    x = _logits(3, 100, torch.float32, 0.1)
+    got, want = fn(x), knnfast.softmax_stats(x, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_not_differentiable():
+    """It reads logits.detach(): outputs carry no graph (the skip decision is not trained)."""
+    x = torch.randn(2, 10, requires_grad=True)
+    entropy, top = knnfast.softmax_stats(x, 2)
+    assert not entropy.requires_grad and not top.requires_grad
+
+
+@pytest.mark.skipif(knnfast.build_info()["simd"] != "avx512", reason="CPU has no AVX-512")
+def test_portable_body_matches():
+    """KNNFAST_SIMD=generic (scalar entropy and top values) returns what AVX-512 does."""
+    script = (
+        "import json, sys, torch, knnfast\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "x = torch.randn(7, 1001, generator=g) * 5\n"
+        "x[torch.rand(7, 1001, generator=g) < 0.2] = -float('inf')\n"
+        "e, t = knnfast.softmax_stats(x, 6)\n"
+        "json.dump([knnfast.build_info()['simd'], e.tolist(), t.tolist()], sys.stdout)\n")
+    runs = {}
+    for level in ("auto", "generic"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, KNNFAST_SIMD=level))
+        runs[level] = json.loads(out.stdout)
+    assert runs["auto"][0] == "avx512" and runs["generic"][0] == "generic"
+    for part in (1, 2):  # the two bodies' exp differ in the last bits, not the values picked
+        torch.testing.assert_close(torch.tensor(runs["auto"][part]),
+                                   torch.tensor(runs["generic"][part]), rtol=1e-5, atol=1e-5)

@@ -81,7 +81,7 @@ test-deep: build
 # does not see AVX-512 masked loads/stores (compiler builtins, not instrumented memory
 # accesses); the portable bodies make the same index arithmetic with plain, checked accesses.
 SAN_DIR := build/sanitize
-SAN_TESTS := $(wildcard tests/test_knn_*.py) tests/test_label_counts.py \
+SAN_TESTS := $(wildcard tests/test_knn_*.py) tests/test_label_counts.py tests/test_softmax_stats.py \
 	tests/test_op_arguments.py tests/test_simd.py tests/test_build_info.py
 sanitize: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH cmake -S . -B $(SAN_DIR) -GNinja -DCMAKE_BUILD_TYPE=Debug \

@@ -183,6 +183,54 @@ def test_lists_needs_an_ivf_index(env, gpt2_ds, capsys, tmp_path):
     assert "--lists: Datastore.use_lists: the index is IndexFlat" in capsys.readouterr().err
 
 
+def _saved_gate(gpt2_ds, path, datastore=None):
+    """An unfitted-by-training RetrievalGate recorded as fitted for ``datastore`` (default: the
+    GPT-2 datastore) and saved: its λ is a sigmoid, strictly inside (0, 1)."""
+    from knnfast import KNNDecoder
+    from knnfast.methods.gate import RetrievalGate, decoder_record
+    ds = datastore or Datastore.open(gpt2_ds)
+    gate = RetrievalGate(ds.dim)
+    gate.fitted_for = decoder_record(KNNDecoder(ds, k=4))
+    gate.save(path)
+    return str(path)
+
+
+def test_eval_ppl_skipping(env, gpt2_ds, capsys, tmp_path):
+    """--skip-confidence / --gate: a row that skips is mixed with λ = 0, so skipping every row
+    gives the base model's perplexity and skipping none gives plain kNN-LM's; the share of
+    skipped rows is reported and the options are echoed."""
+    argv = ["eval-ppl", "--model", env["gpt2"], "--datastore", gpt2_ds, "--corpus", env["txt"],
+            "--k", "4", "--lam", "0.5", "--limit", "12"]
+    plain = run_json(capsys, *argv)
+    gate = _saved_gate(gpt2_ds, tmp_path / "gate")
+    for extra, share in ((["--skip-confidence", "1e-9"], 1.0), (["--skip-confidence", "1"], 0.0),
+                         (["--gate", gate, "--gate-threshold", "1"], 1.0),
+                         (["--gate", gate, "--gate-threshold", "0"], 0.0)):
+        res = run_json(capsys, *argv, *extra)
+        assert res["skipped_rows"] == share, extra
+        want = plain["base_ppl"] if share == 1.0 else plain["knn_ppl"]
+        assert res["knn_ppl"] == pytest.approx(want, rel=1e-6), extra
+    assert res["settings"]["gate"] == gate and res["settings"]["gate_threshold"] == 0.0
+    assert plain["knn_ppl"] != pytest.approx(plain["base_ppl"], rel=1e-3)
+
+
+def test_skip_option_errors(env, gpt2_ds, marian_ds, capsys, tmp_path):
+    argv = ["eval-ppl", "--model", env["gpt2"], "--datastore", gpt2_ds, "--corpus", env["txt"]]
+    for bad, code, text in ((["--skip-confidence", "0"], 2, "--skip-confidence"),
+                            (["--skip-confidence", "1.5"], 2, "--skip-confidence"),
+                            (["--gate-threshold", "0.3"], 2, "add --gate DIR"),
+                            (["--gate", str(tmp_path / "none")], 3, "--gate"),
+                            (["--gate", _saved_gate(gpt2_ds, tmp_path / "other",
+                                                    Datastore.open(marian_ds))], 3,
+                             "fit a gate for it")):
+        capsys.readouterr()
+        assert main(argv + bad) == code, bad
+        assert text in capsys.readouterr().err, bad
+    capsys.readouterr()
+    assert main(["translate", "--model", env["marian"], "--skip-confidence", "0.9"]) == 2
+    assert "need a datastore" in capsys.readouterr().err
+
+
 def test_eval_ppl_without_index_flag_is_exact(ivf_ppl):
     assert ivf_ppl["after"]["knn_ppl"] == pytest.approx(ivf_ppl["exact"]["knn_ppl"], rel=1e-6)
 
@@ -200,6 +248,22 @@ def test_translate_files(env, marian_ds, capsys, tmp_path):
                        stream="err")
         assert res["sentences"] == 4
         assert len(out.read_text(encoding="utf-8").split("\n")) == 4 + 1   # trailing newline
+
+
+def test_translate_skipping_every_row_is_the_bare_model(env, marian_ds, capsys, tmp_path):
+    """--skip-confidence 1e-9 skips every row (λ = 0): the bare model's translations, and the
+    summary reports the share skipped."""
+    outs = {}
+    for name, extra in (("bare", []), ("skip", ["--datastore", marian_ds, "--lam", "0.9",
+                                                "--skip-confidence", "1e-9"])):
+        out = tmp_path / f"{name}.txt"
+        res = run_json(capsys, "translate", "--model", env["marian"], "--input", env["src"],
+                       "--output", out, "--beams", "2", "--max-new-tokens", "12", *extra,
+                       stream="err")
+        outs[name] = (out.read_text(encoding="utf-8"), res)
+    assert outs["skip"][0] == outs["bare"][0]
+    assert outs["skip"][1]["skipped_rows"] == 1.0 and outs["bare"][1]["skipped_rows"] is None
+    assert outs["skip"][1]["settings"]["skip_confidence"] == 1e-9
 
 
 def test_translate_stdout(env, marian_ds, capsys, monkeypatch):
@@ -369,7 +433,9 @@ def test_eval_ppl_echoes_its_settings(env, gpt2_ds, capsys):
     assert KNN_LM.k > n
     assert res["settings"] == {"k": n, "temperature": KNN_LM.temperature,
                                "lam": KNN_LM.lam, "hidden": "ffn", "index": False, "lists": False,
-                               "backend": "fused"}
+                               "backend": "fused", "skip_confidence": None, "gate": None,
+                               "gate_threshold": None}
+    assert res["skipped_rows"] is None
     assert f"knnfast: warning: --k {KNN_LM.k} is more than the {n} entries" in err
 
 

@@ -173,7 +173,17 @@ def knn_settings(args, hidden: str, k: int) -> dict:
     return {"k": k, "temperature": args.temperature, "lam": args.lam, "hidden": hidden,
             "index": bool(getattr(args, "index", False)),
             "lists": bool(getattr(args, "lists", False)),
-            "backend": getattr(args, "backend", "fused")}
+            "backend": getattr(args, "backend", "fused"),
+            "skip_confidence": getattr(args, "skip_confidence", None),
+            "gate": getattr(args, "gate", None),
+            "gate_threshold": getattr(args, "gate_threshold", None)}
+
+
+def skipped_rows(decoder):
+    """Share of decoding rows that skipped retrieval (None without a skip rule)."""
+    if decoder is None or getattr(decoder, "skip", None) is None:
+        return None
+    return round(decoder.skip_stats.fraction_rows, 4)
 
 
 def cmd_eval_ppl(args) -> None:
@@ -188,7 +198,7 @@ def cmd_eval_ppl(args) -> None:
     print_json({"settings": knn_settings(args, hidden, decoder.k),
                 "tokens": res.tokens, "base_ppl": res.base_ppl, "knn_ppl": res.knn_ppl,
                 "oracle_ppl": res.oracle_ppl, "best_of_ppl": res.best_of_ppl,
-                "tokens_per_s": res.tokens_per_s})
+                "tokens_per_s": res.tokens_per_s, "skipped_rows": skipped_rows(decoder)})
 
 
 # --------------------------------------------------------------------------- translate
@@ -205,15 +215,16 @@ def cmd_translate(args) -> None:
         hidden = check_pairing(args, model, tok, ds)
         decoder = make_decoder(args, ds)
         settings = knn_settings(args, hidden, getattr(decoder, "k", args.k))
-    elif args.adaptive or args.robust:
-        raise UsageError("--adaptive / --robust need a datastore", "pass --datastore DIR")
+    elif args.adaptive or args.robust or args.skip_confidence is not None or args.gate:
+        raise UsageError("--adaptive / --robust / --skip-confidence / --gate need a datastore",
+                         "pass --datastore DIR")
     lines = read_lines("--input", args.input, "a file of source lines, or '-' for stdin")
     t0 = time.perf_counter()
     _translate_lines(args, model, tok, decoder, hidden, lines)
     secs = time.perf_counter() - t0
     print(dumps({"settings": settings, "sentences": len(lines), "seconds": round(secs, 3),
-                 "sentences_per_s": round(len(lines) / max(secs, 1e-9), 2)}, indent=None),
-          file=sys.stderr)
+                 "sentences_per_s": round(len(lines) / max(secs, 1e-9), 2),
+                 "skipped_rows": skipped_rows(decoder)}, indent=None), file=sys.stderr)
 
 
 def _translate_lines(args, model, tok, decoder, hidden, lines) -> None:

@@ -97,6 +97,19 @@ def _knn(p: argparse.ArgumentParser, preset, name: str, settings: bool = True) -
     _hidden_override(p)
 
 
+def _skip(p: argparse.ArgumentParser) -> None:
+    """Retrieval skipping (knnfast.RetrievalSkip): a confidence threshold and/or a learned gate."""
+    option(p, "--skip-confidence", type=fraction, metavar="P",
+           help="skip retrieval for the rows whose largest model probability reaches P, in "
+                "(0, 1] (default: off, every row searches)")
+    option(p, "--gate", metavar="DIR",
+           help="skip retrieval for the rows whose learned retrieval gate predicts λ below "
+                "--gate-threshold: a RetrievalGate fitted for this datastore (fit_gate) and "
+                "saved with save() (default: none)")
+    option(p, "--gate-threshold", type=unit_float, metavar="T",
+           help="with --gate: skip rows whose predicted λ is below T, in [0, 1] (default: 0.5)")
+
+
 def _model_data(p: argparse.ArgumentParser, corpus_help: str) -> None:
     option(p, "--model", required=True, help="local HF model directory (save_pretrained)")
     option(p, "--datastore", required=True, help="datastore directory (build-datastore)")
@@ -160,6 +173,7 @@ def eval_ppl_args(p: argparse.ArgumentParser) -> None:
     _model_data(p, CORPUS_HELP)
     _batch_limit(p, 8)
     _knn(p, KNN_LM, "kNN-LM")
+    _skip(p)
 
 
 def translate_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +192,7 @@ def translate_args(p: argparse.ArgumentParser) -> None:
     option(p, "--progress", choices=("auto", "on", "off"), default="auto",
            help="progress bar on stderr (auto: when stderr is a terminal)")
     _knn(p, KNN_MT, "kNN-MT")
+    _skip(p)
 
 
 def tune_args(p: argparse.ArgumentParser) -> None:

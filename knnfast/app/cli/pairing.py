@@ -118,16 +118,41 @@ def make_decoder(args, datastore):
     from ...methods.decoding import AdaptiveKNNDecoder, KNNDecoder
     # --index: the FAISS index; otherwise exact search, even when index.faiss exists
     exact = not getattr(args, "index", False)
+    decoder = None
     for option, load in (("adaptive", lambda d: AdaptiveKNNDecoder.load(d, datastore, exact=exact)),
                          ("robust", lambda d: _robust(d, datastore, exact))):
         directory = getattr(args, option, None)
         if directory:
             try:
-                return load(directory)
+                decoder = load(directory)
             except (OSError, ValueError, KeyError) as e:
                 raise from_library(e, f"--{option} {directory!r}: ") from None
-    return KNNDecoder(datastore, k=fit_k(args.k, datastore), temperature=args.temperature,
-                      lam=args.lam, exact=exact, backend=args.backend)
+            break
+    if decoder is None:
+        decoder = KNNDecoder(datastore, k=fit_k(args.k, datastore), temperature=args.temperature,
+                             lam=args.lam, exact=exact, backend=args.backend)
+    decoder.skip = make_skip(args, datastore)  # every decoder takes it
+    return decoder
+
+
+def make_skip(args, datastore):
+    """The RetrievalSkip of --skip-confidence / --gate / --gate-threshold (None: no skipping)."""
+    confidence, gate_dir = getattr(args, "skip_confidence", None), getattr(args, "gate", None)
+    threshold = getattr(args, "gate_threshold", None)
+    if threshold is not None and not gate_dir:
+        raise UsageError("--gate-threshold applies to a learned gate", "add --gate DIR")
+    if confidence is None and not gate_dir:
+        return None
+    from ...methods.gate import RetrievalGate
+    from ...methods.skipping import RetrievalSkip
+    gate = None
+    if gate_dir:
+        try:
+            gate = RetrievalGate.load(gate_dir, datastore)
+        except (OSError, ValueError, KeyError) as e:
+            raise from_library(e, f"--gate {gate_dir!r}: ") from None
+    return RetrievalSkip(confidence=confidence, gate=gate,
+                         gate_threshold=0.5 if threshold is None else threshold)
 
 
 def _robust(directory, datastore, exact):

@@ -3,12 +3,12 @@
 //
 // FAISS's IVF-Flat scans the lists query by query. Here the probes are inverted first (list ->
 // the queries that probe it), so every probed list is read once per call and scored against
-// all of its queries with dot_tile16 (keys converted to fp32 16 at a time, |k|^2 from the
-// same pass, 16 dots summed by one transpose tree): every key read serves all the queries that
-// probe its list. The heaps see only the keys rank_above finds above their root. Lists are split into one
-// contiguous run per thread, balanced by work (queries x keys); each thread keeps its own
-// per-row heaps, merged at the end. Keys are visited in increasing row order within a thread,
-// so ties go to the smaller row exactly as in knn_search.
+// all of its queries with dot_tile16 (list_scan.h: keys converted to fp32 16 at a time, |k|^2
+// and the 16 dots of a query each summed by one transpose tree): every key read serves all the
+// queries that probe its list. The heaps see only the keys rank_above finds above their root.
+// Lists are split into one contiguous run per thread, balanced by work (queries x keys); each
+// thread keeps its own per-row heaps, merged at the end. Keys are visited in increasing row
+// order within a thread, so ties go to the smaller row exactly as in knn_search.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/cpu_utils.h"
+#include "cpu/list_scan.h"
 #include "cpu/topk_merge.h"
 #include "cpu/vec_math.h"
 

@@ -3,6 +3,7 @@
 // callers dispatch at run time.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -10,6 +11,20 @@
 #include <cstdint>
 
 namespace knnfast::cpu {
+
+// The run-time dispatch: the CPU has the AVX-512 subset these kernels use, and
+// KNNFAST_SIMD=generic does not force the portable bodies (decided once; vec_math.cpp).
+bool use_avx512();
+
+// fn(keys as const float* / c10::Half* / c10::BFloat16*), by the stored key dtype.
+template <typename Fn>
+auto visit_key_type(c10::ScalarType t, const void* keys, Fn&& fn) {
+  switch (t) {
+    case c10::ScalarType::Half: return fn(static_cast<const c10::Half*>(keys));
+    case c10::ScalarType::BFloat16: return fn(static_cast<const c10::BFloat16*>(keys));
+    default: return fn(static_cast<const float*>(keys));
+  }
+}
 
 #define KNNFAST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 

@@ -90,7 +90,9 @@ def render_report(report: dict) -> str:
              *_training_line(report.get("training")),
              f"- datastore: {report['knn']['datastore']['entries']:,} entries "
              f"(in_train target tokens), D={report['knn']['datastore']['dim']}, "
-             f"index {report['knn']['datastore']['index']} nprobe {report['knn']['datastore']['nprobe']}",
+             f"index {report['knn']['datastore']['index']} nprobe {report['knn']['datastore']['nprobe']}"
+             + (f", searched as {report['knn']['datastore']['search']}"
+                if report['knn']['datastore'].get("search") else ""),
              f"- tuned on in_dev: {report['knn']['tuned']['best']}", "",
              "| system (in_test, beam 4, batch 16) | BLEU | chrF | sentences/s |", "|---|---:|---:|---:|"]
     for name, r in report["knn"]["systems"].items():

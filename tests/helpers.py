@@ -5,8 +5,14 @@
 * the float64 autograd oracle of knn_interpolate (``oracle_interpolate``, ``autograd_inputs``);
 * the bad-input helper every test file uses (``bad_input_cases``, ``check_bad_input``,
   ``check_bad_input_cpu_and_cuda``): a table ``{case name: (call, match)}`` where ``call``
-  raises ValueError whose message matches the regex ``match``.
+  raises ValueError whose message matches the regex ``match``;
+* ``run_simd_script``: a script's JSON output under KNNFAST_SIMD=auto or generic.
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -407,3 +413,11 @@ def rank_main(target, deadline_s, rank, *args):
     import faulthandler
     faulthandler.dump_traceback_later(max(1, deadline_s - 5))
     target(rank, *args)
+
+
+def run_simd_script(script: str, level: str):
+    """The JSON that ``script`` prints, run in a fresh interpreter with KNNFAST_SIMD=``level``
+    ("auto": the AVX-512 kernel bodies where the CPU has them; "generic": the portable ones)."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env=dict(os.environ, KNNFAST_SIMD=level))
+    return json.loads(proc.stdout)

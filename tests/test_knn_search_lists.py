@@ -12,11 +12,6 @@ Kernel / variant -> tests:
   CPU kernel, portable body (KNNFAST_SIMD=generic)         test_portable_body_matches
   CUDA wrapper                                             every [cuda] test (never ran here)
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -24,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES
-from helpers import KEY_DTYPES, METRICS, NEG_INF, exact_scores, score_scale
+from helpers import KEY_DTYPES, METRICS, NEG_INF, exact_scores, run_simd_script, score_scale
 
 
 def random_lists(N, L, generator=None):
@@ -164,11 +159,7 @@ def test_portable_body_matches():
         "pr = torch.randint(-1, 5, (9, 3), generator=g)\n"
         "s, i = knnfast.knn_search_lists(q, keys, off, pr, 10, 'cos')\n"
         "json.dump([knnfast.build_info()['simd'], s.tolist(), i.tolist()], sys.stdout)\n")
-    runs = {}
-    for level in ("auto", "generic"):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             check=True, env=dict(os.environ, KNNFAST_SIMD=level))
-        runs[level] = json.loads(out.stdout)
+    runs = {level: run_simd_script(script, level) for level in ("auto", "generic")}
     assert runs["auto"][0] == "avx512" and runs["generic"][0] == "generic"
     assert runs["auto"][2] == runs["generic"][2]
     torch.testing.assert_close(torch.tensor(runs["auto"][1]), torch.tensor(runs["generic"][1]),

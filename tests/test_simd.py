@@ -8,15 +8,11 @@ KNNFAST_SIMD: hence a subprocess per level. (The per-op forced kernel paths live
 FORCED KERNEL PATH (environment variable): test_portable_kernels_match_avx512 sets
 KNNFAST_SIMD in the subprocess's environment.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import knnfast
+from helpers import run_simd_script
 
 
 _SIMD_SCRIPT = r"""
@@ -40,10 +36,7 @@ json.dump(out, sys.stdout)
 
 
 def _run_simd(level):
-    env = dict(os.environ, KNNFAST_SIMD=level)
-    proc = subprocess.run([sys.executable, "-c", _SIMD_SCRIPT], env=env, capture_output=True,
-                          text=True, check=True)
-    return json.loads(proc.stdout)
+    return run_simd_script(_SIMD_SCRIPT, level)
 
 
 @pytest.mark.skipif(knnfast.build_info()["simd"] != "avx512", reason="CPU has no AVX-512")

@@ -10,11 +10,7 @@ Kernel / variant -> tests:
   CPU kernel, portable body (KNNFAST_SIMD=generic)          test_portable_body_matches
   CUDA composition (never ran)                              every [cuda] test
 """
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES
-from helpers import check_bad_input
+from helpers import check_bad_input, run_simd_script
 
 INF = float("inf")
 
@@ -182,11 +178,7 @@ def test_portable_body_matches():
         "x[torch.rand(7, 1001, generator=g) < 0.2] = -float('inf')\n"
         "e, t = knnfast.softmax_stats(x, 6)\n"
         "json.dump([knnfast.build_info()['simd'], e.tolist(), t.tolist()], sys.stdout)\n")
-    runs = {}
-    for level in ("auto", "generic"):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             check=True, env=dict(os.environ, KNNFAST_SIMD=level))
-        runs[level] = json.loads(out.stdout)
+    runs = {level: run_simd_script(script, level) for level in ("auto", "generic")}
     assert runs["auto"][0] == "avx512" and runs["generic"][0] == "generic"
     for part in (1, 2):  # the two bodies' exp differ in the last bits, not the values picked
         torch.testing.assert_close(torch.tensor(runs["auto"][part]),

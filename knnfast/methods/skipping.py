@@ -11,7 +11,8 @@ logits) is >= ``confidence`` or when the gate's predicted λ is < ``gate_thresho
 rule suffices). Skipped rows cost no search:
 only the retrieving rows go to the datastore; the others get no neighbours, which every
 decoder mixes as λ = 0 (the model's log-probs). Deciding needs the row count on the host:
-one host sync per step on CUDA (the ``nonzero``), the price of searching fewer rows.
+one host sync per step on CUDA (the ``nonzero``), the price of searching fewer rows, plus one
+for ``softmax_stats``' value check while its CUDA path is an ATen composition.
 
 The gate itself (``RetrievalGate``, its features, fit and persistence) is in
 ``knnfast.methods.gate``; this module only needs its ``lam(hidden, logits)`` and

@@ -20,7 +20,6 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/list_scan.h"
 #include "cpu/topk_merge.h"
-#include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
 namespace {

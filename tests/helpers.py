@@ -421,3 +421,12 @@ def run_simd_script(script: str, level: str):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env=dict(os.environ, KNNFAST_SIMD=level))
     return json.loads(proc.stdout)
+
+
+def both_simd_levels(script: str):
+    """(AVX-512 output, portable output) of ``script``, which prints the JSON list
+    [knnfast.build_info()["simd"], *results]: run under KNNFAST_SIMD=auto and =generic, each
+    checked to have used the body it asked for."""
+    fast, portable = run_simd_script(script, "auto"), run_simd_script(script, "generic")
+    assert fast[0] == "avx512" and portable[0] == "generic", (fast[0], portable[0])
+    return fast[1:], portable[1:]

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import knnfast
 import knnfast.reference as ref
 from conftest import DEVICES
-from helpers import check_bad_input, run_simd_script
+from helpers import both_simd_levels, check_bad_input
 
 INF = float("inf")
 
@@ -93,6 +93,18 @@ def test_empty_batch_and_non_contiguous(device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats], ids=["op", "reference"])
+def test_without_entropy(device, impl):
+    """entropy=False: the same top log-probs, an empty entropy (its pass skipped)."""
+    x = _logits(6, 300, torch.float32, 0.2).to(device)
+    entropy, top = impl(x, 3, entropy=False)
+    assert entropy.shape == (0,) and entropy.dtype == torch.float32
+    assert torch.equal(top, impl(x, 3)[1])
+    with pytest.raises(ValueError, match="entropy"):
+        impl(x, 3, entropy=1)
+
+
 def test_ties_and_duplicates():
     """Equal values each take a slot (values, not distinct values)."""
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
@@ -151,7 +163,9 @@ def test_top_above_max_k():
 def test_opcheck(device):
     for x, top in [(_logits(4, 50, torch.float32, 0.2), 3), (_logits(2, 9, torch.float16, 0.0), 9),
                    (torch.full((2, 6), -INF), 2)]:
-        torch.library.opcheck(torch.ops.knnfast.softmax_stats.default, (x.to(device), top))
+        for entropy in (True, False):
+            torch.library.opcheck(torch.ops.knnfast.softmax_stats.default,
+                                  (x.to(device), top, entropy))
 
 
 def test_compiles():
@@ -178,8 +192,6 @@ def test_portable_body_matches():
         "x[torch.rand(7, 1001, generator=g) < 0.2] = -float('inf')\n"
         "e, t = knnfast.softmax_stats(x, 6)\n"
         "json.dump([knnfast.build_info()['simd'], e.tolist(), t.tolist()], sys.stdout)\n")
-    runs = {level: run_simd_script(script, level) for level in ("auto", "generic")}
-    assert runs["auto"][0] == "avx512" and runs["generic"][0] == "generic"
-    for part in (1, 2):  # the two bodies' exp differ in the last bits, not the values picked
-        torch.testing.assert_close(torch.tensor(runs["auto"][part]),
-                                   torch.tensor(runs["generic"][part]), rtol=1e-5, atol=1e-5)
+    # the two bodies' exp differ in the last bits, not the values picked
+    for fast, portable in zip(*both_simd_levels(script)):
+        torch.testing.assert_close(torch.tensor(fast), torch.tensor(portable), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@
 
 namespace knnfast::cuda {
 
-std::tuple<at::Tensor, at::Tensor> softmax_stats_cuda(const at::Tensor& logits, int64_t top) {
+std::tuple<at::Tensor, at::Tensor> softmax_stats_cuda(const at::Tensor& logits, int64_t top,
+                                                      bool with_entropy) {
   constexpr const char* kOp = "softmax_stats";
   check_softmax_stats_args(logits, top, Backend::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -21,8 +22,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_stats_cuda(const at::Tensor& logits, 
   const at::Tensor shifted = x - max.masked_fill(dead, 0.0);
   const at::Tensor log_sum = shifted.exp().sum(1, /*keepdim=*/true).log().masked_fill(dead, 0.0);
   const at::Tensor logp = shifted - log_sum;
+  const at::Tensor top_logp = std::get<0>(logp.topk(top, 1));
+  if (!with_entropy) return {at::empty({0}, x.options()), top_logp};
   const at::Tensor terms = at::where(logp.isneginf(), at::zeros({}, x.options()), logp.exp() * logp);
-  return {terms.sum(1).neg(), std::get<0>(logp.topk(top, 1))};
+  return {terms.sum(1).neg(), top_logp};
 }
 
 TORCH_LIBRARY_IMPL(knnfast, CUDA, m) { m.impl("softmax_stats", &softmax_stats_cuda); }

@@ -32,7 +32,7 @@ from .. import ops
 def max_prob(logits: Tensor) -> Tensor:
     """The model's largest probability per row, [B] float32, from ``knnfast.softmax_stats``
     (one read of the logits, no [B, V] temporary). NaN or +inf logits: ValueError."""
-    return ops.softmax_stats(logits, 1)[1][:, 0].exp()
+    return ops.softmax_stats(logits, 1, entropy=False)[1][:, 0].exp()
 
 
 class RetrievalSkip:

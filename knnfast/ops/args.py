@@ -59,6 +59,13 @@ def check_int(op: str, name: str, value, lo: int, hi: Optional[int] = None) -> i
     return value
 
 
+def check_bool(op: str, name: str, value) -> bool:
+    """A Python bool (not 0/1 or a tensor)."""
+    if not isinstance(value, bool):
+        fail(op, f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_k(op: str, k) -> int:
     return check_int(op, "k", k, 1, MAX_K)
 

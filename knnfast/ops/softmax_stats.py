@@ -15,28 +15,31 @@ from . import args
 from .library import OPS
 
 
-def softmax_stats(logits: Tensor, top: int = 1) -> Tuple[Tensor, Tensor]:
+def softmax_stats(logits: Tensor, top: int = 1, *, entropy: bool = True) -> Tuple[Tensor, Tensor]:
     """(entropy [B], top_logp [B, top]), float32, of p = softmax(logits [B, V]).
 
     entropy = -sum_v p_v log p_v (masked -inf logits add 0); top_logp = the ``top`` largest
     log p_v, descending (``exp(top_logp[:, 0])`` is the largest probability). A row of only
     -inf gives (0, -inf); NaN or +inf in a row is a ValueError. ``top`` in [1, min(V, MAX_K)].
-    Not differentiable: it reads ``logits.detach()``.
+    ``entropy=False`` skips the entropy's pass over the logits (the first output is then an
+    empty [0] tensor): what a max-probability test needs. Not differentiable: it reads
+    ``logits.detach()``.
 
         entropy, top = knnfast.softmax_stats(logits, top=4)
     """
     op = "softmax_stats"
     args.check_tensor(op, "logits", logits)
     args.check_int(op, "top", top, 1, MAX_K)
-    return OPS.softmax_stats(logits.detach(), top)
+    args.check_bool(op, "entropy", entropy)
+    return OPS.softmax_stats(logits.detach(), top, entropy)
 
 
 @torch.library.register_fake("knnfast::softmax_stats")
-def _(logits, top):
+def _(logits, top, entropy=True):
     op = "softmax_stats"
     args.check_logits_input(op, logits)
     most = min(logits.shape[1], MAX_K)
     args.need(1 <= top <= most, op, lambda: f"top must be an int in [1, {most}], got {top}")
     rows = logits.shape[0]
-    return (logits.new_empty((rows,), dtype=torch.float32),
+    return (logits.new_empty((rows if entropy else 0,), dtype=torch.float32),
             logits.new_empty((rows, top), dtype=torch.float32))

@@ -126,13 +126,15 @@ def label_counts(tokens: Tensor) -> Tensor:
     return torch.cumsum(first.to(torch.int64), dim=1)
 
 
-def softmax_stats(logits: Tensor, top: int = 1) -> Tuple[Tensor, Tensor]:
+def softmax_stats(logits: Tensor, top: int = 1, *, entropy: bool = True) -> Tuple[Tensor, Tensor]:
     """(entropy [B], top_logp [B, top]) float32 of softmax(logits): -sum p log p (0 log 0 = 0)
     and the ``top`` largest log-probabilities, descending; a row of only -inf gives (0, -inf).
-    torch.log_softmax, a where for the 0 log 0 terms, torch.topk."""
+    torch.log_softmax, a where for the 0 log 0 terms, torch.topk. ``entropy=False``: the first
+    output is empty [0]."""
     op = "softmax_stats"
     args.check_tensor(op, "logits", logits)
     args.check_int(op, "top", top, 1, MAX_K)
+    args.check_bool(op, "entropy", entropy)
     checked_logits(op, logits)
     V = logits.shape[1]
     if top > V:
@@ -141,5 +143,8 @@ def softmax_stats(logits: Tensor, top: int = 1) -> Tuple[Tensor, Tensor]:
     x = logits.detach().float()
     dead = torch.isneginf(x).all(1, keepdim=True)
     logp = torch.log_softmax(x.masked_fill(dead, 0.0), 1).masked_fill(dead, float("-inf"))
+    top_logp = logp.topk(top, 1).values
+    if not entropy:
+        return x.new_empty(0), top_logp
     terms = torch.where(torch.isneginf(logp), 0.0, logp.exp() * logp)
-    return -terms.sum(1), logp.topk(top, 1).values
+    return -terms.sum(1), top_logp

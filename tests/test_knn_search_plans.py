@@ -7,6 +7,8 @@ Kernel / variant -> tests:
       test_forced_plan_k_greater_than_n (exactness, exclude, metrics, dtypes, key_sq_norms and
       the bounds: tests/test_knn_search.py, FORCED KERNEL PATHS)
   bf16_gemm on the portable code (push_tile_generic)   test_bf16_gemm_portable_path
+  bf16 / bf16_gemm error bounds, checked key by key     test_debug_checks_bounds_*
+      (configure("debug", 1): verify_tile)
   knnfast/ops/plan_choice.py                            the test_auto_* tests
 """
 import json
@@ -20,7 +22,7 @@ import torch
 
 import knnfast
 import knnfast.reference as ref
-from knnfast.ops import plan_choice
+from knnfast.ops import plan_choice, settings
 from helpers import KEY_DTYPES, METRICS, assert_topk_parity, assert_topk_valid, exact_scores
 
 PLANS = [p for p in knnfast.build_info()["cpu_plans"] if p != "auto"]
@@ -93,6 +95,47 @@ def test_bf16_gemm_portable_path():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+BF16_PLANS = [p for p in PLANS if p.startswith("bf16")]
+H = 2.0 ** -8  # bf16's unit roundoff: half the spacing of bf16 numbers in [1, 2)
+
+
+def _worst_rounding_case(scale):
+    """D = 1, where Cauchy-Schwarz is tight: q and k lie just under a half-way point, so both
+    round up by almost u (to 1.0625 and 1.0703125), and their product 1.1372 lies just over one,
+    so at::mm's bf16 output rounds up again: about 2.66 u of |q| |k| in all. bf16_gemm's bound
+    holds only with its output-rounding term, the vdpbf16ps kernel's only with both input
+    terms. Keys k, -k put the center at 0."""
+    q = torch.tensor([[1.0625 - H + 1e-6]]) * scale
+    k = 1.0703125 - H + 1e-6
+    return q, torch.tensor([[k], [-k]]) * scale
+
+
+@pytest.mark.parametrize("plan", BF16_PLANS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("scale", [1.0, -4.0, 2.0 ** -20])
+def test_debug_checks_bounds_on_the_worst_rounding(plan, metric, scale):
+    q, keys = _worst_rounding_case(scale)
+    with settings.override(debug=True):
+        s, i = knnfast.knn_search(q, keys, 1, metric, plan=plan)
+    rs, ri = ref.knn_search(q, keys, 1, metric)
+    assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("plan", BF16_PLANS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("key_dtype", KEY_DTYPES, ids=str)
+def test_debug_checks_bounds_on_hidden_state_like_data(plan, metric, key_dtype):
+    """Every (query, key) bound of a search whose vectors share a large common component, as
+    hidden states do, checked against the float64 rank; the result stays exact."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(70, 48, generator=g) + 6.0
+    keys = (torch.randn(1100, 48, generator=g) + 6.0).to(key_dtype)
+    with settings.override(debug=True):
+        s, i = knnfast.knn_search(q, keys, 8, metric, plan=plan)
+    rs, ri = ref.knn_search(q, keys.float(), 8, metric)
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
 
 
 # --------------------------------------------------------------------------- #

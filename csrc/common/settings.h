@@ -19,7 +19,8 @@ struct Settings {
   //   knnfast.check_cuda_errors, called by the decoding loops), e.g. for CUDA graphs;
   // 0 (kCudaChecksOff): nothing is read back; bad values go unreported.
   std::atomic<int64_t> cuda_checks{1};
-  // 1: the CPU bf16 search prints how many candidates it rescored per row to stderr.
+  // 1: the CPU bf16 search checks every approximate rank against its float64 value (raises if
+  // an error bound fails) and prints how many candidates it rescored per row to stderr.
   std::atomic<int64_t> debug{0};
 };
 

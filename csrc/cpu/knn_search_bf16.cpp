@@ -278,6 +278,20 @@ KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const f
   }
 }
 
+// Approximate rank of key j of a tile and its error bound, in scalar code (push_tile computes
+// the same 16 at a time).
+struct RankBound {
+  float rank, err;
+};
+template <Metric M>
+inline RankBound rank_bound(const RowBound& rb, const float* dots, const KeyFactors& f, int64_t j) {
+  float rank;
+  if constexpr (M == Metric::L2) rank = (dots[j] + dots[j]) - f.centered_sq[j];
+  else if constexpr (M == Metric::IP) rank = dots[j] + rb.query_center_dot;
+  else rank = (dots[j] + rb.query_center_dot) * f.inv_norm[j];
+  return {rank, std::fma(rb.a, f.s[j], std::fma(rb.c_t, f.t[j], rb.c0))};
+}
+
 // The same test as push_tile in portable code (CPUs without AVX-512, KNNFAST_SIMD=generic):
 // bf16_gemm runs everywhere.
 template <Metric M>
@@ -286,13 +300,43 @@ void push_tile_generic(const Setup& st, RowState& row, int64_t b, const float* d
   const RowBound& rb = st.bounds[b];
   const int64_t excluded = st.exclude ? st.exclude[b] : -1;
   for (int64_t j = 0; j < n && !row.overflow; ++j) {
-    float rank;
-    if constexpr (M == Metric::L2) rank = (dots[j] + dots[j]) - f.centered_sq[j];
-    else if constexpr (M == Metric::IP) rank = dots[j] + rb.query_center_dot;
-    else rank = (dots[j] + rb.query_center_dot) * f.inv_norm[j];
-    const float err = std::fma(rb.a, f.s[j], std::fma(rb.c_t, f.t[j], rb.c0));
-    if (first + j != excluded && rank + err >= row.threshold)  // NaN never passes
-      insert(st, row, rank, err, first + j);
+    const RankBound r = rank_bound<M>(rb, dots, f, j);
+    if (first + j != excluded && r.rank + r.err >= row.threshold)  // NaN never passes
+      insert(st, row, r.rank, r.err, first + j);
+  }
+}
+
+// configure("debug", 1): checks every approximate rank of the tile against the real-number rank
+// (float64, same center c) and raises if a bound fails. The bounds rest on assumptions about
+// the scorer (bf16_gemm: whatever oneDNN does on this CPU), so this is how a new CPU is vetted.
+template <Metric M>
+void verify_tile(const Setup& st, const float* dots_all, const KeyFactors& f, int64_t n,
+                 int64_t first) {
+  const auto f64 = st.queries.options().dtype(at::kDouble);
+  const at::Tensor q = st.queries.to(at::kDouble);
+  const at::Tensor k = st.keys.narrow(0, first, n).to(at::kDouble);
+  at::Tensor exact;
+  if constexpr (M == Metric::L2) {
+    const at::Tensor c = at::from_blob(const_cast<float*>(st.center.data()), {st.D}, at::kFloat)
+                             .to(f64);
+    const at::Tensor kc = k - c;
+    exact = 2 * at::mm(q - c, kc.t()) - (kc * kc).sum(1);
+  } else {
+    exact = at::mm(q, k.t());
+    if constexpr (M == Metric::COS) exact = exact / k.norm(2, {1}).clamp_min(kNormEps);
+  }
+  const double* e = exact.data_ptr<double>();
+  for (int64_t b = 0; b < st.B; ++b) {
+    for (int64_t j = 0; j < n; ++j) {
+      const RankBound r = rank_bound<M>(st.bounds[b], dots_all + b * n, f, j);
+      const double truth = e[b * n + j];
+      if (!std::isfinite(truth)) continue;  // non-finite keys are never returned
+      TORCH_CHECK(std::fabs(double(r.rank) - truth) <= double(r.err),
+                  "knn_search[", st.scorer == Bf16Scorer::Gemm ? "bf16_gemm" : "bf16",
+                  "]: the error bound failed for query ", b, ", key ", first + j, ": approximate "
+                  "rank ", r.rank, ", exact ", truth, ", bound ", r.err, ". Results may be "
+                  "wrong on this CPU; please report it with knnfast.build_info().");
+    }
   }
 }
 
@@ -352,6 +396,7 @@ std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
   f.resize(st.tile);
   const bool need_full = M != Metric::L2;
   const bool vector_push = avx512_push();
+  const bool debug = settings().debug.load(std::memory_order_relaxed) != 0;
   for (int64_t first = begin; first < end; first += st.tile) {
     const int64_t n = std::min(st.tile, end - first);
     score_tile(st, buf, first, n, f, need_full);
@@ -369,6 +414,7 @@ std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
         f.t[j] = f.inv_norm[j];
       }
     }
+    if (debug) verify_tile<M>(st, buf.dots.data(), f, n, first);
     for (int64_t b = 0; b < st.B; ++b) {
       const float* dots = buf.dots.data() + b * n;
       if (vector_push) push_tile<M>(st, rows[b], b, dots, f, n, first);

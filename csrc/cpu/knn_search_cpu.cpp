@@ -22,7 +22,8 @@
 // This is the fixed rule of plan="auto"; the Python wrapper replaces it by a measured choice
 // (knnfast/ops/plan_choice.py) where calibration is on. plan="stream"|"gemm_f32"|"bf16"|
 // "bf16_gemm" forces a path (tests, benchmarks; bf16 raises ValueError on a CPU without
-// AVX512-BF16); configure("debug", 1) reports how many candidates the bf16 paths rescored.
+// AVX512-BF16); configure("debug", 1) makes the bf16 paths check every error bound against the
+// float64 rank and report how many candidates they rescored.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

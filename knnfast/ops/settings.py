@@ -3,7 +3,7 @@
 | variable                 | read                     | effect                                              |
 |--------------------------|--------------------------|-----------------------------------------------------|
 | ``KNNFAST_CUDA_CHECKS``  | once, at ``import knnfast`` | how CUDA ops report bad values (never out of bounds): ``auto`` (default; also ``1``): each op raises at once, except inside knnfast's decoding loops (``deferred_checks``); ``sync``: every op raises at once, loops included (debugging); ``deferred``: never at the call, only from ``check_cuda_errors``; ``off`` (``0``): never. |
-| ``KNNFAST_DEBUG``        | once, at ``import knnfast`` | ``1``: the bf16 CPU search prints its candidate counts to stderr. Default ``0``. |
+| ``KNNFAST_DEBUG``        | once, at ``import knnfast`` | ``1``: the bf16 CPU search checks every approximate rank against its float64 value (RuntimeError if a bound fails; slow) and prints its candidate counts to stderr. Default ``0``. |
 | ``KNNFAST_CALIBRATE``    | once, at ``import knnfast`` | ``0``: ``knn_search(plan="auto")`` on CPU keeps the fixed batch rule instead of timing the plans once per shape bucket (reproducible benchmarks; at run time ``knnfast.ops.plan_choice.set_calibration`` / ``calibration``). Default ``1``. |
 | ``KNNFAST_PLAN_CACHE``   | at each first choice per bucket | JSON file of the measured CPU plan choices (``knnfast/ops/plan_choice.py``). Default ``$XDG_CACHE_HOME/knnfast/plans.json``, else ``~/.cache/knnfast/plans.json``. |
 | ``KNNFAST_SIMD``         | once, when the library loads | ``generic``: the CPU kernels use the portable code instead of AVX-512. |

@@ -90,6 +90,21 @@ def test_hand_computed(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sparse_minus_inf_slot_with_a_token_is_invalid(device):
+    """A slot scored -inf is invalid even when it carries a token (a pruned or masked
+    neighbour): the token's first valid occurrence keeps the slot, and a row of only such
+    slots comes out all (-1, 0), as FAISS padding does. Op and reference alike."""
+    sc = torch.tensor([[NEG_INF, 1.0, 0.0], [1.0, NEG_INF, NEG_INF], [NEG_INF] * 3],
+                      device=device)
+    tok = torch.tensor([[5, 5, 7], [6, 6, 2], [1, 2, 3]], device=device)
+    for tu, pu in (knnfast.knn_probs_sparse(sc, tok, 1.0), ref.knn_probs_sparse(sc, tok, 1.0)):
+        assert tu.cpu().tolist() == [[-1, 5, 7], [6, -1, -1], [-1, -1, -1]]
+        e = 1.0 / (1.0 + math.exp(-1.0))
+        torch.testing.assert_close(pu.cpu(), torch.tensor([[0.0, e, 1 - e], [1.0, 0.0, 0.0],
+                                                           [0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_zero_and_extremes(device):
     """Token id 0 is a normal token; very large / very negative scores are stable."""
     sc = torch.tensor([[1e4, 1e4 - 1.0, -1e30], [-1e4, -1e4, -1e4]], device=device)

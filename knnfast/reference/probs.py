@@ -33,14 +33,16 @@ def knn_probs_sparse(scores: Tensor, tokens: Tensor,
                      temperature: args.RowScalar = DEFAULTS.temperature) -> Tuple[Tensor, Tensor]:
     """Sparse P_kNN: (tokens_u[B,k] int64, probs[B,k] float32), duplicates merged.
 
-    The first occurrence of a token keeps its slot and the summed probability;
-    later duplicates and invalid slots become (-1, 0).
+    The first valid occurrence of a token keeps its slot and the summed probability;
+    later duplicates and invalid slots (token -1 or score -inf) become (-1, 0).
     """
     op = "knn_probs_sparse"
     args.check_tensor(op, "scores", scores)
     args.check_dim(op, "scores", scores, 2)
     tokens, w = checked_neighbours(op, scores.shape[0], tokens, scores, None, temperature, None,
                                    scores.device)
+    # a -inf slot is invalid even with a token: it neither keeps nor takes a slot
+    tokens = tokens.masked_fill(scores == float("-inf"), -1)
     perm, group, is_start = first_occurrence(tokens)
     sums = torch.zeros_like(w).scatter_add_(1, group, w.gather(1, perm))
     # original slot of each sorted position; keep the group starts of valid tokens

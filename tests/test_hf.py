@@ -5,6 +5,7 @@ backend), KNNModel, λ/τ/k tuning."""
 import math
 
 import pytest
+import numpy as np
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -581,6 +582,27 @@ def test_provenance_missing_is_a_clear_error(tmp_path):
         w.add(torch.randn(3, 2), torch.tensor([1, 2, 3]))
     with pytest.raises(knnfast.DatastoreError, match="records no provenance"):
         knnfast.Datastore.open(str(tmp_path / "ds")).provenance(torch.tensor([0]))
+
+
+def test_provenance_written_by_hand_and_its_bad_inputs(tmp_path):
+    """set_provenance round trip (a second writer sees it after open), lengths that do not
+    cover the entries, and a provenance file that does not match meta.json."""
+    path = str(tmp_path / "ds")
+    with knnfast.Datastore.create(path, dim=2, vocab_size=5, progress=False) as w:
+        w.add(torch.randn(5, 2), torch.tensor([1, 2, 3, 4, 0]))
+    ds = knnfast.Datastore.open(path)
+    ds.set_provenance(torch.tensor([7, 3]), torch.tensor([2, 3]))
+    ex, pos = knnfast.Datastore.open(path).provenance(torch.tensor([0, 1, 2, 4, -1]))
+    assert ex.tolist() == [7, 7, 3, 3, -1] and pos.tolist() == [0, 1, 0, 2, -1]
+    for lengths in ([2, 2], [6, -1], [4]):
+        with pytest.raises(ValueError, match="example lengths"):
+            ds.set_provenance(torch.tensor([0, 1])[:len(lengths)], torch.tensor(lengths))
+    np.save(tmp_path / "ds" / "provenance.npy", np.zeros((3, 2), np.int64))
+    with pytest.raises(knnfast.DatastoreError, match=r"has shape \(3, 2\), meta.json says \[2, 2\]"):
+        knnfast.Datastore.open(path).provenance(torch.tensor([0]))
+    (tmp_path / "ds" / "provenance.npy").write_bytes(b"not numpy")
+    with pytest.raises(knnfast.DatastoreError, match="cannot read"):
+        knnfast.Datastore.open(path).provenance(torch.tensor([0]))
 
 
 @pytest.mark.parametrize("extra", [dict(no_repeat_ngram_size=1), dict(min_new_tokens=5)],

@@ -32,9 +32,10 @@ from torch import Tensor
 from ..defaults import METRICS
 from . import index as faiss_index
 from . import lists as ivf_lists
+from . import provenance
 from . import search as exact_search
 from .building import building_cursor
-from .files import (DatastoreError, PathLike, fsync_file, fsync_write_json, memmap,
+from .files import (DatastoreError, PathLike, fsync_write_json, memmap,
                     read_checked_meta, row_chunks)
 from .format import FILES, FORMAT_VERSION, KEY_DTYPES, dtype_name, memmap_keys
 from .sidecar import Projection, load_sidecars
@@ -238,56 +239,23 @@ class Datastore(MetaFields):
         ``example_ids[0]``, then of ``example_ids[1]``, ... (``lengths[s]`` positions each, in
         order). Written atomically to ``provenance.npy`` ([S, 2] int64: example id, first
         entry) and noted in meta.json; ``knnfast.integrations.hf.build_datastore`` calls it."""
-        example_ids = torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1)
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
-        if example_ids.shape != lengths.shape or int(lengths.sum()) != len(self) \
-                or bool((lengths < 0).any()):
-            raise ValueError(f"Datastore.set_provenance: {lengths.numel()} example lengths "
-                             f"summing to {int(lengths.sum())} for {len(self)} entries")
-        starts = torch.cumsum(lengths, 0) - lengths
-        table = torch.stack([example_ids, starts], 1).numpy()
         if self.path is None:
             raise DatastoreError("Datastore.set_provenance: the datastore has no directory")
-        tmp = os.path.join(self.path, "provenance.npy.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, table)
-            fsync_file(f)
-        os.replace(tmp, os.path.join(self.path, "provenance.npy"))
-        self.update_extra(provenance={"file": "provenance.npy", "examples": int(len(table))})
+        rows = provenance.write_table(self.path, len(self), example_ids, lengths)
+        self.update_extra(provenance={"file": provenance.FILE, "examples": rows})
         self._provenance = None
 
     def provenance(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
         """(example index, target position) of entry ids (any shape; -1 -> (-1, -1)): which
         training context each neighbour came from."""
-        table = self._provenance_table()
-        ids = torch.as_tensor(ids)
-        flat = ids.reshape(-1).to("cpu", torch.int64)
-        if flat.numel() and (int(flat.max()) >= len(self) or int(flat.min()) < -1):
-            raise ValueError(f"Datastore.provenance: ids must lie in [-1, {len(self)}), got "
-                             f"min {int(flat.min())} max {int(flat.max())}")
-        row = torch.searchsorted(table[:, 1].contiguous(), flat.clamp(min=0), right=True) - 1
-        example = torch.where(flat >= 0, table[row, 0], -1)
-        position = torch.where(flat >= 0, flat - table[row, 1], -1)
-        return example.reshape(ids.shape), position.reshape(ids.shape)
-
-    def _provenance_table(self) -> Tensor:
         if self._provenance is None:
             info = self.meta.get("extra", {}).get("provenance")
             if not info or self.path is None:
                 raise DatastoreError("Datastore.provenance: this datastore records no provenance "
                                      "(datastores built by knnfast.integrations.hf."
                                      "build_datastore record it)")
-            file = os.path.join(self.path, info["file"])
-            try:
-                table = torch.from_numpy(np.load(file))
-            except (OSError, ValueError) as e:
-                raise DatastoreError(f"Datastore.provenance: cannot read {file}: {e}") from None
-            if tuple(table.shape) != (info["examples"], 2):
-                raise DatastoreError(f"Datastore.provenance: {file} has shape "
-                                     f"{tuple(table.shape)}, meta.json says "
-                                     f"[{info['examples']}, 2]")
-            self._provenance = table
-        return self._provenance
+            self._provenance = provenance.read_table(self.path, info)
+        return provenance.locate(self._provenance, len(self), ids)
 
     # ---- search
 

@@ -22,13 +22,13 @@
 //   bf16_gemm  ATen's bf16 matmul (at::mm) on tiles of kGemmTile centered keys, converted from
 //              the stored dtype once per tile: oneDNN, which uses AMX tiles where the CPU has
 //              them and AVX512-BF16 / AVX2 / reference code elsewhere. We do not know its
-//              summation order or blocking, so its bound (gemm_dot_error) assumes only what
+//              summation order or blocking, so its bound (bf16_bounds.h) assumes only what
 //              holds for any of them: exact bf16 x bf16 products (8-bit significands), fp32
 //              accumulation in any order (a sum of D terms in any tree has error <= gamma_D
 //              sum |x_i y_i|; doubled to allow faithful rather than nearest rounding), the
 //              result rounded to bf16 (at::mm's output dtype; <= 2u relative, again allowing
 //              faithful rounding), and subnormals flushed on input and output (DAZ/FTZ, as AMX
-//              and vdpbf16ps do: an absolute term, see flush_error).
+//              and vdpbf16ps do: an absolute term, see bf16_bounds.cpp).
 #include "cpu/knn_search_bf16.h"
 
 #include <ATen/Parallel.h>
@@ -39,6 +39,7 @@
 #include <cstring>
 
 #include "common/settings.h"
+#include "cpu/bf16_bounds.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/simd_load.h"
 #include "cpu/topk_merge.h"
@@ -50,19 +51,6 @@ namespace {
 constexpr int64_t kTile = 21 * kBf16KeyBlock;  // 252 keys: a multiple of the register block
 constexpr int64_t kGemmTile = 512;              // bf16_gemm: keys per at::mm
 constexpr size_t kMaxCandidates = size_t(1) << 16;  // per row and part; beyond: exact rescan
-constexpr float kUnitRoundoffBf16 = 1.0f / 256.0f;
-constexpr float kEpsF32 = 1.0f / 16777216.0f;
-// Twice the smallest normal fp32 (= bf16) number: what one flushed subnormal can cost, with room
-// for the rounding of the terms it is added to.
-constexpr float kFlushUnit = 2.0f * 1.17549435e-38f;
-
-// Per-row constants of the error bound E(b, j) = a[b] * s[j] + c_t[b] * t[j] + c0[b] where
-// s, t are per-key factors (see KeyFactors).
-struct RowBound {
-  float a, c_t, c0;
-  float query_center_dot;  // ip / cos: q . c
-};
-
 // Per-key factors of one tile.
 struct KeyFactors {
   std::vector<float> centered_sq, full_sq, s, t, inv_norm;
@@ -85,35 +73,6 @@ struct Setup {
   at::Tensor query_matrix;  // bf16_gemm: [B, D] bf16 (centered for l2)
   std::vector<RowBound> bounds;
 };
-
-float norm2(const float* x, int64_t D) {
-  float s = 0.0f;
-  for (int64_t d = 0; d < D; ++d) s += x[d] * x[d];
-  return s;
-}
-
-// Relative error of one approximate dot q'.k' in units of |q'| |k'|: bf16 rounding of both
-// factors, fp32 accumulation over D terms (Cauchy-Schwarz turns sum |q_i| |k_i| into |q| |k|)
-// and, for bf16_gemm, the bf16 output (see the file comment).
-float dot_error_factor(Bf16Scorer scorer, int64_t D) {
-  const float u = kUnitRoundoffBf16;
-  if (scorer == Bf16Scorer::Kernel) return (2 * u + u * u + (D + 4) * kEpsF32) * 1.0001f;
-  const float accumulation = 2 * (D + 4) * kEpsF32;
-  const float output = 2 * u * (1 + u) * (1 + u) * (1 + accumulation);
-  return (2 * u + u * u + accumulation + output) * 1.0001f;
-}
-
-// Absolute error of one dot from flushed subnormals: an input x_i flushed to zero drops
-// |x_i y_i| < 2^-126 |y_i|, so at most 2^-126 sqrt(D) (|q'| + |k'|) over the row (Cauchy-
-// Schwarz); each of the D partial sums and the output can lose 2^-126 more. Returned as
-// {per |k'|, per |q'| and constant}: err = first * |k'| + second(|q'|).
-struct FlushError {
-  float per_key, rest;
-};
-FlushError flush_error(int64_t D, float query_norm) {
-  const float root = std::sqrt(float(D));
-  return {kFlushUnit * root, kFlushUnit * (root * query_norm + float(D + 1))};
-}
 
 Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, Metric metric,
                  const int64_t* exclude, Bf16Scorer scorer) {
@@ -143,46 +102,10 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
                       st.packed_queries.data(), st.B_padded);
   }
 
-  // the dot's error (see dot_error_factor, flush_error) and a relative slack for the fp32
-  // arithmetic that forms and compares ranks (exact rescoring included).
-  const float dot_factor = dot_error_factor(scorer, D);
-  const float slack = (D + 16) * 2 * kEpsF32;
+  const float dot_factor = dot_error_factor(scorer == Bf16Scorer::Gemm, D);
   st.bounds.resize(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* qb = q + b * D;
-    RowBound& rb = st.bounds[b];
-    const float qq = norm2(qb, D), qn = std::sqrt(qq);
-    float qc = 0.0f;
-    for (int64_t d = 0; d < D; ++d) qc += qb[d] * st.center[d];
-    rb.query_center_dot = qc;
-    const float qc_error = 2 * D * kEpsF32 * qn * center_norm;  // fp32 error of q . c
-    switch (metric) {
-      case Metric::L2: {  // rank = 2 q'.k' - |k'|^2, q' = q - c, k' = k - c
-        std::vector<float> centered(qb, qb + D);
-        for (int64_t d = 0; d < D; ++d) centered[d] -= st.center[d];
-        const float cq = norm2(centered.data(), D);
-        const FlushError flush = flush_error(D, std::sqrt(cq));
-        rb.a = 2 * (dot_factor * std::sqrt(cq) + flush.per_key);  // s = |k'|
-        rb.c_t = (D + 2) * kEpsF32 + slack;  // t = |k'|^2 (its own fp32 error + slack)
-        rb.c0 = slack * cq + 2 * flush.rest;
-        break;
-      }
-      case Metric::IP: {  // rank = q.(k - c) + q.c
-        const FlushError flush = flush_error(D, qn);
-        rb.a = dot_factor * qn + flush.per_key;  // s = |k - c|
-        rb.c_t = slack * qn;                     // t = |k|
-        rb.c0 = qc_error + flush.rest;
-        break;
-      }
-      default: {  // rank = (q.(k - c) + q.c) / |k|
-        const FlushError flush = flush_error(D, qn);
-        rb.a = dot_factor * qn + flush.per_key;  // s = |k - c| / |k|
-        rb.c_t = qc_error + flush.rest;          // t = 1 / |k|
-        rb.c0 = slack * qn;
-        break;
-      }
-    }
-  }
+  for (int64_t b = 0; b < B; ++b)
+    st.bounds[b] = row_bound(metric, q + b * D, st.center.data(), center_norm, D, dot_factor);
   return st;
 }
 

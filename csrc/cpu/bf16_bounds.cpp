@@ -1,0 +1,86 @@
+// The error model of knn_search's bf16 plans; see bf16_bounds.h and, for how the bounds are
+// used, the comment at the top of knn_search_bf16.cpp.
+#include "cpu/bf16_bounds.h"
+
+#include <cmath>
+#include <vector>
+
+namespace knnfast::cpu {
+namespace {
+
+// Twice the smallest normal fp32 (= bf16) number: what one flushed subnormal can cost, with room
+// for the rounding of the terms it is added to.
+constexpr float kFlushUnit = 2.0f * 1.17549435e-38f;
+
+// Absolute error of one dot from flushed subnormals: an input x_i flushed to zero drops
+// |x_i y_i| < 2^-126 |y_i|, so at most 2^-126 sqrt(D) (|q'| + |k'|) over the row (Cauchy-
+// Schwarz); each of the D partial sums and the output can lose 2^-126 more. Returned as
+// {per |k'|, per |q'| and constant}: err = first * |k'| + second(|q'|).
+struct FlushError {
+  float per_key, rest;
+};
+FlushError flush_error(int64_t D, float query_norm) {
+  const float root = std::sqrt(float(D));
+  return {kFlushUnit * root, kFlushUnit * (root * query_norm + float(D + 1))};
+}
+
+}  // namespace
+
+float norm2(const float* x, int64_t D) {
+  float s = 0.0f;
+  for (int64_t d = 0; d < D; ++d) s += x[d] * x[d];
+  return s;
+}
+
+// bf16 rounding of both factors, fp32 accumulation over D terms (Cauchy-Schwarz turns
+// sum |q_i| |k_i| into |q| |k|) and, for bf16_gemm, the bf16 output (see the file comment of
+// knn_search_bf16.cpp). tests/test_knn_search_plans.py pins each term with a D = 1 worst case.
+float dot_error_factor(bool gemm, int64_t D) {
+  const float u = kUnitRoundoffBf16;
+  if (!gemm) return (2 * u + u * u + (D + 4) * kEpsF32) * 1.0001f;
+  const float accumulation = 2 * (D + 4) * kEpsF32;
+  const float output = 2 * u * (1 + u) * (1 + u) * (1 + accumulation);
+  return (2 * u + u * u + accumulation + output) * 1.0001f;
+}
+
+// The dot's error (dot_error_factor, flush_error) and a relative slack for the fp32
+// arithmetic that forms and compares ranks (exact rescoring included).
+RowBound row_bound(Metric metric, const float* q, const float* c, float center_norm, int64_t D,
+                   float dot_factor) {
+  const float slack = (D + 16) * 2 * kEpsF32;
+  const float qq = norm2(q, D), qn = std::sqrt(qq);
+  float qc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) qc += q[d] * c[d];
+  RowBound rb;
+  rb.query_center_dot = qc;
+  const float qc_error = 2 * D * kEpsF32 * qn * center_norm;  // fp32 error of q . c
+  switch (metric) {
+    case Metric::L2: {  // rank = 2 q'.k' - |k'|^2, q' = q - c, k' = k - c
+      std::vector<float> centered(q, q + D);
+      for (int64_t d = 0; d < D; ++d) centered[d] -= c[d];
+      const float cq = norm2(centered.data(), D);
+      const FlushError flush = flush_error(D, std::sqrt(cq));
+      rb.a = 2 * (dot_factor * std::sqrt(cq) + flush.per_key);  // s = |k'|
+      rb.c_t = (D + 2) * kEpsF32 + slack;  // t = |k'|^2 (its own fp32 error + slack)
+      rb.c0 = slack * cq + 2 * flush.rest;
+      break;
+    }
+    case Metric::IP: {  // rank = q.(k - c) + q.c
+      const FlushError flush = flush_error(D, qn);
+      rb.a = dot_factor * qn + flush.per_key;  // s = |k - c|
+      rb.c_t = slack * qn;                     // t = |k|
+      rb.c0 = qc_error + flush.rest;
+      break;
+    }
+    default: {  // rank = (q.(k - c) + q.c) / |k|
+      const FlushError flush = flush_error(D, qn);
+      rb.a = dot_factor * qn + flush.per_key;  // s = |k - c| / |k|
+      rb.c_t = qc_error + flush.rest;          // t = 1 / |k|
+      rb.c0 = slack * qn;
+      break;
+    }
+  }
+  return rb;
+}
+
+}  // namespace knnfast::cpu

@@ -21,7 +21,7 @@ TORCH_LIBRARY(knnfast, m) {
   // scores [B, k] float32 (descending), indices [B, k] int64 rows of keys: the exact top k of
   // each query over the union of the lists it probes (an IVF search step).
   m.def("knn_search_lists(Tensor queries, Tensor keys, Tensor list_offsets, Tensor probes, "
-        "int k, str metric, Tensor? exclude) -> (Tensor, Tensor)");
+        "int k, str metric, Tensor? exclude, str plan=\"auto\") -> (Tensor, Tensor)");
   // queries [B, D], keys [N, D], indices [B, k] -> exact scores [B, k]
   m.def("knn_rescore(Tensor queries, Tensor keys, Tensor indices, str metric) -> Tensor");
   // scores [B, k], tokens [B, k] -> probs [B, V]

@@ -170,13 +170,15 @@ SearchArgs check_knn_search_args(const at::Tensor& queries, const at::Tensor& ke
   return args;
 }
 
-Metric check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
-                                   const at::Tensor& list_offsets, const at::Tensor& probes,
-                                   int64_t k, const std::string& metric,
-                                   const c10::optional<at::Tensor>& exclude, Backend backend) {
+SearchArgs check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
+                                       const at::Tensor& list_offsets, const at::Tensor& probes,
+                                       int64_t k, const std::string& metric,
+                                       const c10::optional<at::Tensor>& exclude,
+                                       const std::string& plan, Backend backend) {
   constexpr const char* op = "knn_search_lists";
   check_on_backend(queries, backend, op, "queries");
-  const Metric m = parse_metric(metric, op);
+  SearchArgs args;
+  args.metric = parse_metric(metric, op);
   check_search_inputs(queries, keys, k, op);
   check_same_device(list_offsets, queries.device(), op, "list_offsets");
   check_integer(list_offsets, op, "list_offsets");
@@ -190,7 +192,9 @@ Metric check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& 
                     ": probes must have shape [", queries.size(0),
                     ", P] with P >= 1 (list ids per query), got ", probes.sizes());
   if (exclude.has_value()) check_exclude_arg(*exclude, queries, op);
-  return m;
+  args.plan = backend == Backend::CPU ? parse_plan(plan, kCpuListsPlans, "CPU", op)
+                                      : parse_plan(plan, kCudaListsPlans, "CUDA", op);
+  return args;
 }
 
 Metric check_knn_rescore_args(const at::Tensor& queries, const at::Tensor& keys,

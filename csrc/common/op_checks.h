@@ -41,12 +41,14 @@ SearchArgs check_knn_search_args(const at::Tensor& queries, const at::Tensor& ke
                                  const std::string& plan, Backend backend);
 
 // knn_search_lists: queries and keys as knn_search (keys grouped by list), list_offsets [L + 1]
-// integer with L >= 1, probes [B, P] integer with P >= 1, exclude [B] integer. Returns the
-// metric. (Offsets, probe and exclude values are each backend's value check.)
-Metric check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
-                                   const at::Tensor& list_offsets, const at::Tensor& probes,
-                                   int64_t k, const std::string& metric,
-                                   const c10::optional<at::Tensor>& exclude, Backend backend);
+// integer with L >= 1, probes [B, P] integer with P >= 1, exclude [B] integer, plan one of the
+// backend's (common/plans.h). Returns the metric and the plan's index. (Offsets, probe and
+// exclude values are each plan's value check.)
+SearchArgs check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
+                                       const at::Tensor& list_offsets, const at::Tensor& probes,
+                                       int64_t k, const std::string& metric,
+                                       const c10::optional<at::Tensor>& exclude,
+                                       const std::string& plan, Backend backend);
 
 // knn_rescore: queries [B, D] float, keys [N, D] float, indices [B, k] integer.
 Metric check_knn_rescore_args(const at::Tensor& queries, const at::Tensor& keys,

@@ -1,4 +1,4 @@
-// Kernel plans: the explicit `plan` argument of knn_search and knn_interpolate (tests and
+// Kernel plans: the explicit `plan` argument of knn_search, knn_search_lists and knn_interpolate (tests and
 // benchmarks force a variant with it; "auto" is the choice the op makes itself). The names are
 // listed per op and backend in the order of their enum; common/torch_checks.h parses them.
 #pragma once
@@ -20,6 +20,13 @@ inline constexpr std::array<const char*, 5> kCpuSearchPlans{"auto", "stream", "g
 enum class CudaSearchPlan : int { Auto = 0, Stream, Tensor, TensorRecheck };
 inline constexpr std::array<const char*, 4> kCudaSearchPlans{"auto", "stream", "tensor",
                                                              "tensor_recheck"};
+
+// knn_search_lists: CPU "scan" (auto; csrc/cpu/knn_search_lists_cpu.cpp reads each probed list
+// once for all its queries) or "rescore" (common/lists_rescore.h: candidates scored by
+// knn_rescore, then sorted; what CUDA runs, so the CPU tests cover it); CUDA has only rescore.
+enum class CpuListsPlan : int { Auto = 0, Scan, Rescore };
+inline constexpr std::array<const char*, 3> kCpuListsPlans{"auto", "scan", "rescore"};
+inline constexpr std::array<const char*, 2> kCudaListsPlans{"auto", "rescore"};
 
 // knn_interpolate: the CPU has one plan; CUDA keeps each logits row in shared memory between
 // its two passes where it fits (auto = row_cache) or never (global: re-read from L2).

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_utils.h"
+#include "cpu/knn_rescore_cpu.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {

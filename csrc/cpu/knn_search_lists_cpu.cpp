@@ -8,7 +8,8 @@
 // queries that probe its list. The heaps see only the keys rank_above finds above their root.
 // Lists are split into one contiguous run per thread, balanced by work (queries x keys); each
 // thread keeps its own per-row heaps, merged at the end. Keys are visited in increasing row
-// order within a thread, so ties go to the smaller row exactly as in knn_search.
+// order within a thread, so ties go to the smaller row exactly as in knn_search. This is plan
+// "scan" (= auto); plan "rescore" runs CUDA's composition (common/lists_rescore.h) instead.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,7 +18,10 @@
 #include <cstring>
 #include <vector>
 
+#include "common/lists_rescore.h"
+#include "common/plans.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/knn_rescore_cpu.h"
 #include "cpu/list_scan.h"
 #include "cpu/topk_merge.h"
 
@@ -172,12 +176,16 @@ void check_values(const SearchInputs& in, const at::Tensor& offsets, const at::T
 std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
     const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& list_offsets,
     const at::Tensor& probes_in, int64_t k, const std::string& metric,
-    const c10::optional<at::Tensor>& exclude) {
-  const Metric m = check_knn_search_lists_args(queries, keys, list_offsets, probes_in, k, metric,
-                                               exclude, Backend::CPU);
+    const c10::optional<at::Tensor>& exclude, const std::string& plan) {
+  const SearchArgs args = check_knn_search_lists_args(queries, keys, list_offsets, probes_in, k,
+                                                      metric, exclude, plan, Backend::CPU);
+  const Metric m = args.metric;
   const SearchInputs in = search_inputs(queries, keys, k, m, c10::nullopt, exclude);
   const at::Tensor offsets = as_int64(list_offsets);
   const at::Tensor probes = as_int64(probes_in);
+  if (static_cast<CpuListsPlan>(args.plan) == CpuListsPlan::Rescore)
+    return knn_search_lists_rescore(in.queries, in.keys, offsets, probes, k, metric, in.exclude,
+                                    &knn_rescore_cpu);
   check_values(in, offsets, probes);
   const int64_t B = in.queries.size(0), L = offsets.size(0) - 1;
   at::Tensor out_s = at::empty({B, k}, in.queries.options());

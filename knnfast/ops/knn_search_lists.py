@@ -14,10 +14,15 @@ from torch import Tensor
 from . import args
 from .library import OPS
 
+#: Kernel plans per device type: CPU "scan" (auto: each probed list read once for all its
+#: queries) or "rescore" (candidates scored by knn_rescore, then sorted: the code CUDA runs);
+#: CUDA has only "rescore" for now.
+PLANS = {"cpu": ("auto", "scan", "rescore"), "cuda": ("auto", "rescore")}
+
 
 def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes: Tensor,
-                     k: int, metric: str = "l2", *,
-                     exclude: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                     k: int, metric: str = "l2", *, exclude: Optional[Tensor] = None,
+                     plan: str = "auto") -> Tuple[Tensor, Tensor]:
     """Exact k nearest keys of every query among the lists it probes, in one call.
 
     The keys are grouped by list: list ``l`` is rows ``list_offsets[l]:list_offsets[l+1]``
@@ -34,6 +39,10 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
         k: neighbours per query, 1 <= k <= 2048; fewer candidates pad with (-inf, -1).
         metric: "l2" (score = -|q-k|^2), "ip" or "cos", as ``knn_search``.
         exclude: optional [B] integer: one key row per query never returned (-1 = none).
+        plan: kernel variant (``PLANS``); every plan gives the same result. CPU "scan" (the
+            default) reads each probed list once for all the queries that probe it;
+            "rescore" expands the probed lists into candidates for ``knn_rescore`` and sorts
+            (B x P x longest list in memory): the code CUDA runs.
 
     Returns:
         (scores [B, k] float32 descending, indices [B, k] int64 rows of ``keys``); ties go to
@@ -46,9 +55,10 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
         >>> i[0].tolist(), sorted(i[1].tolist())[0] >= 2
         ([0, 1], True)
     """
-    check_lists_call("knn_search_lists", queries, keys, list_offsets, probes, k, metric,
-                     exclude)
-    return OPS.knn_search_lists(queries, keys, list_offsets, probes, k, metric, exclude)
+    op = "knn_search_lists"
+    check_lists_call(op, queries, keys, list_offsets, probes, k, metric, exclude)
+    args.check_choice(op, "plan", plan, PLANS.get(queries.device.type, ("auto",)))
+    return OPS.knn_search_lists(queries, keys, list_offsets, probes, k, metric, exclude, plan)
 
 
 def check_lists_call(op: str, queries, keys, list_offsets, probes, k, metric, exclude) -> None:
@@ -78,7 +88,7 @@ def check_lists_meta(op: str, queries: Tensor, keys: Tensor, list_offsets: Tenso
 
 
 @torch.library.register_fake("knnfast::knn_search_lists")
-def _(queries, keys, list_offsets, probes, k, metric, exclude):
+def _(queries, keys, list_offsets, probes, k, metric, exclude, plan="auto"):
     check_lists_meta("knn_search_lists", queries, keys, list_offsets, probes, k, exclude)
     shape = (queries.shape[0], k)
     return (queries.new_empty(shape, dtype=torch.float32),

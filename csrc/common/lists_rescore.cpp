@@ -1,0 +1,88 @@
+// knn_search_lists' plan "rescore" (see lists_rescore.h): device-agnostic ATen code.
+#include "common/lists_rescore.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "common/messages.h"
+
+namespace knnfast {
+namespace {
+
+constexpr const char* kOp = "knn_search_lists";
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The position of the first true element of a bool tensor, or -1 (one host sync).
+int64_t first_true(const at::Tensor& mask) {
+  const at::Tensor at_ = mask.reshape({-1}).nonzero();
+  return at_.numel() ? at_[0][0].item<int64_t>() : -1;
+}
+
+// The CPU kernel's value checks (common/messages.h texts), as tensor ops with host syncs.
+void check_values(const at::Tensor& queries, const at::Tensor& offsets, const at::Tensor& probes,
+                  const at::Tensor& exclude, int64_t N) {
+  if (!at::isfinite(queries).all().item<bool>()) raise_bad_queries(kOp);
+  const int64_t L = offsets.size(0) - 1;
+  at::Tensor bad = offsets.gt(N);
+  bad[0].logical_or_(offsets[0].ne(0));
+  bad.slice(0, 1).logical_or_(offsets.slice(0, 1).lt(offsets.slice(0, 0, L)));
+  bad[L].logical_or_(offsets[L].ne(N));
+  int64_t pos = first_true(bad);
+  if (pos >= 0) raise_bad_offsets(kOp, N, offsets[pos].item<int64_t>(), pos);
+  pos = first_true(probes.lt(-1).logical_or_(probes.ge(L)));
+  if (pos >= 0) raise_bad_id(kOp, "probes", L, probes.reshape({-1})[pos].item<int64_t>(), pos);
+  if (!exclude.defined()) return;
+  pos = first_true(exclude.lt(-1).logical_or_(exclude.ge(N)));
+  if (pos >= 0) raise_bad_exclude(kOp, N, exclude[pos].item<int64_t>(), pos);
+}
+
+// Candidate rows [B, P * M] of each row's distinct probed lists (-1: none, or excluded).
+at::Tensor candidates(const at::Tensor& offsets, const at::Tensor& probes,
+                      const at::Tensor& exclude) {
+  const int64_t L = offsets.size(0) - 1;
+  const at::Tensor sorted = std::get<0>(probes.sort(1));
+  at::Tensor drop = sorted.lt(0);
+  drop.slice(1, 1).logical_or_(sorted.slice(1, 1).eq(sorted.slice(1, 0, -1)));
+  const at::Tensor lists = sorted.clamp_min(0);
+  const at::Tensor sizes = offsets.slice(0, 1) - offsets.slice(0, 0, L);
+  const at::Tensor first = offsets.index_select(0, lists.reshape({-1})).view_as(lists);
+  const at::Tensor count =
+      sizes.index_select(0, lists.reshape({-1})).view_as(lists).masked_fill(drop, 0);
+  const int64_t M = std::max<int64_t>(1, count.max().item<int64_t>());
+  const at::Tensor step = at::arange(M, offsets.options());
+  const at::Tensor cand = first.unsqueeze(2) + step;
+  at::Tensor keep = step.lt(count.unsqueeze(2));
+  if (exclude.defined()) keep.logical_and_(cand.ne(exclude.view({-1, 1, 1})));
+  return cand.masked_fill(keep.logical_not(), -1).view({probes.size(0), -1});
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_search_lists_rescore(
+    const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& offsets,
+    const at::Tensor& probes, int64_t k, const std::string& metric, const at::Tensor& exclude,
+    Rescorer rescore) {
+  const int64_t B = queries.size(0);
+  check_values(queries, offsets, probes, exclude, keys.size(0));
+  if (B == 0) return {at::empty({0, k}, queries.options()), at::empty({0, k}, offsets.options())};
+  const at::Tensor cand = candidates(offsets, probes, exclude).contiguous();
+  const int64_t C = cand.size(1);
+  at::Tensor scores = rescore(queries, keys, cand, metric);  // -inf for the -1 candidates
+  // NaN keys are never returned, like knn_search (only NaN: a +-inf score stays as it is)
+  scores = scores.masked_fill(scores.isnan(), kNegInf);
+  // score descending, ties to the smaller row: a stable sort by row, then by score
+  const at::Tensor id_key = cand.masked_fill(cand.lt(0), std::numeric_limits<int64_t>::max());
+  const at::Tensor by_id = std::get<1>(id_key.sort(/*stable=*/true, 1, false));
+  const at::Tensor s1 = scores.gather(1, by_id), i1 = cand.gather(1, by_id);
+  const at::Tensor by_score = std::get<1>(s1.sort(/*stable=*/true, 1, true));
+  const int64_t take = std::min(k, C);
+  at::Tensor out_s = at::full({B, k}, kNegInf, queries.options());
+  at::Tensor out_i = at::full({B, k}, -1, offsets.options());
+  const at::Tensor top = by_score.slice(1, 0, take);
+  out_s.slice(1, 0, take).copy_(s1.gather(1, top));
+  out_i.slice(1, 0, take).copy_(i1.gather(1, top));
+  out_i.masked_fill_(out_s.isneginf(), -1);
+  return {out_s, out_i};
+}
+
+}  // namespace knnfast

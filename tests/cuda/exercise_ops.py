@@ -29,6 +29,7 @@ from knnfast.ops import settings  # noqa: E402
 # the op modules (knnfast.ops re-exports their functions under the same names)
 SEARCH_PLANS = importlib.import_module("knnfast.ops.knn_search").PLANS
 INTERPOLATE_PLANS = importlib.import_module("knnfast.ops.knn_interpolate").PLANS
+LISTS_PLANS = importlib.import_module("knnfast.ops.knn_search_lists").PLANS
 
 B, N, D, K, V = 37, 1203, 70, 8, 997
 
@@ -59,12 +60,13 @@ def search_calls(dev: str) -> List[tuple]:
     offsets = torch.tensor([0, 5, 5, 400, 401, 900, N])
     probes = torch.randint(-1, 6, (B, 3), generator=g)
 
-    def lists():
-        s, i = knnfast.knn_search_lists(q.to(dev), keys.to(dev), offsets.to(dev),
-                                        probes.to(dev), K, "l2")
-        rs, ri = ref.knn_search_lists(q, keys.float(), offsets, probes, K, "l2")
-        return same_neighbours(s, i, rs, ri)
-    calls.append(("knn_search_lists fp16 l2", lists))
+    for plan in LISTS_PLANS[dev.split(":")[0]]:
+        def lists(plan=plan):
+            s, i = knnfast.knn_search_lists(q.to(dev), keys.to(dev), offsets.to(dev),
+                                            probes.to(dev), K, "l2", plan=plan)
+            rs, ri = ref.knn_search_lists(q, keys.float(), offsets, probes, K, "l2")
+            return same_neighbours(s, i, rs, ri)
+        calls.append((f"knn_search_lists fp16 l2 plan={plan}", lists))
     idx = torch.randint(-1, N, (B, K), generator=g)
 
     def rescore():

@@ -15,7 +15,7 @@ Kernel / variant -> tests:
 """
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
@@ -193,7 +193,6 @@ def test_portable_body_matches():
 # ------------------------------------------------------------------ properties
 
 
-@settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 20), N=st.integers(1, 400), D=st.integers(1, 40), L=st.integers(1, 30),
        P=st.integers(1, 6), k=st.integers(1, 40), metric=st.sampled_from(METRICS),
        seed=st.integers(0, 2**31 - 1), half=st.booleans())

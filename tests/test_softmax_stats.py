@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
@@ -113,7 +113,6 @@ def test_ties_and_duplicates():
     torch.testing.assert_close(top, (torch.tensor([[3.0, 3.0, 3.0, 2.0]]) - lse))
 
 
-@settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 5), V=st.integers(1, 300), top_frac=st.floats(0.0, 1.0),
        scale=st.sampled_from([0.1, 3.0, 80.0]), masked=st.sampled_from([0.0, 0.5, 0.95]),
        seed=st.integers(0, 2**31 - 1))

@@ -72,7 +72,8 @@ TORCH_LIBRARY(knnfast, m) {
   // (0 log 0 = 0) and the `top` largest log-probabilities, descending; a row of only -inf
   // gives (0, -inf). What retrieval skipping decides from, without a [B, V] temporary.
   // entropy=false skips the entropy's pass over the logits; its output is then empty [0].
-  m.def("softmax_stats(Tensor logits, int top, bool entropy=True) -> (Tensor, Tensor)");
+  m.def("softmax_stats(Tensor logits, int top, bool entropy=True, str plan=\"auto\") -> "
+        "(Tensor, Tensor)");
   m.def("build_info() -> str", &knnfast::build_info);
   // process-wide setting name ("cuda_checks", "debug") := value; returns the previous value
   m.def("configure(str name, int value) -> int", &knnfast::configure);

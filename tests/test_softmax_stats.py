@@ -6,9 +6,10 @@ Sections: parity with knnfast.reference and float64 math; hand-computed rows; pr
 
 Kernel / variant -> tests:
 
-  CPU kernel, AVX-512 body (row_entropy, row_top_values)   every [cpu] test
-  CPU kernel, portable body (KNNFAST_SIMD=generic)          test_portable_body_matches
-  CUDA composition (never ran)                              every [cuda] test
+  CPU plan fused: AVX-512 body (row_entropy, row_top_values) every [cpu-fused] test
+  CPU plan fused: portable body (KNNFAST_SIMD=generic)        test_portable_body_matches
+  plan aten (common/softmax_stats_aten.cpp: CUDA's code)      every [cpu-aten] test
+  CUDA wrapper (plan aten)                                    every [cuda-aten] test (never ran)
 """
 import math
 
@@ -18,10 +19,15 @@ from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
-from conftest import DEVICES
+from conftest import requires_cuda
 from helpers import both_simd_levels, check_bad_input
 
 INF = float("inf")
+# (device, plan): every plan of every device; "aten" on CPU is the composition CUDA runs
+DEVICE_PLANS = [pytest.param("cpu", "fused", id="cpu-fused"),
+                pytest.param("cpu", "aten", id="cpu-aten"),
+                pytest.param("cuda", "aten", id="cuda-aten", marks=requires_cuda)]
+CPU_PLANS = ["fused", "aten"]
 
 
 def _float64_stats(logits, top):
@@ -48,14 +54,14 @@ def _logits(B, V, dtype, masked, seed=0):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,plan", DEVICE_PLANS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("B,V,top", [(1, 1, 1), (3, 7, 4), (5, 33, 33), (64, 8000, 4),
                                      (2, 1000, 200), (4, 17, 1)])
 @pytest.mark.parametrize("masked", [0.0, 0.3])
-def test_parity(device, dtype, B, V, top, masked):
+def test_parity(device, plan, dtype, B, V, top, masked):
     x = _logits(B, V, dtype, masked).to(device)
-    entropy, top_logp = knnfast.softmax_stats(x, top)
+    entropy, top_logp = knnfast.softmax_stats(x, top, plan=plan)
     assert entropy.dtype == top_logp.dtype == torch.float32
     assert entropy.shape == (B,) and top_logp.shape == (B, top) and entropy.device == x.device
     r_entropy, r_top = ref.softmax_stats(x, top)
@@ -68,9 +74,14 @@ def test_parity(device, dtype, B, V, top, masked):
     torch.testing.assert_close(top_logp.cpu().double(), t64, **tol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats], ids=["op", "reference"])
-def test_hand_computed(device, impl):
+def _impls(plan):
+    return [lambda *a, **kw: knnfast.softmax_stats(*a, **kw, plan=plan), ref.softmax_stats]
+
+
+@pytest.mark.parametrize("device,plan", DEVICE_PLANS)
+@pytest.mark.parametrize("which", [0, 1], ids=["op", "reference"])
+def test_hand_computed(device, plan, which):
+    impl = _impls(plan)[which]
     x = torch.tensor([[0.0, 0.0, 0.0, 0.0],                  # uniform: log 4
                       [0.0, 0.0, -INF, -INF],                # masked: log 2, then -inf
                       [-INF, -INF, -INF, -INF],              # no mass: (0, -inf)
@@ -84,19 +95,21 @@ def test_hand_computed(device, impl):
     assert not torch.isnan(entropy).any() and not torch.isnan(top).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_empty_batch_and_non_contiguous(device):
-    e, t = knnfast.softmax_stats(torch.zeros(0, 5, device=device), 2)
+@pytest.mark.parametrize("device,plan", DEVICE_PLANS)
+def test_empty_batch_and_non_contiguous(device, plan):
+    e, t = knnfast.softmax_stats(torch.zeros(0, 5, device=device), 2, plan=plan)
     assert e.shape == (0,) and t.shape == (0, 2)
     x = _logits(9, 40, torch.float32, 0.1).to(device)
-    a, b = knnfast.softmax_stats(x.t().contiguous().t(), 3), knnfast.softmax_stats(x, 3)
+    a = knnfast.softmax_stats(x.t().contiguous().t(), 3, plan=plan)
+    b = knnfast.softmax_stats(x, 3, plan=plan)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats], ids=["op", "reference"])
-def test_without_entropy(device, impl):
+@pytest.mark.parametrize("device,plan", DEVICE_PLANS)
+@pytest.mark.parametrize("which", [0, 1], ids=["op", "reference"])
+def test_without_entropy(device, plan, which):
     """entropy=False: the same top log-probs, an empty entropy (its pass skipped)."""
+    impl = _impls(plan)[which]
     x = _logits(6, 300, torch.float32, 0.2).to(device)
     entropy, top = impl(x, 3, entropy=False)
     assert entropy.shape == (0,) and entropy.dtype == torch.float32
@@ -105,10 +118,11 @@ def test_without_entropy(device, impl):
         impl(x, 3, entropy=1)
 
 
-def test_ties_and_duplicates():
+@pytest.mark.parametrize("plan", CPU_PLANS)
+def test_ties_and_duplicates(plan):
     """Equal values each take a slot (values, not distinct values)."""
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
-    _, top = knnfast.softmax_stats(x, 4)
+    _, top = knnfast.softmax_stats(x, 4, plan=plan)
     lse = torch.logsumexp(x, 1)
     torch.testing.assert_close(top, (torch.tensor([[3.0, 3.0, 3.0, 2.0]]) - lse))
 
@@ -121,19 +135,22 @@ def test_property_matches_float64(B, V, top_frac, scale, masked, seed):
     x = torch.randn(B, V, generator=g) * scale
     x[torch.rand(B, V, generator=g) < masked] = -INF
     top = max(1, min(V, round(top_frac * V)))
-    entropy, top_logp = knnfast.softmax_stats(x, top)
     e64, t64 = _float64_stats(x, top)
-    torch.testing.assert_close(entropy.double(), e64, rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(top_logp.double(), t64, rtol=1e-5, atol=5e-5)
-    assert (entropy >= -1e-5).all()
-    assert (entropy <= torch.log((x > -INF).sum(1).clamp(min=1).double()).float() + 1e-4).all()
-    assert (top_logp[:, 1:] <= top_logp[:, :-1]).all()
+    for plan in CPU_PLANS:
+        entropy, top_logp = knnfast.softmax_stats(x, top, plan=plan)
+        torch.testing.assert_close(entropy.double(), e64, rtol=1e-5, atol=5e-5)
+        torch.testing.assert_close(top_logp.double(), t64, rtol=1e-5, atol=5e-5)
+        assert (entropy >= -1e-5).all()
+        assert (entropy <= torch.log((x > -INF).sum(1).clamp(min=1).double()).float() + 1e-4).all()
+        assert (top_logp[:, 1:] <= top_logp[:, :-1]).all()
 
 
 # ------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats], ids=["op", "reference"])
+@pytest.mark.parametrize("impl", [knnfast.softmax_stats, ref.softmax_stats,
+                                  lambda x, top: knnfast.softmax_stats(x, top, plan="aten")],
+                         ids=["op", "reference", "op-aten"])
 @pytest.mark.parametrize("bad,top,match", [
     (torch.tensor([[0.0, float("nan")], [0.0, 1.0]]), 1, "logits row 0 contains NaN"),
     (torch.tensor([[0.0, 1.0], [INF, 1.0]]), 1, "logits row 1 contains NaN or \\+inf"),
@@ -155,16 +172,25 @@ def test_top_above_max_k():
         knnfast.softmax_stats(torch.zeros(1, 5000), 2049)
 
 
+def test_bad_plan_names_the_plans_of_the_device():
+    with pytest.raises(ValueError, match=r"softmax_stats: plan must be one of \('auto', "
+                                         r"'fused', 'aten'\), got 'rescore'"):
+        knnfast.softmax_stats(torch.zeros(2, 5), 1, plan="rescore")
+    with pytest.raises(ValueError, match=r"softmax_stats: plan must be one of 'auto', 'fused', "
+                                         r"'aten' on CPU, got 'x'"):
+        torch.ops.knnfast.softmax_stats(torch.zeros(2, 5), 1, True, "x")
+
+
 # ---------------------------------------------------------------------------- opcheck
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
+@pytest.mark.parametrize("device,plan", DEVICE_PLANS)
+def test_opcheck(device, plan):
     for x, top in [(_logits(4, 50, torch.float32, 0.2), 3), (_logits(2, 9, torch.float16, 0.0), 9),
                    (torch.full((2, 6), -INF), 2)]:
         for entropy in (True, False):
             torch.library.opcheck(torch.ops.knnfast.softmax_stats.default,
-                                  (x.to(device), top, entropy))
+                                  (x.to(device), top, entropy, plan))
 
 
 def test_compiles():

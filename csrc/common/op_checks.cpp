@@ -308,7 +308,8 @@ void check_label_counts_args(const at::Tensor& tokens, Backend backend) {
   check_integer(tokens, op, "tokens");
 }
 
-void check_softmax_stats_args(const at::Tensor& logits, int64_t top, Backend backend) {
+int check_softmax_stats_args(const at::Tensor& logits, int64_t top, const std::string& plan,
+                             Backend backend) {
   constexpr const char* op = "softmax_stats";
   check_logits_arg(logits, backend, op);
   const int64_t V = logits.size(1);
@@ -317,6 +318,8 @@ void check_softmax_stats_args(const at::Tensor& logits, int64_t top, Backend bac
   TORCH_CHECK_VALUE(top >= 1 && top <= most, op, ": top must be an int in [1, ", most,
                     "] (the vocabulary size V = ", V, ", at most MAX_K = ", kMaxK, "), got ",
                     top);
+  return backend == Backend::CPU ? parse_plan(plan, kCpuSoftmaxStatsPlans, "CPU", op)
+                                 : parse_plan(plan, kCudaSoftmaxStatsPlans, "CUDA", op);
 }
 
 }  // namespace knnfast

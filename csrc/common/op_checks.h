@@ -106,7 +106,9 @@ void check_knn_kd_linear_loss_args(const at::Tensor& hidden, const at::Tensor& w
 // label_counts: tokens [B, k] integer.
 void check_label_counts_args(const at::Tensor& tokens, Backend backend);
 
-// softmax_stats: logits [B, V > 0] floating; top in [1, min(V, MAX_K)].
-void check_softmax_stats_args(const at::Tensor& logits, int64_t top, Backend backend);
+// softmax_stats: logits [B, V > 0] floating; top in [1, min(V, MAX_K)]; plan one of the
+// backend's (common/plans.h). Returns the plan's index.
+int check_softmax_stats_args(const at::Tensor& logits, int64_t top, const std::string& plan,
+                             Backend backend);
 
 }  // namespace knnfast

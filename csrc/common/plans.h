@@ -1,4 +1,5 @@
-// Kernel plans: the explicit `plan` argument of knn_search, knn_search_lists and knn_interpolate (tests and
+// Kernel plans: the explicit `plan` argument of knn_search, knn_search_lists, softmax_stats and
+// knn_interpolate (tests and
 // benchmarks force a variant with it; "auto" is the choice the op makes itself). The names are
 // listed per op and backend in the order of their enum; common/torch_checks.h parses them.
 #pragma once
@@ -27,6 +28,13 @@ inline constexpr std::array<const char*, 4> kCudaSearchPlans{"auto", "stream", "
 enum class CpuListsPlan : int { Auto = 0, Scan, Rescore };
 inline constexpr std::array<const char*, 3> kCpuListsPlans{"auto", "scan", "rescore"};
 inline constexpr std::array<const char*, 2> kCudaListsPlans{"auto", "rescore"};
+
+// softmax_stats: CPU "fused" (auto; csrc/cpu/softmax_stats_cpu.cpp: three reads of each row,
+// no [B, V] temporary) or "aten" (common/softmax_stats_aten.h: log-softmax and topk in ATen
+// ops; what CUDA runs, so the CPU tests cover it); CUDA has only aten.
+enum class CpuSoftmaxStatsPlan : int { Auto = 0, Fused, Aten };
+inline constexpr std::array<const char*, 3> kCpuSoftmaxStatsPlans{"auto", "fused", "aten"};
+inline constexpr std::array<const char*, 2> kCudaSoftmaxStatsPlans{"auto", "aten"};
 
 // knn_interpolate: the CPU has one plan; CUDA keeps each logits row in shared memory between
 // its two passes where it fits (auto = row_cache) or never (global: re-read from L2).

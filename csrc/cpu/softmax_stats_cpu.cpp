@@ -1,13 +1,16 @@
 // softmax_stats on CPU: per row, one read of the logits for the log-sum-exp (row_logsumexp),
 // one for the entropy and one for the top values, while the row is still in L1/L2; no [B, V]
 // temporary (a decoding step that only decides whether to search should not pay for a
-// softmax's worth of fresh memory).
+// softmax's worth of fresh memory). This is plan "fused" (= auto); plan "aten" runs CUDA's
+// composition (common/softmax_stats_aten.h) instead.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 
+#include "common/plans.h"
+#include "common/softmax_stats_aten.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/vec_math.h"
 
@@ -36,8 +39,10 @@ bool row_stats(const float* x, int64_t V, int64_t top, float* entropy, float* to
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> softmax_stats_cpu(const at::Tensor& logits_in, int64_t top,
-                                                     bool with_entropy) {
-  check_softmax_stats_args(logits_in, top, Backend::CPU);
+                                                     bool with_entropy, const std::string& plan) {
+  const int p = check_softmax_stats_args(logits_in, top, plan, Backend::CPU);
+  if (static_cast<CpuSoftmaxStatsPlan>(p) == CpuSoftmaxStatsPlan::Aten)
+    return softmax_stats_aten(logits_in, top, with_entropy);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
   const auto options = logits.options().dtype(at::kFloat);

@@ -14,8 +14,14 @@ from ..defaults import MAX_K
 from . import args
 from .library import OPS
 
+#: Kernel plans per device type: CPU "fused" (auto: one pass per statistic over each row, no
+#: [B, V] temporary) or "aten" (log-softmax and topk in ATen ops: the code CUDA runs); CUDA has
+#: only "aten".
+PLANS = {"cpu": ("auto", "fused", "aten"), "cuda": ("auto", "aten")}
 
-def softmax_stats(logits: Tensor, top: int = 1, *, entropy: bool = True) -> Tuple[Tensor, Tensor]:
+
+def softmax_stats(logits: Tensor, top: int = 1, *, entropy: bool = True,
+                  plan: str = "auto") -> Tuple[Tensor, Tensor]:
     """(entropy [B], top_logp [B, top]), float32, of p = softmax(logits [B, V]).
 
     entropy = -sum_v p_v log p_v (masked -inf logits add 0); top_logp = the ``top`` largest
@@ -23,7 +29,7 @@ def softmax_stats(logits: Tensor, top: int = 1, *, entropy: bool = True) -> Tupl
     -inf gives (0, -inf); NaN or +inf in a row is a ValueError. ``top`` in [1, min(V, MAX_K)].
     ``entropy=False`` skips the entropy's pass over the logits (the first output is then an
     empty [0] tensor): what a max-probability test needs. Not differentiable: it reads
-    ``logits.detach()``.
+    ``logits.detach()``. ``plan``: kernel variant (``PLANS``), the same result either way.
 
         entropy, top = knnfast.softmax_stats(logits, top=4)
     """
@@ -31,11 +37,12 @@ def softmax_stats(logits: Tensor, top: int = 1, *, entropy: bool = True) -> Tupl
     args.check_tensor(op, "logits", logits)
     args.check_int(op, "top", top, 1, MAX_K)
     args.check_bool(op, "entropy", entropy)
-    return OPS.softmax_stats(logits.detach(), top, entropy)
+    args.check_choice(op, "plan", plan, PLANS.get(logits.device.type, ("auto",)))
+    return OPS.softmax_stats(logits.detach(), top, entropy, plan)
 
 
 @torch.library.register_fake("knnfast::softmax_stats")
-def _(logits, top, entropy=True):
+def _(logits, top, entropy=True, plan="auto"):
     op = "softmax_stats"
     args.check_logits_input(op, logits)
     most = min(logits.shape[1], MAX_K)

@@ -30,6 +30,7 @@ from knnfast.ops import settings  # noqa: E402
 SEARCH_PLANS = importlib.import_module("knnfast.ops.knn_search").PLANS
 INTERPOLATE_PLANS = importlib.import_module("knnfast.ops.knn_interpolate").PLANS
 LISTS_PLANS = importlib.import_module("knnfast.ops.knn_search_lists").PLANS
+STATS_PLANS = importlib.import_module("knnfast.ops.softmax_stats").PLANS
 
 B, N, D, K, V = 37, 1203, 70, 8, 997
 
@@ -100,9 +101,11 @@ def row_calls(dev: str) -> List[tuple]:
                                  lam=lam))),
         ("label_counts", lambda: close(knnfast.label_counts(d(tokens)),
                                        ref.label_counts(tokens))),
-        ("softmax_stats", lambda: all(close(a, b) for a, b in zip(
-            knnfast.softmax_stats(d(logits), 3), ref.softmax_stats(logits, 3)))),
     ]
+    for plan in STATS_PLANS[dev.split(":")[0]]:
+        calls.append((f"softmax_stats plan={plan}", lambda plan=plan: all(
+            close(a, b) for a, b in zip(knnfast.softmax_stats(d(logits), 3, plan=plan),
+                                        ref.softmax_stats(logits, 3)))))
     for plan in INTERPOLATE_PLANS[dev.split(":")[0]]:
         calls.append((f"knn_interpolate plan={plan}", lambda plan=plan: close(
             knnfast.knn_interpolate(d(logits), d(tokens), scores=d(scores), temperature=d(temp),

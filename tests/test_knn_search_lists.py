@@ -128,6 +128,21 @@ def test_every_list_probed_is_knn_search(device, plan, metric):
 
 
 @pytest.mark.parametrize("device,plan", DEVICE_PLANS)
+def test_zero_scores_tie(device, plan):
+    """Zero scores (ip: orthogonal keys; l2: exact matches, scored -0) tie and go to the
+    smaller row."""
+    q = torch.tensor([[1.0, 0.0]], device=device)
+    keys = torch.tensor([[0.0, 5.0], [-0.0, -0.0], [1.0, 0.0], [-1.0, 0.0], [1.0, -0.0]],
+                        device=device)
+    args = (torch.tensor([0, 5], device=device), torch.tensor([[0]], device=device), 5)
+    s, i = knnfast.knn_search_lists(q, keys, *args, "ip", plan=plan)
+    assert i.cpu().tolist() == [[2, 4, 0, 1, 3]]
+    assert s.cpu().tolist() == [[1.0, 1.0, 0.0, 0.0, -1.0]]
+    s, i = knnfast.knn_search_lists(q, keys, *args, "l2", plan=plan)
+    assert i.cpu().tolist() == [[2, 4, 1, 3, 0]] and s[0, :2].cpu().tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("device,plan", DEVICE_PLANS)
 def test_duplicate_and_missing_probes(device, plan):
     """A list probed twice counts once; -1 probes nothing; a row without lists is padding."""
     q, keys, offsets, _, _ = case(4, 400, 8, 6, 1, device=device)

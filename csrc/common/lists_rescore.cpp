@@ -56,6 +56,20 @@ at::Tensor candidates(const at::Tensor& offsets, const at::Tensor& probes,
   return cand.masked_fill(keep.logical_not(), -1).view({probes.size(0), -1});
 }
 
+// One int64 per candidate whose order is knn_search's: score descending, then row ascending,
+// so that one topk replaces two stable sorts. High 32 bits: the score's bits mapped to an int32
+// that orders like the float (NaN is already -inf; -0 is made +0 first because float
+// comparison has them equal: knn_rescore's sums never give -0, but l2's exact matches are
+// -0 and a scorer mixing both signs must still tie them); low 32 bits: 2^32 - 1 - row (0 for
+// the -1 candidates).
+at::Tensor order_keys(const at::Tensor& scores, const at::Tensor& cand) {
+  const at::Tensor bits = (scores + 0.0).view(at::kInt);
+  const at::Tensor monotone = at::where(bits.lt(0), bits.bitwise_xor(0x7FFFFFFF), bits);
+  const at::Tensor low = at::where(cand.lt(0), at::zeros({}, cand.options()),
+                                   int64_t(0xFFFFFFFF) - cand);
+  return monotone.to(at::kLong).mul(int64_t(1) << 32).add_(low);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> knn_search_lists_rescore(
@@ -64,23 +78,20 @@ std::tuple<at::Tensor, at::Tensor> knn_search_lists_rescore(
     Rescorer rescore) {
   const int64_t B = queries.size(0);
   check_values(queries, offsets, probes, exclude, keys.size(0));
+  TORCH_CHECK_VALUE(keys.size(0) < (int64_t(1) << 32) - 1, kOp, ": plan 'rescore' takes fewer "
+                    "than 2^32 - 1 keys, got ", keys.size(0));
   if (B == 0) return {at::empty({0, k}, queries.options()), at::empty({0, k}, offsets.options())};
   const at::Tensor cand = candidates(offsets, probes, exclude).contiguous();
   const int64_t C = cand.size(1);
   at::Tensor scores = rescore(queries, keys, cand, metric);  // -inf for the -1 candidates
   // NaN keys are never returned, like knn_search (only NaN: a +-inf score stays as it is)
   scores = scores.masked_fill(scores.isnan(), kNegInf);
-  // score descending, ties to the smaller row: a stable sort by row, then by score
-  const at::Tensor id_key = cand.masked_fill(cand.lt(0), std::numeric_limits<int64_t>::max());
-  const at::Tensor by_id = std::get<1>(id_key.sort(/*stable=*/true, 1, false));
-  const at::Tensor s1 = scores.gather(1, by_id), i1 = cand.gather(1, by_id);
-  const at::Tensor by_score = std::get<1>(s1.sort(/*stable=*/true, 1, true));
   const int64_t take = std::min(k, C);
+  const at::Tensor top = std::get<1>(order_keys(scores, cand).topk(take, 1));
   at::Tensor out_s = at::full({B, k}, kNegInf, queries.options());
   at::Tensor out_i = at::full({B, k}, -1, offsets.options());
-  const at::Tensor top = by_score.slice(1, 0, take);
-  out_s.slice(1, 0, take).copy_(s1.gather(1, top));
-  out_i.slice(1, 0, take).copy_(i1.gather(1, top));
+  out_s.slice(1, 0, take).copy_(scores.gather(1, top));
+  out_i.slice(1, 0, take).copy_(cand.gather(1, top));
   out_i.masked_fill_(out_s.isneginf(), -1);
   return {out_s, out_i};
 }

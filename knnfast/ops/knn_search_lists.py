@@ -15,7 +15,7 @@ from . import args
 from .library import OPS
 
 #: Kernel plans per device type: CPU "scan" (auto: each probed list read once for all its
-#: queries) or "rescore" (candidates scored by knn_rescore, then sorted: the code CUDA runs);
+#: queries) or "rescore" (candidates scored by knn_rescore, then one topk: the code CUDA runs);
 #: CUDA has only "rescore" for now.
 PLANS = {"cpu": ("auto", "scan", "rescore"), "cuda": ("auto", "rescore")}
 
@@ -39,10 +39,11 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
         k: neighbours per query, 1 <= k <= 2048; fewer candidates pad with (-inf, -1).
         metric: "l2" (score = -|q-k|^2), "ip" or "cos", as ``knn_search``.
         exclude: optional [B] integer: one key row per query never returned (-1 = none).
-        plan: kernel variant (``PLANS``); every plan gives the same result. CPU "scan" (the
-            default) reads each probed list once for all the queries that probe it;
-            "rescore" expands the probed lists into candidates for ``knn_rescore`` and sorts
-            (B x P x longest list in memory): the code CUDA runs.
+        plan: kernel variant (``PLANS``); every plan is exact. CPU "scan" (the default)
+            reads each probed list once for all the queries that probe it; "rescore" expands
+            the probed lists into candidates for ``knn_rescore`` and takes the k best by one
+            topk (B x P x longest list in memory; its scores are knn_rescore's, so near-ties
+            may order differently): the code CUDA runs.
 
     Returns:
         (scores [B, k] float32 descending, indices [B, k] int64 rows of ``keys``); ties go to

@@ -11,14 +11,16 @@
 #   build     the extension with its CUDA kernels for this GPU's architecture, in place
 #             (knnfast/_C*.so; CMake's incremental build, so a second call costs seconds)
 #   test      every test whose id names cuda (the [cuda] parameters, tests/test_cuda_checks.py:
-#             deferred checks, the CUDA-graph capture of a decoding step), per-test timeout
+#             deferred checks, the CUDA-graph capture of a decoding step), per-test timeout,
+#             4 worker processes where pytest-xdist is installed
 #   sanitize  tests/cuda/exercise_ops.py (every op and kernel variant once, checked against
 #             the reference) under compute-sanitizer memcheck, racecheck and synccheck
 #   bench     benchmarks/bench_cuda.py (knn_interpolate, knn_search against the reference)
 #
 # Logs go to $OUT (the device tool's folder) or build/gpu-check: 8 files at most, the limit of
 # what the device tool brings back. Environment: GPU_CHECK_PYTHON (default python3),
-# GPU_CHECK_ARCH (default: the GPU's, e.g. 9.0), GPU_CHECK_TEST_TIMEOUT (s per test, 300).
+# GPU_CHECK_ARCH (default: the GPU's, e.g. 9.0), GPU_CHECK_TEST_TIMEOUT (s per test, 180),
+# GPU_CHECK_WORKERS (pytest-xdist processes sharing the GPU, 4; 1: none).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${OUT:-build/gpu-check}
@@ -45,10 +47,13 @@ assert info['cuda_compiled'] and info['cuda_available'], 'no CUDA in this build'
 }
 
 stage_test() {
-  local timeout=()
+  local extra=()
   "$PY" -c "import pytest_timeout" 2>/dev/null &&
-    timeout=(-p pytest_timeout --timeout "${GPU_CHECK_TEST_TIMEOUT:-300}")
-  "$PY" -m pytest tests -q -p no:cacheprovider -k cuda -rfE "${timeout[@]}" \
+    extra+=(-p pytest_timeout --timeout "${GPU_CHECK_TEST_TIMEOUT:-180}")
+  # independent processes sharing the GPU (each has its own CUDA context and settings)
+  "$PY" -c "import xdist" 2>/dev/null && [ "${GPU_CHECK_WORKERS:-4}" -gt 1 ] &&
+    extra+=(-p xdist -n "${GPU_CHECK_WORKERS:-4}")
+  "$PY" -m pytest tests -q -p no:cacheprovider -k cuda -rfE "${extra[@]}" \
     --continue-on-collection-errors --junitxml "$OUT_DIR/tests.xml"
 }
 

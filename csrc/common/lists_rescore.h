@@ -1,8 +1,8 @@
 // knn_search_lists' plan "rescore": the probed lists expanded into candidate rows and scored by
-// knn_rescore, then the k best taken by one topk, in ATen ops alone. It is what CUDA runs (no fused
-// kernel there yet) and a CPU plan, so the CPU tests cover the very code CUDA runs (except the
-// rescoring kernel underneath). Memory: B x P x M candidates (M = the longest probed list);
-// host syncs for the value checks and for M.
+// knn_rescore, then the k best taken by one topk, in ATen ops alone. It is what CUDA runs (no
+// fused kernel there yet) and a CPU plan, so the CPU tests cover the very code CUDA runs
+// (except the rescoring kernel underneath). Memory: B x C candidates (C = the most keys a row
+// probes); host syncs for the value checks and for C.
 #pragma once
 
 #include <ATen/ATen.h>

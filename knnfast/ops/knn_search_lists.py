@@ -42,8 +42,8 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
         plan: kernel variant (``PLANS``); every plan is exact. CPU "scan" (the default)
             reads each probed list once for all the queries that probe it; "rescore" expands
             the probed lists into candidates for ``knn_rescore`` and takes the k best by one
-            topk (B x P x longest list in memory; its scores are knn_rescore's, so near-ties
-            may order differently): the code CUDA runs.
+            topk (B x the most keys a row probes in memory; its scores are knn_rescore's, so
+            near-ties may order differently): the code CUDA runs.
 
     Returns:
         (scores [B, k] float32 descending, indices [B, k] int64 rows of ``keys``); ties go to

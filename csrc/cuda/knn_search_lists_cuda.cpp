@@ -1,10 +1,10 @@
 // knn_search_lists on CUDA: argument checks (common/op_checks.h), then plan "rescore", the
 // ATen composition in common/lists_rescore.h around knn_rescore's CUDA wrapper (no kernel of
-// its own yet): each row's distinct probed lists expanded into candidate rows, scored exactly,
-// the k best sorted out. The CPU tests run the same composition (plan="rescore" on CPU); only
-// the guard and the rescoring kernel underneath are CUDA's. A fused kernel (one block per list
-// and its queries, as the CPU kernel groups them) is the next step; this path has never run on
-// a GPU.
+// its own yet): each row's distinct probed lists packed into candidate rows, scored exactly,
+// the k best taken by one topk. The CPU tests run the same composition (plan="rescore" on
+// CPU); only the guard and the rescoring kernel underneath are CUDA's. A fused kernel (one
+// block per list and its queries, as the CPU kernel groups them) is the next step; this path
+// has never run on a GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -4,7 +4,9 @@ loop over the probed lists) vs FAISS IndexIVFFlat at the same lists and nprobe.
 Shape: the demo's kNN-MT step, B = 64 queries (batch 16 x beam 4) over N = 132,016 float16
 keys of D = 128 in 256 lists (what IVF256 makes of clustered data), nprobe 16, k = 8; the
 queries come in groups of 4 near one key (beams of one sentence probe alike). The probes are
-computed once outside the timing (the same for every impl).
+computed once outside the timing (the same for every impl). "fused" is plan scan; "fused_bf16"
+is plan bf16 over the layout's ``pack_lists_bf16`` pack (built outside the timing, as
+``Datastore.use_lists`` builds it once).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from functools import lru_cache
 import pytest
 import torch
 
+import knnfast
+from knnfast import pack_lists_bf16
+
 QUICK = os.environ.get("KNNFAST_BENCH_QUICK", "").strip() not in ("", "0", "false", "False")
 
 SHAPES = ((16, 8, 20_000, 64, 64, 8),) if QUICK else ((64, 8, 132_016, 128, 256, 16),)
-IMPLS = ("fused", "reference", "faiss")
+IMPLS = ("fused", "fused_bf16", "reference", "faiss")
 METRIC = "l2"
 SEED = 1717
 
@@ -40,6 +45,7 @@ def _data(b, k, n, d, nlist, nprobe):
     layout = from_faiss(index, keys, nprobe, METRIC)
     _, probes = torch.ops.knnfast.knn_search(queries, layout.centroids, nprobe, "l2", None,
                                              None, "stream")
+    layout.pack = pack_lists_bf16(layout.keys, layout.offsets)
     return queries, layout, probes, index
 
 
@@ -58,9 +64,16 @@ def test_knn_search_lists(kb, impl, b, k, n, d, nlist, nprobe):
     if impl == "faiss":
         q = queries.numpy()
         fn = lambda: index.search(q, k)  # noqa: E731
+    elif impl == "fused_bf16":
+        if not knnfast.build_info().get("avx512_bf16"):
+            pytest.skip("plan bf16 runs its portable body on this CPU (no AVX512-BF16)")
+        op = kb.op("knn_search_lists", "fused")
+        fn = lambda: op(queries, layout.keys, layout.offsets, probes, k, METRIC,  # noqa: E731
+                        plan="bf16", pack=layout.pack)
     else:
         op = kb.op("knn_search_lists", impl)
-        fn = lambda: op(queries, layout.keys, layout.offsets, probes, k, METRIC)  # noqa: E731
+        kw = {"plan": "scan"} if impl == "fused" else {}
+        fn = lambda: op(queries, layout.keys, layout.offsets, probes, k, METRIC, **kw)  # noqa: E731
     kb.run(fn, op="knn_search_lists", impl=impl,
            shape={"B": b, "k": k, "N": n, "D": d, "L": nlist, "nprobe": nprobe},
            dtype="float16", metric=METRIC, query_dtype="float32")

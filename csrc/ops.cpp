@@ -20,8 +20,11 @@ TORCH_LIBRARY(knnfast, m) {
   // list_offsets[l + 1])), list_offsets [L + 1], probes [B, P] list ids (-1: none) ->
   // scores [B, k] float32 (descending), indices [B, k] int64 rows of keys: the exact top k of
   // each query over the union of the lists it probes (an IVF search step).
+  // Optional bf16 pack (all three or none; knnfast.pack_lists_bf16): centers [L, D] float32,
+  // residuals [N, D] bfloat16, residual_norms [N, 2] float32, for the CPU plan bf16.
   m.def("knn_search_lists(Tensor queries, Tensor keys, Tensor list_offsets, Tensor probes, "
-        "int k, str metric, Tensor? exclude, str plan=\"auto\") -> (Tensor, Tensor)");
+        "int k, str metric, Tensor? exclude, str plan=\"auto\", Tensor? centers=None, "
+        "Tensor? residuals=None, Tensor? residual_norms=None) -> (Tensor, Tensor)");
   // queries [B, D], keys [N, D], indices [B, k] -> exact scores [B, k]
   m.def("knn_rescore(Tensor queries, Tensor keys, Tensor indices, str metric) -> Tensor");
   // scores [B, k], tokens [B, k] -> probs [B, V]

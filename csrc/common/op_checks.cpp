@@ -170,11 +170,44 @@ SearchArgs check_knn_search_args(const at::Tensor& queries, const at::Tensor& ke
   return args;
 }
 
+namespace {
+
+// The bf16 pack of knn_search_lists: whole or absent, shapes from queries, keys and L.
+void check_lists_pack(const ListsPackArgs& pack, const at::Tensor& queries,
+                      const at::Tensor& keys, int64_t L, const char* op) {
+  const int given = int(pack.centers.has_value()) + int(pack.residuals.has_value()) +
+                    int(pack.residual_norms.has_value());
+  if (given == 0) return;
+  TORCH_CHECK_VALUE(given == 3, op, ": centers, residuals and residual_norms come together "
+                    "(knnfast.pack_lists_bf16 makes all three); got ", given, " of them");
+  const int64_t N = keys.size(0), D = keys.size(1);
+  const struct {
+    const at::Tensor& t;
+    const char* name;
+    at::ScalarType type;
+    std::vector<int64_t> shape;
+  } parts[] = {{*pack.centers, "centers", at::kFloat, {L, D}},
+               {*pack.residuals, "residuals", at::kBFloat16, {N, D}},
+               {*pack.residual_norms, "residual_norms", at::kFloat, {N, 2}}};
+  for (const auto& p : parts) {
+    check_same_device(p.t, queries.device(), op, p.name);
+    TORCH_CHECK_VALUE(p.t.scalar_type() == p.type && p.t.sizes() == at::IntArrayRef(p.shape) &&
+                          p.t.is_contiguous(),
+                      op, ": ", p.name, " must be a contiguous ", c10::toString(p.type),
+                      " tensor of shape ", at::IntArrayRef(p.shape), " (from "
+                      "knnfast.pack_lists_bf16 over these keys and list_offsets), got ",
+                      p.t.scalar_type(), " ", p.t.sizes());
+  }
+}
+
+}  // namespace
+
 SearchArgs check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
                                        const at::Tensor& list_offsets, const at::Tensor& probes,
                                        int64_t k, const std::string& metric,
                                        const c10::optional<at::Tensor>& exclude,
-                                       const std::string& plan, Backend backend) {
+                                       const std::string& plan, const ListsPackArgs& pack,
+                                       Backend backend) {
   constexpr const char* op = "knn_search_lists";
   check_on_backend(queries, backend, op, "queries");
   SearchArgs args;
@@ -194,6 +227,10 @@ SearchArgs check_knn_search_lists_args(const at::Tensor& queries, const at::Tens
   if (exclude.has_value()) check_exclude_arg(*exclude, queries, op);
   args.plan = backend == Backend::CPU ? parse_plan(plan, kCpuListsPlans, "CPU", op)
                                       : parse_plan(plan, kCudaListsPlans, "CUDA", op);
+  check_lists_pack(pack, queries, keys, list_offsets.size(0) - 1, op);
+  if (backend == Backend::CPU && args.plan == int(CpuListsPlan::Bf16))
+    TORCH_CHECK_VALUE(pack.given(), op, ": plan \"bf16\" needs the bf16 pack (centers, "
+                      "residuals, residual_norms from knnfast.pack_lists_bf16)");
   return args;
 }
 

@@ -22,11 +22,13 @@ enum class CudaSearchPlan : int { Auto = 0, Stream, Tensor, TensorRecheck };
 inline constexpr std::array<const char*, 4> kCudaSearchPlans{"auto", "stream", "tensor",
                                                              "tensor_recheck"};
 
-// knn_search_lists: CPU "scan" (auto; csrc/cpu/knn_search_lists_cpu.cpp reads each probed list
-// once for all its queries) or "rescore" (common/lists_rescore.h: candidates scored by
-// knn_rescore, then sorted; what CUDA runs, so the CPU tests cover it); CUDA has only rescore.
-enum class CpuListsPlan : int { Auto = 0, Scan, Rescore };
-inline constexpr std::array<const char*, 3> kCpuListsPlans{"auto", "scan", "rescore"};
+// knn_search_lists: CPU "scan" (csrc/cpu/knn_search_lists_cpu.cpp reads each probed list
+// once for all its queries), "rescore" (common/lists_rescore.h: candidates scored by
+// knn_rescore, then sorted; what CUDA runs, so the CPU tests cover it) or "bf16" (scan of a
+// bf16 pack with exact rescoring, csrc/cpu/knn_search_lists_bf16.cpp); auto = bf16 given a pack
+// on an AVX512-BF16 CPU, else scan. CUDA has only rescore.
+enum class CpuListsPlan : int { Auto = 0, Scan, Rescore, Bf16 };
+inline constexpr std::array<const char*, 4> kCpuListsPlans{"auto", "scan", "rescore", "bf16"};
 inline constexpr std::array<const char*, 2> kCudaListsPlans{"auto", "rescore"};
 
 // softmax_stats: CPU "fused" (auto; csrc/cpu/softmax_stats_cpu.cpp: three reads of each row,

@@ -45,20 +45,16 @@ float dot_error_factor(bool gemm, int64_t D) {
 
 // The dot's error (dot_error_factor, flush_error) and a relative slack for the fp32
 // arithmetic that forms and compares ranks (exact rescoring included).
-RowBound row_bound(Metric metric, const float* q, const float* c, float center_norm, int64_t D,
-                   float dot_factor) {
+RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,
+                             float dot_factor) {
   const float slack = (D + 16) * 2 * kEpsF32;
-  const float qq = norm2(q, D), qn = std::sqrt(qq);
-  float qc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) qc += q[d] * c[d];
+  const float qn = std::sqrt(sums.qq), qc = sums.qc;
   RowBound rb;
   rb.query_center_dot = qc;
   const float qc_error = 2 * D * kEpsF32 * qn * center_norm;  // fp32 error of q . c
   switch (metric) {
     case Metric::L2: {  // rank = 2 q'.k' - |k'|^2, q' = q - c, k' = k - c
-      std::vector<float> centered(q, q + D);
-      for (int64_t d = 0; d < D; ++d) centered[d] -= c[d];
-      const float cq = norm2(centered.data(), D);
+      const float cq = sums.cq;
       const FlushError flush = flush_error(D, std::sqrt(cq));
       rb.a = 2 * (dot_factor * std::sqrt(cq) + flush.per_key);  // s = |k'|
       rb.c_t = (D + 2) * kEpsF32 + slack;  // t = |k'|^2 (its own fp32 error + slack)
@@ -81,6 +77,18 @@ RowBound row_bound(Metric metric, const float* q, const float* c, float center_n
     }
   }
   return rb;
+}
+
+RowBound row_bound(Metric metric, const float* q, const float* c, float center_norm, int64_t D,
+                   float dot_factor) {
+  QuerySums sums{norm2(q, D), 0.0f, 0.0f};
+  for (int64_t d = 0; d < D; ++d) sums.qc += q[d] * c[d];
+  if (metric == Metric::L2) {
+    std::vector<float> centered(q, q + D);
+    for (int64_t d = 0; d < D; ++d) centered[d] -= c[d];
+    sums.cq = norm2(centered.data(), D);
+  }
+  return row_bound_from_sums(metric, sums, center_norm, D, dot_factor);
 }
 
 }  // namespace knnfast::cpu

@@ -31,6 +31,14 @@ float dot_error_factor(bool gemm, int64_t D);
 RowBound row_bound(Metric metric, const float* q, const float* c, float center_norm, int64_t D,
                    float dot_factor);
 
+// The same from the query's sums, each in fp32 in any order: qq = |q|^2, qc = q.c and (l2
+// only) cq = |q - c|^2 (row_bound computes them; a caller that has them already passes them).
+struct QuerySums {
+  float qq, qc, cq;
+};
+RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,
+                             float dot_factor);
+
 // sum of x[d]^2 in fp32, in order (the order the bounds assume for |q|^2, |c|^2).
 float norm2(const float* x, int64_t D);
 

@@ -11,6 +11,7 @@
 // A key of the true top k ranks >= the exact k-th >= every T, so its upper bound passed the
 // test when it was scanned and it is never pruned. The survivors are rescored exactly in fp32
 // from the stored keys and the best k returned: the same answer as an exact fp32 search.
+// (That bookkeeping is shared with knn_search_lists' bf16 plan: bound_topk.h.)
 //
 // Centering keeps E small: the rounding error scales with |q - c| |k - c|, not |q| |k|, which
 // matters for real hidden states (large common component). l2 ranks are translation invariant;
@@ -41,8 +42,8 @@
 #include "common/settings.h"
 #include "cpu/bf16_bounds.h"
 #include "cpu/bf16_dot.h"
+#include "cpu/bound_topk.h"
 #include "cpu/simd_load.h"
-#include "cpu/topk_merge.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
@@ -50,7 +51,6 @@ namespace {
 
 constexpr int64_t kTile = 21 * kBf16KeyBlock;  // 252 keys: a multiple of the register block
 constexpr int64_t kGemmTile = 512;              // bf16_gemm: keys per at::mm
-constexpr size_t kMaxCandidates = size_t(1) << 16;  // per row and part; beyond: exact rescan
 // Per-key factors of one tile.
 struct KeyFactors {
   std::vector<float> centered_sq, full_sq, s, t, inv_norm;
@@ -109,62 +109,11 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
   return st;
 }
 
-// Per part (contiguous key range) and row: the k best lower bounds and the candidates.
-struct RowState {
-  // Lower bounds above the threshold, selected down to the best k whenever 2k accumulate
-  // (amortized O(1) per key, unlike a heap's log k); threshold = their k-th best once known.
-  std::vector<float> lower;
-  float threshold = -INFINITY;
-  std::vector<float> upper;          // candidates: upper bound and key id
-  std::vector<int64_t> index;
-  size_t prune_at = 0;
-  bool overflow = false;
-};
-
-// Keeps the k best lower bounds; the k-th is a valid floor under the exact k-th score
-// (k distinct keys reach it).
-void select_lower(RowState& row, int64_t k) {
-  std::nth_element(row.lower.begin(), row.lower.begin() + (k - 1), row.lower.end(),
-                   std::greater<float>());
-  row.lower.resize(k);
-  row.threshold = row.lower[k - 1];
-}
-
-void prune(RowState& row) {
-  const float threshold = row.threshold;
-  size_t w = 0;
-  for (size_t i = 0; i < row.upper.size(); ++i) {
-    if (row.upper[i] >= threshold) {
-      row.upper[w] = row.upper[i];
-      row.index[w++] = row.index[i];
-    }
-  }
-  row.upper.resize(w);
-  row.index.resize(w);
-  // prune again when the list doubles, but no later than one past the cap (overflow check)
-  row.prune_at = std::min<size_t>(std::max<size_t>(2 * w, row.prune_at), kMaxCandidates + 1);
-}
-
-// Inserts key `id` (rank, error already computed) into the row's bounds and candidates.
-inline void insert(const Setup& st, RowState& row, float rank, float err, int64_t id) {
-  const float lower = rank - err;
-  if (lower > row.threshold) {
-    row.lower.push_back(lower);
-    if (row.lower.size() >= size_t(2 * st.k)) select_lower(row, st.k);
-  }
-  row.upper.push_back(rank + err);
-  row.index.push_back(id);
-  if (row.upper.size() >= row.prune_at) {
-    prune(row);
-    row.overflow = row.upper.size() > kMaxCandidates;
-  }
-}
-
 // One tile of one row: 16 ranks and bounds at a time; only keys whose upper bound reaches the
 // threshold (few, once the heap has warmed up) leave the vector loop. A threshold that grows
 // inside a vector is picked up at the next one: a stale (lower) threshold only admits more.
 template <Metric M>
-KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const float* dots,
+KNNFAST_AVX512 void push_tile(const Setup& st, BoundRow& row, int64_t b, const float* dots,
                               const KeyFactors& f, int64_t n, int64_t first) {
   if (row.overflow) return;
   const RowBound& rb = st.bounds[b];
@@ -195,7 +144,7 @@ KNNFAST_AVX512 void push_tile(const Setup& st, RowState& row, int64_t b, const f
       pass &= pass - 1;
       const int64_t id = first + j + lane;
       if (id == excluded || !(rank_buf[lane] + err_buf[lane] >= row.threshold)) continue;
-      insert(st, row, rank_buf[lane], err_buf[lane], id);
+      bound_insert(row, st.k, rank_buf[lane], err_buf[lane], id);
       if (row.overflow) return;
     }
   }
@@ -218,14 +167,14 @@ inline RankBound rank_bound(const RowBound& rb, const float* dots, const KeyFact
 // The same test as push_tile in portable code (CPUs without AVX-512, KNNFAST_SIMD=generic):
 // bf16_gemm runs everywhere.
 template <Metric M>
-void push_tile_generic(const Setup& st, RowState& row, int64_t b, const float* dots,
+void push_tile_generic(const Setup& st, BoundRow& row, int64_t b, const float* dots,
                        const KeyFactors& f, int64_t n, int64_t first) {
   const RowBound& rb = st.bounds[b];
   const int64_t excluded = st.exclude ? st.exclude[b] : -1;
   for (int64_t j = 0; j < n && !row.overflow; ++j) {
     const RankBound r = rank_bound<M>(rb, dots, f, j);
     if (first + j != excluded && r.rank + r.err >= row.threshold)  // NaN never passes
-      insert(st, row, r.rank, r.err, first + j);
+      bound_insert(row, st.k, r.rank, r.err, first + j);
   }
 }
 
@@ -308,12 +257,8 @@ void score_tile(const Setup& st, TileBuffers& buf, int64_t first, int64_t n, Key
 bool avx512_push() { return std::strcmp(simd_level(), "avx512") == 0; }
 
 template <Metric M>
-std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
-  std::vector<RowState> rows(st.B);
-  for (RowState& r : rows) {
-    r.lower.reserve(2 * st.k);
-    r.prune_at = std::max<size_t>(4 * st.k, 256);
-  }
+std::vector<BoundRow> scan_part(const Setup& st, int64_t begin, int64_t end) {
+  std::vector<BoundRow> rows(st.B, BoundRow(st.k));
   TileBuffers buf(st);
   KeyFactors f;
   f.resize(st.tile);
@@ -347,55 +292,21 @@ std::vector<RowState> scan_part(const Setup& st, int64_t begin, int64_t end) {
   return rows;
 }
 
-// Combines the parts of row b, rescores the surviving candidates exactly and writes the top k.
-// Returns the number of candidates rescored, or -1 if a part overflowed.
-int64_t finish_row(const Setup& st, const std::vector<std::vector<RowState>>& parts, int64_t b,
+// Row b's parts combined and rescored exactly (finish_bound_row).
+int64_t finish_row(const Setup& st, const std::vector<std::vector<BoundRow>>& parts, int64_t b,
                    float* out_s, int64_t* out_i) {
-  std::vector<float> lowers;
-  for (const auto& part : parts) {
-    const RowState& r = part[b];
-    if (r.overflow) return -1;
-    lowers.insert(lowers.end(), r.lower.begin(), r.lower.end());
-  }
-  // k-th best lower bound over all parts (-inf while fewer than k keys were seen)
-  float threshold = -INFINITY;
-  if (lowers.size() >= size_t(st.k)) {
-    std::nth_element(lowers.begin(), lowers.begin() + (st.k - 1), lowers.end(),
-                     std::greater<float>());
-    threshold = lowers[st.k - 1];
-  }
-  std::vector<float> s;
-  std::vector<int64_t> idx;
-  TopkMerger merger(st.k);
-  int64_t rescored = 0;
-  const float* qb = st.queries.data_ptr<float>() + b * st.D;
-  const float qq = norm2(qb, st.D);
-  const char* keys = static_cast<const char*>(st.keys.data_ptr());
-  const int64_t row_bytes = st.D * st.keys.element_size();
-  for (const auto& part : parts) {
-    const RowState& r = part[b];
-    s.clear();
-    idx.clear();
-    for (size_t i = 0; i < r.upper.size(); ++i) {
-      if (!(r.upper[i] >= threshold)) continue;
-      const PairSums p = pair_sums(qb, keys + r.index[i] * row_bytes, st.keys.scalar_type(), st.D);
-      const float score = exact_score(st.metric, p.diff_sq, p.dot, qq, p.key_sq);
-      if (score == -INFINITY || score != score) continue;
-      s.push_back(score);
-      idx.push_back(r.index[i]);
-    }
-    merger.add(s.data(), idx.data(), int64_t(s.size()));
-    rescored += int64_t(s.size());
-  }
-  merger.write(out_s, out_i);
-  return rescored;
+  std::vector<const BoundRow*> rows;
+  for (const auto& part : parts) rows.push_back(&part[b]);
+  const ExactKeys keys{st.keys.data_ptr(), st.keys.scalar_type(), st.D, st.metric};
+  return finish_bound_row(rows.data(), int64_t(rows.size()), st.k,
+                          st.queries.data_ptr<float>() + b * st.D, keys, out_s, out_i);
 }
 
 template <Metric M>
 std::vector<int64_t> run(const Setup& st, float* out_scores, int64_t* out_indices) {
   const int64_t tiles = (st.N + st.tile - 1) / st.tile;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-  std::vector<std::vector<RowState>> states(parts);
+  std::vector<std::vector<BoundRow>> states(parts);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t t0 = tiles * p / parts, t1 = tiles * (p + 1) / parts;

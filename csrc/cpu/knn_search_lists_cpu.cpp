@@ -9,7 +9,9 @@
 // Lists are split into one contiguous run per thread, balanced by work (queries x keys); each
 // thread keeps its own per-row heaps, merged at the end. Keys are visited in increasing row
 // order within a thread, so ties go to the smaller row exactly as in knn_search. This is plan
-// "scan" (= auto); plan "rescore" runs CUDA's composition (common/lists_rescore.h) instead.
+// "scan" (auto without a bf16 pack); plan "rescore" runs CUDA's composition
+// (common/lists_rescore.h) instead, plan "bf16" a pack of bf16 residuals with exact rescoring
+// (knn_search_lists_bf16.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,7 +23,9 @@
 #include "common/lists_rescore.h"
 #include "common/plans.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/bf16_dot.h"
 #include "cpu/knn_rescore_cpu.h"
+#include "cpu/knn_search_lists_bf16.h"
 #include "cpu/list_scan.h"
 #include "cpu/topk_merge.h"
 
@@ -30,60 +34,6 @@ namespace {
 
 constexpr const char* kOp = "knn_search_lists";
 constexpr int64_t kTile = 256;  // keys per dot_tile call
-
-// list -> the query rows that probe it (CSR; a row probing a list twice is listed once).
-struct ListQueries {
-  std::vector<int64_t> start;  // [L + 1]
-  std::vector<int64_t> rows;
-};
-
-ListQueries invert_probes(const at::Tensor& probes, int64_t L) {
-  const int64_t B = probes.size(0), P = probes.size(1);
-  const int64_t* p = probes.data_ptr<int64_t>();
-  std::vector<int64_t> unique(B * P, -1);  // each row's distinct lists, -1 padded
-  ListQueries out;
-  out.start.assign(L + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t* u = unique.data() + b * P;
-    std::copy(p + b * P, p + (b + 1) * P, u);
-    std::sort(u, u + P);
-    int64_t previous = -1;
-    for (int64_t j = 0; j < P; ++j) {
-      const int64_t list = u[j];
-      if (list >= 0 && list != previous) ++out.start[list + 1];
-      else u[j] = -1;  // -1 or a repeat: searched once
-      previous = list;
-    }
-  }
-  for (int64_t l = 0; l < L; ++l) out.start[l + 1] += out.start[l];
-  out.rows.resize(out.start[L]);
-  std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);
-  for (int64_t b = 0; b < B; ++b)  // increasing b: each list's rows come out sorted
-    for (int64_t j = 0; j < P; ++j)
-      if (unique[b * P + j] >= 0) out.rows[fill[unique[b * P + j]]++] = b;
-  return out;
-}
-
-// Runs of lists [cut[p], cut[p + 1]) with about equal work (queries x keys + keys) each.
-std::vector<int64_t> split_lists(const ListQueries& lq, const int64_t* offsets, int64_t L,
-                                 int64_t D) {
-  std::vector<double> work(L + 1, 0.0);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t m = lq.start[l + 1] - lq.start[l];
-    work[l + 1] = work[l] + (m ? double(offsets[l + 1] - offsets[l]) * double(m + 1) : 0.0);
-  }
-  // small searches stay on one thread: an OpenMP wake-up costs more than they do
-  const int64_t parts = work[L] * double(D) < double(int64_t(1) << 20)
-                            ? 1
-                            : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L));
-  std::vector<int64_t> cut(parts + 1, L);
-  cut[0] = 0;
-  for (int64_t p = 1; p < parts; ++p)
-    cut[p] = std::lower_bound(work.begin(), work.end(), work[L] * double(p) / double(parts)) -
-             work.begin();
-  for (int64_t p = 1; p <= parts; ++p) cut[p] = std::max(cut[p], cut[p - 1]);
-  return cut;
-}
 
 // Running top-k of every query row, as min-heaps (worst at the root), like knn_search's.
 struct Heaps {
@@ -171,23 +121,10 @@ void check_values(const SearchInputs& in, const at::Tensor& offsets, const at::T
     if (!valid_id(e[b], N)) raise_bad_exclude(kOp, N, e[b], b);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
-    const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& list_offsets,
-    const at::Tensor& probes_in, int64_t k, const std::string& metric,
-    const c10::optional<at::Tensor>& exclude, const std::string& plan) {
-  const SearchArgs args = check_knn_search_lists_args(queries, keys, list_offsets, probes_in, k,
-                                                      metric, exclude, plan, Backend::CPU);
-  const Metric m = args.metric;
-  const SearchInputs in = search_inputs(queries, keys, k, m, c10::nullopt, exclude);
-  const at::Tensor offsets = as_int64(list_offsets);
-  const at::Tensor probes = as_int64(probes_in);
-  if (static_cast<CpuListsPlan>(args.plan) == CpuListsPlan::Rescore)
-    return knn_search_lists_rescore(in.queries, in.keys, offsets, probes, k, metric, in.exclude,
-                                    &knn_rescore_cpu);
-  check_values(in, offsets, probes);
-  const int64_t B = in.queries.size(0), L = offsets.size(0) - 1;
+// Plan scan, after the value checks.
+std::tuple<at::Tensor, at::Tensor> scan(const SearchInputs& in, const at::Tensor& offsets,
+                                        const at::Tensor& probes) {
+  const int64_t B = in.queries.size(0), L = offsets.size(0) - 1, k = in.k;
   at::Tensor out_s = at::empty({B, k}, in.queries.options());
   at::Tensor out_i = at::empty({B, k}, in.queries.options().dtype(at::kLong));
   if (B == 0) return {out_s, out_i};
@@ -198,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
   std::vector<Heaps> heaps(parts, Heaps(B, k));
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      switch (m) {
+      switch (in.metric) {
         case Metric::L2: scan_lists<Metric::L2>(in, o, lq, cut[p], cut[p + 1], heaps[p]); break;
         case Metric::IP: scan_lists<Metric::IP>(in, o, lq, cut[p], cut[p + 1], heaps[p]); break;
         default: scan_lists<Metric::COS>(in, o, lq, cut[p], cut[p + 1], heaps[p]); break;
@@ -207,6 +144,54 @@ std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
   });
   finalize(in, heaps, out_s, out_i);
   return {out_s, out_i};
+}
+
+// Plan bf16 (knn_search_lists_bf16.h); rows it could not finish are searched by plan scan.
+std::tuple<at::Tensor, at::Tensor> search_bf16(const SearchInputs& in, const at::Tensor& offsets,
+                                               const at::Tensor& probes,
+                                               const ListsPackArgs& args) {
+  TORCH_CHECK_VALUE(at::isfinite(*args.centers).all().item<bool>(), kOp,
+                    ": centers must be finite (from knnfast.pack_lists_bf16)");
+  const ListsBf16Pack pack{*args.centers, *args.residuals, *args.residual_norms};
+  const int64_t B = in.queries.size(0);
+  at::Tensor out_s = at::empty({B, in.k}, in.queries.options());
+  at::Tensor out_i = at::empty({B, in.k}, in.queries.options().dtype(at::kLong));
+  if (B == 0) return {out_s, out_i};
+  const std::vector<int64_t> unfinished = knn_search_lists_bf16(
+      in, offsets, probes, pack, out_s.data_ptr<float>(), out_i.data_ptr<int64_t>());
+  if (unfinished.empty()) return {out_s, out_i};
+  const at::Tensor rows = at::tensor(unfinished, probes.options());
+  at::Tensor sub_probes = at::full_like(probes, -1);  // the other rows probe nothing
+  sub_probes.index_copy_(0, rows, probes.index_select(0, rows));
+  const auto [s, i] = scan(in, offsets, sub_probes);
+  out_s.index_copy_(0, rows, s.index_select(0, rows));
+  out_i.index_copy_(0, rows, i.index_select(0, rows));
+  return {out_s, out_i};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
+    const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& list_offsets,
+    const at::Tensor& probes_in, int64_t k, const std::string& metric,
+    const c10::optional<at::Tensor>& exclude, const std::string& plan,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& residuals,
+    const c10::optional<at::Tensor>& residual_norms) {
+  const ListsPackArgs pack{centers, residuals, residual_norms};
+  const SearchArgs args = check_knn_search_lists_args(queries, keys, list_offsets, probes_in, k,
+                                                      metric, exclude, plan, pack, Backend::CPU);
+  const SearchInputs in = search_inputs(queries, keys, k, args.metric, c10::nullopt, exclude);
+  const at::Tensor offsets = as_int64(list_offsets);
+  const at::Tensor probes = as_int64(probes_in);
+  CpuListsPlan chosen = static_cast<CpuListsPlan>(args.plan);
+  if (chosen == CpuListsPlan::Auto)
+    chosen = pack.given() && bf16_dot_available() ? CpuListsPlan::Bf16 : CpuListsPlan::Scan;
+  if (chosen == CpuListsPlan::Rescore)
+    return knn_search_lists_rescore(in.queries, in.keys, offsets, probes, k, metric, in.exclude,
+                                    &knn_rescore_cpu);
+  check_values(in, offsets, probes);
+  if (chosen == CpuListsPlan::Bf16) return search_bf16(in, offsets, probes, pack);
+  return scan(in, offsets, probes);
 }
 
 TORCH_LIBRARY_IMPL(knnfast, CPU, m) { m.impl("knn_search_lists", &knn_search_lists_cpu); }

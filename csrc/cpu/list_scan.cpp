@@ -2,6 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include "cpu/bf16_dot.h"
 
 #include "cpu/simd_load.h"
 #include "cpu/vec_math.h"
@@ -74,6 +81,77 @@ KNNFAST_AVX512 void dot_tile16_avx512(const float* q, int64_t B, const T* k, int
   }
 }
 
+#define KNNFAST_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+
+// dot_tile16_bf16: as dot_tile16, but keys are already bf16 rows (no conversion block) and each
+// vdpbf16ps multiplies 16 pairs: half the instructions of the fp32 FMAs over the same D.
+KNNFAST_AVX512_BF16 void dot_tile16_bf16_avx512(const uint16_t* q, int64_t B, int64_t Dq,
+                                                const uint16_t* k, int64_t n, int64_t D,
+                                                float* dots, int64_t ld, uint16_t* spare) {
+  const int64_t full = D / 32 * 32;
+  const __mmask32 tail = D > full ? (__mmask32(1) << (D - full)) - 1 : 0;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nn = n - j0 < 16 ? n - j0 : 16;
+    const __mmask16 live = tail_mask(nn);
+    const uint16_t* kt = k + j0 * D;
+    if (nn < 16) {  // the last rows, zero padded to 16: the loops below stay uniform
+      std::memcpy(spare, kt, nn * D * sizeof(uint16_t));
+      std::memset(spare + nn * D, 0, (16 - nn) * D * sizeof(uint16_t));
+      kt = spare;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      const uint16_t* qb = q + b * Dq;
+      for (int64_t d = 0; d < full; d += 32) {
+        const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qb + d));
+        for (int t = 0; t < 16; ++t)
+          acc[t] = _mm512_dpbf16_ps(
+              acc[t], reinterpret_cast<__m512bh>(_mm512_loadu_si512(kt + t * D + d)), qv);
+      }
+      if (tail) {  // masked 16-bit loads are slow on Zen 4: only for the last partial chunk
+        const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qb + full));
+        for (int t = 0; t < 16; ++t)
+          acc[t] = _mm512_dpbf16_ps(acc[t], reinterpret_cast<__m512bh>(
+                                                _mm512_maskz_loadu_epi16(tail, kt + t * D + full)),
+                                    qv);
+      }
+      _mm512_mask_storeu_ps(dots + b * ld + j0, live, reduce16(acc));
+    }
+  }
+}
+
+// pack_bf16_row: (x - minus) rounded to nearest even, 32 at a time.
+KNNFAST_AVX512_BF16 void pack_bf16_row_avx512(const float* x, const float* minus, int64_t D,
+                                              int64_t Dq, uint16_t* out) {
+  for (int64_t d = 0; d < Dq; d += 32) {
+    const __mmask16 m0 = tail_mask(D - d), m1 = D - d > 16 ? tail_mask(D - d - 16) : 0;
+    __m512 x0 = _mm512_maskz_loadu_ps(m0, x + d), x1 = _mm512_maskz_loadu_ps(m1, x + d + 16);
+    if (minus) {
+      x0 = _mm512_sub_ps(x0, _mm512_maskz_loadu_ps(m0, minus + d));
+      x1 = _mm512_sub_ps(x1, _mm512_maskz_loadu_ps(m1, minus + d + 16));
+    }
+    _mm512_storeu_si512(out + d, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0)));
+  }
+}
+
+void dot_tile16_bf16_generic(const uint16_t* q, int64_t B, int64_t Dq, const uint16_t* k,
+                             int64_t n, int64_t D, float* dots, int64_t ld) {
+  const auto widen = [](uint16_t x) {
+    const uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < D; ++d) sum += widen(q[b * Dq + d]) * widen(k[j * D + d]);
+      dots[b * ld + j] = sum;
+    }
+}
+
 // rank_above: 16 keys at a time; the passing positions are compressed in a register and stored
 // with a mask (a compress straight to memory is microcoded, and slow, on Zen 4).
 template <Metric M>
@@ -126,6 +204,21 @@ void dot_tile16(const float* queries, int64_t B, const void* keys, c10::ScalarTy
   });
 }
 
+void dot_tile16_bf16(const uint16_t* queries, int64_t B, int64_t Dq, const uint16_t* keys,
+                     int64_t n_keys, int64_t D, float* dots, int64_t ld, uint16_t* spare) {
+  if (bf16_dot_available() && use_avx512())
+    return dot_tile16_bf16_avx512(queries, B, Dq, keys, n_keys, D, dots, ld, spare);
+  dot_tile16_bf16_generic(queries, B, Dq, keys, n_keys, D, dots, ld);
+}
+
+void pack_bf16_row(const float* x, const float* minus, int64_t D, int64_t Dq, uint16_t* out) {
+  if (bf16_dot_available() && use_avx512()) return pack_bf16_row_avx512(x, minus, D, Dq, out);
+  for (int64_t d = 0; d < D; ++d) out[d] = c10::BFloat16(minus ? x[d] - minus[d] : x[d]).x;
+  std::fill(out + D, out + Dq, uint16_t(0));
+}
+
+int64_t bf16_query_stride(int64_t D) { return (D + 31) / 32 * 32; }
+
 int64_t dot_tile16_block_floats(int64_t D) { return 16 * ((D + 15) / 16 * 16); }
 
 int64_t rank_above(Metric metric, float* dots, const float* key_sq, int64_t n, float threshold,
@@ -136,6 +229,53 @@ int64_t rank_above(Metric metric, float* dots, const float* key_sq, int64_t n, f
     case Metric::IP: return rank_above_avx512<Metric::IP>(dots, key_sq, n, threshold, above);
     default: return rank_above_avx512<Metric::COS>(dots, key_sq, n, threshold, above);
   }
+}
+
+ListQueries invert_probes(const at::Tensor& probes, int64_t L) {
+  const int64_t B = probes.size(0), P = probes.size(1);
+  const int64_t* p = probes.data_ptr<int64_t>();
+  std::vector<int64_t> unique(B * P, -1);  // each row's distinct lists, -1 padded
+  ListQueries out;
+  out.start.assign(L + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t* u = unique.data() + b * P;
+    std::copy(p + b * P, p + (b + 1) * P, u);
+    std::sort(u, u + P);
+    int64_t previous = -1;
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t list = u[j];
+      if (list >= 0 && list != previous) ++out.start[list + 1];
+      else u[j] = -1;  // -1 or a repeat: searched once
+      previous = list;
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) out.start[l + 1] += out.start[l];
+  out.rows.resize(out.start[L]);
+  std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);
+  for (int64_t b = 0; b < B; ++b)  // increasing b: each list's rows come out sorted
+    for (int64_t j = 0; j < P; ++j)
+      if (unique[b * P + j] >= 0) out.rows[fill[unique[b * P + j]]++] = b;
+  return out;
+}
+
+std::vector<int64_t> split_lists(const ListQueries& lq, const int64_t* offsets, int64_t L,
+                                 int64_t D) {
+  std::vector<double> work(L + 1, 0.0);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t m = lq.start[l + 1] - lq.start[l];
+    work[l + 1] = work[l] + (m ? double(offsets[l + 1] - offsets[l]) * double(m + 1) : 0.0);
+  }
+  // small searches stay on one thread: an OpenMP wake-up costs more than they do
+  const int64_t parts = work[L] * double(D) < double(int64_t(1) << 20)
+                            ? 1
+                            : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L));
+  std::vector<int64_t> cut(parts + 1, L);
+  cut[0] = 0;
+  for (int64_t p = 1; p < parts; ++p)
+    cut[p] = std::lower_bound(work.begin(), work.end(), work[L] * double(p) / double(parts)) -
+             work.begin();
+  for (int64_t p = 1; p <= parts; ++p) cut[p] = std::max(cut[p], cut[p - 1]);
+  return cut;
 }
 
 }  // namespace knnfast::cpu

@@ -17,9 +17,12 @@ namespace knnfast::cuda {
 std::tuple<at::Tensor, at::Tensor> knn_search_lists_cuda(
     const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& list_offsets,
     const at::Tensor& probes, int64_t k, const std::string& metric,
-    const c10::optional<at::Tensor>& exclude, const std::string& plan) {
+    const c10::optional<at::Tensor>& exclude, const std::string& plan,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& residuals,
+    const c10::optional<at::Tensor>& residual_norms) {
+  // a bf16 pack is checked but unused: the CPU's plan bf16 has no CUDA twin yet
   check_knn_search_lists_args(queries, keys, list_offsets, probes, k, metric, exclude, plan,
-                              Backend::CUDA);
+                              {centers, residuals, residual_norms}, Backend::CUDA);
   const c10::cuda::CUDAGuard guard(queries.device());
   return knn_search_lists_rescore(as_float32(queries), keys.contiguous(), as_int64(list_offsets),
                                   as_int64(probes), k, metric,

@@ -6,7 +6,7 @@ reference: knnfast.reference.knn_search_lists; tests: tests/test_knn_search_list
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -14,15 +14,83 @@ from torch import Tensor
 from . import args
 from .library import OPS
 
-#: Kernel plans per device type: CPU "scan" (auto: each probed list read once for all its
-#: queries) or "rescore" (candidates scored by knn_rescore, then one topk: the code CUDA runs);
-#: CUDA has only "rescore" for now.
-PLANS = {"cpu": ("auto", "scan", "rescore"), "cuda": ("auto", "rescore")}
+#: Kernel plans per device type: CPU "scan" (each probed list read once for all its queries),
+#: "rescore" (candidates scored by knn_rescore, then one topk: the code CUDA runs) or "bf16"
+#: (a ``pack_lists_bf16`` pack scanned with vdpbf16ps, survivors rescored exactly); CPU auto =
+#: bf16 given a pack on an AVX512-BF16 CPU, else scan. CUDA has only "rescore" for now.
+PLANS = {"cpu": ("auto", "scan", "rescore", "bf16"), "cuda": ("auto", "rescore")}
+
+
+class ListsBf16(NamedTuple):
+    """The bf16 pack of a list layout (``pack_lists_bf16``), for ``knn_search_lists(pack=)``."""
+    centers: Tensor         # [L, D] float32: each list's center (its keys' mean)
+    residuals: Tensor       # [N, D] bfloat16: key - its list's center, rounded to nearest
+    residual_norms: Tensor  # [N, 2] float32: |key - center|, |key| (from float64)
+
+
+def pack_lists_bf16(keys: Tensor, list_offsets: Tensor, centers: Optional[Tensor] = None,
+                    *, chunk: int = 65536) -> ListsBf16:
+    """Packs keys grouped by list for ``knn_search_lists(..., pack=)`` (plan "bf16").
+
+    Each key is stored as its residual from its list's center, rounded to bfloat16, with the
+    norms the plan's error bounds need. The search stays exact: the residuals only rank, with a
+    rigorous bound per (query, key), and the survivors are rescored from ``keys``. The pack
+    is as large as fp16 keys; build it once per layout.
+
+    Args:
+        keys: [N, D] float32/float16/bfloat16, grouped by list (as for knn_search_lists).
+        list_offsets: [L + 1] integer offsets of the lists.
+        centers: optional [L, D] centers; default each list's mean (the tightest bounds).
+        chunk: keys converted per step (memory: chunk x D float64).
+
+    Example:
+        >>> keys = torch.randn(6, 4)
+        >>> offsets = torch.tensor([0, 2, 6])
+        >>> pack = pack_lists_bf16(keys, offsets)
+        >>> s, i = knn_search_lists(keys[:2], keys, offsets, torch.tensor([[0], [1]]), k=2,
+        ...                         pack=pack)
+        >>> i[0].tolist()
+        [0, 1]
+    """
+    op = "pack_lists_bf16"
+    args.check_tensor(op, "keys", keys)
+    args.check_tensor(op, "list_offsets", list_offsets)
+    args.need(keys.dim() == 2 and keys.is_floating_point(), op,
+              lambda: f"keys must be a float tensor [N, D], got {keys.dtype} "
+                      f"{list(keys.shape)}")
+    args.check_index_input(op, "list_offsets", list_offsets, dim=1)
+    N, D = keys.shape
+    offsets = list_offsets.long().cpu()
+    sizes = offsets.diff()
+    args.need(offsets.numel() >= 2 and int(offsets[0]) == 0 and int(offsets[-1]) == N
+              and bool((sizes >= 0).all()), op,
+              lambda: f"list_offsets must rise from 0 to N = {N}, got {offsets.tolist()[:8]}")
+    L = sizes.numel()
+    list_of_row = torch.repeat_interleave(torch.arange(L), sizes).to(keys.device)
+    if centers is None:
+        sums = torch.zeros(L, D, dtype=torch.float64, device=keys.device)
+        sums.index_add_(0, list_of_row, keys.double())
+        centers = sums / sizes.clamp_min(1).to(keys.device, torch.float64).unsqueeze(1)
+    args.check_tensor(op, "centers", centers)
+    args.need(tuple(centers.shape) == (L, D), op,
+              lambda: f"centers must have shape [{L}, {D}], got {list(centers.shape)}")
+    centers32 = centers.to(keys.device, torch.float32).nan_to_num(0.0, 0.0, 0.0).contiguous()
+    residuals = torch.empty(N, D, dtype=torch.bfloat16, device=keys.device)
+    norms = torch.empty(N, 2, dtype=torch.float32, device=keys.device)
+    c64 = centers32.double()  # the center the kernel uses, exactly
+    for first in range(0, N, chunk):
+        k64 = keys[first:first + chunk].double()
+        r64 = k64 - c64[list_of_row[first:first + chunk]]
+        residuals[first:first + chunk] = r64.float()  # float64 -> fp32 -> bf16 (< 1 bf16 ulp)
+        norms[first:first + chunk, 0] = r64.norm(dim=1).float()
+        norms[first:first + chunk, 1] = k64.norm(dim=1).float()
+    return ListsBf16(centers32, residuals, norms)
 
 
 def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes: Tensor,
                      k: int, metric: str = "l2", *, exclude: Optional[Tensor] = None,
-                     plan: str = "auto") -> Tuple[Tensor, Tensor]:
+                     plan: str = "auto", pack: Optional[ListsBf16] = None
+                     ) -> Tuple[Tensor, Tensor]:
     """Exact k nearest keys of every query among the lists it probes, in one call.
 
     The keys are grouped by list: list ``l`` is rows ``list_offsets[l]:list_offsets[l+1]``
@@ -43,7 +111,12 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
             reads each probed list once for all the queries that probe it; "rescore" expands
             the probed lists into candidates for ``knn_rescore`` and takes the k best by one
             topk (B x the most keys a row probes in memory; its scores are knn_rescore's, so
-            near-ties may order differently): the code CUDA runs.
+            near-ties may order differently): the code CUDA runs. "bf16" (needs ``pack``)
+            ranks with the pack's bf16 residuals and a rigorous error bound per (query, key),
+            then rescores the survivors from ``keys``; the default when a pack is given on a
+            CPU with AVX512-BF16 (``build_info()["avx512_bf16"]``).
+        pack: optional ``pack_lists_bf16(keys, list_offsets)``, built once per layout; unused
+            by the other plans and on CUDA (checked all the same).
 
     Returns:
         (scores [B, k] float32 descending, indices [B, k] int64 rows of ``keys``); ties go to
@@ -59,7 +132,12 @@ def knn_search_lists(queries: Tensor, keys: Tensor, list_offsets: Tensor, probes
     op = "knn_search_lists"
     check_lists_call(op, queries, keys, list_offsets, probes, k, metric, exclude)
     args.check_choice(op, "plan", plan, PLANS.get(queries.device.type, ("auto",)))
-    return OPS.knn_search_lists(queries, keys, list_offsets, probes, k, metric, exclude, plan)
+    if pack is not None and not isinstance(pack, ListsBf16):
+        raise ValueError(f"{op}: pack must come from knnfast.pack_lists_bf16, got "
+                         f"{type(pack).__name__}")
+    centers, residuals, norms = pack if pack is not None else (None, None, None)
+    return OPS.knn_search_lists(queries, keys, list_offsets, probes, k, metric, exclude, plan,
+                                centers, residuals, norms)
 
 
 def check_lists_call(op: str, queries, keys, list_offsets, probes, k, metric, exclude) -> None:
@@ -89,8 +167,27 @@ def check_lists_meta(op: str, queries: Tensor, keys: Tensor, list_offsets: Tenso
 
 
 @torch.library.register_fake("knnfast::knn_search_lists")
-def _(queries, keys, list_offsets, probes, k, metric, exclude, plan="auto"):
-    check_lists_meta("knn_search_lists", queries, keys, list_offsets, probes, k, exclude)
+def _(queries, keys, list_offsets, probes, k, metric, exclude, plan="auto", centers=None,
+      residuals=None, residual_norms=None):
+    op = "knn_search_lists"
+    check_lists_meta(op, queries, keys, list_offsets, probes, k, exclude)
+    parts = (centers, residuals, residual_norms)
+    given = sum(t is not None for t in parts)
+    args.need(given in (0, 3), op, lambda: f"centers, residuals and residual_norms come "
+              f"together (knnfast.pack_lists_bf16 makes all three); got {given} of them")
+    args.need(given == 3 or plan != "bf16" or queries.device.type != "cpu", op,
+              lambda: 'plan "bf16" needs the bf16 pack (centers, residuals, residual_norms '
+                      'from knnfast.pack_lists_bf16)')
+    if given:
+        N, D = keys.shape
+        L = list_offsets.shape[0] - 1
+        for name, t, dtype, shape in (("centers", centers, torch.float32, (L, D)),
+                                      ("residuals", residuals, torch.bfloat16, (N, D)),
+                                      ("residual_norms", residual_norms, torch.float32, (N, 2))):
+            args.check_same_device(op, queries, **{name: t})
+            args.need(t.dtype == dtype and tuple(t.shape) == shape and t.is_contiguous(), op,
+                      lambda: f"{name} must be a contiguous {dtype} tensor of shape "
+                              f"{list(shape)}, got {t.dtype} {list(t.shape)}")
     shape = (queries.shape[0], k)
     return (queries.new_empty(shape, dtype=torch.float32),
             queries.new_empty(shape, dtype=torch.int64))

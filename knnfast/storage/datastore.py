@@ -395,7 +395,7 @@ class Datastore(MetaFields):
         the batch."""
         return self._lists is not None and not exact  # lists imply an index: None = index
 
-    def use_lists(self, nprobe: Optional[int] = None) -> "Datastore":
+    def use_lists(self, nprobe: Optional[int] = None, bf16: bool = False) -> "Datastore":
         """Search the IVF index's lists with knnfast's fused ``knn_search_lists`` from now on
         (``search(exact=False)``): the same lists and ``nprobe`` (default: the index's), the
         whole batch in one call, exact scores from the stored keys. Keeps a copy of the keys
@@ -409,6 +409,11 @@ class Datastore(MetaFields):
         (benchmarks/bench_knn_search_lists.py: 1.82 ms against IndexIVFFlat's 3.14 ms for
         64 queries, nprobe 16 of 256 lists, AMD EPYC, 2 threads.) ``to()`` does not carry the
         lists: call ``use_lists`` on the moved store.
+
+        ``bf16=True`` (CPU stores): also keep the keys as bf16 residuals (another N x D x 2
+        bytes) for ``knn_search_lists``' plan "bf16", still exact. It pays where the scan is
+        bound by arithmetic (the benchmark's step: 1.4x at 2 threads), not where it is bound
+        by reading the keys (the demo's own decoding calls: 0.94-1.02x), hence off by default.
         """
         if self.is_memmapped:
             raise DatastoreError("Datastore.use_lists: the keys are memmapped; load them "
@@ -420,7 +425,9 @@ class Datastore(MetaFields):
         if faiss.info["metric"] != self.metric:
             raise ValueError(f"Datastore.use_lists: the index was built for metric "
                              f"{faiss.info['metric']!r}, the datastore's is {self.metric!r}")
-        self._lists = ivf_lists.from_faiss(faiss.index, self.keys, nprobe, self.metric)
+        if not isinstance(bf16, bool):
+            raise ValueError(f"Datastore.use_lists: bf16 must be True or False, got {bf16!r}")
+        self._lists = ivf_lists.from_faiss(faiss.index, self.keys, nprobe, self.metric, bf16)
         return self
 
     def _faiss(self) -> faiss_index.FaissIndex:

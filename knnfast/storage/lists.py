@@ -4,7 +4,9 @@ FAISS scans an IVF index query by query. Decoding searches a batch (sentences x 
 step, and the queries of one step probe largely the same lists, so ``ListLayout`` keeps the
 datastore's keys in list order (a copy, in the keys' dtype) and the whole batch is searched in
 one call: the probes come from an exact ``knn_search`` over the coarse centroids, then every
-probed list is read once and scored exactly against all the queries that probe it.
+probed list is read once and scored exactly against all the queries that probe it. On
+request (``bf16=True``) the layout also packs the keys as bf16 residuals from their list's
+mean (``pack_lists_bf16``): the scan ranks with those and rescores the few survivors exactly.
 
 The neighbours are those of the same index at the same ``nprobe``, scored exactly from the
 stored keys (for IVF-Flat: FAISS's own results up to ties and fp32 rounding; for IVF-PQ: the
@@ -35,15 +37,19 @@ class ListLayout:
     metric: str         # the index's (and datastore's) metric: "l2", "ip" or "cos"
     centroids_t: Tensor = None     # [D, L] the centroids transposed, contiguous (probe GEMM)
     neg_centroid_sq: Tensor = None  # [L] -|c|^2 (l2 probes)
+    pack: Optional[ops.ListsBf16] = None  # bf16 residuals of the keys (plan "bf16"), or None
+    plan: str = "auto"
 
     def __post_init__(self) -> None:
         self.centroids_t = self.centroids.t().contiguous()
         self.neg_centroid_sq = -(self.centroids * self.centroids).sum(1)
 
 
-def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str) -> ListLayout:
+def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str,
+               bf16: bool = False) -> ListLayout:
     """The layout of a FAISS IVF ``index`` (CPU or GPU) built for ``metric`` over ``keys``
-    [N, D] in order."""
+    [N, D] in order. ``bf16``: also pack the keys (CPU only) as bf16 residuals for
+    ``knn_search_lists``' plan "bf16" (exact; see ``Datastore.use_lists`` for when it pays)."""
     import faiss
     if hasattr(index, "getDevice"):
         index = faiss.index_gpu_to_cpu(index)
@@ -71,9 +77,13 @@ def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str) -> ListLayout
     centroids = torch.as_tensor(ivf.quantizer.reconstruct_n(0, nlist)).float()
     device = keys.device
     padded = torch.cat([ids, ids.new_full((1,), -1)])  # position -1 (padding) -> id -1
-    return ListLayout(centroids.to(device), offsets.to(device), padded.to(device),
-                      positions.to(device), keys[ids.to(keys.device)].contiguous(),
-                      "l2" if ivf.metric_type == faiss.METRIC_L2 else "ip", nprobe, metric)
+    layout = ListLayout(centroids.to(device), offsets.to(device), padded.to(device),
+                        positions.to(device), keys[ids.to(keys.device)].contiguous(),
+                        "l2" if ivf.metric_type == faiss.METRIC_L2 else "ip", nprobe, metric)
+    if bf16 and device.type == "cpu":
+        layout.pack = ops.pack_lists_bf16(layout.keys, layout.offsets)
+        layout.plan = "bf16"
+    return layout
 
 
 def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
@@ -107,7 +117,7 @@ def search(layout: ListLayout, queries: Tensor, k: int, metric: str,
                              f"{int(exclude[row])} at row {row}")
         excl = torch.where(exclude >= 0, layout.positions[exclude.clamp_min(0)], -1)
     scores, pos = ops.knn_search_lists(q, layout.keys, layout.offsets, probes, k, metric,
-                                       exclude=excl)
+                                       exclude=excl, plan=layout.plan, pack=layout.pack)
     return scores, layout.ids[pos]  # one gather: padding position -1 reads the -1 at the end
 
 

@@ -10,9 +10,6 @@
 namespace knnfast::cpu {
 namespace {
 
-#define KNNFAST_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
-
 inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // round to nearest even
 
 template <typename T>

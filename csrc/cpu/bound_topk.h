@@ -52,6 +52,36 @@ inline void bound_insert(BoundRow& row, int64_t k, float rank, float err, int64_
   }
 }
 
+// Approximate ranks and their bounds, for one query row against one tile of keys:
+//   rank(j) = l2: 2 dot_j - t_j + add;  ip: dot_j + add;  cos: (dot_j + add) inv_j
+//   E(j)    = a s_j + c_t t_j + c0
+// (a, c_t, c0 from bf16_bounds.h's row_bound; add = q.c for ip/cos, 0 or -|q - c|^2 for l2.)
+struct RankTerms {
+  float a, c_t, c0, add;
+};
+struct KeyTerms {
+  const float* s;
+  const float* t;
+  const float* inv;  // cos only
+};
+
+inline float bound_rank(Metric metric, float dot, const RankTerms& r, const KeyTerms& f,
+                        int64_t j) {
+  if (metric == Metric::L2) return (dot + dot) - f.t[j] + r.add;
+  if (metric == Metric::IP) return dot + r.add;
+  return (dot + r.add) * f.inv[j];
+}
+inline float bound_error(const RankTerms& r, const KeyTerms& f, int64_t j) {
+  return std::fma(r.a, f.s[j], std::fma(r.c_t, f.t[j], r.c0));
+}
+
+// Inserts every key j < n of the tile (row id first + j, never `skip`) whose upper bound
+// rank + E reaches the row's threshold; 16 at a time on AVX-512 (only passing keys leave the
+// vector loop), bound_rank / bound_error one by one elsewhere. dots[j]: the approximate dots.
+void bound_push_tile(Metric metric, BoundRow& row, int64_t k, const RankTerms& r,
+                     const float* dots, const KeyTerms& f, int64_t n, int64_t first,
+                     int64_t skip);
+
 // The stored keys the survivors are rescored from: [N, D] rows of `type`.
 struct ExactKeys {
   const void* data;

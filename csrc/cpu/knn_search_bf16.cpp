@@ -37,13 +37,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 
 #include "common/settings.h"
 #include "cpu/bf16_bounds.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/bound_topk.h"
-#include "cpu/simd_load.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
@@ -109,74 +107,13 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
   return st;
 }
 
-// One tile of one row: 16 ranks and bounds at a time; only keys whose upper bound reaches the
-// threshold (few, once the heap has warmed up) leave the vector loop. A threshold that grows
-// inside a vector is picked up at the next one: a stale (lower) threshold only admits more.
-template <Metric M>
-KNNFAST_AVX512 void push_tile(const Setup& st, BoundRow& row, int64_t b, const float* dots,
-                              const KeyFactors& f, int64_t n, int64_t first) {
-  if (row.overflow) return;
+// The rank terms of row b (bound_topk.h): knn_search's l2 rank is 2 q'.k' - |k'|^2 (add = 0).
+RankTerms rank_terms(const Setup& st, int64_t b) {
   const RowBound& rb = st.bounds[b];
-  const int64_t excluded = st.exclude ? st.exclude[b] : -1;
-  const __m512 a = _mm512_set1_ps(rb.a), c_t = _mm512_set1_ps(rb.c_t), c0 = _mm512_set1_ps(rb.c0);
-  const __m512 qc = _mm512_set1_ps(rb.query_center_dot);
-  alignas(64) float rank_buf[16], err_buf[16];
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 live = tail_mask(n - j);
-    const __m512 dot = _mm512_maskz_loadu_ps(live, dots + j);
-    __m512 rank;
-    if constexpr (M == Metric::L2)
-      rank = _mm512_sub_ps(_mm512_add_ps(dot, dot), _mm512_maskz_loadu_ps(live, f.centered_sq.data() + j));
-    else if constexpr (M == Metric::IP)
-      rank = _mm512_add_ps(dot, qc);
-    else
-      rank = _mm512_mul_ps(_mm512_add_ps(dot, qc), _mm512_maskz_loadu_ps(live, f.inv_norm.data() + j));
-    const __m512 err = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(live, f.s.data() + j),
-                                       _mm512_fmadd_ps(c_t, _mm512_maskz_loadu_ps(live, f.t.data() + j), c0));
-    // ordered >= : NaN ranks (NaN keys) never pass
-    __mmask16 pass = _mm512_mask_cmp_ps_mask(live, _mm512_add_ps(rank, err),
-                                             _mm512_set1_ps(row.threshold), _CMP_GE_OQ);
-    if (!pass) continue;
-    _mm512_store_ps(rank_buf, rank);
-    _mm512_store_ps(err_buf, err);
-    while (pass) {
-      const int lane = __builtin_ctz(pass);
-      pass &= pass - 1;
-      const int64_t id = first + j + lane;
-      if (id == excluded || !(rank_buf[lane] + err_buf[lane] >= row.threshold)) continue;
-      bound_insert(row, st.k, rank_buf[lane], err_buf[lane], id);
-      if (row.overflow) return;
-    }
-  }
+  return {rb.a, rb.c_t, rb.c0, st.metric == Metric::L2 ? 0.0f : rb.query_center_dot};
 }
 
-// Approximate rank of key j of a tile and its error bound, in scalar code (push_tile computes
-// the same 16 at a time).
-struct RankBound {
-  float rank, err;
-};
-template <Metric M>
-inline RankBound rank_bound(const RowBound& rb, const float* dots, const KeyFactors& f, int64_t j) {
-  float rank;
-  if constexpr (M == Metric::L2) rank = (dots[j] + dots[j]) - f.centered_sq[j];
-  else if constexpr (M == Metric::IP) rank = dots[j] + rb.query_center_dot;
-  else rank = (dots[j] + rb.query_center_dot) * f.inv_norm[j];
-  return {rank, std::fma(rb.a, f.s[j], std::fma(rb.c_t, f.t[j], rb.c0))};
-}
-
-// The same test as push_tile in portable code (CPUs without AVX-512, KNNFAST_SIMD=generic):
-// bf16_gemm runs everywhere.
-template <Metric M>
-void push_tile_generic(const Setup& st, BoundRow& row, int64_t b, const float* dots,
-                       const KeyFactors& f, int64_t n, int64_t first) {
-  const RowBound& rb = st.bounds[b];
-  const int64_t excluded = st.exclude ? st.exclude[b] : -1;
-  for (int64_t j = 0; j < n && !row.overflow; ++j) {
-    const RankBound r = rank_bound<M>(rb, dots, f, j);
-    if (first + j != excluded && r.rank + r.err >= row.threshold)  // NaN never passes
-      bound_insert(row, st.k, r.rank, r.err, first + j);
-  }
-}
+KeyTerms key_terms(const KeyFactors& f) { return {f.s.data(), f.t.data(), f.inv_norm.data()}; }
 
 // configure("debug", 1): checks every approximate rank of the tile against the real-number rank
 // (float64, same center c) and raises if a bound fails. The bounds rest on assumptions about
@@ -198,15 +135,18 @@ void verify_tile(const Setup& st, const float* dots_all, const KeyFactors& f, in
     if constexpr (M == Metric::COS) exact = exact / k.norm(2, {1}).clamp_min(kNormEps);
   }
   const double* e = exact.data_ptr<double>();
+  const KeyTerms terms = key_terms(f);
   for (int64_t b = 0; b < st.B; ++b) {
+    const RankTerms r = rank_terms(st, b);
     for (int64_t j = 0; j < n; ++j) {
-      const RankBound r = rank_bound<M>(st.bounds[b], dots_all + b * n, f, j);
+      const float rank = bound_rank(M, dots_all[b * n + j], r, terms, j);
+      const float err = bound_error(r, terms, j);
       const double truth = e[b * n + j];
       if (!std::isfinite(truth)) continue;  // non-finite keys are never returned
-      TORCH_CHECK(std::fabs(double(r.rank) - truth) <= double(r.err),
+      TORCH_CHECK(std::fabs(double(rank) - truth) <= double(err),
                   "knn_search[", st.scorer == Bf16Scorer::Gemm ? "bf16_gemm" : "bf16",
                   "]: the error bound failed for query ", b, ", key ", first + j, ": approximate "
-                  "rank ", r.rank, ", exact ", truth, ", bound ", r.err, ". Results may be "
+                  "rank ", rank, ", exact ", truth, ", bound ", err, ". Results may be "
                   "wrong on this CPU; please report it with knnfast.build_info().");
     }
   }
@@ -254,8 +194,6 @@ void score_tile(const Setup& st, TileBuffers& buf, int64_t first, int64_t n, Key
   at::from_blob(buf.dots.data(), {st.B, n}, at::kFloat).copy_(approx);
 }
 
-bool avx512_push() { return std::strcmp(simd_level(), "avx512") == 0; }
-
 template <Metric M>
 std::vector<BoundRow> scan_part(const Setup& st, int64_t begin, int64_t end) {
   std::vector<BoundRow> rows(st.B, BoundRow(st.k));
@@ -263,7 +201,6 @@ std::vector<BoundRow> scan_part(const Setup& st, int64_t begin, int64_t end) {
   KeyFactors f;
   f.resize(st.tile);
   const bool need_full = M != Metric::L2;
-  const bool vector_push = avx512_push();
   const bool debug = settings().debug.load(std::memory_order_relaxed) != 0;
   for (int64_t first = begin; first < end; first += st.tile) {
     const int64_t n = std::min(st.tile, end - first);
@@ -283,11 +220,9 @@ std::vector<BoundRow> scan_part(const Setup& st, int64_t begin, int64_t end) {
       }
     }
     if (debug) verify_tile<M>(st, buf.dots.data(), f, n, first);
-    for (int64_t b = 0; b < st.B; ++b) {
-      const float* dots = buf.dots.data() + b * n;
-      if (vector_push) push_tile<M>(st, rows[b], b, dots, f, n, first);
-      else push_tile_generic<M>(st, rows[b], b, dots, f, n, first);
-    }
+    for (int64_t b = 0; b < st.B; ++b)
+      bound_push_tile(M, rows[b], st.k, rank_terms(st, b), buf.dots.data() + b * n, key_terms(f),
+                      n, first, st.exclude ? st.exclude[b] : -1);
   }
   return rows;
 }

@@ -29,7 +29,6 @@
 #include "cpu/bf16_bounds.h"
 #include "cpu/bound_topk.h"
 #include "cpu/list_scan.h"
-#include "cpu/simd_load.h"
 #include "cpu/vec_math.h"
 
 namespace knnfast::cpu {
@@ -47,15 +46,10 @@ struct Setup {
   std::vector<float> qq;                // |q|^2 per row
 };
 
-// One (query, list): the bound's constants E = a s + c_t t + c0 and the term `add` of the rank
-// (l2: -|q'|^2; ip, cos: q.c_l).
-struct ListRow {
-  float a, c_t, c0, add;
-};
-
+// The rank terms (bound_topk.h) of one (query, list): add = -|q'|^2 for l2, q.c_l for ip, cos.
 // The constants of query q (|q|^2 = qq) for list center c (|c| = c_norm); l2 also packs
 // q - c into `packed`.
-ListRow list_row(const Setup& st, Metric metric, const float* q, float qq, const float* c,
+RankTerms list_row(const Setup& st, Metric metric, const float* q, float qq, const float* c,
                  float c_norm, uint16_t* packed) {
   const PairSums p = pair_sums(q, c, at::kFloat, st.D);  // |q - c|^2, q.c
   const RowBound rb = row_bound_from_sums(metric, {qq, p.dot, p.diff_sq}, c_norm, st.D,
@@ -89,63 +83,11 @@ void tile_factors(Metric metric, const float* norms, int64_t n, TileFactors& f) 
   }
 }
 
-template <Metric M>
-inline float approx_rank(float dot, const ListRow& r, const TileFactors& f, int64_t j) {
-  if constexpr (M == Metric::L2) return (dot + dot) - f.t[j] + r.add;
-  else if constexpr (M == Metric::IP) return dot + r.add;
-  else return (dot + r.add) * f.inv[j];
-}
-
-// Ranks and bounds of one row's tile, 16 keys at a time; only keys whose upper bound reaches
-// the row's threshold leave the vector loop (knn_search_bf16.cpp's push_tile, per list).
-template <Metric M>
-KNNFAST_AVX512 void push_avx512(BoundRow& row, int64_t k, const ListRow& r, const float* dots,
-                                const TileFactors& f, int64_t n, int64_t first, int64_t skip) {
-  const __m512 a = _mm512_set1_ps(r.a), c_t = _mm512_set1_ps(r.c_t);
-  const __m512 c0 = _mm512_set1_ps(r.c0), add = _mm512_set1_ps(r.add);
-  alignas(64) float rank_buf[16], err_buf[16];
-  for (int64_t j = 0; j < n && !row.overflow; j += 16) {
-    const __mmask16 live = tail_mask(n - j);
-    const __m512 dot = _mm512_maskz_loadu_ps(live, dots + j);
-    const __m512 t = _mm512_maskz_loadu_ps(live, f.t.data() + j);
-    __m512 rank;
-    if constexpr (M == Metric::L2) rank = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(dot, dot), t), add);
-    else if constexpr (M == Metric::IP) rank = _mm512_add_ps(dot, add);
-    else rank = _mm512_mul_ps(_mm512_add_ps(dot, add), _mm512_maskz_loadu_ps(live, f.inv.data() + j));
-    const __m512 err = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(live, f.s.data() + j),
-                                       _mm512_fmadd_ps(c_t, t, c0));
-    // ordered >= : NaN ranks (NaN keys) never pass
-    __mmask16 pass = _mm512_mask_cmp_ps_mask(live, _mm512_add_ps(rank, err),
-                                             _mm512_set1_ps(row.threshold), _CMP_GE_OQ);
-    if (!pass) continue;
-    _mm512_store_ps(rank_buf, rank);
-    _mm512_store_ps(err_buf, err);
-    while (pass && !row.overflow) {
-      const int lane = __builtin_ctz(pass);
-      pass &= pass - 1;
-      const int64_t id = first + j + lane;
-      if (id != skip && rank_buf[lane] + err_buf[lane] >= row.threshold)
-        bound_insert(row, k, rank_buf[lane], err_buf[lane], id);
-    }
-  }
-}
-
-template <Metric M>
-void push_generic(BoundRow& row, int64_t k, const ListRow& r, const float* dots,
-                  const TileFactors& f, int64_t n, int64_t first, int64_t skip) {
-  for (int64_t j = 0; j < n && !row.overflow; ++j) {
-    const float rank = approx_rank<M>(dots[j], r, f, j);
-    const float err = std::fma(r.a, f.s[j], std::fma(r.c_t, f.t[j], r.c0));
-    if (first + j != skip && rank + err >= row.threshold)  // NaN never passes
-      bound_insert(row, k, rank, err, first + j);
-  }
-}
-
 // configure("debug", 1): every approximate rank of the tile against float64, for query rows
 // `rows` [m]; raises if a bound fails (the error model is what makes the plan exact).
 template <Metric M>
-void verify_tile(const Setup& st, const int64_t* rows, int64_t m, const ListRow* consts,
-                 const float* dots, const TileFactors& f, int64_t first, int64_t n) {
+void verify_tile(const Setup& st, const int64_t* rows, int64_t m, const RankTerms* consts,
+                 const float* dots, const KeyTerms& f, int64_t first, int64_t n) {
   const at::Tensor idx = at::from_blob(const_cast<int64_t*>(rows), {m}, at::kLong);
   const at::Tensor q = st.in.queries.index_select(0, idx).to(at::kDouble);
   const at::Tensor keys = st.in.keys.narrow(0, first, n).to(at::kDouble);
@@ -156,8 +98,8 @@ void verify_tile(const Setup& st, const int64_t* rows, int64_t m, const ListRow*
   const double* e = exact.data_ptr<double>();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) {
-      const float rank = approx_rank<M>(dots[i * n + j], consts[i], f, j);
-      const float err = std::fma(consts[i].a, f.s[j], std::fma(consts[i].c_t, f.t[j], consts[i].c0));
+      const float rank = bound_rank(M, dots[i * n + j], consts[i], f, j);
+      const float err = bound_error(consts[i], f, j);
       const double truth = e[i * n + j];
       if (!std::isfinite(truth)) continue;  // non-finite keys are never returned
       TORCH_CHECK(std::fabs(double(rank) - truth) <= double(err),
@@ -176,11 +118,10 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
   const uint16_t* residuals = reinterpret_cast<const uint16_t*>(st.pack.residuals.data_ptr());
   const float* norms = st.pack.residual_norms.data_ptr<float>();
   const int64_t* exclude = st.in.exclude.defined() ? st.in.exclude.data_ptr<int64_t>() : nullptr;
-  const bool vector_push = use_avx512();
   const bool debug = settings().debug.load(std::memory_order_relaxed) != 0;
   std::vector<uint16_t> group, spare(16 * st.D);
   std::vector<float> dots;
-  std::vector<ListRow> consts;
+  std::vector<RankTerms> consts;
   TileFactors f(kTile);
   for (int64_t l = l0; l < l1; ++l) {
     const int64_t m = lq.start[l + 1] - lq.start[l];
@@ -202,12 +143,12 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
       dot_tile16_bf16(group.data(), m, st.Dq, residuals + first * st.D, n, st.D, dots.data(), n,
                       spare.data());
       tile_factors(M, norms + 2 * first, n, f);
-      if (debug) verify_tile<M>(st, list_rows, m, consts.data(), dots.data(), f, first, n);
+      const KeyTerms terms{f.s.data(), f.t.data(), f.inv.data()};
+      if (debug) verify_tile<M>(st, list_rows, m, consts.data(), dots.data(), terms, first, n);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = list_rows[i];
-        const int64_t skip = exclude ? exclude[b] : -1;
-        if (vector_push) push_avx512<M>(rows[b], st.k, consts[i], dots.data() + i * n, f, n, first, skip);
-        else push_generic<M>(rows[b], st.k, consts[i], dots.data() + i * n, f, n, first, skip);
+        bound_push_tile(M, rows[b], st.k, consts[i], dots.data() + i * n, terms, n, first,
+                        exclude ? exclude[b] : -1);
       }
     }
   }

@@ -81,9 +81,6 @@ KNNFAST_AVX512 void dot_tile16_avx512(const float* q, int64_t B, const T* k, int
   }
 }
 
-#define KNNFAST_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
-
 // dot_tile16_bf16: as dot_tile16, but keys are already bf16 rows (no conversion block) and each
 // vdpbf16ps multiplies 16 pairs: half the instructions of the fp32 FMAs over the same D.
 KNNFAST_AVX512_BF16 void dot_tile16_bf16_avx512(const uint16_t* q, int64_t B, int64_t Dq,

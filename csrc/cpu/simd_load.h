@@ -27,6 +27,9 @@ auto visit_key_type(c10::ScalarType t, const void* keys, Fn&& fn) {
 }
 
 #define KNNFAST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+// Bodies that also use vdpbf16ps / vcvtne2ps2bf16: call them only where bf16_dot_available().
+#define KNNFAST_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 
 KNNFAST_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
   return _mm512_maskz_loadu_ps(m, p);

@@ -97,15 +97,21 @@ KNNFAST_AVX512_BF16 void dot_tile16_bf16_avx512(const uint16_t* q, int64_t B, in
       std::memset(spare + nn * D, 0, (16 - nn) * D * sizeof(uint16_t));
       kt = spare;
     }
+    // the next tile's rows are wanted after this one's queries: ask for them now (a list
+    // read once per call comes from memory, and its queries are few)
+    const char* next = reinterpret_cast<const char*>(k + (j0 + 16) * D);
+    const int64_t ahead = (n - j0 - 16 < 16 ? n - j0 - 16 : 16) * D * int64_t(sizeof(uint16_t));
+    for (int64_t byte = 0; byte < ahead; byte += 64) _mm_prefetch(next + byte, _MM_HINT_T0);
     for (int64_t b = 0; b < B; ++b) {
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
       const uint16_t* qb = q + b * Dq;
       for (int64_t d = 0; d < full; d += 32) {
         const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qb + d));
-        for (int t = 0; t < 16; ++t)
-          acc[t] = _mm512_dpbf16_ps(
-              acc[t], reinterpret_cast<__m512bh>(_mm512_loadu_si512(kt + t * D + d)), qv);
+        // one pointer stepping down the rows: 16 row pointers would not fit the registers
+        const uint16_t* kp = kt + d;
+        for (int t = 0; t < 16; ++t, kp += D)
+          acc[t] = _mm512_dpbf16_ps(acc[t], reinterpret_cast<__m512bh>(_mm512_loadu_si512(kp)), qv);
       }
       if (tail) {  // masked 16-bit loads are slow on Zen 4: only for the last partial chunk
         const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qb + full));

@@ -411,9 +411,9 @@ class Datastore(MetaFields):
         lists: call ``use_lists`` on the moved store.
 
         ``bf16=True`` (CPU stores): also keep the keys as bf16 residuals (another N x D x 2
-        bytes) for ``knn_search_lists``' plan "bf16", still exact. It pays where the scan is
-        bound by arithmetic (the benchmark's step: 1.4x at 2 threads), not where it is bound
-        by reading the keys (the demo's own decoding calls: 0.94-1.02x), hence off by default.
+        bytes) for ``knn_search_lists``' plan "bf16", still exact: 1.23-1.26x the search speed
+        on the demo's recorded decoding calls (AMD EPYC, 2 threads), where reading the keys
+        bounds both plans; a few percent of a decoding step, hence off by default.
         """
         if self.is_memmapped:
             raise DatastoreError("Datastore.use_lists: the keys are memmapped; load them "

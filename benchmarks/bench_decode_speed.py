@@ -60,16 +60,17 @@ def searched_as(store, search: str, like=None, progress: bool = False,
     query (None: the index's own, 8 for a new one)."""
     if search == "exact":
         return store.to("cpu") if store.is_memmapped else store
-    if search == "lists" and store.is_memmapped:
+    lists = search.startswith("lists")
+    if lists and store.is_memmapped:
         store = store.to("cpu")
     if store.has_saved_index():
-        store.load_index("cpu" if search == "lists" else "auto")
+        store.load_index("cpu" if lists else "auto")
     elif like is not None and like.has_saved_index() and not store.has_index():
         info = json.loads((Path(like.path) / "index.json").read_text())
         store.build_index(info.get("factory"), nprobe=info.get("nprobe", 32), progress=progress)
     elif not store.has_index():
         store.build_index(factory, nprobe=nprobe or 8, progress=progress)
-    return store.use_lists(nprobe) if search == "lists" else store
+    return store.use_lists(nprobe, bf16=search == "lists-bf16") if lists else store
 
 
 def make_arms(ds, work: Path, *, k: int, temperature: float, lam: float, confidence: float,
@@ -313,9 +314,11 @@ def main(argv=None) -> None:
     p.add_argument("--prune-k", type=int, default=8)
     p.add_argument("--pca-dim", type=int, default=64)
     p.add_argument("--study", choices=("mt", "lm", "both"), default="both")
-    p.add_argument("--search", choices=("exact", "index", "lists"), default="exact",
+    p.add_argument("--search", choices=("exact", "index", "lists", "lists-bf16"),
+                   default="exact",
                    help="every arm: fused exact search over keys in RAM, the FAISS index, or "
-                        "the index's lists searched by knn_search_lists (Datastore.use_lists)")
+                        "the index's lists searched by knn_search_lists (Datastore.use_lists; "
+                        "lists-bf16: with its bf16 pack, plan bf16)")
     p.add_argument("--lists-factory", default="IVF1024,Flat",
                    help="--search index/lists: the index of a store that has none (the demo's "
                         "datastore has its own)")

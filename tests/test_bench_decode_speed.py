@@ -90,22 +90,25 @@ def test_pareto_rule(bench):
     assert bench.pareto(rows, "q", False) == ["d"]      # perplexity: lower is better
 
 
-def test_lists_search_mode_adds_an_exact_arm(bench, tmp_path):
+@pytest.mark.parametrize("search", ["lists", "lists-bf16"])
+def test_lists_search_mode_adds_an_exact_arm(bench, tmp_path, search):
     """--search lists: every store gets an IVF index searched through knn_search_lists, and a
     kNN-exact arm is timed beside it. With every list probed the lists find what exact search
-    finds, so the two perplexities agree."""
+    finds, so the two perplexities agree. lists-bf16: the same through plan bf16's pack."""
     model = tiny_gpt2(V, n_embd=32, n_layer=2, n_positions=64, pad=PAD, eos=EOS)
     train, dev, test = (random_sequences(n, 4, 12, s, V) for n, s in ((20, 1), (6, 2), (6, 3)))
     ds = H.build_datastore(model, train, str(tmp_path / "ds"), batch_size=4, progress=False)
     arms = bench.make_arms(ds, tmp_path / "work", k=8, temperature=1.0, lam=0.5,
                            confidence=0.05, gate_threshold=0.5, prune_k=4, pca_dim=8,
                            fit_gate_on=bench.gate_fitter(model, dev, updates=20),
-                           search="lists", factory="IVF4,Flat", nprobe=4)
+                           search=search, factory="IVF4,Flat", nprobe=4)
     names = [n for n, _ in arms]
     assert names[:3] == ["bare", "kNN-exact", "kNN"]
     by = dict(arms)
     assert by["kNN"].datastore._lists is not None and by["kNN-exact"].exact is True
     assert by["+prune"].datastore._lists is not None
+    packed = [by[n].datastore._lists.pack is not None for n in ("kNN", "+prune")]
+    assert packed == [search == "lists-bf16"] * 2
     rows = {r["system"]: r for r in bench.run_arms(arms[:3], bench.lm_runner(model, test,
                                                                              batch_size=4),
                                                    "tokens_per_s")}

@@ -409,10 +409,22 @@ def run_ranks(target, world, *args, deadline_s=120):
 
 def rank_main(target, deadline_s, rank, *args):
     """One rank of ``run_ranks``: the stacks of every thread go to stderr if the rank is
-    still running 5 s before the deadline (pytest shows them with the failure)."""
+    still running 5 s before the deadline (pytest shows them with the failure).
+
+    A rank whose target returned leaves by ``os._exit(0)``, skipping interpreter teardown:
+    its exit code is the target's outcome. A spawned child otherwise finalizes the
+    interpreter, and torch's gloo threads, still alive when something (DDP's reducer) held
+    the group past ``destroy_process_group``, have aborted there once in CI: "terminate
+    called without an active exception", exit -6, after the rank had saved its results."""
     import faulthandler
+    import os
+    import sys
     faulthandler.dump_traceback_later(max(1, deadline_s - 5))
     target(rank, *args)
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_simd_script(script: str, level: str):

@@ -12,6 +12,7 @@ gradient is again the whole batch's mean (what ``rank_slice``'s docstring says t
 
 Every collective has a 20 s timeout and the ranks a 120 s deadline."""
 import datetime
+import gc
 import os
 
 import pytest
@@ -101,6 +102,10 @@ def _trainer_worker(rank, world, port, root, sentences):
                        sentences=sentences)
     trainer.train()
     torch.save({"params": trainer.model.state_dict()}, os.path.join(root, f"trainer{rank}.pt"))
+    import torch.distributed as dist
+    trainer = None
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate holds the group too
+    _leave(dist)
 
 
 def _worker(rank, world, port, root):
@@ -109,6 +114,7 @@ def _worker(rank, world, port, root):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    model = opt = None
     try:
         pairs, store = _pairs(), kd.TeacherStore.open(os.path.join(root, "teacher"))
         model = DistributedDataParallel(_student())
@@ -119,7 +125,17 @@ def _worker(rank, world, port, root):
         torch.save({"shares": shares, "params": model.module.state_dict()},
                    os.path.join(root, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        model = opt = None  # noqa: F841 (DDP's reducer holds the group: see _leave)
+        _leave(dist)
+
+
+def _leave(dist):
+    """Destroy the group once its holders are gone (the caller dropped DDP's wrapper, whose
+    reducer holds the group; collect any cycle around it), so the group's threads end here
+    and not in interpreter teardown, and only after every rank is done with it."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _run_ranks(world, root, target=_worker, *args):

@@ -70,7 +70,8 @@ def searched_as(store, search: str, like=None, progress: bool = False,
         store.build_index(info.get("factory"), nprobe=info.get("nprobe", 32), progress=progress)
     elif not store.has_index():
         store.build_index(factory, nprobe=nprobe or 8, progress=progress)
-    return store.use_lists(nprobe, bf16=search == "lists-bf16") if lists else store
+    pack = search[len("lists-"):] if search.startswith("lists-") else None
+    return store.use_lists(nprobe, pack=pack) if lists else store
 
 
 def make_arms(ds, work: Path, *, k: int, temperature: float, lam: float, confidence: float,
@@ -314,11 +315,11 @@ def main(argv=None) -> None:
     p.add_argument("--prune-k", type=int, default=8)
     p.add_argument("--pca-dim", type=int, default=64)
     p.add_argument("--study", choices=("mt", "lm", "both"), default="both")
-    p.add_argument("--search", choices=("exact", "index", "lists", "lists-bf16"),
+    p.add_argument("--search", choices=("exact", "index", "lists", "lists-bf16", "lists-int8"),
                    default="exact",
                    help="every arm: fused exact search over keys in RAM, the FAISS index, or "
                         "the index's lists searched by knn_search_lists (Datastore.use_lists; "
-                        "lists-bf16: with its bf16 pack, plan bf16)")
+                        "lists-bf16 / lists-int8: with that pack, plan bf16 / int8)")
     p.add_argument("--lists-factory", default="IVF1024,Flat",
                    help="--search index/lists: the index of a store that has none (the demo's "
                         "datastore has its own)")

@@ -5,8 +5,8 @@ Shape: the demo's kNN-MT step, B = 64 queries (batch 16 x beam 4) over N = 132,0
 keys of D = 128 in 256 lists (what IVF256 makes of clustered data), nprobe 16, k = 8; the
 queries come in groups of 4 near one key (beams of one sentence probe alike). The probes are
 computed once outside the timing (the same for every impl). "fused" is plan scan; "fused_bf16"
-is plan bf16 over the layout's ``pack_lists_bf16`` pack (built outside the timing, as
-``Datastore.use_lists`` builds it once).
+and "fused_int8" are plans bf16 and int8 over the layout's ``pack_lists_bf16`` /
+``pack_lists_int8`` pack (built outside the timing, as ``Datastore.use_lists`` builds it once).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import pytest
 import torch
 
 import knnfast
-from knnfast import pack_lists_bf16
+from knnfast import pack_lists_bf16, pack_lists_int8
 
 QUICK = os.environ.get("KNNFAST_BENCH_QUICK", "").strip() not in ("", "0", "false", "False")
 
 SHAPES = ((16, 8, 20_000, 64, 64, 8),) if QUICK else ((64, 8, 132_016, 128, 256, 16),)
-IMPLS = ("fused", "fused_bf16", "reference", "faiss")
+IMPLS = ("fused", "fused_bf16", "fused_int8", "reference", "faiss")
+# a packed plan, the build_info() flag of its instruction, the packer
+PACKED = {"fused_bf16": ("bf16", "avx512_bf16", pack_lists_bf16),
+          "fused_int8": ("int8", "avx512_vnni", pack_lists_int8)}
 METRIC = "l2"
 SEED = 1717
 
@@ -45,8 +48,8 @@ def _data(b, k, n, d, nlist, nprobe):
     layout = from_faiss(index, keys, nprobe, METRIC)
     _, probes = torch.ops.knnfast.knn_search(queries, layout.centroids, nprobe, "l2", None,
                                              None, "stream")
-    layout.pack = pack_lists_bf16(layout.keys, layout.offsets)
-    return queries, layout, probes, index
+    packs = {impl: packer(layout.keys, layout.offsets) for impl, (_, _, packer) in PACKED.items()}
+    return queries, layout, probes, index, packs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,16 +63,18 @@ def _free_inputs():
                               for s in SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_knn_search_lists(kb, impl, b, k, n, d, nlist, nprobe):
-    queries, layout, probes, index = _data(b, k, n, d, nlist, nprobe)
+    queries, layout, probes, index, packs = _data(b, k, n, d, nlist, nprobe)
     if impl == "faiss":
         q = queries.numpy()
         fn = lambda: index.search(q, k)  # noqa: E731
-    elif impl == "fused_bf16":
-        if not knnfast.build_info().get("avx512_bf16"):
-            pytest.skip("plan bf16 runs its portable body on this CPU (no AVX512-BF16)")
+    elif impl in PACKED:
+        plan, flag, _ = PACKED[impl]
+        info = knnfast.build_info()
+        if not (info.get(flag) or flag in info.get("isa", ())):
+            pytest.skip(f"plan {plan} runs its portable body on this CPU (no {flag})")
         op = kb.op("knn_search_lists", "fused")
         fn = lambda: op(queries, layout.keys, layout.offsets, probes, k, METRIC,  # noqa: E731
-                        plan="bf16", pack=layout.pack)
+                        plan=plan, pack=packs[impl])
     else:
         op = kb.op("knn_search_lists", impl)
         kw = {"plan": "scan"} if impl == "fused" else {}

@@ -90,11 +90,11 @@ def test_pareto_rule(bench):
     assert bench.pareto(rows, "q", False) == ["d"]      # perplexity: lower is better
 
 
-@pytest.mark.parametrize("search", ["lists", "lists-bf16"])
+@pytest.mark.parametrize("search", ["lists", "lists-bf16", "lists-int8"])
 def test_lists_search_mode_adds_an_exact_arm(bench, tmp_path, search):
     """--search lists: every store gets an IVF index searched through knn_search_lists, and a
     kNN-exact arm is timed beside it. With every list probed the lists find what exact search
-    finds, so the two perplexities agree. lists-bf16: the same through plan bf16's pack."""
+    finds, so the two perplexities agree. lists-bf16 / lists-int8: the same through a pack."""
     model = tiny_gpt2(V, n_embd=32, n_layer=2, n_positions=64, pad=PAD, eos=EOS)
     train, dev, test = (random_sequences(n, 4, 12, s, V) for n, s in ((20, 1), (6, 2), (6, 3)))
     ds = H.build_datastore(model, train, str(tmp_path / "ds"), batch_size=4, progress=False)
@@ -107,8 +107,9 @@ def test_lists_search_mode_adds_an_exact_arm(bench, tmp_path, search):
     by = dict(arms)
     assert by["kNN"].datastore._lists is not None and by["kNN-exact"].exact is True
     assert by["+prune"].datastore._lists is not None
-    packed = [by[n].datastore._lists.pack is not None for n in ("kNN", "+prune")]
-    assert packed == [search == "lists-bf16"] * 2
+    packed = [type(by[n].datastore._lists.pack).__name__ for n in ("kNN", "+prune")]
+    want = {"lists": "NoneType", "lists-bf16": "ListsBf16", "lists-int8": "ListsInt8"}
+    assert packed == [want[search]] * 2
     rows = {r["system"]: r for r in bench.run_arms(arms[:3], bench.lm_runner(model, test,
                                                                              batch_size=4),
                                                    "tokens_per_s")}

@@ -25,15 +25,16 @@ def _queries(ds, b=24, seed=1):
     return ds.keys[pick].float() + 0.5 * torch.randn(b, ds.dim, generator=g)
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["scan", "bf16-pack"])
+@pytest.mark.parametrize("pack", [None, "bf16", "int8"], ids=["scan", "bf16-pack", "int8-pack"])
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
-def test_lists_find_what_faiss_ivf_flat_finds(tmp_path, metric, bf16):
+def test_lists_find_what_faiss_ivf_flat_finds(tmp_path, metric, pack):
     ds = _store(tmp_path, metric=metric).to("cpu")
     ds.build_index("IVF32,Flat", nprobe=4, progress=False)
     q = _queries(ds)
     want_s, want_i = ds.search(q, 10, exact=False)
-    ds.use_lists(bf16=bf16)
-    assert (ds._lists.pack is not None) == bf16 and ds._lists.plan == ("bf16" if bf16 else "auto")
+    ds.use_lists(pack=pack)
+    kinds = {None: type(None), "bf16": knnfast.ListsBf16, "int8": knnfast.ListsInt8}
+    assert isinstance(ds._lists.pack, kinds[pack]) and ds._lists.plan == "auto"
     got_s, got_i = ds.search(q, 10, exact=False)
     assert torch.equal(got_i, want_i)
     torch.testing.assert_close(got_s, want_s, rtol=1e-3, atol=1e-3)
@@ -102,8 +103,9 @@ def test_misuse_is_a_clear_error(tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="use_lists: nprobe must be an int >= 1"):
             ram.use_lists(bad)
-    with pytest.raises(ValueError, match="use_lists: bf16 must be True or False, got 'yes'"):
-        ram.use_lists(bf16="yes")
+    with pytest.raises(ValueError, match="use_lists: pack must be one of None, 'int8', "
+                                         "'bf16', got 'yes'"):
+        ram.use_lists(pack="yes")
     ram.use_lists()
     with pytest.raises(ValueError, match="nprobe must be an int >= 1"):
         ram.search(_queries(ram), 3, exact=False, nprobe=0)

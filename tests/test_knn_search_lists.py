@@ -12,7 +12,7 @@ Kernel / variant -> tests:
   CPU plan scan: portable body (KNNFAST_SIMD=generic)      test_portable_body_matches
   plan rescore (common/lists_rescore.cpp: CUDA's code)     every [cpu-rescore] test
   CUDA wrapper (plan rescore over knn_rescore's kernel)    every [cuda-rescore] test (never ran)
-  CPU plan bf16 (a pack_lists_bf16 pack)                   tests/test_knn_search_lists_bf16.py
+  CPU plans bf16, int8 (pack_lists_bf16 / _int8 packs)    tests/test_knn_search_lists_packed.py
 """
 import pytest
 import torch
@@ -267,10 +267,10 @@ def test_rescore_plan_accepts_and_rejects_what_scan_does():
 def test_bad_plan_names_the_plans_of_the_device():
     q, keys, offsets, probes, _ = case(3, 50, 4, 4, 2)
     with pytest.raises(ValueError, match=r"knn_search_lists: plan must be one of \('auto', "
-                                         r"'scan', 'rescore', 'bf16'\), got 'stream'"):
+                                         r"'scan', 'rescore', 'bf16', 'int8'\), got 'stream'"):
         knnfast.knn_search_lists(q, keys, offsets, probes, 2, plan="stream")
     with pytest.raises(ValueError, match=r"knn_search_lists: plan must be one of 'auto', "
-                                         r"'scan', 'rescore', 'bf16' on CPU, got 'tensor'"):
+                                         r"'scan', 'rescore', 'bf16', 'int8' on CPU, got 'tensor'"):
         torch.ops.knnfast.knn_search_lists(q, keys, offsets, probes, 2, "l2", None, "tensor")
 
 

@@ -179,25 +179,29 @@ void check_lists_pack(const ListsPackArgs& pack, const at::Tensor& queries,
                     int(pack.residual_norms.has_value());
   if (given == 0) return;
   TORCH_CHECK_VALUE(given == 3, op, ": centers, residuals and residual_norms come together "
-                    "(knnfast.pack_lists_bf16 makes all three); got ", given, " of them");
+                    "(knnfast.pack_lists_bf16 / pack_lists_int8 make all three); got ", given,
+                    " of them");
   const int64_t N = keys.size(0), D = keys.size(1);
+  const bool int8 = pack.residuals->scalar_type() == at::kChar;
+  const char* maker = int8 ? "knnfast.pack_lists_int8" : "knnfast.pack_lists_bf16";
   const struct {
     const at::Tensor& t;
     const char* name;
     at::ScalarType type;
     std::vector<int64_t> shape;
   } parts[] = {{*pack.centers, "centers", at::kFloat, {L, D}},
-               {*pack.residuals, "residuals", at::kBFloat16, {N, D}},
-               {*pack.residual_norms, "residual_norms", at::kFloat, {N, 2}}};
+               {*pack.residuals, "residuals", int8 ? at::kChar : at::kBFloat16, {N, D}},
+               {*pack.residual_norms, "residual_norms", at::kFloat, {N, int8 ? 5 : 2}}};
   for (const auto& p : parts) {
     check_same_device(p.t, queries.device(), op, p.name);
     TORCH_CHECK_VALUE(p.t.scalar_type() == p.type && p.t.sizes() == at::IntArrayRef(p.shape) &&
                           p.t.is_contiguous(),
                       op, ": ", p.name, " must be a contiguous ", c10::toString(p.type),
-                      " tensor of shape ", at::IntArrayRef(p.shape), " (from "
-                      "knnfast.pack_lists_bf16 over these keys and list_offsets), got ",
-                      p.t.scalar_type(), " ", p.t.sizes());
+                      " tensor of shape ", at::IntArrayRef(p.shape), " (from ", maker,
+                      " over these keys and list_offsets), got ", p.t.scalar_type(), " ",
+                      p.t.sizes());
   }
+  TORCH_CHECK_VALUE(!int8 || D <= 65536, op, ": the int8 pack takes D <= 65536, got D = ", D);
 }
 
 }  // namespace
@@ -229,8 +233,11 @@ SearchArgs check_knn_search_lists_args(const at::Tensor& queries, const at::Tens
                                       : parse_plan(plan, kCudaListsPlans, "CUDA", op);
   check_lists_pack(pack, queries, keys, list_offsets.size(0) - 1, op);
   if (backend == Backend::CPU && args.plan == int(CpuListsPlan::Bf16))
-    TORCH_CHECK_VALUE(pack.given(), op, ": plan \"bf16\" needs the bf16 pack (centers, "
-                      "residuals, residual_norms from knnfast.pack_lists_bf16)");
+    TORCH_CHECK_VALUE(pack.given() && !pack.is_int8(), op, ": plan \"bf16\" needs the bf16 "
+                      "pack (centers, residuals, residual_norms from knnfast.pack_lists_bf16)");
+  if (backend == Backend::CPU && args.plan == int(CpuListsPlan::Int8))
+    TORCH_CHECK_VALUE(pack.is_int8(), op, ": plan \"int8\" needs the int8 pack (from "
+                      "knnfast.pack_lists_int8)");
   return args;
 }
 

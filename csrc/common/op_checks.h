@@ -43,15 +43,17 @@ SearchArgs check_knn_search_args(const at::Tensor& queries, const at::Tensor& ke
 // knn_search_lists: queries and keys as knn_search (keys grouped by list), list_offsets [L + 1]
 // integer with L >= 1, probes [B, P] integer with P >= 1, exclude [B] integer, plan one of the
 // backend's (common/plans.h). Returns the metric and the plan's index. (Offsets, probe and
-// exclude values are each plan's value check.) The bf16 pack (centers [L, D] float32,
-// residuals [N, D] bfloat16, residual_norms [N, 2] float32, contiguous, on the queries' device)
-// comes whole or not at all; plan bf16 needs it. The plan returned is never Auto for the CPU:
-// auto is bf16 with a pack on a CPU with AVX512-BF16, else scan.
+// exclude values are each plan's value check.) A pack comes whole or not at all, contiguous
+// and on the queries' device: centers [L, D] float32 and either the bf16 pack's residuals
+// [N, D] bfloat16 and residual_norms [N, 2] float32, or the int8 pack's codes [N, D] int8 and
+// key terms [N, 5] float32 (in the residuals / residual_norms slots; D <= 65536). Plans bf16
+// and int8 need their own pack.
 struct ListsPackArgs {
   const c10::optional<at::Tensor>& centers;
   const c10::optional<at::Tensor>& residuals;
   const c10::optional<at::Tensor>& residual_norms;
   bool given() const { return centers.has_value(); }
+  bool is_int8() const { return given() && residuals->scalar_type() == at::kChar; }
 };
 SearchArgs check_knn_search_lists_args(const at::Tensor& queries, const at::Tensor& keys,
                                        const at::Tensor& list_offsets, const at::Tensor& probes,

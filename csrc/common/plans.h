@@ -24,11 +24,13 @@ inline constexpr std::array<const char*, 4> kCudaSearchPlans{"auto", "stream", "
 
 // knn_search_lists: CPU "scan" (csrc/cpu/knn_search_lists_cpu.cpp reads each probed list
 // once for all its queries), "rescore" (common/lists_rescore.h: candidates scored by
-// knn_rescore, then sorted; what CUDA runs, so the CPU tests cover it) or "bf16" (scan of a
-// bf16 pack with exact rescoring, csrc/cpu/knn_search_lists_bf16.cpp); auto = bf16 given a pack
-// on an AVX512-BF16 CPU, else scan. CUDA has only rescore.
-enum class CpuListsPlan : int { Auto = 0, Scan, Rescore, Bf16 };
-inline constexpr std::array<const char*, 4> kCpuListsPlans{"auto", "scan", "rescore", "bf16"};
+// knn_rescore, then sorted; what CUDA runs, so the CPU tests cover it), "bf16" or "int8" (scan
+// of a bf16 / int8 pack with exact rescoring, csrc/cpu/knn_search_lists_{bf16,int8}.cpp); auto
+// = the pack's plan given a pack on a CPU with its dot instruction (AVX512-BF16 / AVX512-VNNI),
+// else scan. CUDA has only rescore.
+enum class CpuListsPlan : int { Auto = 0, Scan, Rescore, Bf16, Int8 };
+inline constexpr std::array<const char*, 5> kCpuListsPlans{"auto", "scan", "rescore", "bf16",
+                                                           "int8"};
 inline constexpr std::array<const char*, 2> kCudaListsPlans{"auto", "rescore"};
 
 // softmax_stats: CPU "fused" (auto; csrc/cpu/softmax_stats_cpu.cpp: three reads of each row,

@@ -18,6 +18,7 @@ KNNFAST_AVX512 void push_avx512(BoundRow& row, int64_t k, const RankTerms& r, co
                                 const KeyTerms& f, int64_t n, int64_t first, int64_t skip) {
   const __m512 a = _mm512_set1_ps(r.a), c_t = _mm512_set1_ps(r.c_t);
   const __m512 c0 = _mm512_set1_ps(r.c0), add = _mm512_set1_ps(r.add);
+  const __m512 b = _mm512_set1_ps(r.b);
   alignas(64) float rank_buf[16], err_buf[16];
   for (int64_t j = 0; j < n && !row.overflow; j += 16) {
     const __mmask16 live = tail_mask(n - j);
@@ -27,8 +28,9 @@ KNNFAST_AVX512 void push_avx512(BoundRow& row, int64_t k, const RankTerms& r, co
     if constexpr (M == Metric::L2) rank = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(dot, dot), t), add);
     else if constexpr (M == Metric::IP) rank = _mm512_add_ps(dot, add);
     else rank = _mm512_mul_ps(_mm512_add_ps(dot, add), _mm512_maskz_loadu_ps(live, f.inv + j));
-    const __m512 err = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(live, f.s + j),
-                                       _mm512_fmadd_ps(c_t, t, c0));
+    __m512 err = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(live, f.s + j),
+                                 _mm512_fmadd_ps(c_t, t, c0));
+    if (f.u) err = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(live, f.u + j), err);
     // ordered >= : NaN ranks (NaN keys) never pass
     __mmask16 pass = _mm512_mask_cmp_ps_mask(live, _mm512_add_ps(rank, err),
                                              _mm512_set1_ps(row.threshold), _CMP_GE_OQ);

@@ -54,15 +54,18 @@ inline void bound_insert(BoundRow& row, int64_t k, float rank, float err, int64_
 
 // Approximate ranks and their bounds, for one query row against one tile of keys:
 //   rank(j) = l2: 2 dot_j - t_j + add;  ip: dot_j + add;  cos: (dot_j + add) inv_j
-//   E(j)    = a s_j + c_t t_j + c0
-// (a, c_t, c0 from bf16_bounds.h's row_bound; add = q.c for ip/cos, 0 or -|q - c|^2 for l2.)
+//   E(j)    = a s_j + c_t t_j + c0 (+ b u_j where u is given)
+// (a, c_t, c0 from bf16_bounds.h's row_bound; add = q.c for ip/cos, 0 or -|q - c|^2 for l2;
+// b, u: the int8 plan's per-key quantization error, knn_search_lists_int8.cpp.)
 struct RankTerms {
   float a, c_t, c0, add;
+  float b = 0.0f;
 };
 struct KeyTerms {
   const float* s;
   const float* t;
   const float* inv;  // cos only
+  const float* u = nullptr;
 };
 
 inline float bound_rank(Metric metric, float dot, const RankTerms& r, const KeyTerms& f,
@@ -72,7 +75,8 @@ inline float bound_rank(Metric metric, float dot, const RankTerms& r, const KeyT
   return (dot + r.add) * f.inv[j];
 }
 inline float bound_error(const RankTerms& r, const KeyTerms& f, int64_t j) {
-  return std::fma(r.a, f.s[j], std::fma(r.c_t, f.t[j], r.c0));
+  const float e = std::fma(r.a, f.s[j], std::fma(r.c_t, f.t[j], r.c0));
+  return f.u ? std::fma(r.b, f.u[j], e) : e;
 }
 
 // Inserts every key j < n of the tile (row id first + j, never `skip`) whose upper bound

@@ -16,20 +16,16 @@
 //   ip:  q.k        = q.r + q.c_l            (q rounded to bf16 for the dot, q.c_l in fp32);
 //   cos: q.k / |k|  = (q.r + q.c_l) / |k|.
 // row_bound gives the bound of the first two terms of l2 (and of ip, cos); l2 adds the fp32
-// error of |q'|^2 and of one more subtraction (list_row below). configure("debug", 1) checks
+// error of |q'|^2 and of one more subtraction (list_rank_terms, lists_bound_scan.h). configure("debug", 1) checks
 // every approximate rank against float64, so a wrong bound fails loudly in the tests.
 #include "cpu/knn_search_lists_bf16.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "common/settings.h"
 #include "cpu/bf16_bounds.h"
-#include "cpu/bound_topk.h"
-#include "cpu/list_scan.h"
-#include "cpu/vec_math.h"
+#include "cpu/lists_bound_scan.h"
 
 namespace knnfast::cpu {
 namespace {
@@ -46,68 +42,13 @@ struct Setup {
   std::vector<float> qq;                // |q|^2 per row
 };
 
-// The rank terms (bound_topk.h) of one (query, list): add = -|q'|^2 for l2, q.c_l for ip, cos.
-// The constants of query q (|q|^2 = qq) for list center c (|c| = c_norm); l2 also packs
+// The rank terms of query q (|q|^2 = qq) for list center c (|c| = c_norm); l2 also packs
 // q - c into `packed`.
 RankTerms list_row(const Setup& st, Metric metric, const float* q, float qq, const float* c,
-                 float c_norm, uint16_t* packed) {
+                   float c_norm, uint16_t* packed) {
   const PairSums p = pair_sums(q, c, at::kFloat, st.D);  // |q - c|^2, q.c
-  const RowBound rb = row_bound_from_sums(metric, {qq, p.dot, p.diff_sq}, c_norm, st.D,
-                                          st.dot_factor);
-  if (metric != Metric::L2) return {rb.a, rb.c_t, rb.c0, rb.query_center_dot};
-  pack_bf16_row(q, c, st.D, st.Dq, packed);
-  // -|q'|^2 in fp32 (D terms) and one more subtraction, |rank| <= 2 (|q'|^2 + |r|^2)
-  return {rb.a, rb.c_t + 2 * kEpsF32, rb.c0 + float(st.D + 6) * kEpsF32 * p.diff_sq, -p.diff_sq};
-}
-
-// Per-key factors of a tile, from the packed norms (n1 = |r|, n2 = |k|): see bf16_bounds.h.
-struct TileFactors {
-  std::vector<float> s, t, inv;
-  explicit TileFactors(int64_t n) : s(n), t(n), inv(n) {}
-};
-
-void tile_factors(Metric metric, const float* norms, int64_t n, TileFactors& f) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float n1 = norms[2 * j], n2 = norms[2 * j + 1];
-    if (metric == Metric::L2) {
-      f.s[j] = n1;
-      f.t[j] = n1 * n1;
-    } else if (metric == Metric::IP) {
-      f.s[j] = n1;
-      f.t[j] = n2;
-    } else {
-      f.inv[j] = 1.0f / std::max(n2, kNormEps);
-      f.s[j] = n1 * f.inv[j];
-      f.t[j] = f.inv[j];
-    }
-  }
-}
-
-// configure("debug", 1): every approximate rank of the tile against float64, for query rows
-// `rows` [m]; raises if a bound fails (the error model is what makes the plan exact).
-template <Metric M>
-void verify_tile(const Setup& st, const int64_t* rows, int64_t m, const RankTerms* consts,
-                 const float* dots, const KeyTerms& f, int64_t first, int64_t n) {
-  const at::Tensor idx = at::from_blob(const_cast<int64_t*>(rows), {m}, at::kLong);
-  const at::Tensor q = st.in.queries.index_select(0, idx).to(at::kDouble);
-  const at::Tensor keys = st.in.keys.narrow(0, first, n).to(at::kDouble);
-  at::Tensor exact;
-  if constexpr (M == Metric::L2) exact = -at::cdist(q, keys).square();
-  else if constexpr (M == Metric::IP) exact = at::mm(q, keys.t());
-  else exact = at::mm(q, keys.t()) / keys.norm(2, {1}).clamp_min(kNormEps);
-  const double* e = exact.data_ptr<double>();
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const float rank = bound_rank(M, dots[i * n + j], consts[i], f, j);
-      const float err = bound_error(consts[i], f, j);
-      const double truth = e[i * n + j];
-      if (!std::isfinite(truth)) continue;  // non-finite keys are never returned
-      TORCH_CHECK(std::fabs(double(rank) - truth) <= double(err),
-                  "knn_search_lists[bf16]: the error bound failed for query ", rows[i], ", key ",
-                  first + j, ": approximate rank ", rank, ", exact ", truth, ", bound ", err,
-                  ". Check that the pack came from pack_lists_bf16 over these keys; otherwise "
-                  "please report it with knnfast.build_info().");
-    }
+  if (metric == Metric::L2) pack_bf16_row(q, c, st.D, st.Dq, packed);
+  return list_rank_terms(metric, p, qq, c_norm, st.D, st.dot_factor);
 }
 
 template <Metric M>
@@ -142,9 +83,10 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
       const int64_t n = std::min(kTile, st.offsets[l + 1] - first);
       dot_tile16_bf16(group.data(), m, st.Dq, residuals + first * st.D, n, st.D, dots.data(), n,
                       spare.data());
-      tile_factors(M, norms + 2 * first, n, f);
-      const KeyTerms terms{f.s.data(), f.t.data(), f.inv.data()};
-      if (debug) verify_tile<M>(st, list_rows, m, consts.data(), dots.data(), terms, first, n);
+      tile_factors(M, norms + 2 * first, norms + 2 * first + 1, nullptr, 2, n, f);
+      const KeyTerms terms = f.terms(false);
+      if (debug)
+        verify_tile<M>(st.in, "bf16", list_rows, m, consts.data(), dots.data(), terms, first, n);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = list_rows[i];
         bound_push_tile(M, rows[b], st.k, consts[i], dots.data() + i * n, terms, n, first,
@@ -156,29 +98,9 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
 
 template <Metric M>
 std::vector<int64_t> run(const Setup& st, const at::Tensor& probes, float* out_s, int64_t* out_i) {
-  const int64_t L = st.pack.centers.size(0);
-  const ListQueries lq = invert_probes(probes, L);
-  const std::vector<int64_t> cut = split_lists(lq, st.offsets, L, st.D);
-  const int64_t parts = int64_t(cut.size()) - 1;
-  std::vector<std::vector<BoundRow>> states(parts, std::vector<BoundRow>(st.B, BoundRow(st.k)));
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) scan_part<M>(st, lq, cut[p], cut[p + 1], states[p]);
-  });
-  const ExactKeys keys{st.in.keys.data_ptr(), st.in.keys.scalar_type(), st.D, st.in.metric};
-  std::vector<int64_t> rescored(st.B);
-  at::parallel_for(0, st.B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<const BoundRow*> row_parts(parts);
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t p = 0; p < parts; ++p) row_parts[p] = &states[p][b];
-      rescored[b] = finish_bound_row(row_parts.data(), parts, st.k,
-                                     st.in.queries.data_ptr<float>() + b * st.D, keys,
-                                     out_s + b * st.k, out_i + b * st.k);
-    }
-  });
-  std::vector<int64_t> unfinished;
-  for (int64_t b = 0; b < st.B; ++b)
-    if (rescored[b] < 0) unfinished.push_back(b);
-  return unfinished;
+  const auto part = [&st](const ListQueries& lq, int64_t l0, int64_t l1,
+                          std::vector<BoundRow>& rows) { scan_part<M>(st, lq, l0, l1, rows); };
+  return run_bound_scan(st.in, st.offsets, st.pack.centers.size(0), probes, part, out_s, out_i);
 }
 
 }  // namespace

@@ -9,9 +9,9 @@
 // Lists are split into one contiguous run per thread, balanced by work (queries x keys); each
 // thread keeps its own per-row heaps, merged at the end. Keys are visited in increasing row
 // order within a thread, so ties go to the smaller row exactly as in knn_search. This is plan
-// "scan" (auto without a bf16 pack); plan "rescore" runs CUDA's composition
-// (common/lists_rescore.h) instead, plan "bf16" a pack of bf16 residuals with exact rescoring
-// (knn_search_lists_bf16.h).
+// "scan" (auto without a pack); plan "rescore" runs CUDA's composition
+// (common/lists_rescore.h) instead, plans "bf16" and "int8" a pack of bf16 / int8 residuals
+// with exact rescoring (knn_search_lists_bf16.h, knn_search_lists_int8.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,7 +25,9 @@
 #include "cpu/cpu_utils.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/knn_rescore_cpu.h"
+#include "cpu/int8_dot.h"
 #include "cpu/knn_search_lists_bf16.h"
+#include "cpu/knn_search_lists_int8.h"
 #include "cpu/list_scan.h"
 #include "cpu/topk_merge.h"
 
@@ -146,19 +148,27 @@ std::tuple<at::Tensor, at::Tensor> scan(const SearchInputs& in, const at::Tensor
   return {out_s, out_i};
 }
 
-// Plan bf16 (knn_search_lists_bf16.h); rows it could not finish are searched by plan scan.
-std::tuple<at::Tensor, at::Tensor> search_bf16(const SearchInputs& in, const at::Tensor& offsets,
-                                               const at::Tensor& probes,
-                                               const ListsPackArgs& args) {
+// Plans bf16 and int8 (knn_search_lists_{bf16,int8}.h, by the pack's kind); rows they could
+// not finish are searched by plan scan.
+std::tuple<at::Tensor, at::Tensor> search_packed(const SearchInputs& in,
+                                                 const at::Tensor& offsets,
+                                                 const at::Tensor& probes,
+                                                 const ListsPackArgs& args) {
   TORCH_CHECK_VALUE(at::isfinite(*args.centers).all().item<bool>(), kOp,
-                    ": centers must be finite (from knnfast.pack_lists_bf16)");
-  const ListsBf16Pack pack{*args.centers, *args.residuals, *args.residual_norms};
+                    ": centers must be finite (from knnfast.pack_lists_",
+                    args.is_int8() ? "int8" : "bf16", ")");
   const int64_t B = in.queries.size(0);
   at::Tensor out_s = at::empty({B, in.k}, in.queries.options());
   at::Tensor out_i = at::empty({B, in.k}, in.queries.options().dtype(at::kLong));
   if (B == 0) return {out_s, out_i};
-  const std::vector<int64_t> unfinished = knn_search_lists_bf16(
-      in, offsets, probes, pack, out_s.data_ptr<float>(), out_i.data_ptr<int64_t>());
+  const std::vector<int64_t> unfinished =
+      args.is_int8()
+          ? knn_search_lists_int8(in, offsets, probes,
+                                  {*args.centers, *args.residuals, *args.residual_norms},
+                                  out_s.data_ptr<float>(), out_i.data_ptr<int64_t>())
+          : knn_search_lists_bf16(in, offsets, probes,
+                                  {*args.centers, *args.residuals, *args.residual_norms},
+                                  out_s.data_ptr<float>(), out_i.data_ptr<int64_t>());
   if (unfinished.empty()) return {out_s, out_i};
   const at::Tensor rows = at::tensor(unfinished, probes.options());
   at::Tensor sub_probes = at::full_like(probes, -1);  // the other rows probe nothing
@@ -167,6 +177,13 @@ std::tuple<at::Tensor, at::Tensor> search_bf16(const SearchInputs& in, const at:
   out_s.index_copy_(0, rows, s.index_select(0, rows));
   out_i.index_copy_(0, rows, i.index_select(0, rows));
   return {out_s, out_i};
+}
+
+// auto: the pack's plan where this CPU has its dot instruction, else scan.
+CpuListsPlan auto_plan(const ListsPackArgs& pack) {
+  if (!pack.given()) return CpuListsPlan::Scan;
+  if (pack.is_int8()) return int8_dot_available() ? CpuListsPlan::Int8 : CpuListsPlan::Scan;
+  return bf16_dot_available() ? CpuListsPlan::Bf16 : CpuListsPlan::Scan;
 }
 
 }  // namespace
@@ -184,13 +201,13 @@ std::tuple<at::Tensor, at::Tensor> knn_search_lists_cpu(
   const at::Tensor offsets = as_int64(list_offsets);
   const at::Tensor probes = as_int64(probes_in);
   CpuListsPlan chosen = static_cast<CpuListsPlan>(args.plan);
-  if (chosen == CpuListsPlan::Auto)
-    chosen = pack.given() && bf16_dot_available() ? CpuListsPlan::Bf16 : CpuListsPlan::Scan;
+  if (chosen == CpuListsPlan::Auto) chosen = auto_plan(pack);
   if (chosen == CpuListsPlan::Rescore)
     return knn_search_lists_rescore(in.queries, in.keys, offsets, probes, k, metric, in.exclude,
                                     &knn_rescore_cpu);
   check_values(in, offsets, probes);
-  if (chosen == CpuListsPlan::Bf16) return search_bf16(in, offsets, probes, pack);
+  if (chosen == CpuListsPlan::Bf16 || chosen == CpuListsPlan::Int8)
+    return search_packed(in, offsets, probes, pack);
   return scan(in, offsets, probes);
 }
 

@@ -372,9 +372,10 @@ bool cpu_has_amx_bf16() {
 std::string cpu_isa_flags() {
   const auto caps = at::cpu::get_cpu_capabilities();
   std::string out;
-  const char* names[][2] = {{"avx512f", "avx512_f"},     {"avx512_bf16", "avx512_bf16"},
-                            {"avx512_fp16", "avx512_fp16"}, {"amx_tile", "amx_tile"},
-                            {"amx_bf16", "amx_bf16"},     {"amx_fp16", "amx_fp16"}};
+  const char* names[][2] = {{"avx512f", "avx512_f"},         {"avx512_bf16", "avx512_bf16"},
+                            {"avx512_vnni", "avx512_vnni"}, {"avx512_fp16", "avx512_fp16"},
+                            {"amx_tile", "amx_tile"},       {"amx_bf16", "amx_bf16"},
+                            {"amx_fp16", "amx_fp16"}};
   for (const auto& name : names)
     if (torch_cpu_capability(caps, name[1])) out += std::string(out.empty() ? "" : ",") + name[0];
   return out;

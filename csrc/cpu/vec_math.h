@@ -64,7 +64,8 @@ bool cpu_has_avx512_bf16();
 // The CPU (and OS) offer AMX-BF16 tiles, which oneDNN's bf16 matmul uses (plan bf16_gemm).
 bool cpu_has_amx_bf16();
 // The CPU's x86 extensions that matter to the kernels, as "name,name,...": avx512f,
-// avx512_bf16, avx512_fp16, amx_tile, amx_bf16, amx_fp16 (those present; torch's cpuinfo).
+// avx512_bf16, avx512_vnni, avx512_fp16, amx_tile, amx_bf16, amx_fp16 (those present; torch's
+// cpuinfo).
 std::string cpu_isa_flags();
 
 }  // namespace knnfast::cpu

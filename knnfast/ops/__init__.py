@@ -16,7 +16,8 @@ from .library import build_info
 from .settings import check_cuda_errors, deferred_checks
 from .knn_search import knn_search
 from .knn_rescore import knn_rescore
-from .knn_search_lists import ListsBf16, knn_search_lists, pack_lists_bf16
+from .knn_search_lists import (ListsBf16, ListsInt8, knn_search_lists, pack_lists_bf16,
+                               pack_lists_int8)
 from .knn_probs import knn_probs, knn_probs_sparse
 from .knn_interpolate import knn_interpolate
 from .knn_gold_logprob import knn_gold_logprob
@@ -34,6 +35,8 @@ __all__ = [
     "knn_search_lists",
     "pack_lists_bf16",
     "ListsBf16",
+    "pack_lists_int8",
+    "ListsInt8",
     "knn_probs",
     "knn_probs_sparse",
     "knn_interpolate",

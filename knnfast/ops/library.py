@@ -81,8 +81,8 @@ def build_info() -> dict:
     openmp, openmp_threads, simd ("avx512" or "generic" for the CPU kernels), avx512_bf16
     (bf16 dot products available to the bf16 GEMM search path), max_k (the largest k the
     kernels accept), cpu_plans (the knn_search plans this CPU can run), cpu_model, isa (the
-    x86 extensions present among avx512f, avx512_bf16, avx512_fp16, amx_tile, amx_bf16,
-    amx_fp16), cpu_plans_chosen (bucket -> plan: the measured choices of plan="auto" so far,
+    x86 extensions present among avx512f, avx512_bf16, avx512_vnni, avx512_fp16, amx_tile,
+    amx_bf16, amx_fp16), cpu_plans_chosen (bucket -> plan: the measured choices of plan="auto" so far,
     see knnfast/ops/plan_choice.py).
     """
     info = parse_build_info(OPS.build_info())

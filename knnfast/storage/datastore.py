@@ -395,7 +395,8 @@ class Datastore(MetaFields):
         the batch."""
         return self._lists is not None and not exact  # lists imply an index: None = index
 
-    def use_lists(self, nprobe: Optional[int] = None, bf16: bool = False) -> "Datastore":
+    def use_lists(self, nprobe: Optional[int] = None, pack: Optional[str] = None
+                  ) -> "Datastore":
         """Search the IVF index's lists with knnfast's fused ``knn_search_lists`` from now on
         (``search(exact=False)``): the same lists and ``nprobe`` (default: the index's), the
         whole batch in one call, exact scores from the stored keys. Keeps a copy of the keys
@@ -403,17 +404,19 @@ class Datastore(MetaFields):
 
         Example (decoding with the demo's IVF256,Flat store)::
 
-            ds = knnfast.Datastore.open(path).to("cpu").use_lists()
-            scores, ids = ds.search(hidden, k=8)   # FAISS's neighbours, 1.7x faster here
+            ds = knnfast.Datastore.open(path).to("cpu").use_lists(pack="int8")
+            scores, ids = ds.search(hidden, k=8)   # FAISS's neighbours, exactly scored
 
         (benchmarks/bench_knn_search_lists.py: 1.82 ms against IndexIVFFlat's 3.14 ms for
-        64 queries, nprobe 16 of 256 lists, AMD EPYC, 2 threads.) ``to()`` does not carry the
-        lists: call ``use_lists`` on the moved store.
+        64 queries, nprobe 16 of 256 lists, AMD EPYC, 2 threads, without a pack.) ``to()``
+        does not carry the lists: call ``use_lists`` on the moved store.
 
-        ``bf16=True`` (CPU stores): also keep the keys as bf16 residuals (another N x D x 2
-        bytes) for ``knn_search_lists``' plan "bf16", still exact: 1.23-1.26x the search speed
-        on the demo's recorded decoding calls (AMD EPYC, 2 threads), where reading the keys
-        bounds both plans; a few percent of a decoding step, hence off by default.
+        ``pack`` (CPU stores): also keep the keys as residuals from their list's mean, which
+        ``knn_search_lists`` ranks with before rescoring the few survivors exactly (results
+        unchanged): "int8" (``pack_lists_int8``: another N x D bytes; its plan runs where the
+        CPU has AVX512-VNNI) or "bf16" (``pack_lists_bf16``: N x D x 2 bytes; AVX512-BF16).
+        On the demo's recorded decoding calls (AMD EPYC, 2 threads) int8 searched 1.5x and
+        bf16 1.25x as fast as no pack (benchmarks/RESULTS.md); None (default) keeps no copy.
         """
         if self.is_memmapped:
             raise DatastoreError("Datastore.use_lists: the keys are memmapped; load them "
@@ -425,9 +428,10 @@ class Datastore(MetaFields):
         if faiss.info["metric"] != self.metric:
             raise ValueError(f"Datastore.use_lists: the index was built for metric "
                              f"{faiss.info['metric']!r}, the datastore's is {self.metric!r}")
-        if not isinstance(bf16, bool):
-            raise ValueError(f"Datastore.use_lists: bf16 must be True or False, got {bf16!r}")
-        self._lists = ivf_lists.from_faiss(faiss.index, self.keys, nprobe, self.metric, bf16)
+        if pack not in ivf_lists.PACKS:
+            raise ValueError(f"Datastore.use_lists: pack must be one of "
+                             f"{', '.join(map(repr, ivf_lists.PACKS))}, got {pack!r}")
+        self._lists = ivf_lists.from_faiss(faiss.index, self.keys, nprobe, self.metric, pack)
         return self
 
     def _faiss(self) -> faiss_index.FaissIndex:

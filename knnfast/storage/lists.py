@@ -5,8 +5,9 @@ step, and the queries of one step probe largely the same lists, so ``ListLayout`
 datastore's keys in list order (a copy, in the keys' dtype) and the whole batch is searched in
 one call: the probes come from an exact ``knn_search`` over the coarse centroids, then every
 probed list is read once and scored exactly against all the queries that probe it. On
-request (``bf16=True``) the layout also packs the keys as bf16 residuals from their list's
-mean (``pack_lists_bf16``): the scan ranks with those and rescores the few survivors exactly.
+request (``pack="int8"`` / ``"bf16"``) the layout also packs the keys as residuals from their
+list's mean (``pack_lists_int8`` / ``pack_lists_bf16``): the scan ranks with those and rescores
+the few survivors exactly.
 
 The neighbours are those of the same index at the same ``nprobe``, scored exactly from the
 stored keys (for IVF-Flat: FAISS's own results up to ties and fp32 rounding; for IVF-PQ: the
@@ -15,13 +16,16 @@ lists' exact top-k, not the PQ approximation). Ids are datastore ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import ops
 from .files import DatastoreError
+
+#: The packs ``from_faiss`` (and ``Datastore.use_lists``) can keep: None, or the packer's kind.
+PACKS = (None, "int8", "bf16")
 
 
 @dataclass
@@ -37,8 +41,8 @@ class ListLayout:
     metric: str         # the index's (and datastore's) metric: "l2", "ip" or "cos"
     centroids_t: Tensor = None     # [D, L] the centroids transposed, contiguous (probe GEMM)
     neg_centroid_sq: Tensor = None  # [L] -|c|^2 (l2 probes)
-    pack: Optional[ops.ListsBf16] = None  # bf16 residuals of the keys (plan "bf16"), or None
-    plan: str = "auto"
+    pack: Optional[Union[ops.ListsBf16, ops.ListsInt8]] = None  # the keys' residuals, or None
+    plan: str = "auto"  # with a pack, auto runs its plan where the CPU has the instruction
 
     def __post_init__(self) -> None:
         self.centroids_t = self.centroids.t().contiguous()
@@ -46,10 +50,10 @@ class ListLayout:
 
 
 def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str,
-               bf16: bool = False) -> ListLayout:
+               pack: Optional[str] = None) -> ListLayout:
     """The layout of a FAISS IVF ``index`` (CPU or GPU) built for ``metric`` over ``keys``
-    [N, D] in order. ``bf16``: also pack the keys (CPU only) as bf16 residuals for
-    ``knn_search_lists``' plan "bf16" (exact; see ``Datastore.use_lists`` for when it pays)."""
+    [N, D] in order. ``pack`` ("int8", "bf16"; CPU only): also pack the keys as residuals for
+    ``knn_search_lists``' plan of that name (exact; see ``Datastore.use_lists``)."""
     import faiss
     if hasattr(index, "getDevice"):
         index = faiss.index_gpu_to_cpu(index)
@@ -80,9 +84,9 @@ def from_faiss(index: Any, keys: Tensor, nprobe: int, metric: str,
     layout = ListLayout(centroids.to(device), offsets.to(device), padded.to(device),
                         positions.to(device), keys[ids.to(keys.device)].contiguous(),
                         "l2" if ivf.metric_type == faiss.METRIC_L2 else "ip", nprobe, metric)
-    if bf16 and device.type == "cpu":
-        layout.pack = ops.pack_lists_bf16(layout.keys, layout.offsets)
-        layout.plan = "bf16"
+    if pack is not None and device.type == "cpu":
+        packer = ops.pack_lists_int8 if pack == "int8" else ops.pack_lists_bf16
+        layout.pack = packer(layout.keys, layout.offsets)
     return layout
 
 

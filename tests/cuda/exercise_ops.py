@@ -61,15 +61,20 @@ def search_calls(dev: str) -> List[tuple]:
     offsets = torch.tensor([0, 5, 5, 400, 401, 900, N])
     probes = torch.randint(-1, 6, (B, 3), generator=g)
 
-    pack = knnfast.pack_lists_bf16(keys, offsets)  # plan bf16's (CPU); CUDA checks, ignores
+    # the packs of plans bf16 / int8 (CPU); CUDA checks them and ignores them
+    packs = {"bf16": knnfast.pack_lists_bf16(keys, offsets),
+             "int8": knnfast.pack_lists_int8(keys, offsets)}
     for plan in LISTS_PLANS[dev.split(":")[0]]:
-        def lists(plan=plan):
-            s, i = knnfast.knn_search_lists(q.to(dev), keys.to(dev), offsets.to(dev),
-                                            probes.to(dev), K, "l2", plan=plan,
-                                            pack=type(pack)(*(t.to(dev) for t in pack)))
-            rs, ri = ref.knn_search_lists(q, keys.float(), offsets, probes, K, "l2")
-            return same_neighbours(s, i, rs, ri)
-        calls.append((f"knn_search_lists fp16 l2 plan={plan}", lists))
+        for kind, pack in packs.items():
+            if plan in packs and plan != kind:
+                continue  # a packed plan takes its own pack only
+            def lists(plan=plan, pack=pack):
+                s, i = knnfast.knn_search_lists(q.to(dev), keys.to(dev), offsets.to(dev),
+                                                probes.to(dev), K, "l2", plan=plan,
+                                                pack=type(pack)(*(t.to(dev) for t in pack)))
+                rs, ri = ref.knn_search_lists(q, keys.float(), offsets, probes, K, "l2")
+                return same_neighbours(s, i, rs, ri)
+            calls.append((f"knn_search_lists fp16 l2 plan={plan} {kind} pack", lists))
     idx = torch.randint(-1, N, (B, K), generator=g)
 
     def rescore():

@@ -1,0 +1,39 @@
+#include "cpu/lists_bound_scan.h"
+
+#include <algorithm>
+
+#include "cpu/bf16_bounds.h"
+
+namespace knnfast::cpu {
+
+RankTerms list_rank_terms(Metric metric, const PairSums& p, float qq, float c_norm, int64_t D,
+                          float dot_factor) {
+  const RowBound rb = row_bound_from_sums(metric, {qq, p.dot, p.diff_sq}, c_norm, D, dot_factor);
+  if (metric != Metric::L2) return {rb.a, rb.c_t, rb.c0, rb.query_center_dot};
+  // -|q'|^2 in fp32 (D terms) and one more subtraction, |rank| <= 2 (|q'|^2 + |r|^2)
+  return {rb.a, rb.c_t + 2 * kEpsF32, rb.c0 + float(D + 6) * kEpsF32 * p.diff_sq, -p.diff_sq};
+}
+
+void tile_factors(Metric metric, const float* n1s, const float* n2s, const float* err,
+                  int64_t stride, int64_t n, TileFactors& f) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float n1 = n1s[j * stride], n2 = n2s[j * stride];
+    const float e = err ? err[j * stride] : 0.0f;
+    if (metric == Metric::L2) {
+      f.s[j] = n1;
+      f.t[j] = n1 * n1;
+      f.u[j] = e;
+    } else if (metric == Metric::IP) {
+      f.s[j] = n1;
+      f.t[j] = n2;
+      f.u[j] = e;
+    } else {
+      f.inv[j] = 1.0f / std::max(n2, kNormEps);
+      f.s[j] = n1 * f.inv[j];
+      f.t[j] = f.inv[j];
+      f.u[j] = e * f.inv[j];
+    }
+  }
+}
+
+}  // namespace knnfast::cpu

@@ -213,9 +213,9 @@ def test_bad_packs_name_the_argument(kind):
             torch.ops.knnfast.knn_search_lists(q.to("meta"), keys.to("meta"), offsets.to("meta"),
                                                probes.to("meta"), 2, "l2", None, "auto",
                                                *(t.to("meta") for t in b))
+    nan_center = pack.centers.index_fill(0, torch.tensor([1]), float("nan"))
     with pytest.raises(ValueError, match="centers must be finite"):
-        call(pack=pack._replace(centers=pack.centers.index_fill(0, torch.tensor([1]), float("nan"))),
-             plan=kind)
+        call(pack=pack._replace(centers=nan_center), plan=kind)
     with pytest.raises(ValueError, match="come together"):
         torch.ops.knnfast.knn_search_lists(q, keys, offsets, probes, 2, "l2", None, "auto",
                                            pack.centers, None, pack[2])

@@ -67,7 +67,8 @@ KNNFAST_AVX512_VNNI void dot_tile16_int8_avx512(const uint8_t* q, int64_t B, int
       if (tail) {  // the query row is padded to 64 bytes; the keys' tail is masked
         const __m512i qv = _mm512_loadu_si512(qb + full);
         for (int t = 0; t < 16; ++t)
-          acc[t] = _mm512_dpbusd_epi32(acc[t], qv, _mm512_maskz_loadu_epi8(tail, kt + t * D + full));
+          acc[t] = _mm512_dpbusd_epi32(acc[t], qv,
+                                       _mm512_maskz_loadu_epi8(tail, kt + t * D + full));
       }
       _mm512_mask_storeu_epi32(out + b * ld + j0, tail_mask(nn), reduce16_epi32(acc));
     }

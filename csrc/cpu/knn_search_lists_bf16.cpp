@@ -16,8 +16,9 @@
 //   ip:  q.k        = q.r + q.c_l            (q rounded to bf16 for the dot, q.c_l in fp32);
 //   cos: q.k / |k|  = (q.r + q.c_l) / |k|.
 // row_bound gives the bound of the first two terms of l2 (and of ip, cos); l2 adds the fp32
-// error of |q'|^2 and of one more subtraction (list_rank_terms, lists_bound_scan.h). configure("debug", 1) checks
-// every approximate rank against float64, so a wrong bound fails loudly in the tests.
+// error of |q'|^2 and of one more subtraction (list_rank_terms, lists_bound_scan.h).
+// configure("debug", 1) checks every approximate rank against float64, so a wrong bound fails
+// loudly in the tests.
 #include "cpu/knn_search_lists_bf16.h"
 
 #include <algorithm>

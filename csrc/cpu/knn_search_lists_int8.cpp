@@ -148,7 +148,8 @@ std::vector<int64_t> knn_search_lists_int8(const SearchInputs& in, const at::Ten
     st.plain_codes.resize(B * st.Dq);
     st.plain.resize(B);
     for (int64_t b = 0; b < B; ++b)
-      st.plain[b] = quantize_row_int8(q + b * D, nullptr, D, st.Dq, st.plain_codes.data() + b * st.Dq);
+      st.plain[b] = quantize_row_int8(q + b * D, nullptr, D, st.Dq,
+                                      st.plain_codes.data() + b * st.Dq);
   }
   switch (in.metric) {
     case Metric::L2: return run<Metric::L2>(st, probes, out_s, out_i);

@@ -416,7 +416,8 @@ class Datastore(MetaFields):
         unchanged): "int8" (``pack_lists_int8``: another N x D bytes; its plan runs where the
         CPU has AVX512-VNNI) or "bf16" (``pack_lists_bf16``: N x D x 2 bytes; AVX512-BF16).
         On the demo's recorded decoding calls (AMD EPYC, 2 threads) int8 searched 1.5x and
-        bf16 1.25x as fast as no pack (benchmarks/RESULTS.md); None (default) keeps no copy.
+        bf16 1.3x as fast as no pack (benchmarks/RESULTS.md), though end to end the step
+        did not measurably change (the search is ~6% of it); None (default) keeps no copy.
         """
         if self.is_memmapped:
             raise DatastoreError("Datastore.use_lists: the keys are memmapped; load them "

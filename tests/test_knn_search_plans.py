@@ -278,8 +278,8 @@ def test_bucket_rounds_up_to_powers_of_two():
 def test_build_info_names_the_cpu_and_its_isa():
     info = knnfast.build_info()
     assert isinstance(info["cpu_model"], str) and info["cpu_model"]
-    assert set(info["isa"]) <= {"avx512f", "avx512_bf16", "avx512_fp16", "amx_tile",
-                                "amx_bf16", "amx_fp16"}
+    assert set(info["isa"]) <= {"avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16",
+                                "amx_tile", "amx_bf16", "amx_fp16"}
     assert ("avx512_bf16" in info["isa"]) == info["avx512_bf16"]
     assert "bf16_gemm" in info["cpu_plans"]  # runs on every CPU
 

@@ -80,6 +80,22 @@ def test_exact_clustered_keys_equal_plan_scan(kind, metric, offset, D):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_with_outlier_coordinates_and_tiny_keys(kind, metric):
+    """Keys whose residuals have one huge coordinate (int8 codes round the others to 0: a
+    large error, which the stored norm carries) and keys near 1e-30 (scales near fp32's
+    smallest normals): the bounds hold and the result is exact."""
+    q, keys, offsets, probes = clustered(12, 900, 20, 6, 3, seed=3)
+    g = torch.Generator().manual_seed(4)
+    spikes = torch.randint(0, 900, (60,), generator=g)
+    keys[spikes, torch.randint(0, 20, (60,), generator=g)] += 1e4
+    keys[offsets[2]:offsets[3]] *= 1e-30  # a whole list of tiny keys
+    q[:3] *= 1e-30
+    s, i = search(kind, q, keys, offsets, probes, 9, metric)
+    assert_lists_topk(s, i, q, keys, offsets, probes, 9, metric)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_auto_takes_the_pack(kind):
     q, keys, offsets, probes = clustered(8, 500, 40, 8, 3)
     pack = PACK[kind](keys, offsets)

@@ -138,6 +138,23 @@ def test_debug_checks_bounds_on_hidden_state_like_data(plan, metric, key_dtype):
     assert_topk_parity(s, i, rs, ri, q, keys, metric)
 
 
+@pytest.mark.parametrize("plan", BF16_PLANS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_debug_checks_bounds_for_tiny_queries_and_centers(plan, metric):
+    """Queries near 1e-30 (their fp32 squares underflow, so |q| must not be taken from them:
+    a bound built on |q| = 0 failed for ip and cos) against keys with large coordinates, and
+    keys near 1e-30 (a tiny center); the bounds hold and the result is exact."""
+    g = torch.Generator().manual_seed(9)
+    keys = torch.randn(600, 24, generator=g)
+    keys[torch.randint(0, 600, (40,), generator=g), torch.randint(0, 24, (40,), generator=g)] += 1e4
+    q = torch.randn(40, 24, generator=g) * 1e-30
+    for k in (keys, keys * 1e-30):
+        with settings.override(debug=True):
+            s, i = knnfast.knn_search(q, k, 5, metric, plan=plan)
+        rs, ri = ref.knn_search(q, k, 5, metric)
+        assert_topk_parity(s, i, rs, ri, q, k, metric)
+
+
 # --------------------------------------------------------------------------- #
 # plan="auto" by measurement (knnfast/ops/plan_choice.py)                     #
 # --------------------------------------------------------------------------- #

@@ -32,6 +32,16 @@ float norm2(const float* x, int64_t D) {
   return s;
 }
 
+float norm_of(const float* x, const float* minus, int64_t D, float sq) {
+  if (!(sq < 0x1p-60f)) return std::sqrt(sq);  // lost squares (< 2^-126 each) are negligible
+  double s = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = minus ? double(x[d] - minus[d]) : double(x[d]);  // the fp32 difference
+    s += v * v;
+  }
+  return std::nextafter(float(std::sqrt(s) * (1.0 + 0x1p-40)), INFINITY);
+}
+
 // bf16 rounding of both factors, fp32 accumulation over D terms (Cauchy-Schwarz turns
 // sum |q_i| |k_i| into |q| |k|) and, for bf16_gemm, the bf16 output (see the file comment of
 // knn_search_bf16.cpp). tests/test_knn_search_plans.py pins each term with a D = 1 worst case.
@@ -48,15 +58,15 @@ float dot_error_factor(bool gemm, int64_t D) {
 RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,
                              float dot_factor) {
   const float slack = (D + 16) * 2 * kEpsF32;
-  const float qn = std::sqrt(sums.qq), qc = sums.qc;
+  const float qn = sums.qn, qc = sums.qc;
   RowBound rb;
   rb.query_center_dot = qc;
   const float qc_error = 2 * D * kEpsF32 * qn * center_norm;  // fp32 error of q . c
   switch (metric) {
     case Metric::L2: {  // rank = 2 q'.k' - |k'|^2, q' = q - c, k' = k - c
       const float cq = sums.cq;
-      const FlushError flush = flush_error(D, std::sqrt(cq));
-      rb.a = 2 * (dot_factor * std::sqrt(cq) + flush.per_key);  // s = |k'|
+      const FlushError flush = flush_error(D, sums.cn);
+      rb.a = 2 * (dot_factor * sums.cn + flush.per_key);  // s = |k'|
       rb.c_t = (D + 2) * kEpsF32 + slack;  // t = |k'|^2 (its own fp32 error + slack)
       rb.c0 = slack * cq + 2 * flush.rest;
       break;
@@ -81,12 +91,14 @@ RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_
 
 RowBound row_bound(Metric metric, const float* q, const float* c, float center_norm, int64_t D,
                    float dot_factor) {
-  QuerySums sums{norm2(q, D), 0.0f, 0.0f};
+  QuerySums sums{norm2(q, D), 0.0f, 0.0f, 0.0f, 0.0f};
+  sums.qn = norm_of(q, nullptr, D, sums.qq);
   for (int64_t d = 0; d < D; ++d) sums.qc += q[d] * c[d];
   if (metric == Metric::L2) {
     std::vector<float> centered(q, q + D);
     for (int64_t d = 0; d < D; ++d) centered[d] -= c[d];
     sums.cq = norm2(centered.data(), D);
+    sums.cn = norm_of(q, c, D, sums.cq);
   }
   return row_bound_from_sums(metric, sums, center_norm, D, dot_factor);
 }

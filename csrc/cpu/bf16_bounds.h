@@ -32,14 +32,21 @@ RowBound row_bound(Metric metric, const float* q, const float* c, float center_n
                    float dot_factor);
 
 // The same from the query's sums, each in fp32 in any order: qq = |q|^2, qc = q.c and (l2
-// only) cq = |q - c|^2 (row_bound computes them; a caller that has them already passes them).
+// only) cq = |q - c|^2, and the norms qn = |q|, cn = |q - c| (l2 only) from norm_of
+// (row_bound computes them; a caller that has them already passes them).
 struct QuerySums {
-  float qq, qc, cq;
+  float qq, qc, cq, qn, cn;
 };
 RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,
                              float dot_factor);
 
 // sum of x[d]^2 in fp32, in order (the order the bounds assume for |q|^2, |c|^2).
 float norm2(const float* x, int64_t D);
+
+// |x - minus| (or |x|, minus == nullptr) given sq, its fp32 square sum: sqrt(sq), unless sq is
+// so small that squares below fp32's normal range may have vanished from it (|x| < 2^-30):
+// then from float64, rounded up. A bound's norms must not underflow to 0 while the vector
+// they bound is not 0.
+float norm_of(const float* x, const float* minus, int64_t D, float sq);
 
 }  // namespace knnfast::cpu

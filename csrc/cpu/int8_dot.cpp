@@ -91,6 +91,24 @@ void dot_tile16_int8_generic(const uint8_t* q, int64_t B, int64_t Dq, const int8
 // (1 + 2 (D + 16) eps) covers it all for any D the plan takes.
 float sum_bound_factor(int64_t D) { return 1.0f + float(2 * D + 32) * 0x1p-24f; }
 
+// The bounds again from float64 (rounded up), for rows whose fp32 square sums are so small
+// that squares may have underflowed out of them (see bf16_bounds.h's norm_of).
+QueryCode code_bounds_f64(const float* x, const float* minus, int64_t D, float scale,
+                          const uint8_t* out) {
+  double norm = 0.0, err = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double y = minus ? double(x[d] - minus[d]) : double(x[d]);
+    const double miss = y - double(scale) * double(int(out[d]) - 128);  // exact product
+    norm += y * y;
+    err += miss * miss;
+  }
+  const auto up = [](double v) { return std::nextafter(float(v * (1.0 + 0x1p-40)), INFINITY); };
+  return {scale, up(std::sqrt(norm)), up(std::sqrt(err))};
+}
+
+// fp32 square sums below this may have lost squares to underflow.
+constexpr float kSmallSum = 0x1p-60f;
+
 KNNFAST_AVX512 inline __m512 row_part(const float* x, const float* minus, int64_t d,
                                       __mmask16 m) {
   const __m512 v = _mm512_maskz_loadu_ps(m, x + d);
@@ -118,9 +136,10 @@ KNNFAST_AVX512 QueryCode quantize_row_int8_avx512(const float* x, const float* m
     _mm_mask_storeu_epi8(out + d, m, _mm512_cvtepi32_epi8(biased));
   }
   std::fill(out + D, out + Dq, uint8_t(0));
+  const float norm_sq = _mm512_reduce_add_ps(norm), err_sq = _mm512_reduce_add_ps(err);
+  if (norm_sq < kSmallSum || err_sq < kSmallSum) return code_bounds_f64(x, minus, D, scale, out);
   const float up = sum_bound_factor(D);
-  return {scale, std::sqrt(_mm512_reduce_add_ps(norm)) * up,
-          std::sqrt(_mm512_reduce_add_ps(err)) * up};
+  return {scale, std::sqrt(norm_sq) * up, std::sqrt(err_sq) * up};
 }
 
 QueryCode quantize_row_int8_generic(const float* x, const float* minus, int64_t D, int64_t Dq,
@@ -138,6 +157,7 @@ QueryCode quantize_row_int8_generic(const float* x, const float* minus, int64_t 
     err = std::fma(miss, miss, err);
   }
   std::fill(out + D, out + Dq, uint8_t(0));
+  if (norm < kSmallSum || err < kSmallSum) return code_bounds_f64(x, minus, D, scale, out);
   const float up = sum_bound_factor(D);
   return {scale, std::sqrt(norm) * up, std::sqrt(err) * up};
 }

@@ -86,7 +86,7 @@ Setup make_setup(const at::Tensor& queries, const at::Tensor& keys, int64_t k, M
   const at::Tensor mean =
       keys.index_select(0, rows).to(at::kFloat).nan_to_num(0.0, 0.0, 0.0).mean(0).contiguous();
   st.center.assign(mean.data_ptr<float>(), mean.data_ptr<float>() + D);
-  const float center_norm = std::sqrt(norm2(st.center.data(), D));
+  const float center_norm = norm_of(st.center.data(), nullptr, D, norm2(st.center.data(), D));
 
   const float* q = queries.data_ptr<float>();
   const bool center_queries = metric == Metric::L2;

@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "common/settings.h"
 #include "cpu/bf16_bounds.h"
 #include "cpu/lists_bound_scan.h"
 
@@ -49,7 +48,7 @@ RankTerms list_row(const Setup& st, Metric metric, const float* q, float qq, con
                    float c_norm, uint16_t* packed) {
   const PairSums p = pair_sums(q, c, at::kFloat, st.D);  // |q - c|^2, q.c
   if (metric == Metric::L2) pack_bf16_row(q, c, st.D, st.Dq, packed);
-  return list_rank_terms(metric, p, qq, c_norm, st.D, st.dot_factor);
+  return list_rank_terms(metric, q, c, p, qq, c_norm, st.D, st.dot_factor);
 }
 
 template <Metric M>
@@ -59,8 +58,6 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
   const float* centers = st.pack.centers.data_ptr<float>();
   const uint16_t* residuals = reinterpret_cast<const uint16_t*>(st.pack.residuals.data_ptr());
   const float* norms = st.pack.residual_norms.data_ptr<float>();
-  const int64_t* exclude = st.in.exclude.defined() ? st.in.exclude.data_ptr<int64_t>() : nullptr;
-  const bool debug = settings().debug.load(std::memory_order_relaxed) != 0;
   std::vector<uint16_t> group, spare(16 * st.D);
   std::vector<float> dots;
   std::vector<RankTerms> consts;
@@ -70,7 +67,7 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
     if (m == 0 || st.offsets[l + 1] == st.offsets[l]) continue;
     const int64_t* list_rows = lq.rows.data() + lq.start[l];
     const float* c = centers + l * st.D;
-    const float c_norm = std::sqrt(norm2(c, st.D));
+    const float c_norm = norm_of(c, nullptr, st.D, norm2(c, st.D));
     group.resize(m * st.Dq);
     consts.resize(m);
     for (int64_t i = 0; i < m; ++i) {
@@ -86,22 +83,10 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
                       spare.data());
       tile_factors(M, norms + 2 * first, norms + 2 * first + 1, nullptr, 2, n, f);
       const KeyTerms terms = f.terms(false);
-      if (debug)
-        verify_tile<M>(st.in, "bf16", list_rows, m, consts.data(), dots.data(), terms, first, n);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t b = list_rows[i];
-        bound_push_tile(M, rows[b], st.k, consts[i], dots.data() + i * n, terms, n, first,
-                        exclude ? exclude[b] : -1);
-      }
+      push_list_tile<M>(st.in, "bf16", list_rows, m, consts.data(), dots.data(), terms, first, n,
+                        rows);
     }
   }
-}
-
-template <Metric M>
-std::vector<int64_t> run(const Setup& st, const at::Tensor& probes, float* out_s, int64_t* out_i) {
-  const auto part = [&st](const ListQueries& lq, int64_t l0, int64_t l1,
-                          std::vector<BoundRow>& rows) { scan_part<M>(st, lq, l0, l1, rows); };
-  return run_bound_scan(st.in, st.offsets, st.pack.centers.size(0), probes, part, out_s, out_i);
 }
 
 }  // namespace
@@ -119,11 +104,13 @@ std::vector<int64_t> knn_search_lists_bf16(const SearchInputs& in, const at::Ten
     for (int64_t b = 0; b < B; ++b)
       pack_bf16_row(q + b * D, nullptr, D, st.Dq, st.plain_queries.data() + b * st.Dq);
   }
-  switch (in.metric) {
-    case Metric::L2: return run<Metric::L2>(st, probes, out_s, out_i);
-    case Metric::IP: return run<Metric::IP>(st, probes, out_s, out_i);
-    default: return run<Metric::COS>(st, probes, out_s, out_i);
-  }
+  const auto part_for = [&st](auto metric) {
+    return [&st](const ListQueries& lq, int64_t l0, int64_t l1, std::vector<BoundRow>& rows) {
+      scan_part<decltype(metric)::value>(st, lq, l0, l1, rows);
+    };
+  };
+  return run_bound_scan_for_metric(in, st.offsets, pack.centers.size(0), probes, part_for, out_s,
+                                   out_i);
 }
 
 }  // namespace knnfast::cpu

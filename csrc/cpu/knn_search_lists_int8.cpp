@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "common/settings.h"
 #include "cpu/bf16_bounds.h"
 #include "cpu/int8_dot.h"
 #include "cpu/lists_bound_scan.h"
@@ -48,7 +47,7 @@ struct Setup {
 RankTerms list_row(const Setup& st, Metric metric, const float* q, float qq, const float* c,
                    float c_norm, const QueryCode* plain, uint8_t* codes, float* scale) {
   const PairSums p = pair_sums(q, c, at::kFloat, st.D);
-  RankTerms r = list_rank_terms(metric, p, qq, c_norm, st.D, kInt8DotFactor);
+  RankTerms r = list_rank_terms(metric, q, c, p, qq, c_norm, st.D, kInt8DotFactor);
   const QueryCode qc = metric == Metric::L2 ? quantize_row_int8(q, c, st.D, st.Dq, codes) : *plain;
   const float beta = (qc.err + 4 * kEpsF32 * (qc.norm + qc.err)) * (1.0f + 1e-5f);
   const float times = metric == Metric::L2 ? 2.0f : 1.0f;
@@ -78,8 +77,6 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
   const float* centers = st.pack.centers.data_ptr<float>();
   const int8_t* codes = st.pack.codes.data_ptr<int8_t>();
   const float* terms = st.pack.key_terms.data_ptr<float>();
-  const int64_t* exclude = st.in.exclude.defined() ? st.in.exclude.data_ptr<int64_t>() : nullptr;
-  const bool debug = settings().debug.load(std::memory_order_relaxed) != 0;
   std::vector<uint8_t> group;
   std::vector<int8_t> spare(16 * st.D);
   std::vector<int32_t> acc;
@@ -92,7 +89,7 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
     if (m == 0 || st.offsets[l + 1] == st.offsets[l]) continue;
     const int64_t* list_rows = lq.rows.data() + lq.start[l];
     const float* c = centers + l * st.D;
-    const float c_norm = std::sqrt(norm2(c, st.D));
+    const float c_norm = norm_of(c, nullptr, st.D, norm2(c, st.D));
     group.resize(m * st.Dq);
     consts.resize(m);
     scales.resize(m);
@@ -116,22 +113,10 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
       tile_factors(M, key_terms + kResidualNorm, key_terms + kKeyNorm, key_terms + kError,
                    kInt8KeyTerms, n, f);
       const KeyTerms kt = f.terms(true);
-      if (debug)
-        verify_tile<M>(st.in, "int8", list_rows, m, consts.data(), dots.data(), kt, first, n);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t b = list_rows[i];
-        bound_push_tile(M, rows[b], st.k, consts[i], dots.data() + i * n, kt, n, first,
-                        exclude ? exclude[b] : -1);
-      }
+      push_list_tile<M>(st.in, "int8", list_rows, m, consts.data(), dots.data(), kt, first, n,
+                        rows);
     }
   }
-}
-
-template <Metric M>
-std::vector<int64_t> run(const Setup& st, const at::Tensor& probes, float* out_s, int64_t* out_i) {
-  const auto part = [&st](const ListQueries& lq, int64_t l0, int64_t l1,
-                          std::vector<BoundRow>& rows) { scan_part<M>(st, lq, l0, l1, rows); };
-  return run_bound_scan(st.in, st.offsets, st.pack.centers.size(0), probes, part, out_s, out_i);
 }
 
 }  // namespace
@@ -151,11 +136,13 @@ std::vector<int64_t> knn_search_lists_int8(const SearchInputs& in, const at::Ten
       st.plain[b] = quantize_row_int8(q + b * D, nullptr, D, st.Dq,
                                       st.plain_codes.data() + b * st.Dq);
   }
-  switch (in.metric) {
-    case Metric::L2: return run<Metric::L2>(st, probes, out_s, out_i);
-    case Metric::IP: return run<Metric::IP>(st, probes, out_s, out_i);
-    default: return run<Metric::COS>(st, probes, out_s, out_i);
-  }
+  const auto part_for = [&st](auto metric) {
+    return [&st](const ListQueries& lq, int64_t l0, int64_t l1, std::vector<BoundRow>& rows) {
+      scan_part<decltype(metric)::value>(st, lq, l0, l1, rows);
+    };
+  };
+  return run_bound_scan_for_metric(in, st.offsets, pack.centers.size(0), probes, part_for, out_s,
+                                   out_i);
 }
 
 }  // namespace knnfast::cpu

@@ -6,9 +6,11 @@
 
 namespace knnfast::cpu {
 
-RankTerms list_rank_terms(Metric metric, const PairSums& p, float qq, float c_norm, int64_t D,
-                          float dot_factor) {
-  const RowBound rb = row_bound_from_sums(metric, {qq, p.dot, p.diff_sq}, c_norm, D, dot_factor);
+RankTerms list_rank_terms(Metric metric, const float* q, const float* c, const PairSums& p,
+                          float qq, float c_norm, int64_t D, float dot_factor) {
+  const QuerySums sums{qq, p.dot, p.diff_sq, norm_of(q, nullptr, D, qq),
+                       metric == Metric::L2 ? norm_of(q, c, D, p.diff_sq) : 0.0f};
+  const RowBound rb = row_bound_from_sums(metric, sums, c_norm, D, dot_factor);
   if (metric != Metric::L2) return {rb.a, rb.c_t, rb.c0, rb.query_center_dot};
   // -|q'|^2 in fp32 (D terms) and one more subtraction, |rank| <= 2 (|q'|^2 + |r|^2)
   return {rb.a, rb.c_t + 2 * kEpsF32, rb.c0 + float(D + 6) * kEpsF32 * p.diff_sq, -p.diff_sq};

@@ -10,9 +10,11 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/op_inputs.h"
+#include "common/settings.h"
 #include "cpu/bound_topk.h"
 #include "cpu/list_scan.h"
 #include "cpu/vec_math.h"
@@ -20,11 +22,12 @@
 namespace knnfast::cpu {
 
 // The rank terms of one (query, list) from the query's sums against the list's center c
-// (p = pair_sums(q, c): |q - c|^2 and q.c; qq = |q|^2, c_norm = |c|): add = -|q'|^2 for l2
+// (p = pair_sums(q, c): |q - c|^2 and q.c; qq = |q|^2, c_norm = |c| from norm_of; q and c
+// give the norms where their fp32 sums underflowed): add = -|q'|^2 for l2
 // (q' = q - c), q.c for ip and cos; a, c_t, c0 bound a dot of relative error dot_factor
 // (bf16_bounds.h) plus, for l2, the fp32 error of |q'|^2 and one more subtraction.
-RankTerms list_rank_terms(Metric metric, const PairSums& p, float qq, float c_norm, int64_t D,
-                          float dot_factor);
+RankTerms list_rank_terms(Metric metric, const float* q, const float* c, const PairSums& p,
+                          float qq, float c_norm, int64_t D, float dot_factor);
 
 // Per-key factors of a tile of n keys (bound_topk.h's KeyTerms) from the pack's per-key
 // floats at stride `stride`: n1 = |r|, n2 = |k| and, when err != nullptr, the int8 plan's
@@ -67,6 +70,22 @@ void verify_tile(const SearchInputs& in, const char* plan, const int64_t* rows, 
     }
 }
 
+// One scanned tile of a list (keys first .. first + n, dots [m, n] of its query rows
+// list_rows [m]) into those rows' candidates; configure("debug", 1) checks it first.
+template <Metric M>
+void push_list_tile(const SearchInputs& in, const char* plan, const int64_t* list_rows,
+                    int64_t m, const RankTerms* consts, const float* dots, const KeyTerms& kt,
+                    int64_t first, int64_t n, std::vector<BoundRow>& rows) {
+  if (settings().debug.load(std::memory_order_relaxed) != 0)
+    verify_tile<M>(in, plan, list_rows, m, consts, dots, kt, first, n);
+  const int64_t* exclude = in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t b = list_rows[i];
+    bound_push_tile(M, rows[b], in.k, consts[i], dots + i * n, kt, n, first,
+                    exclude ? exclude[b] : -1);
+  }
+}
+
 // The lists cut into one run per thread, scan_part(lq, l0, l1, rows) pushing the candidates
 // of lists [l0, l1) into rows [B]; then each row's survivors rescored exactly into out_s /
 // out_i [B, k]. Returns the rows left unfinished (a candidate set over its cap).
@@ -97,6 +116,23 @@ std::vector<int64_t> run_bound_scan(const SearchInputs& in, const int64_t* offse
   for (int64_t b = 0; b < B; ++b)
     if (rescored[b] < 0) unfinished.push_back(b);
   return unfinished;
+}
+
+// run_bound_scan with the scan part of in's metric: part_for(tag) returns the scan part for
+// metric decltype(tag)::value (a std::integral_constant<Metric, M>).
+template <class PartFor>
+std::vector<int64_t> run_bound_scan_for_metric(const SearchInputs& in, const int64_t* offsets,
+                                               int64_t L, const at::Tensor& probes,
+                                               const PartFor& part_for, float* out_s,
+                                               int64_t* out_i) {
+  using L2 = std::integral_constant<Metric, Metric::L2>;
+  using IP = std::integral_constant<Metric, Metric::IP>;
+  using COS = std::integral_constant<Metric, Metric::COS>;
+  switch (in.metric) {
+    case Metric::L2: return run_bound_scan(in, offsets, L, probes, part_for(L2{}), out_s, out_i);
+    case Metric::IP: return run_bound_scan(in, offsets, L, probes, part_for(IP{}), out_s, out_i);
+    default: return run_bound_scan(in, offsets, L, probes, part_for(COS{}), out_s, out_i);
+  }
 }
 
 }  // namespace knnfast::cpu

@@ -171,9 +171,14 @@ def test_debug_catches_a_pack_of_other_keys(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @given(B=st.integers(1, 12), N=st.integers(1, 300), D=st.integers(1, 70), L=st.integers(1, 20),
        P=st.integers(1, 5), k=st.integers(1, 30), metric=st.sampled_from(METRICS),
-       seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 30.0]))
-def test_property_exact(kind, B, N, D, L, P, k, metric, seed, offset):
+       seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 30.0]),
+       q_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]),
+       k_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]))
+def test_property_exact(kind, B, N, D, L, P, k, metric, seed, offset, q_scale, k_scale):
+    """Exact at any scale of queries and keys, apart or together (fp32 squares of 1e-30
+    underflow: the bounds' norms must not)."""
     q, keys, offsets, probes = clustered(B, N, D, L, P, seed=seed, offset=offset)
+    q, keys = q * q_scale, keys * k_scale
     ex = torch.randint(-1, N, (B,), generator=torch.Generator().manual_seed(seed))
     s, i = search(kind, q, keys, offsets, probes, k, metric, exclude=ex)
     assert_lists_topk(s, i, q, keys, offsets, probes, k, metric, ex)

@@ -19,6 +19,7 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import knnfast
 import knnfast.reference as ref
@@ -153,6 +154,24 @@ def test_debug_checks_bounds_for_tiny_queries_and_centers(plan, metric):
             s, i = knnfast.knn_search(q, k, 5, metric, plan=plan)
         rs, ri = ref.knn_search(q, k, 5, metric)
         assert_topk_parity(s, i, rs, ri, q, k, metric)
+
+
+@pytest.mark.parametrize("plan", BF16_PLANS)
+@given(B=st.integers(1, 40), N=st.integers(1, 400), D=st.integers(1, 40), k=st.integers(1, 20),
+       metric=st.sampled_from(METRICS), seed=st.integers(0, 2**31 - 1),
+       offset=st.sampled_from([0.0, 6.0]), q_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]),
+       k_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]))
+def test_property_bf16_plans_exact_at_any_scale(plan, B, N, D, k, metric, seed, offset,
+                                                q_scale, k_scale):
+    """The bf16 plans' bounds checked key by key, and the result exact, for queries and keys
+    scaled apart or together (tiny vectors' fp32 squares underflow)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, D, generator=g) + offset) * q_scale
+    keys = (torch.randn(N, D, generator=g) + offset) * k_scale
+    with settings.override(debug=True):
+        s, i = knnfast.knn_search(q, keys, k, metric, plan=plan)
+    rs, ri = ref.knn_search(q, keys, k, metric)
+    assert_topk_parity(s, i, rs, ri, q, keys, metric)
 
 
 # --------------------------------------------------------------------------- #

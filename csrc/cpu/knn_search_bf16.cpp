@@ -194,6 +194,14 @@ void score_tile(const Setup& st, TileBuffers& buf, int64_t first, int64_t n, Key
   at::from_blob(buf.dots.data(), {st.B, n}, at::kFloat).copy_(approx);
 }
 
+// The norm of key `row` (minus `center`, or whole) from its fp32 square sum sq, or from
+// float64 where sq is small enough to have lost squares to underflow (bf16_bounds.h: norm_of).
+float key_norm(const Setup& st, int64_t row, const float* center, float sq) {
+  if (!(sq < 0x1p-60f)) return std::sqrt(sq);
+  const at::Tensor key = st.keys[row].to(at::kFloat).contiguous();  // exact
+  return norm_of(key.data_ptr<float>(), center, st.D, sq);
+}
+
 template <Metric M>
 std::vector<BoundRow> scan_part(const Setup& st, int64_t begin, int64_t end) {
   std::vector<BoundRow> rows(st.B, BoundRow(st.k));
@@ -206,13 +214,13 @@ std::vector<BoundRow> scan_part(const Setup& st, int64_t begin, int64_t end) {
     const int64_t n = std::min(st.tile, end - first);
     score_tile(st, buf, first, n, f, need_full);
     for (int64_t j = 0; j < n; ++j) {
-      const float cn = std::sqrt(f.centered_sq[j]);
+      const float cn = key_norm(st, first + j, st.center.data(), f.centered_sq[j]);
       if constexpr (M == Metric::L2) {
         f.s[j] = cn;
         f.t[j] = f.centered_sq[j];
       } else if constexpr (M == Metric::IP) {
         f.s[j] = cn;
-        f.t[j] = std::sqrt(f.full_sq[j]);
+        f.t[j] = key_norm(st, first + j, nullptr, f.full_sq[j]);
       } else {
         f.inv_norm[j] = 1.0f / std::max(std::sqrt(f.full_sq[j]), kNormEps);
         f.s[j] = cn * f.inv_norm[j];

@@ -172,8 +172,8 @@ def test_debug_catches_a_pack_of_other_keys(kind):
 @given(B=st.integers(1, 12), N=st.integers(1, 300), D=st.integers(1, 70), L=st.integers(1, 20),
        P=st.integers(1, 5), k=st.integers(1, 30), metric=st.sampled_from(METRICS),
        seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 30.0]),
-       q_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]),
-       k_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]))
+       q_scale=st.sampled_from([1.0, 1e-40, 1e-35, 1e-30, 1e-18, 1e6, 1e15]),
+       k_scale=st.sampled_from([1.0, 1e-40, 1e-35, 1e-30, 1e-18, 1e6, 1e15]))
 def test_property_exact(kind, B, N, D, L, P, k, metric, seed, offset, q_scale, k_scale):
     """Exact at any scale of queries and keys, apart or together (fp32 squares of 1e-30
     underflow: the bounds' norms must not)."""

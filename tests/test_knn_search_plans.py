@@ -159,8 +159,8 @@ def test_debug_checks_bounds_for_tiny_queries_and_centers(plan, metric):
 @pytest.mark.parametrize("plan", BF16_PLANS)
 @given(B=st.integers(1, 40), N=st.integers(1, 400), D=st.integers(1, 40), k=st.integers(1, 20),
        metric=st.sampled_from(METRICS), seed=st.integers(0, 2**31 - 1),
-       offset=st.sampled_from([0.0, 6.0]), q_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]),
-       k_scale=st.sampled_from([1.0, 1e-30, 1e-18, 1e6]))
+       offset=st.sampled_from([0.0, 6.0]), q_scale=st.sampled_from([1.0, 1e-40, 1e-35, 1e-30, 1e-18, 1e6, 1e15]),
+       k_scale=st.sampled_from([1.0, 1e-40, 1e-35, 1e-30, 1e-18, 1e6, 1e15]))
 def test_property_bf16_plans_exact_at_any_scale(plan, B, N, D, k, metric, seed, offset,
                                                 q_scale, k_scale):
     """The bf16 plans' bounds checked key by key, and the result exact, for queries and keys

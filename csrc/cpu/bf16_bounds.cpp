@@ -12,17 +12,10 @@ namespace {
 // for the rounding of the terms it is added to.
 constexpr float kFlushUnit = 2.0f * 1.17549435e-38f;
 
-// Absolute error of one dot from flushed subnormals: an input x_i flushed to zero drops
-// |x_i y_i| < 2^-126 |y_i|, so at most 2^-126 sqrt(D) (|q'| + |k'|) over the row (Cauchy-
-// Schwarz); each of the D partial sums and the output can lose 2^-126 more. Returned as
-// {per |k'|, per |q'| and constant}: err = first * |k'| + second(|q'|).
-struct FlushError {
-  float per_key, rest;
-};
-FlushError flush_error(int64_t D, float query_norm) {
-  const float root = std::sqrt(float(D));
-  return {kFlushUnit * root, kFlushUnit * (root * query_norm + float(D + 1))};
-}
+// Absolute error of one dot from flushed subnormals (row_bound_from_sums): an input x_i
+// flushed to zero drops |x_i y_i| < 2^-126 |y_i|, so at most 2^-126 sqrt(D) (|q'| + |k'|) over
+// the row (Cauchy-Schwarz); each of the D partial sums and the output can lose 2^-126 more:
+// err = kFlushUnit sqrt(D) |k'| + kFlushUnit (sqrt(D) |q'| + D + 1).
 
 }  // namespace
 
@@ -54,39 +47,44 @@ float dot_error_factor(bool gemm, int64_t D) {
 }
 
 // The dot's error (dot_error_factor, flush_error) and a relative slack for the fp32
-// arithmetic that forms and compares ranks (exact rescoring included).
+// arithmetic that forms and compares ranks (exact rescoring included). Formed in float64 and
+// rounded up (round_up): in fp32, products such as slack |q| underflow to 0 for tiny queries.
 RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,
                              float dot_factor) {
-  const float slack = (D + 16) * 2 * kEpsF32;
-  const float qn = sums.qn, qc = sums.qc;
+  const double eps = kEpsF32, slack = (D + 16) * 2 * eps, kf = kFlushUnit;
+  const double qn = sums.qn, root = std::sqrt(double(D)), df = dot_factor;
+  const double flush_per_key = kf * root;
+  const auto flush_rest = [&](double query_norm) { return kf * (root * query_norm + (D + 1)); };
+  const double qc_error = 2 * D * eps * qn * double(center_norm);  // fp32 error of q . c
   RowBound rb;
-  rb.query_center_dot = qc;
-  const float qc_error = 2 * D * kEpsF32 * qn * center_norm;  // fp32 error of q . c
+  rb.query_center_dot = sums.qc;
   switch (metric) {
     case Metric::L2: {  // rank = 2 q'.k' - |k'|^2, q' = q - c, k' = k - c
-      const float cq = sums.cq;
-      const FlushError flush = flush_error(D, sums.cn);
-      rb.a = 2 * (dot_factor * sums.cn + flush.per_key);  // s = |k'|
-      rb.c_t = (D + 2) * kEpsF32 + slack;  // t = |k'|^2 (its own fp32 error + slack)
-      rb.c0 = slack * cq + 2 * flush.rest;
+      const double cn = sums.cn;
+      rb.a = round_up(2 * (df * cn + flush_per_key));    // s = |k'|
+      rb.c_t = round_up((D + 2) * eps + slack);          // t = |k'|^2 (its fp32 error + slack)
+      rb.c0 = round_up(slack * double(sums.cq) + 2 * flush_rest(cn));
       break;
     }
     case Metric::IP: {  // rank = q.(k - c) + q.c
-      const FlushError flush = flush_error(D, qn);
-      rb.a = dot_factor * qn + flush.per_key;  // s = |k - c|
-      rb.c_t = slack * qn;                     // t = |k|
-      rb.c0 = qc_error + flush.rest;
+      rb.a = round_up(df * qn + flush_per_key);  // s = |k - c|
+      rb.c_t = round_up(slack * qn);             // t = |k|
+      rb.c0 = round_up(qc_error + flush_rest(qn));
       break;
     }
     default: {  // rank = (q.(k - c) + q.c) / |k|
-      const FlushError flush = flush_error(D, qn);
-      rb.a = dot_factor * qn + flush.per_key;  // s = |k - c| / |k|
-      rb.c_t = qc_error + flush.rest;          // t = 1 / |k|
-      rb.c0 = slack * qn;
+      rb.a = round_up(df * qn + flush_per_key);       // s = |k - c| / |k|
+      rb.c_t = round_up(qc_error + flush_rest(qn));   // t = 1 / |k|
+      rb.c0 = round_up(slack * qn);
       break;
     }
   }
   return rb;
+}
+
+float round_up(double x) {
+  const float f = float(x);
+  return double(f) >= x ? f : std::nextafter(f, INFINITY);
 }
 
 RowBound row_bound(Metric metric, const float* q, const float* c, float center_norm, int64_t D,

@@ -40,6 +40,9 @@ struct QuerySums {
 RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,
                              float dot_factor);
 
+// x as a float no smaller than x (bounds formed in float64 stay bounds in fp32).
+float round_up(double x);
+
 // sum of x[d]^2 in fp32, in order (the order the bounds assume for |q|^2, |c|^2).
 float norm2(const float* x, int64_t D);
 

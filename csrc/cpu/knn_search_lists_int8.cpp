@@ -49,10 +49,11 @@ RankTerms list_row(const Setup& st, Metric metric, const float* q, float qq, con
   const PairSums p = pair_sums(q, c, at::kFloat, st.D);
   RankTerms r = list_rank_terms(metric, q, c, p, qq, c_norm, st.D, kInt8DotFactor);
   const QueryCode qc = metric == Metric::L2 ? quantize_row_int8(q, c, st.D, st.Dq, codes) : *plain;
-  const float beta = (qc.err + 4 * kEpsF32 * (qc.norm + qc.err)) * (1.0f + 1e-5f);
-  const float times = metric == Metric::L2 ? 2.0f : 1.0f;
-  r.a += times * beta;
-  r.b = times * (qc.norm + beta) * (1.0f + 1e-5f);
+  // in float64, rounded up: in fp32, 4 eps |q'| underflows for tiny queries
+  const double beta = (qc.err + 4 * double(kEpsF32) * (double(qc.norm) + qc.err)) * (1 + 1e-5);
+  const double times = metric == Metric::L2 ? 2.0 : 1.0;
+  r.a = round_up(double(r.a) + times * beta);
+  r.b = round_up(times * (qc.norm + beta) * (1 + 1e-5));
   *scale = qc.scale;
   return r;
 }

@@ -13,7 +13,8 @@ RankTerms list_rank_terms(Metric metric, const float* q, const float* c, const P
   const RowBound rb = row_bound_from_sums(metric, sums, c_norm, D, dot_factor);
   if (metric != Metric::L2) return {rb.a, rb.c_t, rb.c0, rb.query_center_dot};
   // -|q'|^2 in fp32 (D terms) and one more subtraction, |rank| <= 2 (|q'|^2 + |r|^2)
-  return {rb.a, rb.c_t + 2 * kEpsF32, rb.c0 + float(D + 6) * kEpsF32 * p.diff_sq, -p.diff_sq};
+  return {rb.a, round_up(double(rb.c_t) + 2 * double(kEpsF32)),
+          round_up(double(rb.c0) + double(D + 6) * kEpsF32 * double(p.diff_sq)), -p.diff_sq};
 }
 
 void tile_factors(Metric metric, const float* n1s, const float* n2s, const float* err,

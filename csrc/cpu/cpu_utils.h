@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -112,6 +113,16 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return out;
+}
+
+// Every element of t is finite. A contiguous float32 tensor (a search's queries, a pack's
+// centers) by one plain loop: isfinite().all() is four ATen ops, ~25-50 us for a decoding
+// step's queries, a few % of the search it guards.
+inline bool all_finite(const at::Tensor& t) {
+  if (t.scalar_type() != at::kFloat || !t.is_contiguous())
+    return at::isfinite(t).all().item<bool>();
+  const float* p = t.data_ptr<float>();
+  return std::all_of(p, p + t.numel(), [](float x) { return std::isfinite(x); });
 }
 
 // Rows per parallel_for chunk so that each chunk does at least ~64K element-operations:

@@ -15,7 +15,7 @@ at::Tensor knn_rescore_cpu(const at::Tensor& queries_in, const at::Tensor& keys_
   const Metric metric =
       check_knn_rescore_args(queries_in, keys_in, indices_in, metric_name, Backend::CPU);
   const at::Tensor queries = as_float32(queries_in);
-  if (!at::isfinite(queries).all().item<bool>()) raise_bad_queries(kOp);
+  if (!all_finite(queries)) raise_bad_queries(kOp);
   const at::Tensor keys = keys_in.contiguous();
   const at::Tensor indices = checked_ids(indices_in, keys.size(0), kOp, "indices");
   const int64_t B = indices.size(0), k = indices.size(1), D = queries.size(1);

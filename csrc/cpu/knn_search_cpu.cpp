@@ -229,7 +229,7 @@ void research_rows(const SearchInputs& in, const std::vector<int64_t>& rows,
 
 // After check_knn_search_args and the conversion: queries finite, exclude ids in [-1, N).
 void check_search_values(const SearchInputs& in) {
-  if (!at::isfinite(in.queries).all().item<bool>()) raise_bad_queries(kOp);
+  if (!all_finite(in.queries)) raise_bad_queries(kOp);
   if (!in.exclude.defined()) return;
   const int64_t* e = in.exclude.data_ptr<int64_t>();
   const int64_t N = in.keys.size(0);

@@ -62,12 +62,8 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
   std::vector<float> dots;
   std::vector<RankTerms> consts;
   TileFactors f(kTile);
-  for (int64_t l = l0; l < l1; ++l) {
-    const int64_t m = lq.start[l + 1] - lq.start[l];
-    if (m == 0 || st.offsets[l + 1] == st.offsets[l]) continue;
-    const int64_t* list_rows = lq.rows.data() + lq.start[l];
-    const float* c = centers + l * st.D;
-    const float c_norm = norm_of(c, nullptr, st.D, norm2(c, st.D));
+  const auto scan_list = [&](const int64_t* list_rows, int64_t m, const float* c, float c_norm,
+                              int64_t begin, int64_t end) {
     group.resize(m * st.Dq);
     consts.resize(m);
     for (int64_t i = 0; i < m; ++i) {
@@ -77,8 +73,8 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
         std::copy_n(st.plain_queries.data() + b * st.Dq, st.Dq, group.data() + i * st.Dq);
     }
     dots.resize(m * kTile);
-    for (int64_t first = st.offsets[l]; first < st.offsets[l + 1]; first += kTile) {
-      const int64_t n = std::min(kTile, st.offsets[l + 1] - first);
+    for (int64_t first = begin; first < end; first += kTile) {
+      const int64_t n = std::min(kTile, end - first);
       dot_tile16_bf16(group.data(), m, st.Dq, residuals + first * st.D, n, st.D, dots.data(), n,
                       spare.data());
       tile_factors(M, norms + 2 * first, norms + 2 * first + 1, nullptr, 2, n, f);
@@ -86,7 +82,8 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
       push_list_tile<M>(st.in, "bf16", list_rows, m, consts.data(), dots.data(), terms, first, n,
                         rows);
     }
-  }
+  };
+  for_each_probed_list(lq, st.offsets, centers, st.D, l0, l1, scan_list);
 }
 
 }  // namespace

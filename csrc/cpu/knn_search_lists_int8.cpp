@@ -85,12 +85,8 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
   std::vector<int32_t> bias(kTile);
   std::vector<RankTerms> consts;
   TileFactors f(kTile);
-  for (int64_t l = l0; l < l1; ++l) {
-    const int64_t m = lq.start[l + 1] - lq.start[l];
-    if (m == 0 || st.offsets[l + 1] == st.offsets[l]) continue;
-    const int64_t* list_rows = lq.rows.data() + lq.start[l];
-    const float* c = centers + l * st.D;
-    const float c_norm = norm_of(c, nullptr, st.D, norm2(c, st.D));
+  const auto scan_list = [&](const int64_t* list_rows, int64_t m, const float* c, float c_norm,
+                              int64_t begin, int64_t end) {
     group.resize(m * st.Dq);
     consts.resize(m);
     scales.resize(m);
@@ -104,8 +100,8 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
     }
     acc.resize(m * kTile);
     dots.resize(m * kTile);
-    for (int64_t first = st.offsets[l]; first < st.offsets[l + 1]; first += kTile) {
-      const int64_t n = std::min(kTile, st.offsets[l + 1] - first);
+    for (int64_t first = begin; first < end; first += kTile) {
+      const int64_t n = std::min(kTile, end - first);
       const float* key_terms = terms + first * kInt8KeyTerms;
       dot_tile16_int8(group.data(), m, st.Dq, codes + first * st.D, n, st.D, acc.data(), n,
                       spare.data());
@@ -117,7 +113,8 @@ void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
       push_list_tile<M>(st.in, "int8", list_rows, m, consts.data(), dots.data(), kt, first, n,
                         rows);
     }
-  }
+  };
+  for_each_probed_list(lq, st.offsets, centers, st.D, l0, l1, scan_list);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 
 #include "common/op_inputs.h"
 #include "common/settings.h"
+#include "cpu/bf16_bounds.h"
 #include "cpu/bound_topk.h"
 #include "cpu/list_scan.h"
 #include "cpu/vec_math.h"
@@ -68,6 +69,21 @@ void verify_tile(const SearchInputs& in, const char* plan, const int64_t* rows, 
                   ". Check that the pack came from pack_lists_", plan, " over these keys; "
                   "otherwise please report it with knnfast.build_info().");
     }
+}
+
+// The lists [l0, l1) that have keys and queries: visit(list_rows, m, c, c_norm, begin, end)
+// with the list's query rows [m], its center c [D] (of centers [L, D]), |c| (norm_of) and its
+// key rows [begin, end).
+template <class Visit>
+void for_each_probed_list(const ListQueries& lq, const int64_t* offsets, const float* centers,
+                          int64_t D, int64_t l0, int64_t l1, const Visit& visit) {
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t m = lq.start[l + 1] - lq.start[l];
+    if (m == 0 || offsets[l + 1] == offsets[l]) continue;
+    const float* c = centers + l * D;
+    visit(lq.rows.data() + lq.start[l], m, c, norm_of(c, nullptr, D, norm2(c, D)), offsets[l],
+          offsets[l + 1]);
+  }
 }
 
 // One scanned tile of a list (keys first .. first + n, dots [m, n] of its query rows

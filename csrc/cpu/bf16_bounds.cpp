@@ -46,7 +46,7 @@ float dot_error_factor(bool gemm, int64_t D) {
   return (2 * u + u * u + accumulation + output) * 1.0001f;
 }
 
-// The dot's error (dot_error_factor, flush_error) and a relative slack for the fp32
+// The dot's error (dot_error_factor, the flush terms above) and a relative slack for the fp32
 // arithmetic that forms and compares ranks (exact rescoring included). Formed in float64 and
 // rounded up (round_up): in fp32, products such as slack |q| underflow to 0 for tiny queries.
 RowBound row_bound_from_sums(Metric metric, const QuerySums& sums, float center_norm, int64_t D,

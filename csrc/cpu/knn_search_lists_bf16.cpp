@@ -51,9 +51,16 @@ RankTerms list_row(const Setup& st, Metric metric, const float* q, float qq, con
   return list_rank_terms(metric, q, c, p, qq, c_norm, st.D, st.dot_factor);
 }
 
+// Plan bf16's scan of lists [l0, l1) into rows (run_bound_scan_for_metric's part).
 template <Metric M>
-void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
-               std::vector<BoundRow>& rows) {
+struct ScanPart {
+  static void run(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
+                  std::vector<BoundRow>& rows);
+};
+
+template <Metric M>
+void ScanPart<M>::run(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
+                      std::vector<BoundRow>& rows) {
   const float* q = st.in.queries.data_ptr<float>();
   const float* centers = st.pack.centers.data_ptr<float>();
   const uint16_t* residuals = reinterpret_cast<const uint16_t*>(st.pack.residuals.data_ptr());
@@ -93,21 +100,15 @@ std::vector<int64_t> knn_search_lists_bf16(const SearchInputs& in, const at::Ten
                                            float* out_s, int64_t* out_i) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1);
   Setup st{in, offsets.data_ptr<int64_t>(), pack, B, D, bf16_query_stride(D), in.k,
-           dot_error_factor(false, D), {}, std::vector<float>(B)};
+           dot_error_factor(false, D), {}, query_sq_norms(in.queries)};
   const float* q = in.queries.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) st.qq[b] = norm2(q + b * D, D);
   if (in.metric != Metric::L2) {
     st.plain_queries.resize(B * st.Dq);
     for (int64_t b = 0; b < B; ++b)
       pack_bf16_row(q + b * D, nullptr, D, st.Dq, st.plain_queries.data() + b * st.Dq);
   }
-  const auto part_for = [&st](auto metric) {
-    return [&st](const ListQueries& lq, int64_t l0, int64_t l1, std::vector<BoundRow>& rows) {
-      scan_part<decltype(metric)::value>(st, lq, l0, l1, rows);
-    };
-  };
-  return run_bound_scan_for_metric(in, st.offsets, pack.centers.size(0), probes, part_for, out_s,
-                                   out_i);
+  return run_bound_scan_for_metric<ScanPart>(st, st.offsets, pack.centers.size(0), probes, out_s,
+                                             out_i);
 }
 
 }  // namespace knnfast::cpu

@@ -71,9 +71,16 @@ void int8_dots(const int32_t* acc, const float* scales, int64_t m, const float* 
       dots[i * n + j] = float(acc[i * n + j] - bias[j]) * (scales[i] * s_r[j]);
 }
 
+// Plan int8's scan of lists [l0, l1) into rows (run_bound_scan_for_metric's part).
 template <Metric M>
-void scan_part(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
-               std::vector<BoundRow>& rows) {
+struct ScanPart {
+  static void run(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
+                  std::vector<BoundRow>& rows);
+};
+
+template <Metric M>
+void ScanPart<M>::run(const Setup& st, const ListQueries& lq, int64_t l0, int64_t l1,
+                      std::vector<BoundRow>& rows) {
   const float* q = st.in.queries.data_ptr<float>();
   const float* centers = st.pack.centers.data_ptr<float>();
   const int8_t* codes = st.pack.codes.data_ptr<int8_t>();
@@ -124,9 +131,8 @@ std::vector<int64_t> knn_search_lists_int8(const SearchInputs& in, const at::Ten
                                            float* out_s, int64_t* out_i) {
   const int64_t B = in.queries.size(0), D = in.queries.size(1);
   Setup st{in, offsets.data_ptr<int64_t>(), pack, B, D, int8_query_stride(D), in.k, {}, {},
-           std::vector<float>(B)};
+           query_sq_norms(in.queries)};
   const float* q = in.queries.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) st.qq[b] = norm2(q + b * D, D);
   if (in.metric != Metric::L2) {
     st.plain_codes.resize(B * st.Dq);
     st.plain.resize(B);
@@ -134,13 +140,8 @@ std::vector<int64_t> knn_search_lists_int8(const SearchInputs& in, const at::Ten
       st.plain[b] = quantize_row_int8(q + b * D, nullptr, D, st.Dq,
                                       st.plain_codes.data() + b * st.Dq);
   }
-  const auto part_for = [&st](auto metric) {
-    return [&st](const ListQueries& lq, int64_t l0, int64_t l1, std::vector<BoundRow>& rows) {
-      scan_part<decltype(metric)::value>(st, lq, l0, l1, rows);
-    };
-  };
-  return run_bound_scan_for_metric(in, st.offsets, pack.centers.size(0), probes, part_for, out_s,
-                                   out_i);
+  return run_bound_scan_for_metric<ScanPart>(st, st.offsets, pack.centers.size(0), probes, out_s,
+                                             out_i);
 }
 
 }  // namespace knnfast::cpu

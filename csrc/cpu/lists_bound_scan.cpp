@@ -17,6 +17,14 @@ RankTerms list_rank_terms(Metric metric, const float* q, const float* c, const P
           round_up(double(rb.c0) + double(D + 6) * kEpsF32 * double(p.diff_sq)), -p.diff_sq};
 }
 
+std::vector<float> query_sq_norms(const at::Tensor& queries) {
+  const int64_t B = queries.size(0), D = queries.size(1);
+  const float* q = queries.data_ptr<float>();
+  std::vector<float> qq(B);
+  for (int64_t b = 0; b < B; ++b) qq[b] = norm2(q + b * D, D);
+  return qq;
+}
+
 void tile_factors(Metric metric, const float* n1s, const float* n2s, const float* err,
                   int64_t stride, int64_t n, TileFactors& f) {
   for (int64_t j = 0; j < n; ++j) {

@@ -134,21 +134,27 @@ std::vector<int64_t> run_bound_scan(const SearchInputs& in, const int64_t* offse
   return unfinished;
 }
 
-// run_bound_scan with the scan part of in's metric: part_for(tag) returns the scan part for
-// metric decltype(tag)::value (a std::integral_constant<Metric, M>).
-template <class PartFor>
-std::vector<int64_t> run_bound_scan_for_metric(const SearchInputs& in, const int64_t* offsets,
-                                               int64_t L, const at::Tensor& probes,
-                                               const PartFor& part_for, float* out_s,
+// run_bound_scan with a scan part for in's metric: ScanPart<M>::run(st, lq, l0, l1, rows).
+template <template <Metric> class ScanPart, class Setup>
+std::vector<int64_t> run_bound_scan_for_metric(const Setup& st, const int64_t* offsets, int64_t L,
+                                               const at::Tensor& probes, float* out_s,
                                                int64_t* out_i) {
+  const auto part = [&st](auto metric) {
+    return [&st](const ListQueries& lq, int64_t l0, int64_t l1, std::vector<BoundRow>& rows) {
+      ScanPart<decltype(metric)::value>::run(st, lq, l0, l1, rows);
+    };
+  };
   using L2 = std::integral_constant<Metric, Metric::L2>;
   using IP = std::integral_constant<Metric, Metric::IP>;
   using COS = std::integral_constant<Metric, Metric::COS>;
-  switch (in.metric) {
-    case Metric::L2: return run_bound_scan(in, offsets, L, probes, part_for(L2{}), out_s, out_i);
-    case Metric::IP: return run_bound_scan(in, offsets, L, probes, part_for(IP{}), out_s, out_i);
-    default: return run_bound_scan(in, offsets, L, probes, part_for(COS{}), out_s, out_i);
+  switch (st.in.metric) {
+    case Metric::L2: return run_bound_scan(st.in, offsets, L, probes, part(L2{}), out_s, out_i);
+    case Metric::IP: return run_bound_scan(st.in, offsets, L, probes, part(IP{}), out_s, out_i);
+    default: return run_bound_scan(st.in, offsets, L, probes, part(COS{}), out_s, out_i);
   }
 }
+
+// |q|^2 of every query row (fp32, in order: the sums the bounds assume).
+std::vector<float> query_sq_norms(const at::Tensor& queries);
 
 }  // namespace knnfast::cpu
